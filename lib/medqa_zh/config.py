@@ -1,0 +1,291 @@
+"""Profiles: every knob of a run in one YAML file, plus the run manifest.
+
+``profiles/<name>.yaml`` holds every path, split spec, size and setting. On top of it, in this
+order (later wins):
+
+1. the environment: ``MEDQA_BASE_MODEL`` -> ``model.base`` (a hub id or a local dir) and
+   ``MEDQA_DIR`` -> ``data.medqa_dir`` (a folder in MedQA's ``data_clean`` layout);
+2. the notebook's papermill parameter ``overrides``, by dotted key:
+   ``papermill 01_data.ipynb out.ipynb -y 'overrides: {data.splits.eval: "dev[:100]"}'``.
+
+Relative paths are relative to the project root, wherever the notebook runs. Everything a run
+writes goes under ``outputs/<profile>/``.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+DEFAULT_PROFILE = "smoke"
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+ENV_OVERRIDES = {"MEDQA_BASE_MODEL": "model.base", "MEDQA_DIR": "data.medqa_dir"}
+OUTPUT_DIRS = ("data", "models", "runs", "reports", "tables", "figures")
+PACKAGES = (
+    "medqa-zh", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "sentence-transformers",
+    "bm25s", "rank-bm25", "pandas", "matplotlib", "papermill", "vllm",
+)
+SMOKE_WARNING = (
+    "SMOKE PROFILE: a tiny random model and synthetic questions, built locally in seconds. "
+    "This run only checks that the pipeline works; its numbers mean nothing. "
+    "For real results run the cpu or gpu profile."
+)
+
+
+def project_root() -> Path:
+    """The folder holding ``profiles/`` (the lib lives in ``<root>/lib/medqa_zh``)."""
+    env = os.environ.get("MEDQA_ROOT")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2], *Path.cwd().resolve().parents, Path.cwd().resolve()]
+    for c in candidates:
+        if (c / "profiles").is_dir() and (c / "pyproject.toml").is_file():
+            return c
+    raise FileNotFoundError(
+        "cannot find the project root (a folder with profiles/ and pyproject.toml); "
+        "install the project with `pip install -e .` from its clone, or set MEDQA_ROOT"
+    )
+
+
+def _get(d: dict, dotted: str):
+    node = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = d
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return keys
+
+
+def _is_hub_id(value: str, root: Path) -> bool:
+    """``owner/name`` that is not a local folder; anything else is a path."""
+    if value.startswith(("/", ".", "~")) or (root / value).exists():
+        return False
+    return value.count("/") == 1
+
+
+@dataclass
+class Config:
+    """A loaded profile: ``cfg["data.splits"]``, ``cfg.path("data.medqa_dir")``, ``cfg.out``."""
+
+    name: str
+    values: dict
+    root: Path
+    source: Path
+    overrides: dict = field(default_factory=dict)  # dotted key -> {"value", "from"}
+
+    def __getitem__(self, dotted: str):
+        try:
+            return _get(self.values, dotted)
+        except KeyError:
+            raise KeyError(f"profile {self.source.name} has no setting {dotted!r}") from None
+
+    def get(self, dotted: str, default=None):
+        try:
+            return _get(self.values, dotted)
+        except KeyError:
+            return default
+
+    def path(self, dotted: str) -> Path:
+        """A path setting, absolute (relative ones are relative to the project root)."""
+        p = Path(self[dotted]).expanduser()
+        return (p if p.is_absolute() else self.root / p).resolve()
+
+    @property
+    def smoke(self) -> bool:
+        return bool(self.get("smoke", False))
+
+    @property
+    def out(self) -> Path:
+        """``outputs/<profile>/``: everything this profile's runs write."""
+        return self.root / "outputs" / self.name
+
+    def out_dir(self, kind: str) -> Path:
+        """``outputs/<profile>/<kind>/``, created (kind: data, models, runs, reports, tables, figures)."""
+        d = self.out / kind
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def base_model(self) -> str:
+        """A hub id, or an absolute local dir."""
+        value = str(self["model.base"])
+        return value if _is_hub_id(value, self.root) else str(self.path("model.base"))
+
+    @property
+    def questions_dir(self) -> Path:
+        return self.path("data.medqa_dir") / self["data.questions_dir"]
+
+    @property
+    def textbooks_dir(self) -> Path:
+        return self.path("data.medqa_dir") / self["data.textbooks_dir"]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.values, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def load(profile: str | None = None, overrides: dict | None = None, environ: dict | None = None) -> Config:
+    """Load ``profiles/<profile>.yaml`` (default: ``$MEDQA_PROFILE`` or ``smoke``), then apply
+    the environment overrides and ``overrides`` (dotted keys). Unknown keys are errors."""
+    environ = os.environ if environ is None else environ
+    root = project_root()
+    name = profile or environ.get("MEDQA_PROFILE") or DEFAULT_PROFILE
+    source = root / "profiles" / f"{name}.yaml"
+    if not source.is_file():
+        known = ", ".join(sorted(p.stem for p in (root / "profiles").glob("*.yaml")))
+        raise FileNotFoundError(f"no profile {name!r} ({source} is missing); known profiles: {known}")
+    try:
+        values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not valid YAML: {e}") from None
+    cfg = Config(name, copy.deepcopy(values), root, source)
+
+    layers = [({k: environ[e] for e, k in ENV_OVERRIDES.items() if environ.get(e)}, "environment")]
+    layers.append((overrides or {}, "papermill parameter 'overrides'"))
+    known = _leaf_keys(values)
+    for layer, origin in layers:
+        for key, value in layer.items():
+            try:
+                current = _get(cfg.values, key)
+            except KeyError:
+                raise KeyError(
+                    f"{origin}: {source.name} has no setting {key!r}. Known settings: {', '.join(known)}"
+                ) from None
+            if isinstance(current, dict) and not isinstance(value, dict):
+                raise ValueError(f"{origin}: {key!r} is a group of settings ({', '.join(current)}); set one of them")
+            _set(cfg.values, key, value)
+            cfg.overrides[key] = {"value": value, "from": origin}
+    return cfg
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _git(root: Path) -> dict:
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None}
+        return {"commit": head.stdout.strip(), "dirty": bool(run("status", "--porcelain").stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None}
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _device() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+    return {"device": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def write_manifest(cfg: Config, notebook: str | None = None) -> Path:
+    """Record how this run was made in ``outputs/<profile>/manifest.json``.
+
+    Top level: the profile (file, its hash, the resolved settings and their hash, overrides),
+    package versions, git commit, torch device, time. ``notebooks`` keeps one entry per
+    notebook that ran, so a mixed-up output folder shows which settings made what.
+    """
+    path = cfg.out / "manifest.json"
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    manifest = {
+        "profile": cfg.name,
+        "profile_file": str(cfg.source.relative_to(cfg.root)),
+        "profile_file_sha256": hashlib.sha256(cfg.source.read_bytes()).hexdigest(),
+        "settings": cfg.values,
+        "settings_sha256": cfg.sha256,
+        "overrides": cfg.overrides,
+        "base_model": cfg.base_model,
+        "packages": _versions(),
+        "git": _git(cfg.root),
+        "torch_device": _device(),
+        "time": now,
+        "notebooks": old.get("notebooks", {}),
+    }
+    if notebook:
+        manifest["notebooks"][notebook] = {"time": now, "settings_sha256": cfg.sha256}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def banner(cfg: Config) -> None:
+    """Say which profile runs: a red box on smoke (console text outside a notebook)."""
+    lines = [f"profile: {cfg.name} ({cfg.source.relative_to(cfg.root)})", f"base model: {cfg.base_model}",
+             f"MedQA: {cfg.path('data.medqa_dir')}", f"outputs: {cfg.out}"]
+    lines += [f"override {k} = {v['value']!r} (from {v['from']})" for k, v in cfg.overrides.items()]
+    text = "\n".join(([SMOKE_WARNING] if cfg.smoke else []) + lines)
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        in_kernel = get_ipython() is not None and "IPKernelApp" in get_ipython().config
+    except ImportError:
+        in_kernel = False
+    if not in_kernel:
+        print(text, file=sys.stderr if cfg.smoke else sys.stdout)
+        return
+    import html
+
+    body = "<br>".join(html.escape(line) for line in lines)
+    warn = (f'<div style="border:3px solid #c00;background:#fee;padding:8px;font-weight:bold;margin-bottom:6px">'
+            f"⚠ {html.escape(SMOKE_WARNING)}</div>") if cfg.smoke else ""
+    display({"text/html": f"{warn}<div style='font-family:monospace'>{body}</div>", "text/plain": text}, raw=True)
+
+
+def setup(profile: str | None = None, overrides: dict | None = None, notebook: str | None = None) -> Config:
+    """What every notebook calls first: load the profile, build the smoke assets when the
+    profile asks for them, write the manifest, and say which profile runs."""
+    cfg = load(profile, overrides)
+    if cfg.smoke:
+        from . import tiny
+
+        tiny.build_assets(cfg.path("assets_dir"), seed=int(cfg.get("seed", 0)))
+    write_manifest(cfg, notebook)
+    banner(cfg)
+    return cfg

@@ -1,0 +1,432 @@
+"""Read and validate MedQA (Mainland / MCMLE), build splits, export SFT and LLaMA-Factory files.
+
+MedQA's ``data_clean`` layout::
+
+    questions/Mainland/{train,dev,test}.jsonl     one question per line (5 options, A-E)
+    questions/Mainland/4_options/*.jsonl          the same questions with 4 options
+    textbooks/zh_paragraph/*.txt                  33 textbooks, one paragraph per line
+
+Every question gets a stable id ``<file stem>:<line number>`` (``dev:1747``), so any result can
+be traced back to its line. Bad input raises :class:`MedQAFormatError` naming the file, the line,
+what is wrong and how to fix it. Exact duplicates and train/eval overlaps are removed, counted and
+reported; nothing else is dropped.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import prompts
+
+REQUIRED_FIELDS = ("question", "options", "answer", "answer_idx", "meta_info")
+MAX_ERRORS_SHOWN = 20
+
+
+class MedQAFormatError(ValueError):
+    """A MedQA file that cannot be used as it is; the message names file, line(s) and fix."""
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str  # "<file stem>:<line>", e.g. "dev:1747"
+    question: str
+    options: dict[str, str]
+    answer_idx: str  # the correct letter
+    answer: str  # the correct option's text
+    meta_info: str  # MedQA's section label
+
+    def record(self) -> dict:
+        """The MedQA row plus its id, as written to the split files."""
+        return asdict(self)
+
+    def messages(self, with_answer: bool = True) -> list[dict]:
+        return prompts.build_messages(self.question, self.options, self.answer_idx if with_answer else None)
+
+    @property
+    def content_key(self) -> tuple:
+        """What makes two questions 'the same question': stem and options."""
+        return (self.question, tuple(sorted(self.options.items())))
+
+    @property
+    def row_key(self) -> tuple:
+        """What makes two rows exact duplicates: same question, options and answer.
+
+        ``meta_info`` is left out on purpose: it is the section a question was filed under, and
+        MedQA files a few identical questions under two sections.
+        """
+        return (*self.content_key, self.answer_idx, self.answer)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _check_row(row: object) -> str | None:
+    """What is wrong with one parsed row (None when it is a valid MedQA question)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [f for f in REQUIRED_FIELDS if f not in row]
+    if missing:
+        return f"missing field(s) {', '.join(missing)} (a MedQA row has {', '.join(REQUIRED_FIELDS)})"
+    q, opts, ans, idx = row["question"], row["options"], row["answer"], row["answer_idx"]
+    if not isinstance(q, str) or not q.strip():
+        return "empty question"
+    if not isinstance(opts, dict) or len(opts) < 2:
+        return f"options must be a dict of at least two letters to texts, like {{\"A\": \"...\", \"B\": \"...\"}}; got {opts!r:.80}"
+    expected = list(string.ascii_uppercase[: len(opts)])
+    if sorted(opts) != expected:
+        return f"options must be keyed by the letters {', '.join(expected)}; got keys {list(opts)}"
+    bad = [k for k, v in opts.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        return f"option(s) {', '.join(sorted(bad))} empty or not text"
+    if not isinstance(row["meta_info"], str):
+        return f"meta_info must be text; got {type(row['meta_info']).__name__}"
+    if idx not in opts:
+        return f"answer_idx {idx!r} is not among the options {', '.join(expected)}"
+    if opts[idx] != ans:
+        return f"answer {ans!r} differs from options[{idx!r}] = {opts[idx]!r}; one of answer / answer_idx is wrong"
+    return None
+
+
+@dataclass
+class ReadReport:
+    """What reading one jsonl file found."""
+
+    path: Path
+    rows: int = 0  # valid question rows
+    blank_lines: int = 0  # whitespace-only lines, skipped
+
+
+def read_questions(path: str | Path) -> tuple[list[Question], ReadReport]:
+    """Read and validate one MedQA jsonl file, in file order.
+
+    Every line is checked; if any is bad, one :class:`MedQAFormatError` lists them all
+    (the first ``MAX_ERRORS_SHOWN``) as ``file:line: problem``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such file. Point MEDQA_DIR (or the profile's data.medqa_dir) at MedQA's "
+            f"data_clean folder, which holds questions/Mainland/*.jsonl."
+        )
+    report = ReadReport(path)
+    questions: list[Question] = []
+    errors: list[str] = []
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}); re-save the file as UTF-8")
+                continue
+            if not line.strip():
+                report.blank_lines += 1
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+                continue
+            problem = _check_row(row)
+            if problem:
+                errors.append(f"{path}:{line_no}: {problem}")
+                continue
+            questions.append(
+                Question(
+                    id=f"{path.stem}:{line_no}",
+                    question=row["question"],
+                    options=dict(sorted(row["options"].items())),
+                    answer_idx=row["answer_idx"],
+                    answer=row["answer"],
+                    meta_info=row["meta_info"],
+                )
+            )
+    if errors:
+        shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
+        more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
+        raise MedQAFormatError(
+            f"{len(errors)} bad line(s) in {path} (fix or delete them; nothing is skipped silently):\n  {shown}{more}"
+        )
+    report.rows = len(questions)
+    return questions, report
+
+
+# --------------------------------------------------------------------------- splits
+
+_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_\-]+)(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """``dev``, ``dev[:2900]``, ``dev[2900:]``, ``train[100:200]``: a file and a slice of its rows."""
+
+    name: str
+    start: int | None = None
+    stop: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> SplitSpec:
+        m = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
+        if not m:
+            raise ValueError(
+                f"bad split spec {spec!r}: use a file name with an optional Python slice, "
+                f"like 'train', 'dev[:2900]' or 'dev[2900:]'"
+            )
+        to_int = lambda s: int(s) if s not in (None, "") else None  # noqa: E731
+        return cls(m["name"], to_int(m["start"]), to_int(m["stop"]))
+
+    def __str__(self) -> str:
+        if self.start is None and self.stop is None:
+            return self.name
+        fmt = lambda v: "" if v is None else str(v)  # noqa: E731
+        return f"{self.name}[{fmt(self.start)}:{fmt(self.stop)}]"
+
+    def take(self, rows: list, source: Path | str = "") -> list:
+        """Slice ``rows``; a bound beyond the file is an error, never a silently shorter split."""
+        n = len(rows)
+        for bound in (self.start, self.stop):
+            if bound is not None and not -n <= bound <= n:
+                raise ValueError(
+                    f"split {self} asks for row {bound}, but {source or self.name} has only {n} rows; "
+                    f"fix the slice in the profile (data.splits)"
+                )
+        return rows[self.start : self.stop]
+
+
+def dedupe(questions: list[Question]) -> tuple[list[Question], list[tuple[str, str]]]:
+    """Drop exact duplicate rows (same question, options and answer), keeping the first.
+
+    Returns the kept questions and ``(removed id, id it duplicates)`` pairs.
+    """
+    first: dict[tuple, str] = {}
+    kept, removed = [], []
+    for q in questions:
+        if q.row_key in first:
+            removed.append((q.id, first[q.row_key]))
+        else:
+            first[q.row_key] = q.id
+            kept.append(q)
+    return kept, removed
+
+
+def conflicting_labels(questions: list[Question]) -> list[list[str]]:
+    """Groups of ids with the same question and options but different answers (kept, reported)."""
+    answers: dict[tuple, dict[str, str]] = {}
+    for q in questions:
+        answers.setdefault(q.content_key, {}).setdefault(q.answer_idx, q.id)
+    return [sorted(ids.values()) for ids in answers.values() if len(ids) > 1]
+
+
+def remove_overlap(questions: list[Question], reference: list[Question]) -> tuple[list[Question], list[str]]:
+    """Drop questions whose stem and options also appear in ``reference`` (the training split)."""
+    seen = {q.content_key for q in reference}
+    kept = [q for q in questions if q.content_key not in seen]
+    removed = [q.id for q in questions if q.content_key in seen]
+    return kept, removed
+
+
+@dataclass
+class Splits:
+    """The questions of each role (``train``, ``eval``, ...) and how they were made."""
+
+    questions: dict[str, list[Question]]
+    report: list[dict] = field(default_factory=list)  # one row per role, for a table
+    duplicates: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    overlaps: dict[str, list[str]] = field(default_factory=dict)
+    conflicts: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def __getitem__(self, role: str) -> list[Question]:
+        return self.questions[role]
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.report).set_index("role")
+
+
+def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: str = "train") -> Splits:
+    """Build every role's split from its spec, e.g. ``{"train": "dev[:2900]", "eval": "dev[2900:]"}``.
+
+    Per role: read and validate the file, slice it, drop exact duplicates; then drop from every
+    other role the questions that also appear in the training role. All counts are reported.
+    """
+    questions_dir = Path(questions_dir)
+    if train_role not in specs:
+        raise ValueError(f"the splits {sorted(specs)} name no {train_role!r} role; add one in the profile (data.splits)")
+    files: dict[str, tuple[list[Question], ReadReport]] = {}
+    out = Splits(questions={})
+    for role, raw_spec in specs.items():
+        spec = SplitSpec.parse(raw_spec)
+        if spec.name not in files:
+            files[spec.name] = read_questions(questions_dir / f"{spec.name}.jsonl")
+        rows, read = files[spec.name]
+        sliced = spec.take(rows, read.path)
+        kept, removed = dedupe(sliced)
+        out.questions[role] = kept
+        out.duplicates[role] = removed
+        out.conflicts[role] = conflicting_labels(kept)
+        out.report.append(
+            {
+                "role": role,
+                "spec": str(spec),
+                "file": read.path.name,
+                "rows_in_file": read.rows,
+                "blank_lines": read.blank_lines,
+                "rows_in_slice": len(sliced),
+                "duplicates_removed": len(removed),
+                "overlap_with_train_removed": 0,
+                "conflicting_labels": len(out.conflicts[role]),
+                "questions": len(kept),
+            }
+        )
+    train = out.questions[train_role]
+    for row in out.report:
+        role = row["role"]
+        if role == train_role:
+            continue
+        kept, removed = remove_overlap(out.questions[role], train)
+        out.questions[role] = kept
+        out.overlaps[role] = removed
+        row["overlap_with_train_removed"] = len(removed)
+        row["questions"] = len(kept)
+    for row in out.report:
+        assert row["questions"] == row["rows_in_slice"] - row["duplicates_removed"] - row["overlap_with_train_removed"]
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write_questions(questions: list[Question], path: str | Path) -> Path:
+    """The clean split in MedQA's own format (plus ``id``), for every later notebook."""
+    return _write_atomic(Path(path), _jsonl(q.record() for q in questions))
+
+
+def read_clean(path: str | Path) -> list[Question]:
+    """Read back a split written by :func:`write_questions` (ids kept, validated again)."""
+    path = Path(path)
+    out = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        row = json.loads(line)
+        problem = _check_row(row) or (None if isinstance(row.get("id"), str) else "missing id")
+        if problem:
+            raise MedQAFormatError(f"{path}:{line_no}: {problem}; re-run notebook 01 to rewrite it")
+        out.append(Question(**{k: row[k] for k in ("id", *REQUIRED_FIELDS)}))
+    return out
+
+
+def write_sft_jsonl(questions: list[Question], path: str | Path) -> Path:
+    """Chat-format SFT rows: ``{"id", "answer_idx", "meta_info", "messages": [system, user, assistant]}``."""
+    rows = ({"id": q.id, "answer_idx": q.answer_idx, "meta_info": q.meta_info, "messages": q.messages()} for q in questions)
+    return _write_atomic(Path(path), _jsonl(rows))
+
+
+def write_llamafactory(splits: dict[str, list[Question]], out_dir: str | Path, prefix: str = "medqa_zh") -> list[Path]:
+    """Alpaca-format json per split plus ``dataset_info.json``, for ``llamafactory-cli train``; returns the files.
+
+    Same system prompt, user text and answer as the chat jsonl; point LLaMA-Factory's
+    ``dataset_dir`` at ``out_dir`` and use ``dataset: medqa_zh_train`` with ``template: qwen``.
+    """
+    out_dir = Path(out_dir)
+    info, written = {}, []
+    for role, questions in splits.items():
+        name = f"{prefix}_{role}"
+        rows = [
+            {
+                "instruction": prompts.format_user(q.question, q.options),
+                "input": "",
+                "output": prompts.format_answer(q.answer_idx),
+                "system": prompts.SYSTEM_PROMPT,
+            }
+            for q in questions
+        ]
+        written.append(_write_atomic(out_dir / f"{name}.json", json.dumps(rows, ensure_ascii=False, indent=1)))
+        info[name] = {
+            "file_name": f"{name}.json",
+            "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
+        }
+    written.append(_write_atomic(out_dir / "dataset_info.json", json.dumps(info, ensure_ascii=False, indent=2)))
+    return written
+
+
+# --------------------------------------------------------------------------- textbooks
+
+
+@dataclass
+class Book:
+    name: str  # file stem, e.g. "内科学"
+    path: Path
+    paragraphs: list[tuple[int, str]]  # (line number, text), blank lines left out
+    lines: int  # all lines in the file
+    blank_lines: int
+
+    @property
+    def characters(self) -> int:
+        return sum(len(t) for _, t in self.paragraphs)
+
+
+def read_textbook(path: str | Path) -> Book:
+    """One ``zh_paragraph`` file: a paragraph per line; blank lines are skipped and counted."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise MedQAFormatError(
+            f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}); textbooks must be UTF-8 "
+            f"(convert it, e.g. `iconv -f GB18030 -t UTF-8`)"
+        ) from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # a final newline ends the last line; it starts no new one
+        lines.pop()
+    paragraphs, blank = [], 0
+    for line_no, line in enumerate(lines, start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            paragraphs.append((line_no, line.strip()))
+        else:
+            blank += 1
+    return Book(path.stem, path, paragraphs, len(lines), blank)
+
+
+def read_textbooks(textbooks_dir: str | Path) -> list[Book]:
+    """Every ``*.txt`` in ``textbooks_dir`` (MedQA: ``textbooks/zh_paragraph``), sorted by name."""
+    textbooks_dir = Path(textbooks_dir)
+    files = sorted(textbooks_dir.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(
+            f"{textbooks_dir}: no *.txt textbooks. Point MEDQA_DIR at MedQA's data_clean folder "
+            f"(it holds textbooks/zh_paragraph/*.txt)."
+        )
+    return [read_textbook(p) for p in files]
+
+
+def textbook_table(books: list[Book]):
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {"book": b.name, "lines": b.lines, "blank_lines": b.blank_lines, "paragraphs": len(b.paragraphs), "characters": b.characters}
+            for b in books
+        ]
+    )
+
+
+def letter_counts(questions: list[Question]) -> Counter:
+    return Counter(q.answer_idx for q in questions)

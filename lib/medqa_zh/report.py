@@ -1,0 +1,103 @@
+"""Tables and plots for the notebooks (saved under ``outputs/<profile>/figures``)."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib import font_manager
+
+# Fonts with Simplified Chinese glyphs, most common first (Linux, macOS, Windows)
+CJK_FONTS = (
+    "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Micro Hei",
+    "WenQuanYi Zen Hei", "PingFang SC", "Heiti SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei",
+    "AR PL UMing CN", "Noto Sans CJK JP",
+)
+_font_checked = False
+
+
+def use_cjk_font() -> str | None:
+    """Make matplotlib draw Chinese: put the first installed CJK font first in ``font.sans-serif``.
+
+    Returns the font's name, or None (with one warning saying how to install one) when the
+    machine has none; labels then show empty boxes but nothing fails.
+    """
+    global _font_checked
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for name in CJK_FONTS:
+        if name in installed:
+            plt.rcParams["font.sans-serif"] = [name, *plt.rcParams["font.sans-serif"]]
+            plt.rcParams["axes.unicode_minus"] = False
+            return name
+    if not _font_checked:
+        warnings.warn(
+            "no Chinese font found, so Chinese labels in plots show as boxes. Install one, e.g. "
+            "`apt install fonts-noto-cjk` (Debian/Ubuntu) or `brew install --cask font-noto-sans-cjk-sc` "
+            "(macOS), then restart the kernel.",
+            stacklevel=2,
+        )
+    _font_checked = True
+    return None
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_answer_letters(splits: dict[str, list]):
+    """Share of each gold answer letter per split, with the always-guess-X baseline visible."""
+    use_cjk_font()
+    letters = sorted({q.answer_idx for qs in splits.values() for q in qs})
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / max(len(splits), 1)
+    for i, (role, qs) in enumerate(splits.items()):
+        counts = Counter(q.answer_idx for q in qs)
+        shares = [100 * counts[x] / max(len(qs), 1) for x in letters]
+        xs = [j + i * width for j in range(len(letters))]
+        bars = ax.bar(xs, shares, width, label=f"{role} (n={len(qs)})")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(len(letters))], letters)
+    ax.axhline(100 / len(letters), color="grey", ls="--", lw=1, label="uniform")
+    ax.set_ylabel("% of questions")
+    ax.set_title("Gold answer letter")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_question_lengths(splits: dict[str, list]):
+    """Histogram of question-stem length in characters, per split."""
+    use_cjk_font()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for role, qs in splits.items():
+        ax.hist([len(q.question) for q in qs], bins=40, alpha=0.6, label=role, density=True)
+    ax.set_xlabel("question length (characters)")
+    ax.set_ylabel("density")
+    ax.set_title("Question stem length")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_top_sections(questions: list, n: int = 15):
+    """The ``n`` most common MedQA sections (``meta_info``)."""
+    use_cjk_font()
+    top = Counter(q.meta_info for q in questions).most_common(n)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(top) + 1))
+    ax.barh([name for name, _ in top], [c for _, c in top])
+    ax.set_xlabel("questions")
+    ax.set_title(f"Top {len(top)} sections (meta_info)")
+    return fig
+
+
+def plot_textbook_sizes(table):
+    """Characters per textbook, from :func:`medqa_zh.data.textbook_table`."""
+    use_cjk_font()
+    t = table.sort_values("characters")
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(t) + 1))
+    ax.barh(t["book"], t["characters"] / 1e6)
+    ax.set_xlabel("million characters")
+    ax.set_title(f"{len(t)} textbooks, {t['characters'].sum() / 1e6:.1f} M characters")
+    return fig
