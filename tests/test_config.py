@@ -1,0 +1,107 @@
+import json
+import os
+
+import pytest
+
+from medqa_zh import config
+
+
+def test_default_profile_is_smoke(project):
+    cfg = config.load()
+    assert cfg.name == "smoke" and cfg.smoke
+    assert cfg.root == project
+    assert cfg.out == project / "outputs" / "smoke"
+
+
+def test_every_profile_loads_and_names_the_same_settings(project):
+    keys = {}
+    for name in ("smoke", "cpu", "gpu"):
+        cfg = config.load(name)
+        assert cfg.smoke == (name == "smoke")
+        keys[name] = set(config._leaf_keys(cfg.values)) - {"assets_dir"}
+    assert keys["cpu"] == keys["gpu"] == keys["smoke"]
+
+
+def test_real_profiles_default_to_the_real_base_model(project):
+    assert config.load("gpu").base_model == config.DEFAULT_BASE_MODEL == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_relative_paths_resolve_against_the_root_not_the_cwd(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("smoke")
+    assert cfg.path("data.medqa_dir") == project / "outputs" / "smoke" / "assets" / "medqa"
+    assert cfg.questions_dir == cfg.path("data.medqa_dir") / "questions" / "Mainland"
+    assert cfg.base_model == str(project / "outputs" / "smoke" / "assets" / "tiny-qwen2")
+
+
+def test_environment_overrides(project, tmp_path):
+    env = {"MEDQA_DIR": str(tmp_path / "medqa"), "MEDQA_BASE_MODEL": "someone/some-model"}
+    cfg = config.load("cpu", environ=env)
+    assert cfg.path("data.medqa_dir") == tmp_path / "medqa"
+    assert cfg.base_model == "someone/some-model"  # a hub id stays a hub id
+    assert cfg.overrides["data.medqa_dir"]["from"] == "environment"
+    local = tmp_path / "local-model"
+    local.mkdir()
+    assert config.load("cpu", environ={"MEDQA_BASE_MODEL": str(local)}).base_model == str(local)
+
+
+def test_papermill_overrides_beat_the_environment(project):
+    cfg = config.load(
+        "cpu",
+        overrides={"data.medqa_dir": "/from/papermill", "data.splits.eval": "dev[3000:]"},
+        environ={"MEDQA_DIR": "/from/env", "MEDQA_PROFILE": "gpu"},
+    )
+    assert str(cfg.path("data.medqa_dir")) == "/from/papermill"
+    assert cfg["data.splits"] == {"train": "dev[:2900]", "eval": "dev[3000:]"}
+
+
+def test_profile_from_environment(project):
+    assert config.load(environ={"MEDQA_PROFILE": "gpu"}).name == "gpu"
+
+
+def test_unknown_setting_is_an_error_listing_known_ones(project):
+    with pytest.raises(KeyError, match="no setting 'data.split'.*data.splits.train"):
+        config.load("smoke", overrides={"data.split": "x"})
+    with pytest.raises(ValueError, match="group of settings"):
+        config.load("smoke", overrides={"data.splits": "dev"})
+
+
+def test_unknown_profile_lists_the_known_ones(project):
+    with pytest.raises(FileNotFoundError, match="known profiles: cpu, gpu, smoke"):
+        config.load("gpus")
+
+
+def test_manifest_records_profile_versions_git_device_and_notebooks(project):
+    cfg = config.load("smoke", overrides={"eval.batch_size": 2})
+    config.write_manifest(cfg, notebook="01_data")
+    config.write_manifest(cfg, notebook="02_lora_sft")
+    m = json.loads((project / "outputs" / "smoke" / "manifest.json").read_text(encoding="utf-8"))
+    assert m["profile"] == "smoke" and m["profile_file"] == "profiles/smoke.yaml"
+    assert len(m["profile_file_sha256"]) == 64 and m["settings_sha256"] == cfg.sha256
+    assert m["settings"]["eval"]["batch_size"] == 2
+    assert m["overrides"]["eval.batch_size"]["value"] == 2
+    assert m["packages"]["torch"] and m["packages"]["transformers"] and m["packages"]["python"]
+    assert m["torch_device"]["device"] in ("cpu", "cuda")
+    assert "commit" in m["git"] and m["time"].endswith("+00:00")
+    assert set(m["notebooks"]) == {"01_data", "02_lora_sft"}
+
+
+def test_settings_hash_follows_the_settings(project):
+    a = config.load("smoke")
+    assert a.sha256 == config.load("smoke").sha256
+    assert a.sha256 != config.load("smoke", overrides={"seed": 1}).sha256
+
+
+def test_setup_builds_smoke_assets_and_warns(project, capsys):
+    cfg = config.setup("smoke", notebook="01_data")
+    assert (cfg.path("model.base") / "config.json").is_file()
+    assert (cfg.questions_dir / "train.jsonl").is_file()
+    assert (cfg.out / "manifest.json").is_file()
+    assert "SMOKE PROFILE" in capsys.readouterr().err
+
+
+def test_setup_of_a_real_profile_builds_nothing(project, capsys):
+    cfg = config.setup("cpu")
+    assert not (project / "outputs" / "cpu" / "assets").exists()
+    assert "SMOKE" not in capsys.readouterr().out
+    assert os.path.isfile(cfg.out / "manifest.json")

@@ -1,0 +1,56 @@
+import pytest
+
+from medqa_zh import prompts
+
+OPTIONS = {"B": "乙", "A": "甲", "C": "丙"}
+
+
+def test_user_turn_has_question_and_options_in_letter_order():
+    text = prompts.format_user("  下列哪项正确？ ", OPTIONS)
+    assert text.startswith(prompts.INSTRUCTION)
+    assert "\n\n下列哪项正确？\n\nA. 甲\nB. 乙\nC. 丙\n\n" in text
+    assert text.endswith(prompts.ANSWER_FORMAT_HINT)
+
+
+def test_messages_with_and_without_answer():
+    with_answer = prompts.build_messages("问题", OPTIONS, "C")
+    assert [m["role"] for m in with_answer] == ["system", "user", "assistant"]
+    assert with_answer[0]["content"] == prompts.SYSTEM_PROMPT
+    assert with_answer[2]["content"] == "答案：C" == prompts.ANSWER_PREFIX + "C"
+    assert prompts.build_messages("问题", OPTIONS) == with_answer[:2]
+
+
+def test_answer_must_be_an_option():
+    with pytest.raises(ValueError, match="'E' is not one of the options"):
+        prompts.build_messages("问题", OPTIONS, "E")
+
+
+def test_chat_template_renders_answer_as_the_last_assistant_turn(tiny_assets):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"])
+    messages = prompts.build_messages("问题", OPTIONS, "B")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    # the generation prompt followed by the answer is exactly the training text
+    assert text == prompt + "答案：B<|im_end|>\n"
+    assert text.startswith(f"<|im_start|>system\n{prompts.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
+
+
+def test_tiny_template_renders_like_the_real_qwen_tokenizer(tiny_assets):
+    """Where the Qwen2.5-class stand-in exists (../shared/tools/standin-models.sh), both agree."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    real = Path(os.environ.get("MEDQA_STANDIN_LM", Path.home() / ".cache/medqa-standin/qwen2.5-coder-0.5b-instruct"))
+    if not (real / "tokenizer.json").is_file():
+        pytest.skip(f"no Qwen2.5 tokenizer at {real} (run ../shared/tools/standin-models.sh)")
+    messages = prompts.build_messages("问题", OPTIONS, "A")
+    tiny = AutoTokenizer.from_pretrained(tiny_assets["model"])
+    qwen = AutoTokenizer.from_pretrained(real)
+    for msgs, gen in ((messages, False), (messages[:2], True), (messages[1:2], True)):
+        assert tiny.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == qwen.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=gen
+        )
