@@ -155,6 +155,9 @@ def test_load_splits_counts_add_up(tmp_path):
     train_ids = {q.id for q in splits["train"]}
     assert not train_ids & {q.id for q in splits["eval"]}
     assert list(splits.table().index) == ["train", "eval"]
+    removed = splits.removed()
+    assert list(removed["reason"]) == ["exact duplicate", "also in train"]
+    assert list(removed["id"]) == ["dev:4", "dev:12"]
 
 
 def test_load_splits_needs_a_train_role(tmp_path):

@@ -242,9 +242,23 @@ class Splits:
         return self.questions[role]
 
     def table(self):
+        """One row per role: rows read, sliced, removed (and why), kept."""
         import pandas as pd
 
         return pd.DataFrame(self.report).set_index("role")
+
+    def removed(self):
+        """Every removed question: role, id, reason and the id it duplicates."""
+        import pandas as pd
+
+        rows = [
+            {"role": role, "id": qid, "reason": "exact duplicate", "same as": first}
+            for role, pairs in self.duplicates.items() for qid, first in pairs
+        ] + [
+            {"role": role, "id": qid, "reason": "also in train", "same as": ""}
+            for role, ids in self.overlaps.items() for qid in ids
+        ]
+        return pd.DataFrame(rows, columns=["role", "id", "reason", "same as"])
 
 
 def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: str = "train") -> Splits:
@@ -272,7 +286,6 @@ def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: st
             {
                 "role": role,
                 "spec": str(spec),
-                "file": read.path.name,
                 "rows_in_file": read.rows,
                 "blank_lines": read.blank_lines,
                 "rows_in_slice": len(sliced),
@@ -358,6 +371,7 @@ def write_llamafactory(splits: dict[str, list[Question]], out_dir: str | Path, p
         written.append(_write_atomic(out_dir / f"{name}.json", json.dumps(rows, ensure_ascii=False, indent=1)))
         info[name] = {
             "file_name": f"{name}.json",
+            "formatting": "alpaca",
             "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
         }
     written.append(_write_atomic(out_dir / "dataset_info.json", json.dumps(info, ensure_ascii=False, indent=2)))

@@ -54,26 +54,32 @@ def plot_answer_letters(splits: dict[str, list]):
     letters = sorted({q.answer_idx for qs in splits.values() for q in qs})
     fig, ax = plt.subplots(figsize=(6, 3.2))
     width = 0.8 / max(len(splits), 1)
+    top = 0.0
     for i, (role, qs) in enumerate(splits.items()):
         counts = Counter(q.answer_idx for q in qs)
         shares = [100 * counts[x] / max(len(qs), 1) for x in letters]
+        top = max(top, *shares)
         xs = [j + i * width for j in range(len(letters))]
         bars = ax.bar(xs, shares, width, label=f"{role} (n={len(qs)})")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(len(letters))], letters)
     ax.axhline(100 / len(letters), color="grey", ls="--", lw=1, label="uniform")
+    ax.set_ylim(0, top * 1.35)
     ax.set_ylabel("% of questions")
     ax.set_title("Gold answer letter")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(splits) + 1)
     return fig
 
 
 def plot_question_lengths(splits: dict[str, list]):
     """Histogram of question-stem length in characters, per split."""
     use_cjk_font()
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = np.histogram_bin_edges([len(q.question) for qs in splits.values() for q in qs], bins=40)
     for role, qs in splits.items():
-        ax.hist([len(q.question) for q in qs], bins=40, alpha=0.6, label=role, density=True)
+        ax.hist([len(q.question) for q in qs], bins=bins, alpha=0.6, label=role, density=True)
     ax.set_xlabel("question length (characters)")
     ax.set_ylabel("density")
     ax.set_title("Question stem length")
