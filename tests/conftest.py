@@ -3,8 +3,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDQA = Path(os.environ.get("MEDQA_SHARED_DIR", REPO.parent / "shared" / "medqa"))
 
 

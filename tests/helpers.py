@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def row(**changes):
     """A valid MedQA row (synthetic), with fields changed or removed (value None removes)."""

@@ -40,6 +40,8 @@ def test_environment_overrides(project, tmp_path):
     assert cfg.path("data.medqa_dir") == tmp_path / "medqa"
     assert cfg.base_model == "someone/some-model"  # a hub id stays a hub id
     assert cfg.overrides["data.medqa_dir"]["from"] == "environment"
+    assert config.load("cpu", environ={"MEDQA_BASE_MODEL": "gpt2"}).base_model == "gpt2"
+    assert config.load("cpu", environ={"MEDQA_BASE_MODEL": "./models/x"}).base_model == str(project / "models" / "x")
     local = tmp_path / "local-model"
     local.mkdir()
     assert config.load("cpu", environ={"MEDQA_BASE_MODEL": str(local)}).base_model == str(local)

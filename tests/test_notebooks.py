@@ -3,7 +3,7 @@ import csv
 import json
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from medqa_zh import tiny
 

@@ -30,7 +30,6 @@ import yaml
 DEFAULT_PROFILE = "smoke"
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 ENV_OVERRIDES = {"MEDQA_BASE_MODEL": "model.base", "MEDQA_DIR": "data.medqa_dir"}
-OUTPUT_DIRS = ("data", "models", "runs", "reports", "tables", "figures")
 PACKAGES = (
     "medqa-zh", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "sentence-transformers",
     "bm25s", "rank-bm25", "pandas", "matplotlib", "papermill", "vllm",
@@ -81,10 +80,10 @@ def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
 
 
 def _is_hub_id(value: str, root: Path) -> bool:
-    """``owner/name`` that is not a local folder; anything else is a path."""
+    """``owner/name`` (or ``name``) that is not a local folder; anything else is a path."""
     if value.startswith(("/", ".", "~")) or (root / value).exists():
         return False
-    return value.count("/") == 1
+    return value.count("/") <= 1
 
 
 @dataclass
