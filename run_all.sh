@@ -8,7 +8,8 @@
 # Setup is idempotent: it makes ./.venv (python -m venv), or ./.conda when conda is
 # on PATH (python 3.11 + pip, as in environment.yml), installs this project into it
 # with pip, and reinstalls only when pyproject.toml changed. On a machine without
-# CUDA it pins torch==2.13.0 (CPU build). MEDQA_USE_VENV=1 ignores conda.
+# CUDA it pins torch==2.13.0 (CPU build). MEDQA_USE_VENV=1 ignores conda;
+# MEDQA_SKIP_SETUP=1 uses the environment as it is (no install, e.g. offline).
 #
 # Outputs of a run:  outputs/<profile>/runs/NN_*.ipynb     executed notebooks
 #                    outputs/<profile>/reports/NN_*.html   their HTML reports
@@ -32,26 +33,25 @@ has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2
 setup() {
     local t0=$SECONDS extras="dev" env_dir stamp want
     if has_cuda; then extras="dev,gpu"; fi
-    if command -v conda >/dev/null 2>&1 && [ "${MEDQA_USE_VENV:-0}" != 1 ]; then
-        env_dir="$ROOT/.conda"
-        if [ ! -x "$env_dir/bin/python" ]; then
-            log "creating conda environment in $env_dir (python 3.11 + pip)"
-            conda create --quiet --yes --prefix "$env_dir" python=3.11 pip
-        fi
-    else
-        env_dir="$ROOT/.venv"
-        if [ ! -x "$env_dir/bin/python" ]; then
-            local py=${PYTHON:-python3}
-            command -v "$py" >/dev/null 2>&1 || die "no $py on PATH: install Python 3.11 (or set PYTHON=/path/to/python3)"
-            log "creating virtual environment in $env_dir ($($py --version 2>&1))"
-            "$py" -m venv "$env_dir"
-        fi
-    fi
+    if command -v conda >/dev/null 2>&1 && [ "${MEDQA_USE_VENV:-0}" != 1 ]; then env_dir="$ROOT/.conda"; else env_dir="$ROOT/.venv"; fi
     PY="$env_dir/bin/python"
     export PATH="$env_dir/bin:$PATH"
+    if [ "${MEDQA_SKIP_SETUP:-0}" = 1 ]; then
+        [ -x "$PY" ] || die "MEDQA_SKIP_SETUP=1 but there is no environment at $env_dir: run once without it"
+        return 0
+    fi
+    if [ ! -x "$PY" ] && [ "$env_dir" = "$ROOT/.conda" ]; then
+        log "creating conda environment in $env_dir (python 3.11 + pip)"
+        conda create --quiet --yes --prefix "$env_dir" python=3.11 pip
+    elif [ ! -x "$PY" ]; then
+        local py=${PYTHON:-python3}
+        command -v "$py" >/dev/null 2>&1 || die "no $py on PATH: install Python 3.11 (or set PYTHON=/path/to/python3)"
+        log "creating virtual environment in $env_dir ($($py --version 2>&1))"
+        "$py" -m venv "$env_dir"
+    fi
 
     stamp="$env_dir/.medqa-installed"
-    want="$(sha256sum < pyproject.toml | cut -c1-16) extras=$extras"
+    want="$(cksum < pyproject.toml) extras=$extras"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
@@ -70,7 +70,6 @@ setup() {
 # --------------------------------------------------------------------------- notebooks
 run_notebooks() {
     local profile=$1 runs reports nb name out t0
-    [ -f "profiles/$profile.yaml" ] || die "no profile '$profile': choose one of $(ls profiles | sed 's/\.yaml$//' | tr '\n' ' ')"
     runs="outputs/$profile/runs"; reports="outputs/$profile/reports"
     mkdir -p "$runs" "$reports"
     if [ "$profile" = smoke ]; then
@@ -109,6 +108,9 @@ else
     done
 fi
 
+if [ $cmd = run ] && [ ! -f "profiles/$profile.yaml" ]; then
+    die "no profile '$profile': choose one of $(ls profiles | sed 's/\.yaml$//' | tr '\n' ' ')"
+fi
 setup
 case $cmd in
     test) exec "$PY" -m pytest "$@" ;;
