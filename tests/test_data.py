@@ -248,3 +248,29 @@ def test_real_dev_slices_are_disjoint_after_overlap_removal(shared_medqa):
     assert not any(q.content_key in train_keys for q in splits["eval"])
     report = {r["role"]: r for r in splits.report}
     assert report["train"]["rows_in_slice"] + report["eval"]["rows_in_slice"] == 3425
+
+
+def test_plots_draw_from_splits_and_books(tmp_path):
+    from medqa_zh import report
+
+    qs = _questions(tmp_path, [row(question="一"), row(question="二二", answer_idx="C", answer="丙")])
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "书.txt").write_text("一段\n", encoding="utf-8")
+    table = data.textbook_table(data.read_textbooks(tmp_path / "books"))
+    figs = [
+        report.plot_answer_letters({"train": qs, "eval": qs[:1]}),
+        report.plot_question_lengths({"train": qs}),
+        report.plot_top_sections(qs),
+        report.plot_textbook_sizes(table),
+    ]
+    for i, fig in enumerate(figs):
+        assert report.save(fig, tmp_path / f"{i}.png").stat().st_size > 1000
+    bars = figs[0].axes[0].patches
+    # every option letter gets a bar, zero shares included: train B/C 50% each, eval B 100%
+    assert [round(b.get_height()) for b in bars] == [0, 50, 50, 0, 0, 0, 100, 0, 0, 0]
+    report.use_cjk_font()
+    report.use_cjk_font()
+    import matplotlib.pyplot as plt
+
+    fonts = plt.rcParams["font.sans-serif"]
+    assert len(fonts) == len(set(fonts))

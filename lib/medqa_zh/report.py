@@ -27,7 +27,7 @@ def use_cjk_font() -> str | None:
     installed = {f.name for f in font_manager.fontManager.ttflist}
     for name in CJK_FONTS:
         if name in installed:
-            plt.rcParams["font.sans-serif"] = [name, *plt.rcParams["font.sans-serif"]]
+            plt.rcParams["font.sans-serif"] = [name, *(f for f in plt.rcParams["font.sans-serif"] if f != name)]
             plt.rcParams["axes.unicode_minus"] = False
             return name
     if not _font_checked:
@@ -51,7 +51,7 @@ def save(fig, path: str | Path) -> Path:
 def plot_answer_letters(splits: dict[str, list]):
     """Share of each gold answer letter per split, with the always-guess-X baseline visible."""
     use_cjk_font()
-    letters = sorted({q.answer_idx for qs in splits.values() for q in qs})
+    letters = sorted({letter for qs in splits.values() for q in qs for letter in q.options})
     fig, ax = plt.subplots(figsize=(6, 3.2))
     width = 0.8 / max(len(splits), 1)
     top = 0.0
