@@ -174,6 +174,18 @@ def test_clean_split_roundtrips(tmp_path):
     assert data.read_clean(path) == qs
 
 
+def test_damaged_clean_split_names_file_line_and_fix(tmp_path):
+    qs = _questions(tmp_path, [row(question="一"), row(question="二")])
+    path = data.write_questions(qs, tmp_path / "out" / "eval.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:20] + "\n", encoding="utf-8")
+    with pytest.raises(MedQAFormatError, match=r"eval.jsonl:2: invalid JSON.*re-run notebook 01"):
+        data.read_clean(path)
+    path.write_text(json.dumps(row()) + "\n", encoding="utf-8")
+    with pytest.raises(MedQAFormatError, match=r"eval.jsonl:1: missing id"):
+        data.read_clean(path)
+
+
 def test_sft_jsonl_uses_the_one_prompt(tmp_path):
     qs = _questions(tmp_path, [row()])
     path = data.write_sft_jsonl(qs, tmp_path / "sft.jsonl")

@@ -91,6 +91,14 @@ def _check_row(row: object) -> str | None:
     return None
 
 
+def _question(row: dict, qid: str) -> Question:
+    """A validated row as a :class:`Question` (options in letter order)."""
+    return Question(
+        id=qid, question=row["question"], options=dict(sorted(row["options"].items())),
+        answer_idx=row["answer_idx"], answer=row["answer"], meta_info=row["meta_info"],
+    )
+
+
 @dataclass
 class ReadReport:
     """What reading one jsonl file found."""
@@ -134,16 +142,7 @@ def read_questions(path: str | Path) -> tuple[list[Question], ReadReport]:
             if problem:
                 errors.append(f"{path}:{line_no}: {problem}")
                 continue
-            questions.append(
-                Question(
-                    id=f"{path.stem}:{line_no}",
-                    question=row["question"],
-                    options=dict(sorted(row["options"].items())),
-                    answer_idx=row["answer_idx"],
-                    answer=row["answer"],
-                    meta_info=row["meta_info"],
-                )
-            )
+            questions.append(_question(row, f"{path.stem}:{line_no}"))
     if errors:
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -335,11 +334,14 @@ def read_clean(path: str | Path) -> list[Question]:
     path = Path(path)
     out = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MedQAFormatError(f"{path}:{line_no}: invalid JSON ({e.msg}); re-run notebook 01 to rewrite it") from None
         problem = _check_row(row) or (None if isinstance(row.get("id"), str) else "missing id")
         if problem:
             raise MedQAFormatError(f"{path}:{line_no}: {problem}; re-run notebook 01 to rewrite it")
-        out.append(Question(**{k: row[k] for k in ("id", *REQUIRED_FIELDS)}))
+        out.append(_question(row, row["id"]))
     return out
 
 

@@ -128,7 +128,7 @@ def make_textbooks(seed: int = 0) -> dict[str, list[str]]:
         internal.append(f"{d.name}的诊断：出现{d.symptom}的患者应考虑本病，确诊最常用的检查是{d.test}。")
     internal.append("")
     pharmacology = [note] + [f"{d.drug}是{d.name}的首选治疗药物。{d.drug}为虚构药物，仅存在于本合成教材。" for d in world]
-    # one long paragraph, as real textbooks have (some MedQA lines exceed 10,000 characters)
+    # one paragraph of ~2,000 characters: real textbook lines run from a few characters to over 10,000
     long_para = "".join(f"{d.name}患者常见{d.symptom}；首选{d.test}明确诊断，并注意{d.organ}的受累情况。" for d in world * 3)
     diagnostics = [note, long_para, "", "   ", f"常用检查包括{'、'.join(_TESTS)}。"]
     return {"合成内科学": internal, "合成药理学": pharmacology, "合成诊断学": diagnostics}
