@@ -54,3 +54,29 @@ def test_tiny_template_renders_like_the_real_qwen_tokenizer(tiny_assets):
         assert tiny.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == qwen.apply_chat_template(
             msgs, tokenize=False, add_generation_prompt=gen
         )
+
+
+def _standin_tokenizer_dir():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("MEDQA_STANDIN_LM", Path.home() / ".cache/medqa-standin/qwen2.5-coder-0.5b-instruct"))
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+def test_answer_letter_is_one_token_right_after_the_answer_prompt(which, tiny_assets):
+    """Letter scoring and the merge check read the logits after ``answer_prompt``; that only works
+    if the training text tokenizes as answer_prompt's tokens + one token for the letter."""
+    from transformers import AutoTokenizer
+
+    path = tiny_assets["model"] if which == "tiny" else _standin_tokenizer_dir()
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"no Qwen2.5 tokenizer at {path} (run ../shared/tools/standin-models.sh)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = prompts.answer_prompt(tokenizer, "问题", OPTIONS)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    for letter in OPTIONS:
+        full = tokenizer.apply_chat_template(prompts.build_messages("问题", OPTIONS, letter), tokenize=False)
+        ids = tokenizer(full)["input_ids"]
+        assert ids[: len(prompt_ids)] == prompt_ids
+        assert tokenizer.decode(ids[len(prompt_ids)]) == letter

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import prompts
 
-ASSETS_VERSION = 1  # bump when the generator changes, so old assets are rebuilt
+ASSETS_VERSION = 2  # bump when the generator changes, so old assets are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-0.5B-Instruct)
 QWEN_SPLIT_REGEX = (
@@ -176,6 +176,9 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
+            # Qwen's vocabulary keeps "：" and the answer letter apart ("答案", "：", "B"); a BPE trained
+            # on this small corpus would merge "：B". Isolating punctuation keeps the letter its own token.
+            pre_tokenizers.Punctuation(behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
