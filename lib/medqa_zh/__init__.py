@@ -3,6 +3,9 @@
 config   load a profile, resolve paths, write the run manifest
 data     read and validate MedQA, build splits, export SFT / LLaMA-Factory files, read textbooks
 prompts  the one prompt format shared by training and every evaluation path
+models   load the base model, tokenizer and adapters with clear errors; training precision
+train    LoRA / full SFT with trl's SFTTrainer + peft: resumable, logged, measured
+merge    merge a LoRA adapter into its base and prove merged == base + adapter
 tiny     build the tiny smoke model and synthetic MedQA-format data
 report   tables and plots for the notebooks
 """

@@ -107,3 +107,25 @@ def plot_textbook_sizes(table):
     ax.set_xlabel("million characters")
     ax.set_title(f"{len(t)} textbooks, {t['characters'].sum() / 1e6:.1f} M characters")
     return fig
+
+
+def plot_loss_curves(logs: dict[str, list[dict]]):
+    """Training loss (lines) and held-out eval loss (markers) per optimizer step, one colour per run.
+
+    ``logs`` maps a run name ("LoRA", "full") to its ``train_log.jsonl`` rows.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, log) in enumerate(logs.items()):
+        color = f"C{i}"
+        train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name}: train")
+        if evals:
+            ax.plot(*zip(*evals), color=color, ls="--", marker="o", ms=4, label=f"{name}: eval (held out)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over answer tokens)")
+    ax.set_title("SFT loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,213 @@
+"""Load the base model, its tokenizer and LoRA adapters, with errors that say what to fix.
+
+Training, merging and every evaluation load models through here, so a missing model, an adapter
+trained on another base, or an unsupported precision fails the same clear way everywhere.
+A model is named by a hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a local folder written by
+``save_pretrained``; nothing is downloaded unless the profile names a hub id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+FINGERPRINT_FILE = "base_model.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The base model (or an adapter) cannot be loaded; the message says which setting to fix."""
+
+
+class AdapterMismatchError(ValueError):
+    """A LoRA adapter was trained on a different base model than the one given."""
+
+
+def how_to_get(name: str) -> str:
+    example = name if "/" in name and not name.startswith(("/", ".", "~")) else "Qwen/Qwen2.5-0.5B-Instruct"
+    local = "models/" + example.rsplit("/", 1)[-1]
+    return (
+        "Fix: set MEDQA_BASE_MODEL (or model.base in the profile) to a hub id on a machine that can reach the "
+        f"Hugging Face hub, or to a local folder holding config.json, the *.safetensors weights and the tokenizer "
+        f"files. To make one, run `hf download {example} --local-dir {local}` where there is network, copy the "
+        f"folder here, and run e.g. `MEDQA_BASE_MODEL={local} ./run_all.sh --profile cpu`."
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _fix(name: str, setting: str) -> str:
+    if "model.base" in setting or "MEDQA_BASE_MODEL" in setting:
+        return how_to_get(name)
+    return "Fix: run the notebook that writes this folder, or point to one that holds a model saved with save_pretrained."
+
+
+def _check_source(name: str, setting: str, needs: str = "config.json") -> None:
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{setting} = {name!r}: no such folder. {_fix(name, setting)}")
+        if not (path / needs).is_file():
+            raise ModelNotFoundError(
+                f"{setting} = {name!r}: this folder has no {needs}, so it is not a model or tokenizer saved with "
+                f"save_pretrained. {_fix(name, setting)}"
+            )
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return getattr(torch, DTYPES[str(name)])
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(set(DTYPES.values())))}") from None
+
+
+def load_tokenizer(name: str, setting: str = "model.base"):
+    """The model's own tokenizer (and with it its chat template), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    _check_source(name, setting, needs="tokenizer_config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"cannot load the tokenizer of {setting} = {name!r}: {e}\n{_fix(name, setting)}") from None
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{setting} = {name!r} has no chat template; use an instruction-tuned (chat) model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "float32", setting: str = "model.base", device: str | None = None):
+    """A causal LM in ``dtype`` (float32 / bfloat16 / float16), in eval mode, on ``device`` (default CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name, setting)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"cannot load the model {setting} = {name!r}: {e}\n{_fix(name, setting)}") from None
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def setting_origin(cfg) -> str:
+    """Where ``model.base`` came from, for error messages: the profile file or an override."""
+    override = cfg.overrides.get("model.base")
+    if override is None:
+        return f"model.base from {cfg.source.name}"
+    return "MEDQA_BASE_MODEL" if override["from"] == "environment" else f"model.base from the {override['from']}"
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def fingerprint(model) -> str:
+    """A short hash of the first rows of the input embedding, rounded to bfloat16.
+
+    Two checkpoints of the same architecture (Qwen2.5-0.5B-Instruct and Qwen2.5-Coder-0.5B-Instruct,
+    say) have identical shapes, so an adapter loads onto either without complaint; their
+    embeddings differ. The bfloat16 rounding makes the hash the same whether the base was loaded
+    in float32 or bfloat16.
+    """
+    import torch
+
+    rows = model.get_input_embeddings().weight[:16].detach().to("cpu", torch.bfloat16).float()
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+
+
+def write_fingerprint(model, name: str, out_dir: str | Path) -> Path:
+    """Record which base a run trained on next to its adapter or checkpoint."""
+    path = Path(out_dir) / FINGERPRINT_FILE
+    path.write_text(json.dumps({"base_model": name, "fingerprint": fingerprint(model)}, indent=2), encoding="utf-8")
+    return path
+
+
+def check_adapter(adapter_dir: str | Path, base, base_name: str) -> dict:
+    """Fail with :class:`AdapterMismatchError` unless the adapter in ``adapter_dir`` fits ``base``.
+
+    Checks, in order: the adapter files exist; every module the adapter's weights address exists
+    in the base with matching shapes; and, when the training run recorded it, the base's
+    fingerprint. Returns the adapter's ``adapter_config.json``.
+    """
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise ModelNotFoundError(
+            f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors); "
+            "run notebook 02_lora_sft first, or point to the folder it wrote"
+        )
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    fix = (f"Fix: load the adapter onto the base it was trained on "
+           f"({adapter_config.get('base_model_name_or_path')!r} when it was trained), or retrain it on {base_name!r}.")
+    modules = dict(base.named_modules())
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            # base_model.model.<module path>.lora_A.weight -> <module path>
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module_path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            module = modules.get(module_path)
+            if module is None:
+                raise AdapterMismatchError(
+                    f"adapter {adapter_dir} addresses module {module_path!r}, which the base {base_name!r} does not "
+                    f"have. {fix}"
+                )
+            shape = tuple(f.get_slice(key).get_shape())
+            expected = module.in_features if ".lora_A." in key else module.out_features
+            got = shape[1] if ".lora_A." in key else shape[0]
+            if got != expected:
+                raise AdapterMismatchError(
+                    f"adapter {adapter_dir}: {key} has shape {shape}, but {module_path} of the base {base_name!r} "
+                    f"has {module.in_features} inputs and {module.out_features} outputs. {fix}"
+                )
+    recorded_path = adapter_dir / FINGERPRINT_FILE
+    if recorded_path.is_file():
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        if recorded["fingerprint"] != fingerprint(base):
+            raise AdapterMismatchError(
+                f"adapter {adapter_dir} was trained on {recorded['base_model']!r}, whose weights differ from the base "
+                f"given now ({base_name!r}): same shapes, different model. {fix}"
+            )
+    return adapter_config
+
+
+def load_adapter(base, adapter_dir: str | Path, base_name: str):
+    """``base`` with the LoRA adapter of ``adapter_dir`` on top (not merged), after :func:`check_adapter`."""
+    from peft import PeftModel
+
+    check_adapter(adapter_dir, base, base_name)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bfloat16 math (AVX-512 BF16 or AMX), where bf16 is faster than fp32."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def training_precision(requested: str = "auto") -> str:
+    """``bf16`` or ``fp32``. ``auto``: bf16 on a GPU that supports it, or on a CPU with native bf16; else fp32."""
+    import torch
+
+    if requested not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, not {requested!r}")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"

@@ -1,0 +1,485 @@
+"""Supervised fine-tuning with trl's ``SFTTrainer``: LoRA (peft) or all parameters.
+
+Each question becomes a *prompt/completion* pair in chat form, built by ``medqa_zh.prompts``:
+
+    prompt      [system, user]        the question and its options; no loss here
+    completion  [assistant "答案：B"]  the only tokens the loss sees: 答案：B<|im_end|>\\n
+
+trl renders both with the base model's own chat template (the one every evaluation uses) and
+masks the prompt tokens out of the labels. Every knob comes from the profile's ``train``
+section (``train.full`` overrides it for full SFT). A run writes, under
+``outputs/<profile>/models/<mode>/``:
+
+    adapter_model.safetensors + adapter_config.json   (LoRA)  or  model.safetensors (full)
+    tokenizer files, base_model.json (which base it trained on), run.json (settings, measurements)
+    train_log.jsonl     one line per logging / evaluation step, appended as training goes
+    checkpoints/        Trainer checkpoints; a rerun resumes from the last one
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import data, models
+
+MODES = ("lora", "full")
+RUN_FILE = "run.json"
+LOG_FILE = "train_log.jsonl"
+SETTINGS_FILE = "run_settings.json"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def settings(cfg, mode: str) -> dict:
+    """The profile's ``train`` section for ``mode``: ``train.full`` overrides it for full SFT
+    (where its values are not null)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    s = {k: v for k, v in cfg["train"].items() if k not in ("lora", "full")}
+    if mode == "full":  # a null in train.full means: as for LoRA
+        s.update({k: v for k, v in (cfg.get("train.full") or {}).items() if v is not None})
+    else:
+        s["lora"] = dict(cfg["train.lora"])
+    missing = [k for k in ("max_length", "batch_size", "grad_accum", "learning_rate") if s.get(k) is None]
+    if missing:
+        raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
+    return s
+
+
+def to_examples(questions: list[data.Question]) -> list[dict]:
+    """trl's conversational prompt/completion format, built by ``medqa_zh.prompts``."""
+    out = []
+    for q in questions:
+        messages = q.messages(with_answer=True)
+        out.append({"id": q.id, "prompt": messages[:-1], "completion": messages[-1:]})
+    return out
+
+
+def read_split(cfg, role: str) -> list[data.Question]:
+    """The clean split notebook 01 wrote (``data/questions/<role>.jsonl``)."""
+    path = cfg.out / "data" / "questions" / f"{role}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run notebook 01_data with profile {cfg.name!r} first")
+    questions = data.read_clean(path)
+    if not questions:
+        raise ValueError(
+            f"{path} has no questions: the {role} split (data.splits.{role} = {cfg['data.splits'].get(role)!r}) "
+            "is empty. Fix the split spec in the profile or the overrides, and rerun 01_data."
+        )
+    return questions
+
+
+def token_lengths(tokenizer, examples: list[dict]) -> list[int]:
+    """Length in tokens of each rendered prompt + completion (what the model trains on)."""
+    return [len(_ids(tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=True))) for e in examples]
+
+
+def _ids(rendered) -> list[int]:
+    # apply_chat_template returns a list of ids, or a BatchEncoding in newer transformers
+    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+
+def check_lengths(tokenizer, examples: list[dict], max_length: int, where: str) -> list[int]:
+    """Token lengths; an error when any example does not fit ``max_length``.
+
+    trl truncates from the end, so an over-long example loses its answer and would silently be
+    dropped (every label masked). Nothing is dropped here: the run stops and says what to set.
+    """
+    lengths = token_lengths(tokenizer, examples)
+    too_long = [(n, e["id"]) for n, e in zip(lengths, examples, strict=True) if n > max_length]
+    if too_long:
+        longest, qid = max(too_long)
+        raise ValueError(
+            f"{len(too_long)} of {len(examples)} {where} examples are longer than train.max_length = {max_length} "
+            f"tokens (longest: {qid}, {longest} tokens), so their answer would be cut off. "
+            f"Fix: set train.max_length to at least {longest} in the profile or the overrides."
+        )
+    return lengths
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@contextlib.contextmanager
+def peak_memory():
+    """Measure peak memory inside the block: ``{"device", "peak_gib"}``.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set size
+    (``VmHWM``), reset at the start of the block on Linux (``/proc/self/clear_refs``), so it
+    includes the model already loaded. Elsewhere it is the peak since the process started.
+    """
+    import torch
+
+    result = {"device": "cuda" if torch.cuda.is_available() else "cpu", "peak_gib": None}
+    if result["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+    try:
+        yield result
+    finally:
+        if result["device"] == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            result["peak_gib"] = _peak_rss_bytes() / 2**30
+
+
+def _peak_rss_bytes() -> int:
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def parameter_counts(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_share": trainable / total}
+
+
+def _log_callback():
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Append every log (train loss, eval loss) to ``train_log.jsonl`` as it happens, and time each
+        optimizer step (forward + backward + update, without evaluation)."""
+
+        def __init__(self, path: Path):
+            self.path = path
+            self.step_seconds: list[float] = []
+            self.tokens_at_start = 0
+            self._t0 = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens_at_start = state.num_input_tokens_seen  # > 0 when resuming
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._t0 is not None:
+                self.step_seconds.append(time.perf_counter() - self._t0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not state.is_world_process_zero:
+                return
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return JsonlLog
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def loss_summary(log: list[dict]) -> dict:
+    """First and last logged training loss, and the eval losses, from ``train_log.jsonl`` rows."""
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    return {
+        "first_train_loss": train[0][1] if train else None, "last_train_loss": train[-1][1] if train else None,
+        "first_eval_loss": evals[0][1] if evals else None, "last_eval_loss": evals[-1][1] if evals else None,
+        "train_points": len(train), "eval_points": len(evals),
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything one training run needs; :func:`prepare` builds it, :func:`train` runs it."""
+
+    mode: str
+    out_dir: Path
+    settings: dict
+    precision: str
+    base_model: str
+    tokenizer: object
+    model: object
+    trainer: object
+    lengths: dict = field(default_factory=dict)  # role -> token lengths
+    log: object = None  # the JsonlLog callback
+    run_key: dict = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checkpointing_field() -> str:
+    """transformers 5.x renames ``gradient_checkpointing`` to ``activation_checkpointing``."""
+    from trl import SFTConfig
+
+    return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
+
+
+def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
+    """Load the base model and the splits, check them, and build the ``SFTTrainer``.
+
+    Raises a clear error for a base model that cannot be loaded, a missing or empty split, or a
+    ``train.max_length`` shorter than an example.
+    """
+    import datasets
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
+    s = settings(cfg, mode)
+    precision = models.training_precision(s.get("precision", "auto"))
+    out_dir = Path(out_dir) if out_dir else cfg.out_dir("models") / mode
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+
+    train_qs = read_split(cfg, "train")
+    eval_qs = read_split(cfg, "eval")[: s.get("eval_questions")]
+    origin = models.setting_origin(cfg)
+    tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
+    train_ex, eval_ex = to_examples(train_qs), to_examples(eval_qs)
+    lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
+               "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
+
+    # LoRA freezes the base, so its weights can stay in bf16; full SFT keeps fp32 master weights
+    # and computes in bf16 under autocast (bf16 weights would lose small updates to rounding).
+    load_dtype = "bfloat16" if precision == "bf16" and mode == "lora" else "float32"
+    torch.manual_seed(seed)
+    model = models.load_model(cfg.base_model, load_dtype, setting=origin)
+    model.train()
+
+    peft_config = None
+    if mode == "lora":
+        lora = s["lora"]
+        peft_config = LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"], task_type="CAUSAL_LM",
+        )
+    eval_steps = s.get("eval_steps") or 50
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=s.get("epochs", 1),
+        max_steps=s.get("max_steps") or -1,
+        per_device_train_batch_size=s["batch_size"],
+        per_device_eval_batch_size=s.get("eval_batch_size") or s["batch_size"],
+        gradient_accumulation_steps=s["grad_accum"],
+        learning_rate=float(s["learning_rate"]),
+        lr_scheduler_type=s.get("lr_scheduler", "cosine"),
+        warmup_steps=float(s.get("warmup_ratio", 0.0)),  # < 1: a fraction of the steps
+        weight_decay=float(s.get("weight_decay", 0.0)),
+        max_grad_norm=float(s.get("max_grad_norm", 1.0)),
+        max_length=s["max_length"],
+        packing=False,
+        completion_only_loss=True,
+        **{_checkpointing_field(): bool(s.get("gradient_checkpointing", False))},
+        bf16=precision == "bf16",
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        logging_steps=s.get("logging_steps") or 10,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=s.get("save_steps") or eval_steps,
+        save_total_limit=s.get("save_total_limit", 2),
+        seed=seed,
+        data_seed=seed,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    log = _log_callback()(out_dir / LOG_FILE)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_ex]),
+        eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in eval_ex]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[log],
+    )
+    run_key = {  # what makes two runs the same run: resuming across a change would mix them
+        "mode": mode, "settings": {k: v for k, v in s.items() if k != "resume"}, "precision": precision, "base_model": cfg.base_model,
+        "base_fingerprint": models.fingerprint(model), "seed": seed,
+        "train_sha256": _sha256(cfg.out / "data" / "questions" / "train.jsonl"),
+        "eval_questions": [q.id for q in eval_qs],
+    }
+    run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
+    return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key)
+
+
+def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
+    """Example ``index`` of the prepared dataset as (token text, counts in the loss) pairs,
+    after trl's tokenization and the trainer's collator: the label mask the loss really uses."""
+    dataset = run.trainer.train_dataset if split == "train" else run.trainer.eval_dataset
+    batch = run.trainer.data_collator([dataset[index]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    return [(run.tokenizer.decode([i]), label != -100) for i, label in zip(ids, labels, strict=True)]
+
+
+def _last_checkpoint(run: Run) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+
+
+def _check_resumable(run: Run, resume: bool) -> str | None:
+    """The checkpoint to resume from, after checking it belongs to a run with these settings."""
+    recorded_path = run.checkpoints / SETTINGS_FILE
+    checkpoint = _last_checkpoint(run)
+    if not resume and run.checkpoints.exists():
+        shutil.rmtree(run.checkpoints)
+        checkpoint = None
+    if checkpoint:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else None
+        if recorded != run.run_key:
+            changed = sorted(k for k in run.run_key if (recorded or {}).get(k) != run.run_key[k])
+            raise RuntimeError(
+                f"{run.checkpoints} holds checkpoints of a run with other settings (changed: {', '.join(changed)}), "
+                "so resuming would mix two runs. Fix: set train.resume to false (starts over and deletes "
+                f"them), or delete {run.checkpoints}."
+            )
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    recorded_path.write_text(json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+    return checkpoint
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep only log rows up to the checkpoint a resumed run starts from (the rest is redone)."""
+    rows = [r for r in read_log(path) if r["step"] <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def train(run: Run, resume: bool | None = None) -> dict:
+    """Train (resuming from the last checkpoint of the same run when there is one), save the
+    adapter or model with the tokenizer, and return the measurements written to ``run.json``."""
+    resume = bool(run.settings.get("resume", True)) if resume is None else resume
+    done = run.out_dir / RUN_FILE
+    if resume and done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous.get("run_key") == run.run_key:
+            print(f"{run.out_dir} already holds this run, finished; returning its measurements "
+                  "(set train.resume to false to train again)")
+            return previous
+    checkpoint = _check_resumable(run, resume)
+    log_path = run.out_dir / LOG_FILE
+    if checkpoint:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        _truncate_log(log_path, state["global_step"])
+        print(f"resuming from {checkpoint} (step {state['global_step']})")
+    else:
+        log_path.unlink(missing_ok=True)
+    run.trainer.args.eval_on_start = checkpoint is None  # the base model's eval loss is the curve's step 0
+    start = time.perf_counter()
+    with peak_memory() as memory:
+        result = run.trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - start
+    metrics = _measurements(run, result, wall, memory, resumed_from=checkpoint)
+    save(run, metrics)
+    return metrics
+
+
+def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str | None) -> dict:
+    state = run.trainer.state
+    steps_run = len(run.log.step_seconds)
+    log = read_log(run.out_dir / LOG_FILE)
+    tokens = state.num_input_tokens_seen - run.log.tokens_at_start
+    step_s = statistics.median(run.log.step_seconds) if run.log.step_seconds else None
+    return {
+        "mode": run.mode, "precision": run.precision, "base_model": run.base_model,
+        "device": memory["device"], "torch_threads": _threads(),
+        "parameters": parameter_counts(run.model),
+        "examples": {k: len(v) for k, v in run.lengths.items()},
+        "tokens_per_example": {k: {"mean": statistics.fmean(v), "max": max(v)} for k, v in run.lengths.items()},
+        "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
+        "epochs": state.epoch, "wall_seconds": wall,
+        "median_step_seconds": step_s,
+        "examples_per_step": run.settings["batch_size"] * run.settings["grad_accum"],
+        "tokens_this_session": tokens,
+        "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
+        "peak_memory_gib": memory["peak_gib"],
+        "train_loss_mean": result.training_loss if steps_run else None,
+        **loss_summary(log),
+        "settings": run.settings,
+        "out_dir": str(run.out_dir),
+        "run_key": run.run_key,
+    }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def save(run: Run, metrics: dict | None = None) -> Path:
+    """Write the adapter (LoRA) or the whole model (full SFT; its float32 master weights cast to
+    bfloat16 when training ran in bf16), the tokenizer, the base fingerprint and ``run.json``."""
+    import torch
+
+    out = run.out_dir
+    if run.mode == "lora":
+        run.trainer.model.save_pretrained(out)
+    else:
+        model = run.trainer.model
+        if run.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        model.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+    models.write_fingerprint(run.model, run.base_model, out)
+    if metrics is not None:
+        (out / RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def read_run(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the training notebook for this model has not finished")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def cost_table(runs: dict[str, dict]):
+    """LoRA vs full side by side: parameters, step time, tokens/s, peak memory (from ``run.json``)."""
+    import pandas as pd
+
+    rows = {}
+    for name, m in runs.items():
+        rows[name] = {
+            "trainable parameters": m["parameters"]["trainable"],
+            "trainable share": f"{m['parameters']['trainable_share']:.2%}",
+            "precision": m["precision"],
+            "optimizer steps": m["optimizer_steps"],
+            "median step (s)": round(m["median_step_seconds"], 3) if m["median_step_seconds"] else math.nan,
+            "tokens/s": round(m["tokens_per_second"]) if m.get("tokens_per_second") else math.nan,
+            "peak memory (GiB)": round(m["peak_memory_gib"], 2),
+            "saved weights (MiB)": round(sum(p.stat().st_size for p in Path(m["out_dir"]).glob("*.safetensors")) / 2**20, 1),
+            "first → last train loss": f"{m['first_train_loss']:.3f} → {m['last_train_loss']:.3f}",
+            "last eval loss": round(m["last_eval_loss"], 3) if m["last_eval_loss"] is not None else math.nan,
+        }
+    return pd.DataFrame(rows)

@@ -1,0 +1,327 @@
+"""Training, adapters and merging on the tiny smoke model (seconds each, no network)."""
+import contextlib
+import json
+import shutil
+
+import pytest
+from helpers import REPO
+
+from medqa_zh import config, data, merge, models, prompts, tiny, train
+
+ENV = ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_PROFILE", "MEDQA_ROOT")
+
+
+@contextlib.contextmanager
+def _root(root):
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ENV:
+            mp.delenv(var, raising=False)
+        mp.setenv("MEDQA_ROOT", str(root))
+        yield
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """A project with the smoke assets built and the clean splits written, as notebook 01 leaves it."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "profiles", root / "profiles")
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    with _root(root):
+        cfg = config.setup("smoke")
+        splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
+        for role, questions in splits.questions.items():
+            data.write_questions(questions, cfg.out / "data" / "questions" / f"{role}.jsonl")
+    return root
+
+
+@pytest.fixture
+def smoke(smoke_root, monkeypatch):
+    """``smoke(**overrides)`` -> the smoke Config of the module's project."""
+    monkeypatch.setenv("MEDQA_ROOT", str(smoke_root))
+    return lambda **overrides: config.load("smoke", overrides)
+
+
+@pytest.fixture(scope="module")
+def lora_run(smoke_root):
+    """One LoRA run of the smoke profile, shared by the tests that only read its outputs."""
+    with _root(smoke_root):
+        cfg = config.load("smoke")
+        run = train.prepare(cfg, "lora")
+        metrics = train.train(run, resume=False)
+    return cfg, run, metrics
+
+
+# --------------------------------------------------------------------------- what the loss sees
+
+
+def test_label_mask_covers_exactly_the_answer_tokens(lora_run):
+    _, run, _ = lora_run
+    seen = set()
+    for i in range(len(run.trainer.train_dataset)):
+        view = train.label_view(run, i)
+        in_loss = [token for token, counted in view if counted]
+        letter = in_loss[2] if len(in_loss) > 2 else None
+        seen.add(letter)
+        # the answer line, end of turn and the newline after it; every prompt token is masked
+        assert "".join(in_loss) == prompts.format_answer(letter) + "<|im_end|>\n"
+        first = next(j for j, (_, counted) in enumerate(view) if counted)
+        assert all(counted for _, counted in view[first:]) and not any(counted for _, counted in view[:first])
+        assert "".join(t for t, _ in view[:first]).endswith("<|im_start|>assistant\n")
+        if len(seen) == 5:
+            break
+    assert seen == set("ABCDE")
+
+
+def test_collated_batch_masks_padding_too(lora_run):
+    _, run, _ = lora_run
+    dataset = run.trainer.train_dataset
+    lengths = [len(x) for x in dataset["input_ids"]]
+    short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
+    assert lengths[short] < lengths[long]
+    batch = run.trainer.data_collator([dataset[short], dataset[long]])
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert (labels[mask == 0] == -100).all()  # padding never counts
+    assert [(row != -100).sum().item() for row in labels] == [5, 5]  # 答案 ： X <|im_end|> \n
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_loss_falls_and_outputs_are_written(lora_run):
+    _, run, metrics = lora_run
+    log = train.read_log(run.out_dir / train.LOG_FILE)
+    losses = [r["loss"] for r in log if "loss" in r]
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+    assert len(evals) >= 2 and evals[-1] < evals[0]  # first eval is the base model (eval_on_start)
+    assert metrics["first_train_loss"] == losses[0] and metrics["last_train_loss"] == losses[-1]
+    assert metrics["optimizer_steps"] == len(run.log.step_seconds) > 0
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_gib"] > 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
+                 models.FINGERPRINT_FILE, train.RUN_FILE):
+        assert (run.out_dir / name).is_file(), name
+    assert train.read_run(run.out_dir)["optimizer_steps"] == metrics["optimizer_steps"]
+
+
+def test_all_knobs_come_from_the_profile(smoke):
+    cfg = smoke(**{"train.lora.r": 4, "train.lora.alpha": 12, "train.learning_rate": 0.02, "train.batch_size": 4,
+                   "train.grad_accum": 2, "train.max_steps": 3, "train.precision": "fp32",
+                   "train.gradient_checkpointing": True})
+    run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "knobs")
+    args, lora = run.trainer.args, run.model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha) == (4, 12)
+    adapted = {name.rsplit(".", 1)[-1] for name in lora.target_modules}  # all-linear, resolved by peft
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (
+        0.02, 4, 2, 3)
+    assert args.max_length == 512 and not args.bf16 and args.gradient_checkpointing
+    full = train.settings(cfg, "full")
+    assert full["learning_rate"] == cfg["train.full.learning_rate"] and "lora" not in full
+    assert full["max_steps"] == 3  # train.full.max_steps is null in smoke: the LoRA value holds
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_train(smoke, precision):
+    import torch
+
+    cfg = smoke(**{"train.max_steps": 4, "train.precision": precision, "train.eval_steps": 4})
+    run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"lora-{precision}")
+    base_dtype = next(p for n, p in run.model.named_parameters() if "lora_" not in n).dtype
+    assert base_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert run.trainer.args.bf16 == (precision == "bf16")
+    metrics = train.train(run, resume=False)
+    assert metrics["precision"] == precision and metrics["optimizer_steps"] == 4
+    assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if "lora_" in n)
+
+
+def test_full_sft_trains_every_parameter_and_saves_a_model(smoke):
+    cfg = smoke(**{"train.max_steps": 3, "train.eval_steps": 3})
+    run = train.prepare(cfg, "full", out_dir=cfg.out / "models" / "full-test")
+    counts = train.parameter_counts(run.model)
+    assert counts["trainable"] == counts["total"]
+    train.train(run, resume=False)
+    reloaded = models.load_model(str(run.out_dir), "float32", setting="full")
+    assert sum(p.numel() for p in reloaded.parameters()) == counts["total"]
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Crash(f"simulated crash at step {step}")
+
+    return CrashAt()
+
+
+def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
+    import torch
+    from safetensors.torch import load_file
+
+    settings = {"train.max_steps": 10, "train.save_steps": 4, "train.eval_steps": 5, "train.logging_steps": 1,
+                "train.precision": "fp32"}
+    cfg = smoke(**settings)
+    straight = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "straight")
+    train.train(straight, resume=False)
+
+    crashed = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")
+    crashed.trainer.add_callback(_crash_at(6))
+    with pytest.raises(Crash):
+        train.train(crashed, resume=False)
+    assert (crashed.checkpoints / "checkpoint-4").is_dir()
+    # step 5 was logged after checkpoint-4 (the crash at the end of step 6 came before its log)
+    assert max(r["step"] for r in train.read_log(crashed.out_dir / train.LOG_FILE)) == 5
+
+    resumed = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")  # a fresh kernel
+    metrics = train.train(resumed)
+    assert metrics["resumed_from"].endswith("checkpoint-4")
+    assert metrics["optimizer_steps"] == 10 and metrics["steps_this_session"] == 6
+    steps = [r["step"] for r in train.read_log(resumed.out_dir / train.LOG_FILE) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 10  # steps 5-6 were redone, not logged twice
+
+    a = load_file(straight.out_dir / "adapter_model.safetensors")
+    b = load_file(resumed.out_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+    again = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")
+    assert train.train(again) == train.read_run(resumed.out_dir)  # finished: not trained twice
+
+
+def test_resuming_with_other_settings_is_refused(smoke):
+    cfg = smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32"})
+    run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "changed")
+    run.trainer.add_callback(_crash_at(3))
+    with pytest.raises(Crash):
+        train.train(run)
+    other = train.prepare(smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32",
+                                   "train.learning_rate": 0.01}), "lora", out_dir=cfg.out / "models" / "changed")
+    with pytest.raises(RuntimeError, match=r"other settings \(changed: settings\).*train.resume"):
+        train.train(other)
+    train.train(other, resume=False)  # starting over is allowed, and deletes the old checkpoints
+    assert train.read_run(other.out_dir)["settings"]["learning_rate"] == 0.01
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_an_example_longer_than_max_length_stops_the_run(smoke):
+    with pytest.raises(ValueError, match=r"longer than train.max_length = 64 .*longest: train:\d+, \d+ tokens.*at least"):
+        train.prepare(smoke(**{"train.max_length": 64}), "lora")
+
+
+def test_empty_or_missing_training_split(smoke, smoke_root):
+    cfg = smoke()
+    path = cfg.out / "data" / "questions" / "train.jsonl"
+    saved = path.read_bytes()
+    try:
+        path.write_text("")
+        with pytest.raises(ValueError, match=r"train.jsonl has no questions.*data.splits.train = 'train'"):
+            train.prepare(cfg, "lora")
+        path.unlink()
+        with pytest.raises(FileNotFoundError, match="run notebook 01_data"):
+            train.prepare(cfg, "lora")
+    finally:
+        path.write_bytes(saved)
+
+
+def test_a_missing_base_model_says_which_setting_to_fix(smoke, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDQA_BASE_MODEL", str(tmp_path / "no-such-model"))
+    with pytest.raises(models.ModelNotFoundError, match=r"MEDQA_BASE_MODEL = .*no such folder.*hf download"):
+        train.prepare(smoke(), "lora")
+    monkeypatch.setenv("MEDQA_BASE_MODEL", str(tmp_path))  # a folder, but not a model
+    with pytest.raises(models.ModelNotFoundError, match="no tokenizer_config.json"):
+        train.prepare(smoke(), "lora")
+
+
+def test_a_hub_id_without_the_hub_fails_clearly(smoke, monkeypatch):
+    import huggingface_hub.constants
+
+    # what an unreachable hub looks like, without waiting ~45 s for its retries (read at import, so patched)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MEDQA_BASE_MODEL", "no-such-owner/no-such-model")
+    with pytest.raises(models.ModelNotFoundError, match=r"(?s)MEDQA_BASE_MODEL = 'no-such-owner/no-such-model'.*Fix: .*local folder"):
+        train.prepare(smoke(), "lora")
+
+
+def test_precision_setting():
+    assert models.training_precision("fp32") == "fp32"
+    assert models.training_precision("bf16") == "bf16"
+    assert models.training_precision("auto") in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="train.precision"):
+        models.training_precision("fp8")
+
+
+def test_peak_memory_sees_an_allocation():
+    import numpy as np
+
+    with train.peak_memory() as before:
+        pass
+    with train.peak_memory() as during:
+        block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        del block
+    assert during["peak_gib"] - before["peak_gib"] > 0.25
+
+
+# --------------------------------------------------------------------------- adapters and merging
+
+
+def test_an_adapter_on_the_wrong_base_is_refused(lora_run, tmp_path):
+    cfg, run, _ = lora_run
+    tokenizer = tiny.build_tokenizer()
+    narrower = tiny.build_model(tokenizer, hidden_size=32)
+    with pytest.raises(models.AdapterMismatchError, match=r"has shape \(8, 192\), but .* of the base 'narrower' has 96 inputs.*Fix: load the adapter onto"):
+        models.check_adapter(run.out_dir, narrower, "narrower")
+    shallower = tiny.build_model(tokenizer, layers=1)
+    with pytest.raises(models.AdapterMismatchError, match=r"layers.1.* does not have"):
+        models.check_adapter(run.out_dir, shallower, "shallower")
+    same_shapes = tiny.build_model(tokenizer, seed=1)
+    with pytest.raises(models.AdapterMismatchError, match="same shapes, different model"):
+        models.check_adapter(run.out_dir, same_shapes, "other seed")
+    models.check_adapter(run.out_dir, models.load_model(cfg.base_model), cfg.base_model)  # the right one passes
+    with pytest.raises(models.ModelNotFoundError, match="holds no LoRA adapter"):
+        models.check_adapter(tmp_path, same_shapes, "x")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merged_model_equals_base_plus_adapter(lora_run, dtype):
+    cfg, run, _ = lora_run
+    merged_dir = cfg.out / "models" / f"merged-{dtype}"
+    merge.merge(cfg.base_model, run.out_dir, merged_dir, dtype=dtype)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (merged_dir / name).is_file(), name
+    assert not (merged_dir / "adapter_config.json").exists()
+    questions = train.read_split(cfg, "eval")[:6]
+    comparison = merge.compare(cfg.base_model, run.out_dir, merged_dir, questions)
+    assert comparison.dtype == dtype
+    summary = merge.check(comparison)
+    assert summary["passed"] and summary["argmax agrees on every prompt"]
+    assert comparison.max_relative_diff <= merge.RELATIVE_TOLERANCE[dtype]
+    # the check can fail: the adapter's effect is far above the tolerance
+    effect = (comparison.table["max_abs_diff_base"] / comparison.table["max_abs_logit"]).min()
+    assert effect > 10 * merge.RELATIVE_TOLERANCE[dtype]
+
+
+def test_merge_check_fails_loudly_on_a_wrong_merge(lora_run):
+    cfg, run, _ = lora_run
+    not_merged = cfg.out / "models" / "not-merged"  # the base saved as if it were the merge
+    base = models.load_model(cfg.base_model)
+    base.save_pretrained(not_merged)
+    models.load_tokenizer(cfg.base_model).save_pretrained(not_merged)
+    (not_merged / merge.INFO_FILE).write_text(json.dumps({"dtype": "float32"}))
+    comparison = merge.compare(cfg.base_model, run.out_dir, not_merged, train.read_split(cfg, "eval")[:4])
+    with pytest.raises(merge.MergeMismatchError, match="differs from base \\+ adapter.*Do not serve"):
+        merge.check(comparison)
+
+
+def test_cost_table_reads_run_json(lora_run):
+    _, run, metrics = lora_run
+    table = train.cost_table({"LoRA": json.loads((run.out_dir / train.RUN_FILE).read_text())})
+    assert table.loc["trainable parameters", "LoRA"] == metrics["parameters"]["trainable"]
+    assert table.loc["saved weights (MiB)", "LoRA"] > 0
