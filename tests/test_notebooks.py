@@ -1,13 +1,15 @@
-"""Notebooks run top to bottom in a fresh kernel under papermill, as run_all.sh runs them."""
+"""Notebooks run top to bottom in a fresh kernel under papermill, in order, as run_all.sh runs them."""
 import csv
 import json
+import shutil
 
 import pytest
 from helpers import REPO
 
-from medqa_zh import tiny
+from medqa_zh import merge, tiny
 
 pytestmark = pytest.mark.slow
+SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge")
 
 
 def _kernel():
@@ -24,15 +26,38 @@ def _outputs_text(nb, cell_index):
     return "\n".join(parts)
 
 
-def test_01_data_runs_on_the_smoke_profile(project, tmp_path):
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """``series(name)`` runs the smoke series up to and including notebook ``name`` (each once, in
+    order, in one throwaway project) and returns (project root, executed notebook)."""
     import papermill
 
-    out = tmp_path / "01_data.ipynb"
-    papermill.execute_notebook(
-        REPO / "notebooks" / "01_data.ipynb", out, parameters={"profile": "smoke"},
-        kernel_name=_kernel(), cwd=REPO / "notebooks", progress_bar=False,
-    )
-    nb = json.loads(out.read_text(encoding="utf-8"))
+    root = tmp_path_factory.mktemp("series") / "project"
+    shutil.copytree(REPO / "profiles", root / "profiles")
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    executed = {}
+
+    def run(name):
+        with pytest.MonkeyPatch.context() as mp:
+            for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_PROFILE"):
+                mp.delenv(var, raising=False)
+            mp.setenv("MEDQA_ROOT", str(root))
+            for earlier in SERIES[: SERIES.index(name) + 1]:
+                if earlier not in executed:
+                    out = root / "runs" / f"{earlier}.ipynb"
+                    out.parent.mkdir(exist_ok=True)
+                    papermill.execute_notebook(
+                        REPO / "notebooks" / f"{earlier}.ipynb", out, parameters={"profile": "smoke"},
+                        kernel_name=_kernel(), cwd=REPO / "notebooks", progress_bar=False,
+                    )
+                    executed[earlier] = json.loads(out.read_text(encoding="utf-8"))
+        return root, executed[name]
+
+    return run
+
+
+def test_01_data_runs_on_the_smoke_profile(series):
+    project, nb = series("01_data")
     assert "parameters" in nb["cells"][0]["metadata"]["tags"]
     # the smoke warning is the first thing the report shows (cell 1 is papermill's injected parameters)
     assert "SMOKE PROFILE" in _outputs_text(nb, 2)
@@ -50,6 +75,42 @@ def test_01_data_runs_on_the_smoke_profile(project, tmp_path):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 1000
     manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
     assert "01_data" in manifest["notebooks"]
+
+
+def test_02_lora_sft_loss_falls(series):
+    project, nb = series("02_lora_sft")
+    lora = project / "outputs" / "smoke" / "models" / "lora"
+    metrics = json.loads((lora / "run.json").read_text(encoding="utf-8"))
+    log = [json.loads(line) for line in (lora / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0] and metrics["last_train_loss"] == losses[-1]
+    assert metrics["last_eval_loss"] < metrics["first_eval_loss"]
+    assert (lora / "adapter_model.safetensors").is_file()
+    assert (project / "outputs" / "smoke" / "figures" / "02_loss_curve.png").stat().st_size > 1000
+    text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
+    assert "5 of them in the loss: '答案：" in text  # the label mask, shown
+
+
+def test_03_full_sft_reports_its_cost_next_to_lora(series):
+    project, _ = series("03_full_sft")
+    with open(project / "outputs" / "smoke" / "tables" / "03_lora_vs_full.csv", encoding="utf-8") as f:
+        rows = {r[""]: r for r in csv.DictReader(f)}
+    assert int(rows["trainable parameters"]["full (03)"]) > 5 * int(rows["trainable parameters"]["LoRA (02)"])
+    for measured in ("median step (s)", "tokens/s", "peak memory (GiB)"):
+        assert float(rows[measured]["full (03)"]) > 0 and float(rows[measured]["LoRA (02)"]) > 0
+    assert (project / "outputs" / "smoke" / "models" / "full" / "model.safetensors").is_file()
+
+
+def test_04_merged_model_equals_base_plus_adapter(series):
+    project, _ = series("04_merge")
+    out = project / "outputs" / "smoke"
+    with open(out / "tables" / "04_merge_check.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 and all(r["argmax_agrees"] == "True" for r in rows)
+    tolerance = merge.RELATIVE_TOLERANCE["float32"]  # the smoke profile's model.dtype
+    assert max(float(r["relative_diff"]) for r in rows) <= tolerance
+    assert min(float(r["max_abs_diff_base"]) / float(r["max_abs_logit"]) for r in rows) > 10 * tolerance
+    assert (out / "models" / "merged" / "model.safetensors").is_file()
 
 
 def test_notebooks_are_committed_without_outputs():
