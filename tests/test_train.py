@@ -84,6 +84,30 @@ def test_collated_batch_masks_padding_too(lora_run):
     assert [(row != -100).sum().item() for row in labels] == [5, 5]  # 答案 ： X <|im_end|> \n
 
 
+def test_answer_only_loss_equals_trls_loss_and_gradients(smoke):
+    """Our compute_loss projects only labelled positions (fast on CPU); it must be trl's loss."""
+    import torch
+    from trl import SFTTrainer
+
+    run = train.prepare(smoke(**{"train.precision": "fp32"}), "lora", out_dir=smoke().out / "models" / "loss-check")
+    trainer, model = run.trainer, run.trainer.model
+    for p in model.parameters():  # B starts at zero; make the adapter matter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    results = []
+    for compute_loss in (type(trainer).compute_loss, SFTTrainer.compute_loss):
+        model.zero_grad()
+        loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=None)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (ours, our_grads), (theirs, their_grads) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours.item() > 0
+    for a, b in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- training
 
 

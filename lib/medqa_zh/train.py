@@ -238,6 +238,39 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
 
 
+def _trainer_class():
+    """trl's ``SFTTrainer`` with a loss that sends only the labelled positions through the LM head.
+
+    trl 1.x computes the loss with a fused, chunked LM head that skips unlabelled positions only on
+    Triton GPUs; on a CPU it projects every position through the 151,936-token head in float32.
+    Here only the answer tokens carry labels, so projecting just their positions (transformers'
+    ``logits_to_keep``) gives the same loss at about half the step time on CPU (measured). A test
+    checks the loss and its gradients against trl's own ``compute_loss``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class AnswerOnlySFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = inputs["labels"][:, 1:]  # the logits at position t predict token t + 1
+            keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            logits_to_keep=keep, use_cache=False)
+            logits, targets = outputs.logits.float(), targets[:, keep]
+            mask = targets != -100
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+            with torch.no_grad():
+                mode = "train" if model.training else "eval"
+                accuracy = (logits.argmax(-1)[mask] == targets[mask]).float().mean().item() if mask.any() else 0.0
+                self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerOnlySFTTrainer
+
+
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     """Load the base model and the splits, check them, and build the ``SFTTrainer``.
 
@@ -248,7 +281,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
@@ -314,7 +347,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         dataloader_num_workers=0,
     )
     log = _log_callback()(out_dir / LOG_FILE)
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_ex]),
