@@ -6,7 +6,8 @@ Each question becomes a *prompt/completion* pair in chat form, built by ``medqa_
     completion  [assistant "答案：B"]  the only tokens the loss sees: 答案：B<|im_end|>\\n
 
 trl renders both with the base model's own chat template (the one every evaluation uses) and
-masks the prompt tokens out of the labels. Every knob comes from the profile's ``train``
+masks the prompt tokens out of the labels; the loss then sends only the answer positions through
+the LM head (see ``_trainer_class``). Every knob comes from the profile's ``train``
 section (``train.full`` overrides it for full SFT). A run writes, under
 ``outputs/<profile>/models/<mode>/``:
 
