@@ -73,18 +73,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    a = parser.parse_args()
-    if a.one:
-        print(json.dumps(one(a.model_dir, a.one, a.batch, a.seq, a.steps)))
+    opts = parser.parse_args()
+    if opts.one:
+        print(json.dumps(one(opts.model_dir, opts.one, opts.batch, opts.seq, opts.steps)))
         return
 
     results = {}
-    for config in a.configs.split(","):
+    for config in opts.configs.split(","):
         if config not in CONFIGS:
             parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
         print(f"{config}: running ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, a.model_dir, "--one", config, "--batch", str(a.batch), "--seq", str(a.seq),
-               "--steps", str(a.steps)]
+        cmd = [sys.executable, __file__, opts.model_dir, "--one", config, "--batch", str(opts.batch), "--seq", str(opts.seq),
+               "--steps", str(opts.steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
@@ -92,18 +92,16 @@ def main() -> None:
         print(f"{config}: steps {results[config]['steps']} s", file=sys.stderr, flush=True)
 
     first = next(iter(results.values()))
-    print(f"\nOne optimizer step at batch {a.batch} x {a.seq} tokens on {first['device']} "
-          f"({first['threads']} threads), median of {a.steps} steps after one warm-up\n")
-    print(f"| config | trainable params | step (s) | tokens/s | peak memory (GiB) |")
+    print(f"\nOne optimizer step at batch {opts.batch} x {opts.seq} tokens on {first['device']} "
+          f"({first['threads']} threads), median of {opts.steps} steps after one warm-up\n")
+    print("| config | trainable params | step (s) | tokens/s | peak memory (GiB) |")
     print("|---|---:|---:|---:|---:|")
     for r in results.values():
         print(f"| {r['config']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} |")
     print()
 
-    def ratio(a_, b_, key):
-        if a_ in results and b_ in results:
-            return results[a_][key] / results[b_][key]
-        return None
+    def ratio(x, y, key):
+        return results[x][key] / results[y][key] if x in results and y in results else None
 
     lines = [
         ("bf16 vs fp32 speed, LoRA", ratio("lora-bf16", "lora-fp32", "tokens_per_s")),
