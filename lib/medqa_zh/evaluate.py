@@ -1,0 +1,106 @@
+"""Evaluation metrics: accuracy with a 95% interval, invalid answers, position bias, sections,
+and exact paired tests between models answering the same questions.
+
+A result is one row per question: ``id``, ``gold`` (the correct letter), ``pred`` (the letter
+the model chose, or None when its answer named no valid letter) and optionally ``meta_info``.
+An invalid answer counts as wrong and is reported; it is never dropped from the denominator.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+def wilson(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval for a proportion (scipy's ``binomtest``); (nan, nan) for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _frame(results) -> pd.DataFrame:
+    df = pd.DataFrame(results)
+    missing = {"id", "gold", "pred"} - set(df.columns)
+    if missing:
+        raise ValueError(f"results need the columns id, gold and pred; missing: {', '.join(sorted(missing))}")
+    if df["id"].duplicated().any():
+        raise ValueError(f"results have duplicate question ids, e.g. {df['id'][df['id'].duplicated()].iloc[0]!r}")
+    df = df.copy()
+    df["pred"] = df["pred"].astype(object).where(df["pred"].notna(), None)
+    df["correct"] = df["pred"] == df["gold"]
+    return df
+
+
+def accuracy(results) -> dict:
+    """n, correct, accuracy with its 95% Wilson interval, and the invalid answers (counted wrong)."""
+    df = _frame(results)
+    n, correct = len(df), int(df["correct"].sum())
+    low, high = wilson(correct, n)
+    invalid = int(df["pred"].isna().sum())
+    return {
+        "n": n, "correct": correct, "accuracy": correct / n if n else math.nan, "ci_low": low, "ci_high": high,
+        "invalid": invalid, "invalid_rate": invalid / n if n else math.nan,
+    }
+
+
+def mcnemar(a, b) -> dict:
+    """Exact McNemar test of two models on the same questions (results of each).
+
+    Only the discordant questions matter: ``a_only`` (a right, b wrong) and ``b_only``. Under the
+    null hypothesis of equal accuracy each discordant question is a fair coin, so the two-sided
+    p-value is the binomial test of ``a_only`` out of ``a_only + b_only`` at 1/2.
+    """
+    fa, fb = _frame(a).set_index("id"), _frame(b).set_index("id")
+    if set(fa.index) != set(fb.index):
+        only = sorted(set(fa.index) ^ set(fb.index))
+        raise ValueError(
+            f"a paired test needs the same questions for both models; {len(only)} ids appear in only one "
+            f"(e.g. {only[0]!r}). Evaluate both on the same split."
+        )
+    fb = fb.loc[fa.index]
+    a_only = int((fa["correct"] & ~fb["correct"]).sum())
+    b_only = int((~fa["correct"] & fb["correct"]).sum())
+    discordant = a_only + b_only
+    p = 1.0 if discordant == 0 else float(stats.binomtest(a_only, discordant, 0.5).pvalue)
+    return {"n": len(fa), "a_only": a_only, "b_only": b_only, "p_value": p}
+
+
+def pairwise_mcnemar(results_by_model: dict) -> pd.DataFrame:
+    """Exact McNemar between every pair of models: one row per pair."""
+    rows = []
+    for (name_a, a), (name_b, b) in itertools.combinations(results_by_model.items(), 2):
+        rows.append({"model_a": name_a, "model_b": name_b, **mcnemar(a, b)})
+    return pd.DataFrame(rows, columns=["model_a", "model_b", "n", "a_only", "b_only", "p_value"])
+
+
+def letter_distribution(results, letters: str = "ABCDE") -> pd.DataFrame:
+    """Share of each letter among gold answers and among predictions (invalid answers their own row):
+    a model whose predictions pile onto one letter shows position bias."""
+    df = _frame(results)
+    n = len(df)
+    rows = {letter: {"gold": (df["gold"] == letter).sum() / n, "predicted": (df["pred"] == letter).sum() / n}
+            for letter in letters}
+    rows["invalid"] = {"gold": 0.0, "predicted": df["pred"].isna().sum() / n}
+    return pd.DataFrame(rows).T
+
+
+def by_section(results, min_questions: int = 1) -> pd.DataFrame:
+    """Accuracy per ``meta_info`` section, with n and the 95% interval, largest sections first."""
+    df = _frame(results)
+    if "meta_info" not in df.columns:
+        raise ValueError("results have no meta_info column to group by")
+    rows = []
+    for section, group in df.groupby("meta_info", sort=False):
+        if len(group) < min_questions:
+            continue
+        correct, n = int(group["correct"].sum()), len(group)
+        low, high = wilson(correct, n)
+        rows.append({"section": section, "n": n, "accuracy": correct / n, "ci_low": low, "ci_high": high})
+    table = pd.DataFrame(rows, columns=["section", "n", "accuracy", "ci_low", "ci_high"])
+    return table.sort_values(["n", "section"], ascending=[False, True], ignore_index=True)
