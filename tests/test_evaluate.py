@@ -84,3 +84,50 @@ def test_accuracy_by_section():
     assert list(table["section"]) == ["内科", "外科"]
     assert list(table["accuracy"]) == [1.0, 0.0] and list(table["n"]) == [3, 2]
     assert evaluate.by_section(results, min_questions=3)["section"].tolist() == ["内科"]
+
+
+# --------------------------------------------------------------------------- letter scoring on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_assets):
+    from medqa_zh import data, models
+
+    model = models.load_model(str(tiny_assets["model"]), "float32")
+    tokenizer = models.load_tokenizer(str(tiny_assets["model"]))
+    questions, _ = data.read_questions(tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl")
+    return model, tokenizer, questions[:10]
+
+
+def test_letter_scores_are_the_same_alone_or_in_a_padded_batch(tiny_model):
+    import torch
+
+    model, tokenizer, questions = tiny_model
+    lengths = {len(q.question) for q in questions}
+    assert len(lengths) > 1  # different lengths, so the batch really is padded
+    batched = evaluate.letter_scores(model, tokenizer, questions, batch_size=10, progress=False)
+    alone = evaluate.letter_scores(model, tokenizer, questions, batch_size=1, progress=False)
+    for b, a in zip(batched, alone, strict=True):
+        assert b["id"] == a["id"] and b["pred"] == a["pred"]
+        torch.testing.assert_close(torch.tensor(list(b["logprobs"].values())), torch.tensor(list(a["logprobs"].values())),
+                                   rtol=1e-4, atol=1e-4)
+    assert tokenizer.padding_side == "right"  # restored
+
+
+def test_letter_scores_read_the_logits_right_after_the_answer_prefix(tiny_model):
+    import torch
+
+    from medqa_zh import prompts
+
+    model, tokenizer, questions = tiny_model
+    q = questions[0]
+    ids = evaluate.letter_token_ids(tokenizer, "ABCDE")
+    text = prompts.answer_prompt(tokenizer, q.question, q.options)
+    with torch.inference_mode():
+        logits = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)
+    result = evaluate.letter_scores(model, tokenizer, [q], progress=False)[0]
+    for letter, value in result["logprobs"].items():
+        assert value == pytest.approx(float(expected[ids[letter]]), abs=1e-5)
+    assert result["pred"] == max(result["logprobs"], key=result["logprobs"].get)
+    assert result["gold"] == q.answer_idx

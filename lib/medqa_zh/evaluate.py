@@ -104,3 +104,61 @@ def by_section(results, min_questions: int = 1) -> pd.DataFrame:
         rows.append({"section": section, "n": n, "accuracy": correct / n, "ci_low": low, "ci_high": high})
     table = pd.DataFrame(rows, columns=["section", "n", "accuracy", "ci_low", "ci_high"])
     return table.sort_values(["n", "section"], ascending=[False, True], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- letter scoring
+
+
+def letter_token_ids(tokenizer, letters: str = "ABCDE") -> dict[str, int]:
+    """The token id of each option letter as it follows ``答案：``; an error when a letter is not
+    exactly one token there (letter scoring would then read the wrong position)."""
+    from . import prompts
+
+    probe = prompts.answer_prompt(tokenizer, "问题", {letter: "选项" for letter in letters})
+    base = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    ids = {}
+    for letter in letters:
+        full = tokenizer(probe + letter, add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            raise ValueError(f"the letter {letter!r} is not a single token after {prompts.ANSWER_PREFIX!r} with this "
+                             "tokenizer, so it cannot be scored by its next-token probability")
+        ids[letter] = full[-1]
+    return ids
+
+
+def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """Letter scoring: the log-probability of each option letter as the next token after
+    :func:`prompts.answer_prompt`, batched with left padding. Returns, per question, ``id``,
+    ``gold``, ``pred`` (the option letter with the highest probability) and ``logprobs``.
+
+    With left padding the last position is every prompt's own last token; position ids are passed
+    explicitly, counted from each prompt's first real token (as ``generate`` does), so a prompt
+    scores the same alone or in a padded batch (tested).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import prompts
+
+    letters = "".join(sorted({letter for q in questions for letter in q.options}))
+    ids = letter_token_ids(tokenizer, letters)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out = []
+    try:
+        batches = range(0, len(questions), batch_size)
+        for start in tqdm(batches, desc="letter scoring", unit="batch", disable=not progress):
+            batch = questions[start: start + batch_size]
+            texts = [prompts.answer_prompt(tokenizer, q.question, q.options) for q in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                               position_ids=positions).logits[:, -1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for q, row in zip(batch, logprobs, strict=True):
+                scores = {letter: float(row[ids[letter]]) for letter in sorted(q.options)}
+                out.append({"id": q.id, "gold": q.answer_idx, "pred": max(scores, key=scores.get), "logprobs": scores})
+    finally:
+        tokenizer.padding_side = side
+    return out
