@@ -131,3 +131,62 @@ def test_letter_scores_read_the_logits_right_after_the_answer_prefix(tiny_model)
         assert value == pytest.approx(float(expected[ids[letter]]), abs=1e-5)
     assert result["pred"] == max(result["logprobs"], key=result["logprobs"].get)
     assert result["gold"] == q.answer_idx
+
+
+def test_generation_is_greedy_despite_sampling_defaults_and_batch_independent(tiny_model):
+    import torch
+
+    model, tokenizer, questions = tiny_model
+    assert model.generation_config.do_sample  # the tiny model ships Qwen's sampling defaults on purpose
+    torch.manual_seed(1)
+    first = evaluate.generate_answers(model, tokenizer, questions[:6], max_new_tokens=6, batch_size=6, progress=False)
+    torch.manual_seed(2)
+    again = evaluate.generate_answers(model, tokenizer, questions[:6], max_new_tokens=6, batch_size=6, progress=False)
+    alone = evaluate.generate_answers(model, tokenizer, questions[:6], max_new_tokens=6, batch_size=1, progress=False)
+    assert [r["text"] for r in first] == [r["text"] for r in again] == [r["text"] for r in alone]
+    assert all(r["text"] for r in first)
+    assert [r["gold"] for r in first] == [q.answer_idx for q in questions[:6]]
+    for r in first:  # the parse is answers.extract_letter's
+        from medqa_zh.answers import extract_letter
+
+        assert r["pred"] == extract_letter(r["text"])
+
+
+class Boom(Exception):
+    pass
+
+
+def test_run_cached_resumes_after_a_crash_and_never_repeats(tmp_path, tiny_model):
+    import json
+
+    _, _, questions = tiny_model
+    path = tmp_path / "results.jsonl"
+    calls = []
+
+    def score(batch, fail_on=None):
+        calls.append([q.id for q in batch])
+        if fail_on is not None and len(calls) == fail_on:
+            raise Boom
+        return [{"id": q.id, "gold": q.answer_idx, "pred": "A"} for q in batch]
+
+    with pytest.raises(Boom):
+        evaluate.run_cached(path, questions, lambda b: score(b, fail_on=3), batch_size=3, progress=False)
+    assert len(evaluate.read_results(path)) == 6  # two batches were written before the crash
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"id": "torn')  # and a crash in the middle of writing a line
+    calls.clear()
+    rows = evaluate.run_cached(path, questions, score, batch_size=3, progress=False)
+    assert [r["id"] for r in rows] == [q.id for q in questions]
+    assert sum(len(c) for c in calls) == len(questions) - 6  # only the unfinished ones
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(questions) and len({json.loads(line)["id"] for line in lines}) == len(questions)
+    calls.clear()
+    assert evaluate.run_cached(path, questions, score, progress=False) == rows and not calls
+
+
+def test_run_cached_refuses_results_of_other_questions(tmp_path, tiny_model):
+    _, _, questions = tiny_model
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "other:1", "gold": "A", "pred": "A"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="not in this evaluation"):
+        evaluate.run_cached(path, questions, lambda b: [], progress=False)

@@ -162,3 +162,101 @@ def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bo
     finally:
         tokenizer.padding_side = side
     return out
+
+
+# --------------------------------------------------------------------------- generate and parse
+
+
+def generate_answers(model, tokenizer, questions, max_new_tokens: int = 16, batch_size: int = 8,
+                     progress: bool = True) -> list[dict]:
+    """Generate-and-parse: greedy decoding from the chat prompt (the assistant turn opened, as in
+    training), batched with left padding; the text is parsed by :func:`answers.extract_letter`.
+
+    Greedy is forced here (``do_sample=False``), whatever sampling defaults the model's
+    ``generation_config`` ships with. Returns ``id``, ``gold``, ``pred`` (None when the text names
+    no valid option letter) and the raw ``text`` per question.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import answers, prompts
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out = []
+    try:
+        for start in tqdm(range(0, len(questions), batch_size), desc="generating", unit="batch", disable=not progress):
+            batch = questions[start: start + batch_size]
+            texts = [tokenizer.apply_chat_template(prompts.build_messages(q.question, q.options), tokenize=False,
+                                                   add_generation_prompt=True) for q in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                generated = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = generated[:, enc.input_ids.shape[1]:]
+            for q, ids in zip(batch, new, strict=True):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                out.append({"id": q.id, "gold": q.answer_idx, "pred": answers.extract_letter(text, "".join(q.options)),
+                            "text": text})
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+# --------------------------------------------------------------------------- cached, resumable runs
+
+
+def read_results(path) -> list[dict]:
+    """Rows of a results jsonl; a torn last line (a crash mid-write) is dropped and reported."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                print(f"{path}:{i}: incomplete last line (a crash while writing); that question is redone")
+                continue
+            raise ValueError(f"{path}:{i}: not valid JSON; delete the file to evaluate again from scratch") from None
+    return rows
+
+
+def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool = True, desc: str = "evaluating"):
+    """Evaluate ``questions`` with ``score_batch(list of questions) -> list of result rows``,
+    appending each batch's rows to the jsonl ``path`` as soon as they exist. A rerun reads the file
+    and only evaluates the questions not in it, so a crash loses at most one batch. Returns all
+    rows, in the order of ``questions``."""
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {row["id"]: row for row in read_results(path)}
+    wanted = {q.id for q in questions}
+    stale = sorted(set(done) - wanted)
+    if stale:
+        raise ValueError(f"{path} holds results for {len(stale)} questions not in this evaluation (e.g. {stale[0]!r}); "
+                         "it belongs to another split or run: delete it or use another path")
+    todo = [q for q in questions if q.id not in done]
+    if done:
+        print(f"{path.name}: {len(done)} questions already evaluated, {len(todo)} to go")
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="q", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            rows = score_batch(todo[start: start + batch_size])
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[row["id"]] = row
+            f.flush()
+            bar.update(len(rows))
+    return [done[q.id] for q in questions]
