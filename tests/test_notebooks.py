@@ -9,7 +9,7 @@ from helpers import REPO
 from medqa_zh import merge, tiny
 
 pytestmark = pytest.mark.slow
-SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge")
+SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "06_eval_direct")
 
 
 def _kernel():
@@ -111,6 +111,28 @@ def test_04_merged_model_equals_base_plus_adapter(series):
     assert max(float(r["relative_diff"]) for r in rows) <= tolerance
     assert min(float(r["max_abs_diff_base"]) / float(r["max_abs_logit"]) for r in rows) > 10 * tolerance
     assert (out / "models" / "merged" / "model.safetensors").is_file()
+
+
+def test_06_evaluates_every_model_both_ways_with_intervals(series):
+    project, _ = series("06_eval_direct")
+    out = project / "outputs" / "smoke"
+    with open(out / "tables" / "06_direct.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (m, k) for m in ("base", "lora", "full", "merged") for k in ("letter", "generate")}
+    for r in rows:
+        assert int(r["n"]) == n_eval  # invalid answers stay in the denominator
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        if r["method"] == "letter":
+            assert int(r["invalid"]) == 0
+    merged = {r["method"]: r["accuracy"] for r in rows if r["model"] == "merged"}
+    lora = {r["method"]: r["accuracy"] for r in rows if r["model"] == "lora"}
+    assert merged == lora  # the merge changed nothing that decides an answer
+    results = sorted((out / "eval" / "direct").glob("*.jsonl"))
+    assert len(results) == 8 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
+    with open(out / "tables" / "06_mcnemar.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 6  # every pair of four models, both methods
 
 
 def test_notebooks_are_committed_without_outputs():

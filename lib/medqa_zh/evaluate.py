@@ -260,3 +260,69 @@ def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool
             f.flush()
             bar.update(len(rows))
     return [done[q.id] for q in questions]
+
+
+# --------------------------------------------------------------------------- the models of a run
+
+
+MODEL_NAMES = ("base", "lora", "full", "merged")
+
+
+def available_models(cfg) -> dict[str, str]:
+    """The models this profile's run has so far: the base (always) and whichever of the LoRA
+    adapter (02), the full SFT model (03) and the merged model (04) exist. name -> location."""
+    found = {"base": cfg.base_model}
+    for name, weights in (("lora", "adapter_model.safetensors"), ("full", "model.safetensors"),
+                          ("merged", "model.safetensors")):
+        folder = cfg.out / "models" / name
+        if (folder / weights).is_file():
+            found[name] = str(folder)
+    return found
+
+
+def load_for_eval(cfg, name: str):
+    """(model, tokenizer) for one of :func:`available_models`, in the profile's ``model.dtype``;
+    the LoRA adapter runs unmerged on top of the base, as peft serves it."""
+    from . import models
+
+    where = available_models(cfg)
+    if name not in where:
+        raise FileNotFoundError(f"no {name!r} model in {cfg.out / 'models'}: run the notebook that trains it first "
+                                f"(available: {', '.join(where)})")
+    dtype = cfg["model.dtype"]
+    if name == "base":
+        return (models.load_model(cfg.base_model, dtype, setting=models.setting_origin(cfg)),
+                models.load_tokenizer(cfg.base_model, setting=models.setting_origin(cfg)))
+    if name == "lora":
+        base = models.load_model(cfg.base_model, dtype, setting=models.setting_origin(cfg))
+        return models.load_adapter(base, where["lora"], cfg.base_model), models.load_tokenizer(where["lora"], name)
+    return models.load_model(where[name], dtype, setting=name), models.load_tokenizer(where[name], setting=name)
+
+
+def model_fingerprint(cfg, name: str) -> str:
+    """A hash of what a model's answers depend on: its weight files (or the base's name), the
+    dtype; results cached under it are never reused for a retrained model."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256(f"{name}|{cfg['model.dtype']}|{cfg.base_model}".encode())
+    where = available_models(cfg)[name]
+    folder = Path(where)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]
+
+
+def results_path(cfg, name: str, method: str, fingerprint: str):
+    """``outputs/<profile>/eval/direct/<model>-<method>-<fingerprint>.jsonl``."""
+    settings = f"-t{cfg['eval.max_new_tokens']}" if method == "generate" else ""
+    return cfg.out / "eval" / "direct" / f"{name}-{method}{settings}-{fingerprint}.jsonl"
+
+
+def summary_table(results: dict) -> "pd.DataFrame":
+    """One row per (model, method): n, accuracy, 95% interval, invalid answers."""
+    rows = [{"model": model, "method": method, **accuracy(rows)} for (model, method), rows in results.items()]
+    return pd.DataFrame(rows)
