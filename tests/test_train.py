@@ -317,6 +317,9 @@ def test_an_adapter_on_the_wrong_base_is_refused(lora_run, tmp_path):
 def test_merged_model_equals_base_plus_adapter(lora_run, dtype):
     cfg, run, _ = lora_run
     merged_dir = cfg.out / "models" / f"merged-{dtype}"
+    stale = merged_dir.with_name(merged_dir.name + ".tmp")  # what a crashed merge leaves behind
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / "adapter_config.json").write_text("{}")
     merge.merge(cfg.base_model, run.out_dir, merged_dir, dtype=dtype)
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"):
         assert (merged_dir / name).is_file(), name

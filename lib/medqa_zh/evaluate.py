@@ -8,7 +8,9 @@ An invalid answer counts as wrong and is reported; it is never dropped from the 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 from scipy import stats
@@ -210,9 +212,6 @@ def generate_answers(model, tokenizer, questions, max_new_tokens: int = 16, batc
 
 def read_results(path) -> list[dict]:
     """Rows of a results jsonl; a torn last line (a crash mid-write) is dropped and reported."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         return []
@@ -233,9 +232,6 @@ def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool
     appending each batch's rows to the jsonl ``path`` as soon as they exist. A rerun reads the file
     and only evaluates the questions not in it, so a crash loses at most one batch. Returns all
     rows, in the order of ``questions``."""
-    import json
-    from pathlib import Path
-
     from tqdm.auto import tqdm
 
     path = Path(path)
@@ -303,7 +299,6 @@ def model_fingerprint(cfg, name: str) -> str:
     """A hash of what a model's answers depend on: its weight files (or the base's name), the
     dtype; results cached under it are never reused for a retrained model."""
     import hashlib
-    from pathlib import Path
 
     h = hashlib.sha256(f"{name}|{cfg['model.dtype']}|{cfg.base_model}".encode())
     where = available_models(cfg)[name]
