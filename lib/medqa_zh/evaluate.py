@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -40,14 +41,16 @@ def _frame(results) -> pd.DataFrame:
 
 
 def accuracy(results) -> dict:
-    """n, correct, accuracy with its 95% Wilson interval, and the invalid answers (counted wrong)."""
+    """n, correct, accuracy with its 95% Wilson interval, the invalid answers (counted wrong), and
+    ``failed``: API requests that got no answer at all (also invalid, also in ``n``)."""
     df = _frame(results)
     n, correct = len(df), int(df["correct"].sum())
     low, high = wilson(correct, n)
     invalid = int(df["pred"].isna().sum())
+    failed = int(df["error"].notna().sum()) if "error" in df.columns else 0
     return {
         "n": n, "correct": correct, "accuracy": correct / n if n else math.nan, "ci_low": low, "ci_high": high,
-        "invalid": invalid, "invalid_rate": invalid / n if n else math.nan,
+        "invalid": invalid, "invalid_rate": invalid / n if n else math.nan, "failed": failed,
     }
 
 
@@ -207,6 +210,106 @@ def generate_answers(model, tokenizer, questions, max_new_tokens: int = 16, batc
     return out
 
 
+# --------------------------------------------------------------------------- through the HTTP API
+
+
+class ServerDownError(RuntimeError):
+    """Every request of a batch failed to connect: the server is gone. Finished questions are kept."""
+
+
+def _run_coroutine(coro):
+    """Run ``coro`` to completion, also from inside a running event loop (a Jupyter kernel has one):
+    then in a worker thread with a loop of its own."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_tokens: int = 16,
+               concurrency: int = 4, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0):
+    """A ``score_batch`` for :func:`run_cached` that asks an OpenAI-compatible server
+    (``/v1/chat/completions``) the questions of each batch, at most ``concurrency`` at a time.
+
+    The messages are :func:`prompts.build_messages`, as in training and in direct generation, and
+    decoding is greedy (``temperature=0``). A request that times out or fails is retried
+    ``retries`` times, waiting ``backoff`` x 1, 2, 4, ... seconds; one that still fails becomes a
+    row with ``pred=None`` and its ``error``: counted as wrong now, tried again by the next run.
+    When no request of a batch could even connect, the server is gone: :class:`ServerDownError`
+    (the questions finished so far are already saved). Rows carry ``latency_s`` and ``attempts``.
+    """
+    import asyncio
+
+    import openai
+
+    from . import answers, prompts
+
+    async def ask(client, semaphore, q):
+        messages = prompts.build_messages(q.question, q.options)
+        error, connect_failed = None, False
+        for attempt in range(retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff * 2 ** (attempt - 1))
+            async with semaphore:
+                start = time.perf_counter()
+                try:
+                    reply = await client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                                 max_tokens=max_new_tokens)
+                    text = reply.choices[0].message.content or ""
+                    return {"id": q.id, "gold": q.answer_idx,
+                            "pred": answers.extract_letter(text, "".join(q.options)), "text": text,
+                            "latency_s": round(time.perf_counter() - start, 4), "attempts": attempt + 1}
+                except openai.APITimeoutError as e:  # a subclass of APIConnectionError: the server did answer the connect
+                    error, connect_failed = f"timeout after {timeout:g} s: {e}", False
+                except openai.APIConnectionError as e:
+                    error, connect_failed = f"cannot connect to {base_url}: {e}", True
+                except openai.APIStatusError as e:
+                    error, connect_failed = f"HTTP {e.status_code}: {e.message}", False
+                    if e.status_code in (400, 401, 403, 404, 422):  # our request is wrong: retrying cannot help
+                        break
+        return {"id": q.id, "gold": q.answer_idx, "pred": None, "text": None, "error": error,
+                "attempts": attempt + 1, "connect_failed": connect_failed}
+
+    async def ask_all(batch):
+        semaphore = asyncio.Semaphore(concurrency)
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                                      max_retries=0) as client:
+            return await asyncio.gather(*(ask(client, semaphore, q) for q in batch))
+
+    def score_batch(batch):
+        rows = _run_coroutine(ask_all(batch))
+        if rows and all(row.get("connect_failed") for row in rows):
+            raise ServerDownError(f"no request reached the server at {base_url} ({rows[0]['error']}). "
+                                  "The questions finished so far are saved; start the server again and rerun "
+                                  "to evaluate the rest.")
+        for row in rows:
+            row.pop("connect_failed", None)
+        return rows
+
+    return score_batch
+
+
+def agreement(a, b) -> dict:
+    """How often two result sets of the same questions chose the same letter (two invalid answers
+    agree) and produced the same text (leading and trailing whitespace aside: servers strip it),
+    matched by question id."""
+    fa, fb = _frame(a).set_index("id"), _frame(b).set_index("id")
+    if set(fa.index) != set(fb.index):
+        raise ValueError("agreement needs the same questions in both result sets")
+    fb = fb.loc[fa.index]
+    same = (fa["pred"] == fb["pred"]) | (fa["pred"].isna() & fb["pred"].isna())
+    out = {"n": len(fa), "same_letter": int(same.sum()), "agreement": float(same.mean()) if len(fa) else math.nan}
+    if "text" in fa.columns and "text" in fb.columns:
+        strip = lambda texts: texts.map(lambda t: t.strip() if isinstance(t, str) else t)  # noqa: E731
+        out["same_text"] = int((strip(fa["text"]) == strip(fb["text"])).sum())
+    return out
+
+
 # --------------------------------------------------------------------------- cached, resumable runs
 
 
@@ -230,13 +333,17 @@ def read_results(path) -> list[dict]:
 def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool = True, desc: str = "evaluating"):
     """Evaluate ``questions`` with ``score_batch(list of questions) -> list of result rows``,
     appending each batch's rows to the jsonl ``path`` as soon as they exist. A rerun reads the file
-    and only evaluates the questions not in it, so a crash loses at most one batch. Returns all
-    rows, in the order of ``questions``."""
+    and only evaluates the questions not in it, so a crash loses at most one batch. A row with an
+    ``error`` (an API request that failed) counts as wrong in this run and is tried again in the
+    next. Returns all rows, in the order of ``questions``."""
     from tqdm.auto import tqdm
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["id"]: row for row in read_results(path)}
+    rows = read_results(path)
+    done = {row["id"]: row for row in rows if not row.get("error")}
+    if len(done) < len(rows):
+        print(f"{path.name}: {len(rows) - len(done)} failed requests of an earlier run are tried again")
     wanted = {q.id for q in questions}
     stale = sorted(set(done) - wanted)
     if stale:
@@ -245,7 +352,7 @@ def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool
     todo = [q for q in questions if q.id not in done]
     if done:
         print(f"{path.name}: {len(done)} questions already evaluated, {len(todo)} to go")
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+    if len(done) < len(rows) or (path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="q", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
@@ -311,10 +418,11 @@ def model_fingerprint(cfg, name: str) -> str:
     return h.hexdigest()[:12]
 
 
-def results_path(cfg, name: str, method: str, fingerprint: str):
-    """``outputs/<profile>/eval/direct/<model>-<method>-<fingerprint>.jsonl``."""
-    settings = f"-t{cfg['eval.max_new_tokens']}" if method == "generate" else ""
-    return cfg.out / "eval" / "direct" / f"{name}-{method}{settings}-{fingerprint}.jsonl"
+def results_path(cfg, name: str, method: str, fingerprint: str, kind: str = "direct"):
+    """``outputs/<profile>/eval/<kind>/<model>-<method>[-t<max_new_tokens>]-<fingerprint>.jsonl``;
+    ``kind`` is ``direct`` (06) or ``api`` (07)."""
+    settings = f"-t{cfg['eval.max_new_tokens']}" if method in ("generate", "api") else ""
+    return cfg.out / "eval" / kind / f"{name}-{method}{settings}-{fingerprint}.jsonl"
 
 
 def summary_table(results: dict) -> "pd.DataFrame":

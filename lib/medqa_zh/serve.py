@@ -1,0 +1,381 @@
+"""Serve a model dir over an OpenAI-compatible HTTP API, and stop it again.
+
+Two backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/completions``, streaming):
+
+- ``vllm``: ``vllm serve`` on a GPU (paged attention, continuous batching); it can also serve a
+  LoRA adapter on top of its base (``--enable-lora``);
+- ``transformers``: ``transformers serve`` on a CPU (or any device), the same code as the
+  ``transformers serve`` command, started in a child process. ``transformers serve`` has no
+  API-key option, so the child adds one small check when a key is set.
+
+``auto`` picks vllm when CUDA and vllm are both present, else transformers.
+
+    with serve.serve("outputs/cpu/models/merged") as server:
+        client = server.client()                      # an openai.OpenAI pointed at the server
+        client.chat.completions.create(model=server.model, messages=[...], temperature=0)
+
+The server binds 127.0.0.1 on a free port unless told otherwise; binding any other address needs an
+API key (one is generated and printed when none is given). The server runs in its own process
+group: leaving the ``with`` block (normally, by an exception or by Ctrl-C / a kernel interrupt)
+stops the whole group, an ``atexit`` hook stops servers still running when Python exits, and on
+Linux the child also dies with the process that started it. Startup waits for ``/health``; when the
+server dies or does not come up in time, the error shows the tail of its log.
+
+Command line, to keep a server running for JupyterLab, the chat demo or any OpenAI client::
+
+    python -m medqa_zh.serve outputs/cpu/models/merged --port 8000
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "MEDQA_SERVE_API_KEY"
+_RUNNING: set["Server"] = set()
+
+
+class ServerError(RuntimeError):
+    """The server did not start, or stopped answering."""
+
+
+def pick_backend(backend: str = "auto") -> str:
+    """``vllm`` or ``transformers``; ``auto`` is vllm when CUDA and the vllm package are present."""
+    if backend not in ("auto", "vllm", "transformers"):
+        raise ValueError(f"serve backend must be auto, vllm or transformers, not {backend!r} (profile key serve.backend)")
+    if backend != "auto":
+        return backend
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(eq=False)
+class Server:
+    """A running server: where it listens, the model id it serves, and how to stop it."""
+
+    backend: str
+    host: str
+    port: int
+    model: str = ""                       # the id /v1/models lists, to send as ``model=``
+    api_key: str | None = None
+    log_path: Path | None = None
+    command: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's root, e.g. ``http://127.0.0.1:8000``."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What OpenAI clients call ``base_url``: the root + ``/v1``."""
+        return f"{self.url}/v1"
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, **kwargs):
+        """An ``openai.OpenAI`` client for this server."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY", **kwargs)
+
+    def async_client(self, **kwargs):
+        """An ``openai.AsyncOpenAI`` client for this server."""
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY", **kwargs)
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def models(self) -> list[str]:
+        """The model ids ``/v1/models`` lists."""
+        r = httpx.get(f"{self.base_url}/models", headers=self.headers(), timeout=10)
+        r.raise_for_status()
+        return [m["id"] for m in r.json()["data"]]
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path or not self.log_path.is_file():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server's whole process group: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        _RUNNING.discard(self)
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # the group may still hold children (vllm's engine workers) after the leader exits
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        state = "running" if self.running() else "stopped"
+        return f"Server({self.backend}, {self.base_url}, model={self.model!r}, {state})"
+
+
+def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
+             continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args) -> list[str]:
+    if backend == "vllm":
+        cmd = ["vllm", "serve", model_dir, "--host", host, "--port", str(port), "--dtype", dtype,
+               "--seed", "0", "--served-model-name", served_name or model_dir]
+        if lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(lora.get("max_rank", 64)), "--lora-modules",
+                    *(f"{name}={path}" for name, path in lora["adapters"].items())]
+    else:
+        if lora:
+            raise ValueError("the transformers backend serves one model dir and no adapter on top of it: "
+                             "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
+        args = {"model": model_dir, "host": host, "port": port, "dtype": dtype, "device": device or "auto",
+                "continuous_batching": continuous_batching}
+        cmd = [sys.executable, "-c", "import sys, medqa_zh.serve as s; s._transformers_main(sys.argv[1])",
+               json.dumps(args)]
+    return cmd + list(extra_args)
+
+
+def _check_model(model_dir) -> None:
+    """A local path that does not exist fails here, by name; a hub id (``org/name``) passes."""
+    text = str(model_dir)
+    looks_local = Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
+    if looks_local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(f"no model folder at {text}: train or merge it first (notebooks 02-04), "
+                                "or give a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def _libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _die_with_parent():
+    """Runs in the child between fork and exec: SIGTERM it when the parent dies (Linux
+    ``PR_SET_PDEATHSIG``), so a killed kernel leaves no server behind. No imports or locks here."""
+    _LIBC.prctl(1, signal.SIGTERM)
+
+
+def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
+          api_key: str | None = None, dtype: str = "auto", device: str | None = None,
+          continuous_batching: bool = False, lora: dict | None = None, served_name: str | None = None,
+          startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False) -> Server:
+    """Start a server for ``model_dir`` (a local dir or a hub id) and wait until ``/health`` answers.
+
+    ``lora={"adapters": {"lora": "outputs/cpu/models/lora"}, "max_rank": 16}`` serves adapters on
+    top of the model (vllm only); each adapter is then a model id of its own. Call
+    :meth:`Server.stop` when done, or use :func:`serve` as a ``with`` block.
+    """
+    backend = pick_backend(backend)
+    _check_model(model_dir)
+    if backend == "vllm" and not importlib.util.find_spec("vllm"):
+        raise ServerError("serve.backend is vllm but the vllm package is not installed: pip install -e '.[gpu]' "
+                          "on a CUDA machine, or set serve.backend: transformers")
+    if host not in LOCAL_HOSTS and not api_key:
+        api_key = secrets.token_urlsafe(24)
+        print(f"binding {host} makes the server reachable from the network, so it needs an API key; "
+              f"generated one: {api_key}")
+    port = port or free_port("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    if log_path is None:
+        log_path = Path(tempfile.mkdtemp(prefix="medqa-serve-")) / "server.log"
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = _command(backend, str(model_dir), host, port, dtype, device, continuous_batching, lora, served_name,
+                   extra_args)
+    env = dict(os.environ)
+    env.pop(API_KEY_ENV, None)
+    env.pop("VLLM_API_KEY", None)
+    if api_key:  # through the environment, so the key does not show in `ps`
+        env[API_KEY_ENV if backend == "transformers" else "VLLM_API_KEY"] = api_key
+    server = Server(backend=backend, host=host, port=port, api_key=api_key, log_path=log_path, command=cmd)
+    log = open(log_path, "w", encoding="utf-8")
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                      start_new_session=True,
+                                      preexec_fn=_die_with_parent if _LIBC is not None else None)
+    log.close()
+    _RUNNING.add(server)
+    try:
+        _wait_healthy(server, startup_timeout)
+        ids = server.models()
+        server.model = served_name if served_name in ids else ids[0]
+    except BaseException:
+        server.stop()
+        raise
+    if not quiet:
+        print(f"serving {model_dir} with {backend} at {server.base_url} (model id {server.model!r}); log: {log_path}")
+    return server
+
+
+def _wait_healthy(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerError(f"the {server.backend} server exited with code {server.process.returncode} while starting."
+                              f" Log tail ({server.log_path}):\n{server.log_tail()}")
+        if server.healthy(timeout=1.0):
+            return
+        time.sleep(0.5)
+    raise ServerError(f"the {server.backend} server did not answer {server.url}/health within {timeout:.0f} s "
+                      f"(raise serve.startup_timeout if the model is large). Log tail ({server.log_path}):\n"
+                      f"{server.log_tail()}")
+
+
+@contextlib.contextmanager
+def serve(model_dir, **kwargs):
+    """:func:`start` as a ``with`` block: the server stops when the block ends, however it ends."""
+    server = start(model_dir, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def from_profile(cfg, model_dir, **kwargs) -> Server:
+    """:func:`start` with the profile's ``serve`` settings and ``model.dtype``; the log goes to
+    ``outputs/<profile>/logs/``."""
+    settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"],
+                "continuous_batching": cfg["serve.continuous_batching"],
+                "startup_timeout": cfg["serve.startup_timeout"]}
+    name = Path(str(model_dir)).name
+    settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return start(model_dir, **{**settings, **kwargs})
+
+
+@atexit.register
+def _stop_all():
+    for server in list(_RUNNING):
+        server.stop(timeout=5)
+
+
+# --------------------------------------------------------------------------- the transformers child
+
+
+def _transformers_main(args_json: str) -> None:
+    """Runs in the child: ``transformers serve``'s own server (``transformers.cli.serve.Serve``),
+    plus a bearer-token check on ``/v1`` when ``MEDQA_SERVE_API_KEY`` is set."""
+    args = json.loads(args_json)
+    key = os.environ.pop(API_KEY_ENV, None)
+    from transformers.cli import serve as cli_serve
+    from transformers.cli.serving import server as serving
+
+    if key:
+        from fastapi.responses import JSONResponse
+
+        build = serving.build_server
+
+        def build_with_key(*a, **kw):
+            app = build(*a, **kw)
+
+            @app.middleware("http")
+            async def check_key(request, call_next):
+                given = request.headers.get("authorization", "")
+                if request.url.path.startswith("/v1") and not secrets.compare_digest(given, f"Bearer {key}"):
+                    return JSONResponse({"error": {"message": "missing or wrong API key", "type": "auth"}},
+                                        status_code=401)
+                return await call_next(request)
+
+            return app
+
+        serving.build_server = build_with_key
+    cli_serve.Serve(force_model=args["model"], host=args["host"], port=args["port"], device=args["device"],
+                    dtype=args["dtype"], continuous_batching=args["continuous_batching"], log_level="info")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m medqa_zh.serve", description=(
+        "Serve a model dir over an OpenAI-compatible API until Ctrl-C (vLLM on a GPU, transformers serve on a CPU)."))
+    p.add_argument("model_dir", help="a model folder (e.g. outputs/cpu/models/merged) or a hub id")
+    p.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address needs an API key")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"bearer token clients must send "
+                   f"(default: ${API_KEY_ENV}; generated when binding a non-local address without one)")
+    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    p.add_argument("--dtype", default="auto", help="e.g. bfloat16, float32; auto: as the weights are stored")
+    p.add_argument("--continuous-batching", action="store_true", help="transformers backend: batch concurrent requests")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="vllm only: also serve this adapter on top of MODEL_DIR as model id NAME (repeatable)")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    a = p.parse_args(argv)
+    lora = None
+    if a.lora:
+        bad = [x for x in a.lora if "=" not in x]
+        if bad:
+            p.error(f"--lora takes NAME=DIR, got {bad[0]!r}")
+        lora = {"adapters": dict(x.split("=", 1) for x in a.lora)}
+    try:
+        server = start(a.model_dir, backend=a.backend, host=a.host, port=a.port or None, api_key=a.api_key,
+                       dtype=a.dtype, continuous_batching=a.continuous_batching, lora=lora,
+                       startup_timeout=a.startup_timeout)
+    except (ServerError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    key = f"  api key: {server.api_key}\n" if server.api_key else ""
+    print(f"\nOpenAI-compatible endpoint: {server.base_url}\n  model id: {server.model}\n{key}"
+          f"  log: {server.log_path}\nCtrl-C stops it.", flush=True)
+    try:
+        while server.running():
+            time.sleep(1)
+        sys.exit(f"error: the server exited with code {server.process.returncode}. Log tail:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        print("stopping the server")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""medqa_zh.serve on the tiny model with the transformers backend, and the API evaluation
+through it: answers, API key, clean stops, a server killed in the middle of an evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medqa_zh import evaluate, serve
+
+pytestmark = pytest.mark.slow
+
+
+def server_processes() -> list[int]:
+    """Pids of transformers-backend servers started by medqa_zh.serve, whoever started them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"_transformers_main" in cmdline and int(proc.name) != os.getpid():
+                pids.append(int(proc.name))
+    return pids
+
+
+def gone(pid: int, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":  # a zombie has exited
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind():
+    before = set(server_processes())
+    yield
+    left = [pid for pid in server_processes() if pid not in before]
+    assert not left, f"server processes left running after the tests: {left}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_assets):
+    from medqa_zh import data
+
+    questions, _ = data.read_questions(tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl")
+    return str(tiny_assets["model"]), questions
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    with serve.serve(tiny[0], backend="transformers", dtype="float32",
+                     log_path=tmp_path_factory.mktemp("logs") / "server.log", quiet=True) as s:
+        yield s
+
+
+QUESTION = {"question": "下列哪项是正确的？", "options": {"A": "甲", "B": "乙", "C": "丙", "D": "丁", "E": "戊"}}
+
+
+def ask(server, **kwargs):
+    from medqa_zh import prompts
+
+    return server.client().chat.completions.create(
+        model=server.model, messages=prompts.build_messages(**QUESTION), temperature=0, max_tokens=8, **kwargs)
+
+
+def test_backend_auto_is_transformers_without_cuda_and_vllm(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serve.pick_backend("auto") == "transformers"
+    with pytest.raises(ValueError, match="serve.backend"):
+        serve.pick_backend("tgi")
+
+
+def test_transformers_backend_refuses_an_adapter(tiny):
+    with pytest.raises(ValueError, match="merged model"):
+        serve.start(tiny[0], backend="transformers", lora={"adapters": {"lora": "somewhere"}})
+
+
+def test_missing_model_dir_is_named_before_starting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        serve.start(tmp_path / "nothing-here", backend="transformers")
+
+
+def test_serves_models_chat_and_streaming_on_localhost(server):
+    assert server.host == "127.0.0.1" and server.base_url.startswith("http://127.0.0.1:")
+    assert server.models() == [server.model]
+    plain = ask(server)
+    assert plain.usage.completion_tokens == 8 and plain.choices[0].finish_reason == "length"
+    chunks = [chunk.choices[0].delta.content or "" for chunk in ask(server, stream=True) if chunk.choices]
+    # greedy: the same text either way (transformers serve strips the non-streamed text's whitespace)
+    assert len(chunks) > 2 and "".join(chunks).strip() == plain.choices[0].message.content.strip()
+    # (the untrained tiny model writes only whitespace; 05 and 07 in the smoke series check real answers)
+
+
+def test_startup_failure_shows_the_log_tail_and_leaves_no_process(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(serve.ServerError, match="exited with code") as err:
+        serve.start(broken, backend="transformers", log_path=tmp_path / "server.log", quiet=True)
+    assert "no-such-architecture" in str(err.value)  # the cause, from the server's own log
+    assert not [s for s in serve._RUNNING if str(broken) in " ".join(s.command)]
+
+
+def test_an_exception_in_the_block_stops_the_server(tiny, tmp_path):
+    with pytest.raises(KeyError):
+        with serve.serve(tiny[0], backend="transformers", log_path=tmp_path / "s.log", quiet=True) as s:
+            pid = s.process.pid
+            raise KeyError("boom")
+    assert gone(pid) and not s.healthy()
+
+
+def test_a_non_local_address_requires_an_api_key(tiny, tmp_path):
+    with serve.serve(tiny[0], backend="transformers", host="0.0.0.0", log_path=tmp_path / "s.log", quiet=True) as s:
+        assert s.api_key  # generated, since none was given
+        assert httpx.get(f"{s.base_url}/models").status_code == 401
+        assert httpx.get(f"{s.base_url}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert s.models() == [s.model]  # with the key
+        assert ask(s).usage.completion_tokens == 8
+        assert httpx.get(f"{s.url}/health").status_code == 200  # health stays open, as in vLLM
+
+
+def test_the_server_dies_with_the_process_that_started_it(tiny, tmp_path):
+    script = (f"import time; from medqa_zh import serve; s = serve.start({tiny[0]!r}, backend='transformers', "
+              f"log_path={str(tmp_path / 's.log')!r}, quiet=True); print(s.process.pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()  # SIGKILL: no atexit, no finally, as when a kernel is killed
+        parent.wait()
+    assert gone(pid), "the server outlived the process that started it"
+
+
+def test_cli_serves_until_interrupted(tiny, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = subprocess.Popen([sys.executable, "-m", "medqa_zh.serve", tiny[0], "--port", "0", "--backend", "transformers"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines = []
+    try:
+        for line in cli.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        base_url = next(line.split(": ", 1)[1].strip() for line in lines if "endpoint:" in line)
+        assert httpx.get(f"{base_url}/models").json()["data"][0]["id"] == tiny[0]
+    finally:
+        cli.send_signal(signal.SIGINT)
+        cli.wait(30)
+    assert cli.returncode == 0, "".join(lines)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base_url}/models", timeout=2)
+
+
+# --------------------------------------------------------------------------- API evaluation
+
+
+def scorer(server, **kwargs):
+    return evaluate.api_scorer(server.base_url, server.model, server.api_key, max_new_tokens=8,
+                               **{"concurrency": 4, "backoff": 0.1, "retries": 1, **kwargs})
+
+
+def test_failed_requests_count_as_wrong_and_are_retried_next_run(server, tiny, tmp_path):
+    _, questions = tiny
+    questions = questions[:6]
+    path = tmp_path / "api.jsonl"
+    wrong_model = evaluate.api_scorer(server.base_url, "not-the-served-model", retries=1, backoff=0.1)
+    rows = evaluate.run_cached(path, questions, wrong_model, batch_size=3, progress=False)
+    assert all(r["pred"] is None and "HTTP 400" in r["error"] and r["attempts"] == 1 for r in rows)  # no retry of a 400
+    summary = evaluate.accuracy(rows)
+    assert summary["n"] == 6 and summary["failed"] == 6 and summary["correct"] == 0  # kept, counted wrong
+    rows = evaluate.run_cached(path, questions, scorer(server), batch_size=3, progress=False)
+    assert not any(r.get("error") for r in rows) and evaluate.accuracy(rows)["failed"] == 0
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 6
+
+
+def test_api_eval_survives_a_server_killed_midway(tiny, tmp_path):
+    model_dir, questions = tiny
+    questions = questions[:20]
+    path = tmp_path / "api.jsonl"
+    first = serve.start(model_dir, backend="transformers", dtype="float32", log_path=tmp_path / "1.log", quiet=True)
+    batches = []
+
+    def crash_after_two_batches(batch):
+        if len(batches) == 2:
+            os.killpg(first.process.pid, signal.SIGKILL)  # the server crashes, not a clean stop
+            first.process.wait()
+        batches.append(batch)
+        return scorer(first)(batch)
+
+    try:
+        with pytest.raises(evaluate.ServerDownError, match="start the server again and rerun"):
+            evaluate.run_cached(path, questions, crash_after_two_batches, batch_size=4, progress=False)
+    finally:
+        first.stop()
+    kept = path.read_text(encoding="utf-8").splitlines()
+    assert len(kept) == 8 and not any(json.loads(line).get("error") for line in kept)
+
+    with serve.serve(model_dir, backend="transformers", dtype="float32", log_path=tmp_path / "2.log", quiet=True) as second:
+        asked = []
+
+        def count(batch):
+            asked.extend(q.id for q in batch)
+            return scorer(second)(batch)
+
+        rows = evaluate.run_cached(path, questions, count, batch_size=4, progress=False)
+    assert sorted(asked) == sorted(q.id for q in questions[8:])  # only the unfinished ones
+    assert path.read_text(encoding="utf-8").splitlines()[:8] == kept  # finished answers kept as they were
+    assert [r["id"] for r in rows] == [q.id for q in questions] and not any(r.get("error") for r in rows)
+    assert all(r["latency_s"] > 0 and r["attempts"] == 1 for r in rows)
+
+
+def test_api_scorer_runs_inside_a_running_event_loop(server, tiny):
+    import asyncio
+
+    _, questions = tiny
+
+    async def from_a_notebook_cell():  # Jupyter runs cells inside an event loop
+        return scorer(server)(questions[:2])
+
+    rows = asyncio.run(from_a_notebook_cell())
+    assert [r["id"] for r in rows] == [q.id for q in questions[:2]] and not any(r.get("error") for r in rows)
