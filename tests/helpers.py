@@ -1,5 +1,6 @@
 """Small builders shared by the tests."""
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +30,16 @@ def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
 
+
+def server_processes() -> list[int]:
+    """Pids of transformers-backend servers started by medqa_zh.serve, whoever started them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"_transformers_main" in cmdline and int(proc.name) != os.getpid():
+                pids.append(int(proc.name))
+    return pids

@@ -18,3 +18,17 @@ def test_train_throughput_prints_a_table_with_ratios(tiny_assets):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| lora-")]
     assert [r.split("|")[1].strip() for r in rows] == ["lora-fp32", "lora-bf16"]
     assert "bf16 vs fp32 speed, LoRA: " in out.stdout
+
+
+def test_eval_throughput_compares_every_method_on_the_same_questions(tiny_assets):
+    questions = tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl"
+    out = subprocess.run(
+        [sys.executable, REPO / "bench" / "eval_throughput.py", tiny_assets["model"], questions, "--start", "0",
+         "--n", "6", "--dtype", "float32", "--concurrency", "1", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"letter", "generate", "seed", "api-c1", "api-c2"}
+    assert all(int(rows[m][2]) == 6 for m in ("letter", "generate", "seed", "api-c1", "api-c2"))  # same questions
+    assert "letter scoring vs the seed's method: " in out.stdout

@@ -4,12 +4,12 @@ import json
 import shutil
 
 import pytest
-from helpers import REPO
+from helpers import REPO, server_processes
 
 from medqa_zh import merge, tiny
 
 pytestmark = pytest.mark.slow
-SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "06_eval_direct")
+SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api")
 
 
 def _kernel():
@@ -133,6 +133,38 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     assert len(results) == 8 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
     with open(out / "tables" / "06_mcnemar.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 2 * 6  # every pair of four models, both methods
+
+
+def test_05_serves_a_model_and_answers_plain_and_streamed(series):
+    project, nb = series("05_serve")
+    out = project / "outputs" / "smoke"
+    with open(out / "tables" / "05_latency.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(float(r["first_token_s"]) > 0 and float(r["total_s"]) > 0 for r in rows)
+    assert all(r["pred"] in "ABCDE" and r["pred"] for r in rows)  # the trained smoke model answers in the format
+    streaming = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "stream=True" in "".join(c["source"]))
+    assert "same as the plain answer: True" in _outputs_text(nb, streaming)
+    assert list((out / "logs").glob("serve-merged-*.log"))
+    assert not server_processes()  # the notebook stopped its server
+
+
+def test_07_api_answers_match_direct_generation(series):
+    project, _ = series("07_eval_api")
+    out = project / "outputs" / "smoke"
+    n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
+    with open(out / "tables" / "07_api.csv", encoding="utf-8") as f:
+        api = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(api) == {"base", "merged"}  # the smoke profile's eval.api_models
+    for r in api.values():
+        assert int(r["n"]) == n_eval and int(r["failed"]) == 0
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+    assert float(api["merged"]["invalid_rate"]) < 0.5  # real letters, so agreement below is not on empty answers
+    with open(out / "tables" / "07_agreement.csv", encoding="utf-8") as f:
+        agreement = {r["model"]: r for r in csv.DictReader(f)}
+    for name, r in agreement.items():
+        assert float(r["agreement"]) >= 0.95, f"{name}: API and in-process answers agree on only {r['agreement']}"
+    assert len(list((out / "eval" / "api").glob("*.jsonl"))) == 2
+    assert not server_processes()
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -10,24 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import server_processes
 
 from medqa_zh import evaluate, serve
 
 pytestmark = pytest.mark.slow
-
-
-def server_processes() -> list[int]:
-    """Pids of transformers-backend servers started by medqa_zh.serve, whoever started them."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if b"_transformers_main" in cmdline and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-    return pids
 
 
 def gone(pid: int, within: float = 15.0) -> bool:

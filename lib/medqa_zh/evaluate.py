@@ -429,3 +429,46 @@ def summary_table(results: dict) -> "pd.DataFrame":
     """One row per (model, method): n, accuracy, 95% interval, invalid answers."""
     rows = [{"model": model, "method": method, **accuracy(rows)} for (model, method), rows in results.items()]
     return pd.DataFrame(rows)
+
+
+def generate_cached(cfg, name: str, questions, progress: bool = True) -> list[dict]:
+    """Greedy generate-and-parse results of one model (notebook 06's), read from their cache; the
+    model is loaded only when some questions are still missing."""
+    loaded = []
+
+    def score(batch):
+        if not loaded:
+            loaded.append(load_for_eval(cfg, name))
+        model, tokenizer = loaded[0]
+        return generate_answers(model, tokenizer, batch, cfg["eval.max_new_tokens"], cfg["eval.batch_size"],
+                                progress=False)
+
+    path = results_path(cfg, name, "generate", model_fingerprint(cfg, name))
+    return run_cached(path, questions, score, batch_size=cfg["eval.batch_size"], progress=progress,
+                      desc=f"{name}: generate")
+
+
+def api_cached(cfg, name: str, questions, progress: bool = True) -> list[dict]:
+    """One model's answers through the HTTP API (notebook 07): serve it with the profile's
+    ``serve`` settings, ask every question not yet in the cache (``eval.concurrency`` at a time),
+    stop the server. A complete cache starts no server at all."""
+    from . import serve
+
+    path = results_path(cfg, name, "api", model_fingerprint(cfg, name), kind="api")
+    done = {row["id"] for row in read_results(path) if not row.get("error")}
+    if all(q.id in done for q in questions):
+        return run_cached(path, questions, score_batch=lambda batch: [], progress=False)  # nothing left to ask
+    concurrency = cfg["eval.concurrency"]
+    with serve.from_profile(cfg, available_models(cfg)[name]) as server:
+        score = api_scorer(server.base_url, server.model, server.api_key, max_new_tokens=cfg["eval.max_new_tokens"],
+                           concurrency=concurrency, timeout=cfg["eval.request_timeout"], retries=cfg["eval.retries"])
+        return run_cached(path, questions, score, batch_size=4 * concurrency, progress=progress, desc=f"{name}: API")
+
+
+def latency_table(results: dict) -> "pd.DataFrame":
+    """Per model: median and 95th-percentile request latency (seconds) of API results that have it."""
+    rows = []
+    for name, rs in results.items():
+        seconds = pd.Series([r["latency_s"] for r in rs if r.get("latency_s") is not None], dtype=float)
+        rows.append({"model": name, "requests": len(seconds), "p50_s": seconds.median(), "p95_s": seconds.quantile(0.95)})
+    return pd.DataFrame(rows)

@@ -294,6 +294,32 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
     return start(model_dir, **{**settings, **kwargs})
 
 
+def measure_latency(server: Server, questions, max_tokens: int = 16):
+    """Ask each question twice, one request at a time: streamed, for the time to the first token,
+    and plain, for the whole answer's time and token count. A DataFrame, one row per question."""
+    import pandas as pd
+
+    from . import answers, prompts
+
+    client, rows = server.client(), []
+    for q in questions:
+        messages = prompts.build_messages(q.question, q.options)
+        start, first = time.perf_counter(), None
+        for chunk in client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                                    max_tokens=max_tokens, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        start = time.perf_counter()
+        reply = client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                               max_tokens=max_tokens)
+        total = time.perf_counter() - start
+        text, tokens = reply.choices[0].message.content or "", reply.usage.completion_tokens
+        rows.append({"id": q.id, "first_token_s": first, "total_s": total, "completion_tokens": tokens,
+                     "tokens_per_s": tokens / total, "answer": text, "pred": answers.extract_letter(text, "".join(q.options)),
+                     "gold": q.answer_idx})
+    return pd.DataFrame(rows)
+
+
 @atexit.register
 def _stop_all():
     for server in list(_RUNNING):

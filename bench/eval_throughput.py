@@ -1,0 +1,117 @@
+"""How fast can a model be evaluated? Letter scoring vs the seed's method vs generate-and-parse,
+and the HTTP API at several concurrencies, side by side on the same questions.
+
+    python bench/eval_throughput.py MODEL_DIR QUESTIONS_JSONL [--start 2900] [--n 50] [--dtype bfloat16]
+
+Methods, each on the same ``--n`` questions of ``QUESTIONS_JSONL`` (MedQA format) from ``--start``:
+
+- ``letter``: :func:`medqa_zh.evaluate.letter_scores`, one batched forward pass per ``--batch``
+  questions;
+- ``seed``: what the seed project did: a raw prompt (question and options, no chat template),
+  *sampled* generation (temperature 0.1), up to 512 new tokens, one question at a time;
+  ``--seed-n`` limits it to the first questions when time is short (its questions/s is then over
+  those);
+- ``generate``: :func:`medqa_zh.evaluate.generate_answers`, greedy, batched, ``--max-new-tokens``;
+- ``api-cN``: :func:`medqa_zh.evaluate.api_scorer` against ``transformers serve`` (``--backend``) with
+  N requests in flight, for each N in ``--concurrency``.
+
+Every method runs in this one invocation (the API server in a child process while the in-process
+model idles), so the ratios compare like with like on this machine. Accuracy is printed next to
+speed only to show that the faster methods do not answer worse; on 50 questions it is noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def seed_method(model, tokenizer, questions, max_new_tokens: int = 512) -> list[dict]:
+    """The seed's evaluation, reproduced: raw prompt, sampling at temperature 0.1, batch 1."""
+    import torch
+
+    from medqa_zh import answers, prompts
+
+    rows = []
+    for q in questions:
+        text = f"{q.question}\n{prompts.format_options(q.options)}\n答案："
+        enc = tokenizer(text, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=True, temperature=0.1, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        rows.append({"id": q.id, "gold": q.answer_idx, "pred": answers.extract_letter(reply, "".join(q.options)),
+                     "new_tokens": int(out.shape[1] - enc.input_ids.shape[1])})
+    return rows
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    rows = fn()
+    return rows, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir")
+    p.add_argument("questions", help="a MedQA-format jsonl, e.g. ../shared/medqa/questions/Mainland/dev.jsonl")
+    p.add_argument("--start", type=int, default=2900)
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--seed-n", type=int, default=None, help="questions for the seed's method (default: all --n)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8])
+    p.add_argument("--backend", default="transformers")
+    p.add_argument("--continuous-batching", action="store_true")
+    p.add_argument("--out", help="also write the table as JSON here")
+    a = p.parse_args()
+
+    import torch
+
+    from medqa_zh import data, evaluate, models, serve
+
+    torch.manual_seed(0)
+    questions, _ = data.read_questions(a.questions)
+    questions = questions[a.start: a.start + a.n]
+    model = models.load_model(a.model_dir, a.dtype, setting="MODEL_DIR")
+    tokenizer = models.load_tokenizer(a.model_dir, setting="MODEL_DIR")
+    print(f"{len(questions)} questions, {a.model_dir} in {a.dtype}, {torch.get_num_threads()} threads")
+
+    results = {}
+    results["letter"] = timed(lambda: evaluate.letter_scores(model, tokenizer, questions, a.batch, progress=False))
+    results["generate"] = timed(lambda: evaluate.generate_answers(model, tokenizer, questions, a.max_new_tokens,
+                                                                  a.batch, progress=False))
+    seed_questions = questions[: a.seed_n or len(questions)]
+    results["seed"] = timed(lambda: seed_method(model, tokenizer, seed_questions))
+    with serve.serve(a.model_dir, backend=a.backend, dtype=a.dtype, continuous_batching=a.continuous_batching,
+                     quiet=True) as server:
+        evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens)(questions[:2])  # warm-up
+        for c in a.concurrency:
+            score = evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens, concurrency=c)
+            results[f"api-c{c}"] = timed(lambda: score(questions))
+
+    seed_rate = len(seed_questions) / results["seed"][1]
+    table = []
+    for name, (rows, seconds) in results.items():
+        acc = evaluate.accuracy(rows)
+        table.append({"method": name, "questions": len(rows), "seconds": round(seconds, 2),
+                      "questions_per_s": round(len(rows) / seconds, 3),
+                      "vs_seed": round(len(rows) / seconds / seed_rate, 1),
+                      "accuracy": round(acc["accuracy"], 3), "invalid": acc["invalid"], "failed": acc["failed"]})
+    seed_tokens = [r["new_tokens"] for r in results["seed"][0]]
+    print(f"\nseed method: {sum(seed_tokens) / len(seed_tokens):.0f} new tokens per question on average "
+          f"(max {max(seed_tokens)}), {sum(seed_tokens) / results['seed'][1]:.1f} tokens/s")
+    header = list(table[0])
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in table:
+        print("| " + " | ".join(str(row[k]) for k in header) + " |")
+    letter = next(r for r in table if r["method"] == "letter")
+    print(f"\nletter scoring vs the seed's method: {letter['vs_seed']}x (goal: >= 20x)")
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(a), "table": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
