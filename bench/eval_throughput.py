@@ -13,7 +13,10 @@ Methods, each on the same ``--n`` questions of ``QUESTIONS_JSONL`` (MedQA format
   those);
 - ``generate``: :func:`medqa_zh.evaluate.generate_answers`, greedy, batched, ``--max-new-tokens``;
 - ``api-cN``: :func:`medqa_zh.evaluate.api_scorer` against ``transformers serve`` (``--backend``) with
-  N requests in flight, for each N in ``--concurrency``.
+  N requests in flight, for each N in ``--concurrency``; ``api-cb-cN`` the same with
+  ``--continuous-batching`` (transformers only), which batches concurrent requests.
+
+``agree`` is the share of questions where a method chose the same letter as ``generate``.
 
 Every method runs in this one invocation (the API server in a child process while the in-process
 model idles), so the ratios compare like with like on this machine. Accuracy is printed next to
@@ -32,8 +35,10 @@ def seed_method(model, tokenizer, questions, max_new_tokens: int = 512) -> list[
 
     from medqa_zh import answers, prompts
 
+    from tqdm.auto import tqdm
+
     rows = []
-    for q in questions:
+    for q in tqdm(questions, desc="seed method", unit="q"):
         text = f"{q.question}\n{prompts.format_options(q.options)}\n答案："
         enc = tokenizer(text, return_tensors="pt").to(model.device)
         with torch.inference_mode():
@@ -45,7 +50,8 @@ def seed_method(model, tokenizer, questions, max_new_tokens: int = 512) -> list[
     return rows
 
 
-def timed(fn):
+def timed(name, fn):
+    print(f"{name} ...", flush=True)
     t0 = time.perf_counter()
     rows = fn()
     return rows, time.perf_counter() - t0
@@ -63,7 +69,6 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8])
     p.add_argument("--backend", default="transformers")
-    p.add_argument("--continuous-batching", action="store_true")
     p.add_argument("--out", help="also write the table as JSON here")
     a = p.parse_args()
 
@@ -78,27 +83,34 @@ def main() -> None:
     tokenizer = models.load_tokenizer(a.model_dir, setting="MODEL_DIR")
     print(f"{len(questions)} questions, {a.model_dir} in {a.dtype}, {torch.get_num_threads()} threads")
 
+    evaluate.letter_scores(model, tokenizer, questions[:2], a.batch, progress=False)  # warm-up, not timed
     results = {}
-    results["letter"] = timed(lambda: evaluate.letter_scores(model, tokenizer, questions, a.batch, progress=False))
-    results["generate"] = timed(lambda: evaluate.generate_answers(model, tokenizer, questions, a.max_new_tokens,
-                                                                  a.batch, progress=False))
+    results["letter"] = timed("letter", lambda: evaluate.letter_scores(model, tokenizer, questions, a.batch,
+                                                                       progress=False))
+    results["generate"] = timed("generate", lambda: evaluate.generate_answers(
+        model, tokenizer, questions, a.max_new_tokens, a.batch, progress=False))
     seed_questions = questions[: a.seed_n or len(questions)]
-    results["seed"] = timed(lambda: seed_method(model, tokenizer, seed_questions))
-    with serve.serve(a.model_dir, backend=a.backend, dtype=a.dtype, continuous_batching=a.continuous_batching,
-                     quiet=True) as server:
-        evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens)(questions[:2])  # warm-up
-        for c in a.concurrency:
-            score = evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens, concurrency=c)
-            results[f"api-c{c}"] = timed(lambda: score(questions))
+    results["seed"] = timed("seed", lambda: seed_method(model, tokenizer, seed_questions))
+    for cb in (False, True) if a.backend == "transformers" else (False,):
+        with serve.serve(a.model_dir, backend=a.backend, dtype=a.dtype, continuous_batching=cb, quiet=True) as server:
+            evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens)(questions[:2])  # warm-up
+            for c in a.concurrency:
+                name = f"api{'-cb' if cb else ''}-c{c}"
+                score = evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens,
+                                            concurrency=c)
+                results[name] = timed(name, lambda: score(questions))
 
     seed_rate = len(seed_questions) / results["seed"][1]
+    reference = {r["id"]: r["pred"] for r in results["generate"][0]}
     table = []
     for name, (rows, seconds) in results.items():
         acc = evaluate.accuracy(rows)
+        agree = sum(r["pred"] == reference[r["id"]] for r in rows) / len(rows)
         table.append({"method": name, "questions": len(rows), "seconds": round(seconds, 2),
                       "questions_per_s": round(len(rows) / seconds, 3),
                       "vs_seed": round(len(rows) / seconds / seed_rate, 1),
-                      "accuracy": round(acc["accuracy"], 3), "invalid": acc["invalid"], "failed": acc["failed"]})
+                      "accuracy": round(acc["accuracy"], 3), "invalid": acc["invalid"], "failed": acc["failed"],
+                      "agree": round(agree, 3)})
     seed_tokens = [r["new_tokens"] for r in results["seed"][0]]
     print(f"\nseed method: {sum(seed_tokens) / len(seed_tokens):.0f} new tokens per question on average "
           f"(max {max(seed_tokens)}), {sum(seed_tokens) / results['seed'][1]:.1f} tokens/s")

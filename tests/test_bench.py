@@ -29,6 +29,7 @@ def test_eval_throughput_compares_every_method_on_the_same_questions(tiny_assets
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"letter", "generate", "seed", "api-c1", "api-c2"}
-    assert all(int(rows[m][2]) == 6 for m in ("letter", "generate", "seed", "api-c1", "api-c2"))  # same questions
+    methods = ("letter", "generate", "seed", "api-c1", "api-c2", "api-cb-c1", "api-cb-c2")
+    assert set(rows) >= set(methods)
+    assert all(int(rows[m][2]) == 6 for m in methods)  # the same questions for every method
     assert "letter scoring vs the seed's method: " in out.stdout

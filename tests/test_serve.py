@@ -93,6 +93,11 @@ def test_serves_models_chat_and_streaming_on_localhost(server):
     # (the untrained tiny model writes only whitespace; 05 and 07 in the smoke series check real answers)
 
 
+def test_a_busy_port_is_refused_before_starting(server):
+    with pytest.raises(serve.ServerError, match=f"port {server.port} .* already in use"):
+        serve.start("Qwen/Qwen2.5-0.5B-Instruct", backend="transformers", port=server.port)
+
+
 def test_startup_failure_shows_the_log_tail_and_leaves_no_process(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()

@@ -1,9 +1,16 @@
-"""Evaluation metrics: accuracy with a 95% interval, invalid answers, position bias, sections,
-and exact paired tests between models answering the same questions.
+"""Evaluation: read each model's answers three ways, and measure them honestly.
+
+* letter scoring (:func:`letter_scores`) and greedy generate-and-parse (:func:`generate_answers`),
+  in-process (notebook 06);
+* the same questions through an OpenAI-compatible server (:func:`api_scorer`, notebook 07);
+* metrics: accuracy with a 95% interval, invalid answers, position bias, sections, and exact
+  paired tests between models answering the same questions.
 
 A result is one row per question: ``id``, ``gold`` (the correct letter), ``pred`` (the letter
 the model chose, or None when its answer named no valid letter) and optionally ``meta_info``.
-An invalid answer counts as wrong and is reported; it is never dropped from the denominator.
+An invalid answer counts as wrong and is reported; it is never dropped from the denominator, and
+neither is an API request that failed (its row keeps the ``error``). :func:`run_cached` appends
+rows to a jsonl as they come, so a crash loses at most one batch.
 """
 from __future__ import annotations
 
@@ -158,8 +165,10 @@ def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bo
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
+                # logits_to_keep=1: only the last position goes through the LM head (151,936 columns
+                # for Qwen); projecting every position would cost more than the rest of the model
                 logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                               position_ids=positions).logits[:, -1].float()
+                               position_ids=positions, logits_to_keep=1).logits[:, -1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             for q, row in zip(batch, logprobs, strict=True):
                 scores = {letter: float(row[ids[letter]]) for letter in sorted(q.options)}
@@ -421,12 +430,12 @@ def model_fingerprint(cfg, name: str) -> str:
 def results_path(cfg, name: str, method: str, fingerprint: str, kind: str = "direct"):
     """``outputs/<profile>/eval/<kind>/<model>-<method>[-t<max_new_tokens>]-<fingerprint>.jsonl``;
     ``kind`` is ``direct`` (06) or ``api`` (07)."""
-    settings = f"-t{cfg['eval.max_new_tokens']}" if method in ("generate", "api") else ""
+    settings = f"-t{cfg['eval.max_new_tokens']}" if method == "generate" or method.startswith("api") else ""
     return cfg.out / "eval" / kind / f"{name}-{method}{settings}-{fingerprint}.jsonl"
 
 
 def summary_table(results: dict) -> "pd.DataFrame":
-    """One row per (model, method): n, accuracy, 95% interval, invalid answers."""
+    """One row per (model, method): n, accuracy, 95% interval, invalid answers, failed requests."""
     rows = [{"model": model, "method": method, **accuracy(rows)} for (model, method), rows in results.items()]
     return pd.DataFrame(rows)
 
@@ -454,7 +463,8 @@ def api_cached(cfg, name: str, questions, progress: bool = True) -> list[dict]:
     stop the server. A complete cache starts no server at all."""
     from . import serve
 
-    path = results_path(cfg, name, "api", model_fingerprint(cfg, name), kind="api")
+    backend = serve.pick_backend(cfg["serve.backend"])  # vLLM and transformers round differently: cached apart
+    path = results_path(cfg, name, f"api-{backend}", model_fingerprint(cfg, name), kind="api")
     done = {row["id"] for row in read_results(path) if not row.get("error")}
     if all(q.id in done for q in questions):
         return run_cached(path, questions, score_batch=lambda batch: [], progress=False)  # nothing left to ask

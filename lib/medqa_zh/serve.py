@@ -72,6 +72,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass(eq=False)
 class Server:
     """A running server: where it listens, the model id it serves, and how to stop it."""
@@ -89,7 +98,7 @@ class Server:
     def url(self) -> str:
         """The server's root, e.g. ``http://127.0.0.1:8000``."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -226,7 +235,11 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         api_key = secrets.token_urlsafe(24)
         print(f"binding {host} makes the server reachable from the network, so it needs an API key; "
               f"generated one: {api_key}")
-    port = port or free_port("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if port and not _port_is_free(probe_host, port):  # else another server's /health could pass for ours
+        raise ServerError(f"port {port} on {host} is already in use (another server?): stop it, pick another "
+                          "--port, or leave the port out to get a free one")
+    port = port or free_port(probe_host)
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="medqa-serve-")) / "server.log"
     log_path = Path(log_path)
