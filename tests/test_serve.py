@@ -138,10 +138,16 @@ def test_the_server_dies_with_the_process_that_started_it(tiny, tmp_path):
     assert gone(pid), "the server outlived the process that started it"
 
 
-def test_cli_serves_until_interrupted(tiny, tmp_path):
+@pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serves_until_interrupted(tiny, stop_with):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def ignore_sigint():  # as in a shell's background job: Ctrl-C must still work
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     cli = subprocess.Popen([sys.executable, "-m", "medqa_zh.serve", tiny[0], "--port", "0", "--backend", "transformers"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                           preexec_fn=ignore_sigint)
     lines = []
     try:
         for line in cli.stdout:
@@ -151,8 +157,12 @@ def test_cli_serves_until_interrupted(tiny, tmp_path):
         base_url = next(line.split(": ", 1)[1].strip() for line in lines if "endpoint:" in line)
         assert httpx.get(f"{base_url}/models").json()["data"][0]["id"] == tiny[0]
     finally:
-        cli.send_signal(signal.SIGINT)
-        cli.wait(30)
+        cli.send_signal(stop_with)
+        try:
+            cli.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(cli.pid, signal.SIGKILL)  # do not leave it behind for the other tests
+            raise
     assert cli.returncode == 0, "".join(lines)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base_url}/models", timeout=2)

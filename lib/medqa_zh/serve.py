@@ -376,6 +376,10 @@ def _transformers_main(args_json: str) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m medqa_zh.serve", description=(
         "Serve a model dir over an OpenAI-compatible API until Ctrl-C (vLLM on a GPU, transformers serve on a CPU)."))
@@ -391,6 +395,10 @@ def main(argv=None) -> None:
                    help="vllm only: also serve this adapter on top of MODEL_DIR as model id NAME (repeatable)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     a = p.parse_args(argv)
+    # Ctrl-C and `kill` both stop the server cleanly, even when this process was started with SIGINT
+    # ignored (as a shell's background job is)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     lora = None
     if a.lora:
         bad = [x for x in a.lora if "=" not in x]
