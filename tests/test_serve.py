@@ -22,9 +22,9 @@ def gone(pid: int, within: float = 15.0) -> bool:
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":  # a zombie has exited
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":  # a zombie has exited
+                return True
+        except (ProcessLookupError, FileNotFoundError):
             return True
         time.sleep(0.2)
     return False
