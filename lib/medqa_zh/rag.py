@@ -1,0 +1,286 @@
+"""Retrieval over MedQA's 33 Chinese textbooks: passages, BM25 (bm25s), and rank fusion.
+
+**Passages.** A textbook file holds one paragraph per line, from a few characters to over 17,000.
+:func:`chunk_paragraph` cuts a paragraph into passages of at most ``max_chars`` characters on
+Chinese sentence boundaries (``。！？；`` and their ASCII forms), so a passage never ends mid-
+sentence unless one sentence alone is longer than ``max_chars`` (then it is cut at ``max_chars``).
+Consecutive passages of a paragraph share up to ``overlap`` characters of whole sentences, so a
+fact that straddles a boundary is whole in one of them. Nothing is dropped: each passage records
+where it starts in its paragraph, and :func:`build_corpus` checks that the passages of every
+paragraph cover it exactly, character for character.
+
+**Provenance.** A passage id is ``<book>:<line>:<chunk>``: the book's file name, the paragraph's
+line number in that file, and the passage's index within the paragraph.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SENTENCE_ENDS = "。！？；!?;\n"
+CLOSERS = "”’」』）)"
+
+
+@dataclass(frozen=True)
+class Passage:
+    book: str    # textbook file stem, e.g. "内科学"
+    line: int    # the paragraph's line number in the book file (1-based)
+    chunk: int   # index of this passage within its paragraph (0-based)
+    start: int   # character offset of the passage in its paragraph
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.book}:{self.line}:{self.chunk}"
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences, each ending with its mark (``。！？；`` or ASCII ``!?;`` or a newline) and any
+    closing quotes or brackets after it; the last may have no mark. Joined, they give back
+    ``text`` exactly."""
+    sentences, start = [], 0
+    for i, ch in enumerate(text):
+        if ch in SENTENCE_ENDS and i >= start:
+            end = i + 1
+            while end < len(text) and text[end] in CLOSERS:
+                end += 1
+            sentences.append(text[start:end])
+            start = end
+    if start < len(text):
+        sentences.append(text[start:])
+    return sentences
+
+
+def chunk_paragraph(text: str, max_chars: int, overlap: int = 0) -> list[tuple[int, str]]:
+    """Cut ``text`` into ``(start offset, passage)`` pairs of at most ``max_chars`` characters, on
+    sentence boundaries where possible, consecutive passages sharing up to ``overlap`` characters
+    of whole sentences. The passages cover ``text`` completely, in order."""
+    if max_chars < 1:
+        raise ValueError(f"rag.max_chars must be at least 1, not {max_chars}")
+    if not 0 <= overlap < max_chars:
+        raise ValueError(f"rag.overlap must be at least 0 and below rag.max_chars ({max_chars}), not {overlap}")
+    # sentences longer than max_chars are cut into pieces of max_chars: the only mid-sentence cuts
+    pieces, offset = [], 0
+    for sentence in split_sentences(text):
+        for i in range(0, len(sentence), max_chars):
+            pieces.append((offset + i, sentence[i: i + max_chars]))
+        offset += len(sentence)
+    chunks, current = [], []  # current: the pieces of the passage being filled
+    for piece in pieces:
+        if current and sum(len(p) for _, p in current) + len(piece[1]) > max_chars:
+            chunks.append(current)
+            # carry whole trailing sentences of up to `overlap` characters into the next passage
+            carried = []
+            for prev in reversed(current):
+                if sum(len(p) for _, p in carried) + len(prev[1]) > overlap:
+                    break
+                carried.insert(0, prev)
+            if carried == current:  # never repeat a whole passage
+                carried = []
+            while carried and sum(len(p) for _, p in carried) + len(piece[1]) > max_chars:
+                carried.pop(0)
+            current = carried
+        current.append(piece)
+    if current:
+        chunks.append(current)
+    return [(c[0][0], "".join(p for _, p in c)) for c in chunks]
+
+
+def paragraph_passages(book: str, line: int, text: str, max_chars: int, overlap: int) -> list[Passage]:
+    return [Passage(book, line, i, start, chunk)
+            for i, (start, chunk) in enumerate(chunk_paragraph(text, max_chars, overlap))]
+
+
+def check_coverage(text: str, passages: list[Passage]) -> None:
+    """Raise unless the passages are verbatim slices of ``text`` that together cover all of it."""
+    covered = 0
+    for p in passages:
+        if text[p.start: p.start + len(p.text)] != p.text:
+            raise AssertionError(f"passage {p.id} is not the text at offset {p.start} of its paragraph")
+        if p.start > covered:
+            raise AssertionError(f"passage {p.id} starts at {p.start}: characters {covered}-{p.start} of "
+                                 f"{p.book}:{p.line} are in no passage")
+        covered = max(covered, p.start + len(p.text))
+    if covered != len(text):
+        raise AssertionError(f"{passages[0].book}:{passages[0].line}: the passages end at character {covered} of "
+                             f"{len(text)}")
+
+
+@dataclass
+class Corpus:
+    """The passages of every textbook, with the counts that prove nothing was lost."""
+
+    passages: list[Passage]
+    stats: dict
+    fingerprint: str  # changes whenever a textbook or the chunking settings change
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def table(self):
+        """Per book: paragraphs, passages, characters in and out."""
+        import pandas as pd
+
+        return pd.DataFrame(self.stats["books"])
+
+
+def build_corpus(textbooks_dir, max_chars: int, overlap: int, progress: bool = True) -> Corpus:
+    """Read every ``*.txt`` under ``textbooks_dir`` (:func:`data.read_textbooks`: UTF-8, one
+    paragraph per line) and chunk every paragraph; checks that each paragraph is fully covered."""
+    from tqdm.auto import tqdm
+
+    from . import data
+
+    books = data.read_textbooks(textbooks_dir)
+    h = hashlib.sha256(f"chunking v1|{max_chars}|{overlap}".encode())
+    passages, rows = [], []
+    for book in tqdm(books, desc="chunking textbooks", unit="book", disable=not progress):
+        if not book.paragraphs:
+            raise ValueError(f"{book.path}: no text (every line is blank); remove the file or restore its text")
+        out = []
+        for line, text in book.paragraphs:
+            ps = paragraph_passages(book.name, line, text, max_chars, overlap)
+            check_coverage(text, ps)
+            out.extend(ps)
+        h.update(book.name.encode() + b"\0" + book.path.read_bytes())
+        passages.extend(out)
+        rows.append({"book": book.name, "paragraphs": len(book.paragraphs), "passages": len(out),
+                     "characters_in": book.characters, "characters_out": sum(len(p.text) for p in out),
+                     "longest_paragraph": max(len(t) for _, t in book.paragraphs),
+                     "split_paragraphs": sum(1 for p in out if p.chunk == 1)})
+    stats = {
+        "books": rows, "paragraphs": sum(r["paragraphs"] for r in rows), "passages": len(passages),
+        "characters_in": sum(r["characters_in"] for r in rows),
+        "characters_out": sum(r["characters_out"] for r in rows), "max_chars": max_chars, "overlap": overlap,
+    }
+    return Corpus(passages, stats, h.hexdigest()[:16])
+
+
+def save_passages(corpus: Corpus, path) -> Path:
+    """The passages as jsonl (one per line, with id and provenance), next to a stats json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in corpus.passages:
+            f.write(json.dumps({"id": p.id, **asdict(p)}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    path.with_suffix(".stats.json").write_text(
+        json.dumps({**corpus.stats, "fingerprint": corpus.fingerprint}, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- BM25 (bm25s)
+
+TOKENIZERS = ("bigram", "jieba")
+
+
+def _runs(text: str):
+    """Runs of Chinese characters and of ASCII letters/digits (NFKC, lowercase); the rest (spaces,
+    punctuation) separates them."""
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.findall(r"[\u3400-\u4dbf\u4e00-\u9fff]+|[a-z0-9]+(?:\.[0-9]+)?", text)
+
+
+def tokenize(text: str, method: str = "bigram") -> list[str]:
+    """BM25 terms of ``text``.
+
+    * ``bigram``: every two consecutive Chinese characters (a lone character stays a unigram),
+      ASCII words and numbers whole. No dictionary: medical terms are never split wrongly, at the
+      price of more, noisier terms.
+    * ``jieba``: jieba's word segmentation (its default dictionary), punctuation dropped.
+    """
+    if method == "bigram":
+        terms = []
+        for run in _runs(text):
+            if run[0].isascii():
+                terms.append(run)
+            elif len(run) == 1:
+                terms.append(run)
+            else:
+                terms.extend(run[i: i + 2] for i in range(len(run) - 1))
+        return terms
+    if method == "jieba":
+        import jieba
+
+        jieba.setLogLevel(60)  # no "Building prefix dict" chatter
+        return [w for run in _runs(text) for w in jieba.lcut(run)]
+    raise ValueError(f"rag.tokenizer must be one of {', '.join(TOKENIZERS)}, not {method!r}")
+
+
+class BM25:
+    """A bm25s index over a :class:`Corpus`, saved and loaded with the corpus fingerprint."""
+
+    def __init__(self, retriever, tokenizer: str, fingerprint: str):
+        self.retriever, self.tokenizer, self.fingerprint = retriever, tokenizer, fingerprint
+
+    @classmethod
+    def build(cls, corpus: Corpus, tokenizer: str = "bigram", k1: float = 1.5, b: float = 0.75,
+              method: str = "lucene", progress: bool = True) -> "BM25":
+        import bm25s
+        from tqdm.auto import tqdm
+
+        tokens = [tokenize(p.text, tokenizer) for p in tqdm(corpus.passages, desc=f"BM25 terms ({tokenizer})",
+                                                             unit="passage", disable=not progress, mininterval=2)]
+        retriever = bm25s.BM25(k1=k1, b=b, method=method)
+        retriever.index(tokens, show_progress=False)
+        return cls(retriever, tokenizer, corpus.fingerprint)
+
+    def save(self, folder) -> Path:
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        self.retriever.save(tmp)
+        (tmp / "medqa_zh.json").write_text(json.dumps({"tokenizer": self.tokenizer, "corpus": self.fingerprint}))
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder, corpus: Corpus) -> "BM25":
+        """Load a saved index; an error when it was built from another corpus or other chunking."""
+        import bm25s
+
+        folder = Path(folder)
+        meta = json.loads((folder / "medqa_zh.json").read_text())
+        if meta["corpus"] != corpus.fingerprint:
+            raise ValueError(f"{folder} was built from another corpus ({meta['corpus']}, not {corpus.fingerprint}): "
+                             "delete it, or let rag.bm25_index rebuild it")
+        return cls(bm25s.BM25.load(folder), meta["tokenizer"], meta["corpus"])
+
+    def search(self, queries: list[str], k: int = 10) -> list[list[tuple[int, float]]]:
+        """For each query, the ``k`` best passages as (passage index, score), best first."""
+        tokens = [tokenize(q, self.tokenizer) or ["<empty>"] for q in queries]
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return [[(int(d), float(s)) for d, s in zip(row_d, row_s)] for row_d, row_s in zip(docs, scores)]
+
+
+def bm25_index(corpus: Corpus, cache_dir, tokenizer: str = "bigram", progress: bool = True) -> BM25:
+    """The BM25 index of ``corpus``: loaded from ``cache_dir/bm25-<tokenizer>-<fingerprint>`` when
+    built before from the very same corpus, else built and saved there."""
+    folder = Path(cache_dir) / f"bm25-{tokenizer}-{corpus.fingerprint}"
+    if (folder / "medqa_zh.json").is_file():
+        return BM25.load(folder, corpus)
+    index = BM25.build(corpus, tokenizer, progress=progress)
+    index.save(folder)
+    return index
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def reciprocal_rank_fusion(rankings: list[list[int]], k: int = 60) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion (Cormack et al., 2009): each item scores sum(1 / (k + rank)) over
+    the rankings it appears in (rank from 1). Best first; ties keep first-seen order."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: -kv[1])

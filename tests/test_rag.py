@@ -1,0 +1,155 @@
+"""rag: passages on Chinese sentence boundaries, nothing dropped, provenance, corpus errors."""
+import random
+
+import pytest
+
+from medqa_zh import data, rag
+
+TEXT = "肺炎是常见病。病因包括细菌、病毒等！治疗？“抗生素。”然后；最后一句没有句号"
+
+
+def test_sentences_end_at_chinese_marks_and_join_back():
+    assert rag.split_sentences(TEXT) == ["肺炎是常见病。", "病因包括细菌、病毒等！", "治疗？", "“抗生素。”", "然后；",
+                                         "最后一句没有句号"]
+    assert rag.split_sentences("A cell. Another one") == ["A cell. Another one"]  # "." is no Chinese sentence end
+    assert rag.split_sentences("") == []
+
+
+def test_passages_end_on_sentence_boundaries_with_whole_sentence_overlap():
+    chunks = rag.chunk_paragraph(TEXT, max_chars=12, overlap=6)
+    assert [c for _, c in chunks] == ["肺炎是常见病。", "病因包括细菌、病毒等！", "治疗？“抗生素。”然后；", "然后；最后一句没有句号"]
+    assert [s for s, _ in chunks] == [0, 7, 18, 27]
+    assert rag.chunk_paragraph(TEXT, max_chars=100, overlap=10) == [(0, TEXT)]  # short: one passage, no overlap
+
+
+def test_a_sentence_longer_than_the_limit_is_cut_not_dropped():
+    long = "甲" * 25 + "。"
+    chunks = rag.chunk_paragraph("短句。" + long, max_chars=10, overlap=0)
+    assert [c for _, c in chunks] == ["短句。", "甲" * 10, "甲" * 10, "甲" * 5 + "。"]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_paragraphs_are_covered_exactly_and_within_the_limit(seed):
+    rng = random.Random(seed)
+    alphabet = "心肝脾肺肾血气阴阳。！？；，、“”（）\n" + "a"
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 400)))
+    max_chars = rng.randint(5, 80)
+    overlap = rng.randint(0, max_chars - 1)
+    passages = rag.paragraph_passages("书", 7, text, max_chars, overlap)
+    rag.check_coverage(text, passages)  # every character in some passage, each passage a verbatim slice
+    assert all(1 <= len(p.text) <= max_chars for p in passages)
+    assert [p.chunk for p in passages] == list(range(len(passages)))
+    assert all(b.start > a.start for a, b in zip(passages, passages[1:]))  # always moving forward
+    for a, b in zip(passages, passages[1:]):
+        shared = a.start + len(a.text) - b.start
+        assert 0 <= shared <= overlap  # consecutive passages overlap by at most `overlap` characters
+
+
+def test_coverage_check_catches_a_dropped_piece():
+    passages = rag.paragraph_passages("书", 1, TEXT, 12, 0)
+    with pytest.raises(AssertionError, match="in no passage"):
+        rag.check_coverage(TEXT, passages[:1] + passages[2:])
+
+
+def test_bad_chunk_settings_are_refused():
+    with pytest.raises(ValueError, match="rag.overlap"):
+        rag.chunk_paragraph(TEXT, 10, 10)
+    with pytest.raises(ValueError, match="rag.max_chars"):
+        rag.chunk_paragraph(TEXT, 0, 0)
+
+
+def _books(tmp_path, **books):
+    folder = tmp_path / "textbooks" / "zh_paragraph"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in books.items():
+        (folder / f"{name}.txt").write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return folder
+
+
+def test_corpus_counts_add_up_and_ids_carry_provenance(tmp_path):
+    folder = _books(tmp_path, 内科学=TEXT + "\n\n短段落。\n", 外科学="一。二。三。四。五。六。七。八。九。十。\n")
+    corpus = rag.build_corpus(folder, max_chars=12, overlap=4, progress=False)
+    stats = corpus.stats
+    assert stats["paragraphs"] == 3 and stats["passages"] == len(corpus)
+    assert stats["characters_in"] == len(TEXT) + len("短段落。") + len("一。二。三。四。五。六。七。八。九。十。")
+    assert stats["characters_out"] >= stats["characters_in"]  # overlap only adds
+    ids = [p.id for p in corpus.passages]
+    assert ids[0] == "内科学:1:0" and "内科学:3:0" in ids and ids[-1].startswith("外科学:1:")  # line 2 was blank
+    assert len(set(ids)) == len(ids)
+    assert {r["book"]: r["passages"] for r in stats["books"]}["内科学"] == 5
+
+
+def test_corpus_fingerprint_follows_the_text_and_the_settings(tmp_path):
+    folder = _books(tmp_path, 内科学=TEXT + "\n")
+    first = rag.build_corpus(folder, 12, 4, progress=False).fingerprint
+    assert rag.build_corpus(folder, 12, 4, progress=False).fingerprint == first
+    assert rag.build_corpus(folder, 12, 2, progress=False).fingerprint != first
+    _books(tmp_path, 内科学=TEXT + "改\n")
+    assert rag.build_corpus(folder, 12, 4, progress=False).fingerprint != first
+
+
+def test_corpus_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no \\*.txt textbooks"):
+        rag.build_corpus(tmp_path / "nowhere", 100, 10, progress=False)
+    folder = _books(tmp_path, 空=" \n\n")
+    with pytest.raises(ValueError, match="空.txt: no text"):
+        rag.build_corpus(folder, 100, 10, progress=False)
+    folder = _books(tmp_path / "gbk", 内科学="肺炎。\n".encode("gb18030"))
+    with pytest.raises(data.MedQAFormatError, match="内科学.txt:1: not UTF-8"):
+        rag.build_corpus(folder, 100, 10, progress=False)
+
+
+# --------------------------------------------------------------------------- BM25
+
+DOCS = ["大叶性肺炎是纤维素性炎，病原体多为肺炎链球菌。", "急性心肌梗死的典型症状是胸骨后压榨性疼痛。",
+        "糖尿病的诊断依据空腹血糖和糖化血红蛋白。", "肝硬化可引起门静脉高压和腹水。",
+        "肺结核的主要症状为咳嗽、咯血、低热和盗汗。", "缺铁性贫血的治疗首选口服铁剂。",
+        "高血压患者应限制钠盐摄入。", "急性胰腺炎常有血清淀粉酶升高。"]
+QUERIES = ["肺炎链球菌引起的大叶性肺炎", "心肌梗死 胸痛", "空腹血糖 诊断", "咯血 盗汗", "淀粉酶", "门静脉高压 腹水"]
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    return rag.build_corpus(_books(tmp_path, 内科学="\n".join(DOCS) + "\n"), 200, 0, progress=False)
+
+
+@pytest.mark.parametrize("tokenizer", rag.TOKENIZERS)
+def test_bm25s_ranks_like_the_rank_bm25_reference(small_corpus, tokenizer):
+    from rank_bm25 import BM25Okapi
+
+    reference = BM25Okapi([rag.tokenize(d, tokenizer) for d in DOCS], k1=1.5, b=0.75)
+    index = rag.BM25.build(small_corpus, tokenizer, k1=1.5, b=0.75, method="robertson", progress=False)
+    for query, hits in zip(QUERIES, index.search(QUERIES, k=3)):
+        scores = reference.get_scores(rag.tokenize(query, tokenizer))
+        assert hits[0][0] == int(scores.argmax()), query
+        # bm25s leaves out the constant factor (k1 + 1) of the term-frequency part: same ranking
+        assert hits[0][1] * (1.5 + 1) == pytest.approx(float(scores.max()), rel=1e-4)
+
+
+def test_bm25_finds_the_passage_and_survives_an_empty_query(small_corpus):
+    index = rag.BM25.build(small_corpus, "bigram", progress=False)
+    best = [hits[0][0] for hits in index.search(QUERIES, k=2)]
+    assert [small_corpus.passages[i].line for i in best] == [1, 2, 3, 5, 8, 4]
+    assert len(index.search(["，。！"], k=2)[0]) == 2  # no terms at all: an answer, not a crash
+
+
+def test_bm25_index_is_cached_per_corpus_and_never_reused_for_another(tmp_path, small_corpus, monkeypatch):
+    first = rag.bm25_index(small_corpus, tmp_path / "cache", "bigram", progress=False)
+    monkeypatch.setattr(rag.BM25, "build", classmethod(lambda *a, **k: pytest.fail("rebuilt a cached index")))
+    again = rag.bm25_index(small_corpus, tmp_path / "cache", "bigram", progress=False)
+    assert again.search(QUERIES, 3) == first.search(QUERIES, 3)
+    monkeypatch.undo()
+    changed = rag.build_corpus(_books(tmp_path / "v2", 内科学="\n".join(DOCS[:4]) + "\n"), 200, 0, progress=False)
+    assert changed.fingerprint != small_corpus.fingerprint
+    rebuilt = rag.bm25_index(changed, tmp_path / "cache", "bigram", progress=False)
+    assert all(i < 4 for hits in rebuilt.search(QUERIES, 3) for i, _ in hits)  # the new corpus, not the old index
+    folder = next((tmp_path / "cache").glob(f"bm25-bigram-{small_corpus.fingerprint}"))
+    with pytest.raises(ValueError, match="another corpus"):
+        rag.BM25.load(folder, changed)
+
+
+def test_reciprocal_rank_fusion_rewards_agreement():
+    fused = rag.reciprocal_rank_fusion([[1, 2, 3], [2, 3, 4]], k=60)
+    assert [item for item, _ in fused] == [2, 3, 1, 4]  # 2 and 3 are in both lists; 1 outranks 4 (rank 1 vs 3)
+    assert fused[0][1] == pytest.approx(1 / 62 + 1 / 61)
+    assert rag.reciprocal_rank_fusion([[5, 6]]) == [(5, 1 / 61), (6, 1 / 62)]
