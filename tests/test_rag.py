@@ -153,3 +153,92 @@ def test_reciprocal_rank_fusion_rewards_agreement():
     assert [item for item, _ in fused] == [2, 3, 1, 4]  # 2 and 3 are in both lists; 1 outranks 4 (rank 1 vs 3)
     assert fused[0][1] == pytest.approx(1 / 62 + 1 / 61)
     assert rag.reciprocal_rank_fusion([[5, 6]]) == [(5, 1 / 61), (6, 1 / 62)]
+
+
+# --------------------------------------------------------------------------- retrieval quality
+
+
+def test_query_has_the_question_and_every_option():
+    assert rag.query_text(" 哪项正确？ ", {"B": "乙药", "A": "甲药"}) == "哪项正确？\n甲药\n乙药"
+
+
+def test_option_hits_normalize_and_ignore_empty_options():
+    options = {"A": "纤维素性炎", "B": "化脓性 炎", "C": "（  ）", "D": "Ｘ线"}
+    assert rag.option_hits("大叶性肺炎是纤维素性炎。", options, "A") == {"correct": True, "wrong": False}
+    assert rag.option_hits("大叶性肺炎是纤维素性炎。", options, "B") == {"correct": False, "wrong": True}
+    assert rag.option_hits("小叶性肺炎为化脓性炎！", options, "B") == {"correct": True, "wrong": False}  # space, ！
+    assert rag.option_hits("胸部x线检查", options, "D")["correct"]  # full-width Ｘ, any case
+    assert not rag.option_hits("（）", options, "C")["correct"]  # all punctuation: never counts
+
+
+def test_retrieval_quality_on_a_hand_made_example():
+    from types import SimpleNamespace as NS
+
+    passages = [NS(text="大叶性肺炎是纤维素性炎。"), NS(text="小叶性肺炎是化脓性炎。"), NS(text="无关的段落。")]
+    questions = [NS(options={"A": "纤维素性炎", "B": "化脓性炎"}, answer_idx="A"),
+                 NS(options={"A": "纤维素性炎", "B": "化脓性炎"}, answer_idx="B")]
+    rankings = {"good": [[0, 2], [1, 2]], "topic only": [[1, 0], [0, 1]], "lost": [[2, 0], [2, 0]]}
+    table = rag.retrieval_quality(questions, rankings, passages, ks=(1, 2)).set_index(["retriever", "k"])
+    assert table.loc[("good", 1), ["contains_correct", "contains_wrong"]].tolist() == [1.0, 0.0]
+    assert table.loc[("good", 2), ["contains_correct", "contains_wrong"]].tolist() == [1.0, 0.0]
+    assert table.loc[("topic only", 1), ["contains_correct", "contains_wrong"]].tolist() == [0.0, 1.0]
+    assert table.loc[("topic only", 2), "difference"] == 0.0  # both options in view: no signal
+    assert table.loc[("lost", 1), "contains_correct"] == 0.0 and table.loc[("lost", 2), "contains_correct"] == 0.5
+    with pytest.raises(ValueError, match="1 rankings for 2 questions"):
+        rag.retrieval_quality(questions, {"short": [[0]]}, passages, ks=(1,))
+
+
+# --------------------------------------------------------------------------- dense
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_assets):
+    return rag.load_embedder(tiny_assets["encoder"])
+
+
+def test_dense_search_is_exact_cosine_and_finds_a_passage_by_its_own_text(tmp_path, small_corpus, encoder):
+    import numpy as np
+
+    index = rag.dense_index(small_corpus, "tiny", tmp_path, part_size=3, progress=False, encoder=encoder)
+    emb = np.asarray(index.embeddings)
+    assert emb.shape == (len(DOCS), 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    hits = index.search(DOCS[:3], k=4)
+    assert [h[0][0] for h in hits] == [0, 1, 2] and all(h[0][1] == pytest.approx(1, abs=1e-5) for h in hits)
+    q = encoder.encode(["咯血 盗汗"], normalize_embeddings=True)[0]
+    brute = np.argsort(-(emb @ q), kind="stable")[:4]
+    assert [i for i, _ in index.search(["咯血 盗汗"], k=4)[0]] == brute.tolist()
+
+
+def test_dense_embeddings_are_cached_and_an_interrupted_build_resumes(tmp_path, small_corpus, encoder, monkeypatch):
+    calls = []
+    encode = encoder.encode
+
+    def crash_on_second_part(texts, **kwargs):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(texts, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", crash_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        rag.dense_index(small_corpus, "tiny", tmp_path, part_size=3, progress=False, encoder=encoder)
+    calls.clear()
+    monkeypatch.setattr(encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or encode(texts, **kw))
+    first = rag.dense_index(small_corpus, "tiny", tmp_path, part_size=3, progress=False, encoder=encoder)
+    assert calls == [3, 2]  # parts 2 and 3 only: part 1 survived the crash
+    calls.clear()
+    again = rag.dense_index(small_corpus, "tiny", tmp_path, part_size=3, progress=False, encoder=encoder)
+    assert not calls and (again.embeddings == first.embeddings).all()  # loaded, not recomputed
+    changed = rag.build_corpus(_books(tmp_path / "v2", 内科学="\n".join(DOCS[:2]) + "\n"), 200, 0, progress=False)
+    assert len(rag.dense_index(changed, "tiny", tmp_path, progress=False, encoder=encoder).embeddings) == 2
+
+
+def test_dense_counts_passages_the_encoder_truncates(tmp_path, encoder):
+    corpus = rag.build_corpus(_books(tmp_path, 书="短。\n" + "长" * 300 + "\n"), 1000, 0, progress=False)
+    index = rag.dense_index(corpus, "tiny", tmp_path / "cache", progress=False, encoder=encoder)
+    assert index.meta["truncated"] == 1 and index.meta["max_seq_length"] == 128
+
+
+def test_an_embedder_that_cannot_load_is_named(tmp_path):
+    with pytest.raises(rag.EmbedderNotFoundError, match="rag.embedder"):
+        rag.load_embedder(tmp_path / "no-such-embedder")

@@ -284,3 +284,154 @@ def reciprocal_rank_fusion(rankings: list[list[int]], k: int = 60) -> list[tuple
         for rank, item in enumerate(ranking, start=1):
             scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
     return sorted(scores.items(), key=lambda kv: -kv[1])
+
+
+# --------------------------------------------------------------------------- queries and retrieval quality
+
+
+def query_text(question: str, options) -> str:
+    """The retrieval query: the question and every option's text (the seed searched with the
+    question alone, missing the words that tell the options apart)."""
+    return question.strip() + "\n" + "\n".join(options[letter] for letter in sorted(options))
+
+
+def normalize(text: str) -> str:
+    """For containment checks: NFKC, lowercase, no whitespace, punctuation or symbols."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch)[0] in "PS"))
+
+
+def option_hits(context: str, options, answer: str) -> dict:
+    """Does ``context`` contain the correct option's text, and does it contain any wrong option's
+    text (both normalized; an option that normalizes to nothing is never "contained")?"""
+    ctx = normalize(context)
+
+    def found(text):
+        t = normalize(text)
+        return bool(t) and t in ctx
+
+    return {"correct": found(options[answer]),
+            "wrong": any(found(text) for letter, text in options.items() if letter != answer)}
+
+
+def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
+    """Per retriever and k: the share of questions whose top-k passages contain the correct
+    option's text, the share that contain a wrong option's text, and the difference. Without
+    gold passages this is the signal: a retriever that finds the *answer* more often than a
+    distractor is finding evidence, not just the topic.
+
+    ``rankings``: retriever name -> one ranked list of passage indices per question (best first,
+    at least ``max(ks)`` long); ``passages``: the corpus's passages (anything with ``.text``)."""
+    import pandas as pd
+
+    rows = []
+    for name, ranked in rankings.items():
+        if len(ranked) != len(questions):
+            raise ValueError(f"{name}: {len(ranked)} rankings for {len(questions)} questions")
+        for k in ks:
+            hits = [option_hits("\n".join(passages[i].text for i in r[:k]), q.options, q.answer_idx)
+                    for q, r in zip(questions, ranked)]
+            correct = sum(h["correct"] for h in hits) / len(hits)
+            wrong = sum(h["wrong"] for h in hits) / len(hits)
+            rows.append({"retriever": name, "k": k, "contains_correct": correct, "contains_wrong": wrong,
+                         "difference": correct - wrong, "n": len(hits)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- dense (sentence-transformers)
+
+
+class EmbedderNotFoundError(RuntimeError):
+    """The embedding model named by ``rag.embedder`` could not be loaded."""
+
+
+def load_embedder(name_or_path: str, device: str | None = None):
+    """A sentence-transformers model by hub id or local folder, with an error that says what to fix."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(str(name_or_path), device=device or "cpu")
+    except Exception as e:  # hub unreachable, no such folder, not a sentence-transformers model
+        raise EmbedderNotFoundError(
+            f"cannot load the embedder {name_or_path!r} (setting rag.embedder): {type(e).__name__}: {e}. "
+            "Give a local sentence-transformers folder, or a hub id on a machine that can reach the hub "
+            "(`hf download BAAI/bge-small-zh-v1.5`)") from None
+
+
+class Dense:
+    """Passage embeddings (unit length, float32) and the encoder that made them; search is one
+    matrix product of the query embeddings with all passages (exact, no approximate index)."""
+
+    def __init__(self, encoder, embeddings, meta: dict):
+        self.encoder, self.embeddings, self.meta = encoder, embeddings, meta
+
+    def search(self, queries: list[str], k: int = 10, batch_size: int = 64) -> list[list[tuple[int, float]]]:
+        import numpy as np
+
+        q = self.encoder.encode(queries, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False).astype(np.float32)
+        scores = q @ np.asarray(self.embeddings).T
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out = []
+        for row, idx in zip(scores, top):
+            idx = idx[np.argsort(-row[idx], kind="stable")]
+            out.append([(int(i), float(row[i])) for i in idx])
+        return out
+
+
+def _embedder_slug(name_or_path: str) -> str:
+    return f"{Path(str(name_or_path)).name}-{hashlib.sha256(str(name_or_path).encode()).hexdigest()[:8]}"
+
+
+def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, part_size: int = 4096,
+                progress: bool = True, encoder=None) -> Dense:
+    """Embeddings of every passage with ``embedder``, computed once per (corpus, embedder) and kept
+    in ``cache_dir/dense-<embedder>-<corpus fingerprint>/`` (``embeddings.npy`` + ``meta.json``).
+
+    Work is saved every ``part_size`` passages, so an interrupted build resumes where it stopped.
+    Passages longer than the encoder's ``max_seq_length`` (in tokens) are truncated by the encoder;
+    how many is counted and kept in ``meta["truncated"]``, never silent.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    folder = Path(cache_dir) / f"dense-{_embedder_slug(embedder)}-{corpus.fingerprint}"
+    encoder = encoder or load_embedder(embedder)
+    meta_path, emb_path = folder / "meta.json", folder / "embeddings.npy"
+    if meta_path.is_file() and emb_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["corpus"] == corpus.fingerprint and meta["passages"] == len(corpus):
+            return Dense(encoder, np.load(emb_path, mmap_mode="r"), meta)
+    parts = folder / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    texts = [p.text for p in corpus.passages]
+    limit = encoder.max_seq_length
+    truncated_path = parts / "truncated.json"
+    truncated = json.loads(truncated_path.read_text()) if truncated_path.is_file() else {}
+    with tqdm(total=len(texts), desc=f"embedding passages ({Path(str(embedder)).name})", unit="passage",
+              disable=not progress, mininterval=2) as bar:
+        for start in range(0, len(texts), part_size):
+            part = parts / f"part-{start:08d}.npy"
+            batch = texts[start: start + part_size]
+            if not part.is_file():
+                lengths = [len(ids) for ids in encoder.tokenizer(batch, add_special_tokens=True)["input_ids"]]
+                vectors = encoder.encode(batch, batch_size=batch_size, normalize_embeddings=True,
+                                         convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+                np.save(part.with_suffix(".tmp.npy"), vectors)
+                part.with_suffix(".tmp.npy").replace(part)
+                truncated[str(start)] = sum(n > limit for n in lengths)
+                truncated_path.write_text(json.dumps(truncated))
+            bar.update(len(batch))
+    embeddings = np.concatenate([np.load(parts / f"part-{s:08d}.npy") for s in range(0, len(texts), part_size)])
+    meta = {"corpus": corpus.fingerprint, "embedder": str(embedder), "passages": len(texts),
+            "dim": int(embeddings.shape[1]), "max_seq_length": limit, "truncated": int(sum(truncated.values()))}
+    np.save(emb_path.with_suffix(".tmp.npy"), embeddings)
+    emb_path.with_suffix(".tmp.npy").replace(emb_path)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    import shutil
+
+    shutil.rmtree(parts)
+    return Dense(encoder, np.load(emb_path, mmap_mode="r"), meta)

@@ -251,22 +251,57 @@ def write_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def write_encoder(out_dir: str | Path, seed: int = 0, dim: int = 32, max_seq_length: int = 128) -> Path:
+    """A tiny sentence-transformers encoder (BERT, 2 layers, hidden ``dim``, mean pooling, random
+    weights) with a character vocabulary of the synthetic corpus, so the dense-retrieval code path
+    runs in the smoke profile exactly as with ``BAAI/bge-small-zh-v1.5``. Its rankings mean nothing."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers.utils import logging as hf_logging
+
+    out_dir = Path(out_dir)
+    chars = sorted({ch.lower() for text in _tokenizer_corpus(seed) for ch in text if not ch.isspace()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars])}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, tokenize_chinese_chars=True)
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Pooling, Transformer
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=dim, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=2 * dim, max_position_embeddings=max_seq_length))
+    hf_logging.disable_progress_bar()
+    try:
+        bert.save_pretrained(out_dir / "hf")
+        tokenizer.save_pretrained(out_dir / "hf")
+        encoder = SentenceTransformer(modules=[Transformer(str(out_dir / "hf"), max_seq_length=max_seq_length),
+                                               Pooling(dim, "mean")], device="cpu")
+        encoder.save(str(out_dir))
+    finally:
+        hf_logging.enable_progress_bar()
+    shutil.rmtree(out_dir / "hf")
+    return out_dir
+
+
 def build_assets(assets_dir: str | Path, seed: int = 0, force: bool = False) -> dict[str, Path]:
-    """Build (once) ``assets_dir/tiny-qwen2`` and ``assets_dir/medqa``; returns both paths.
+    """Build (once) ``assets_dir/tiny-qwen2``, ``assets_dir/medqa`` and ``assets_dir/tiny-encoder``;
+    returns the three paths.
 
     Rebuilt when missing, when ``force``, or when the seed or generator version changed. Each part
     is built in a temporary folder and moved into place, so a crash leaves no half-built assets.
     """
     assets_dir = Path(assets_dir)
     info = {"assets_version": ASSETS_VERSION, "seed": seed}
-    paths = {"model": assets_dir / "tiny-qwen2", "medqa": assets_dir / "medqa"}
+    paths = {"model": assets_dir / "tiny-qwen2", "medqa": assets_dir / "medqa", "encoder": assets_dir / "tiny-encoder"}
+    writers = {"model": write_model, "medqa": write_medqa, "encoder": write_encoder}
     for kind, path in paths.items():
         stamp = path / "BUILD_INFO.json"
         if not force and stamp.is_file() and json.loads(stamp.read_text()) == info:
             continue
         tmp = path.with_name(path.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
-        (write_model if kind == "model" else write_medqa)(tmp, seed)
+        writers[kind](tmp, seed)
         (tmp / "BUILD_INFO.json").write_text(json.dumps(info))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
