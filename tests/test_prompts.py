@@ -80,3 +80,12 @@ def test_answer_letter_is_one_token_right_after_the_answer_prompt(which, tiny_as
         ids = tokenizer(full)["input_ids"]
         assert ids[: len(prompt_ids)] == prompt_ids
         assert tokenizer.decode(ids[len(prompt_ids)]) == letter
+
+
+def test_rag_context_comes_first_cites_books_and_leaves_the_rest_unchanged():
+    plain = prompts.build_messages("问题", OPTIONS)
+    rag = prompts.build_messages("问题", OPTIONS, context=[("内科学", " 段落一。 "), ("病理学", "段落二。")])
+    user = rag[1]["content"]
+    assert user.startswith(prompts.CONTEXT_INTRO + "\n[1]《内科学》段落一。\n[2]《病理学》段落二。\n\n")
+    assert user.endswith(plain[1]["content"]) and rag[0] == plain[0]
+    assert prompts.build_messages("问题", OPTIONS, context=[]) == plain  # no passages: the training prompt

@@ -242,3 +242,14 @@ def test_dense_counts_passages_the_encoder_truncates(tmp_path, encoder):
 def test_an_embedder_that_cannot_load_is_named(tmp_path):
     with pytest.raises(rag.EmbedderNotFoundError, match="rag.embedder"):
         rag.load_embedder(tmp_path / "no-such-embedder")
+
+
+def test_context_keeps_rank_order_within_the_token_budget():
+    from medqa_zh import prompts
+
+    ps = [rag.Passage("内科学", 1, 0, 0, "甲" * 10), rag.Passage("外科学", 2, 0, 0, "乙" * 30),
+          rag.Passage("儿科学", 3, 0, 0, "丙" * 5)]
+    overhead = len(prompts.format_context([("内科学", "")]))
+    assert rag.fit_context(ps, len, budget=overhead + 10) == ps[:1]  # the 2nd does not fit: stop, keep order
+    assert rag.fit_context(ps, len, budget=10_000) == ps
+    assert rag.fit_context(ps, len, budget=5) == []

@@ -6,6 +6,9 @@ A multiple-choice question becomes a chat:
     user       the question, its options as "A. ...", one per line, and the answer instruction
     assistant  "答案：B"
 
+With retrieval (RAG, notebook 08) the user turn starts with the passages, each citing its book
+(``format_context``); everything after them is unchanged.
+
 Letter scoring (later notebooks) reads the log-probability of each letter right after the
 assistant's ``ANSWER_PREFIX``; generate-and-parse asks for exactly this line. Change the format
 here and every path changes with it.
@@ -18,6 +21,7 @@ SYSTEM_PROMPT = "你是一名医学专家，正在解答中国执业医师资格
 INSTRUCTION = "以下是一道单项选择题，请从选项中选出一个最佳答案。"
 ANSWER_PREFIX = "答案："
 ANSWER_FORMAT_HINT = f"请只回答“{ANSWER_PREFIX}”加上选项字母，例如“{ANSWER_PREFIX}A”。"
+CONTEXT_INTRO = "以下是可能相关的教材段落，仅供参考："
 
 
 def format_options(options: Mapping[str, str]) -> str:
@@ -25,9 +29,18 @@ def format_options(options: Mapping[str, str]) -> str:
     return "\n".join(f"{letter}. {options[letter]}" for letter in sorted(options))
 
 
-def format_user(question: str, options: Mapping[str, str]) -> str:
-    """The user turn: instruction, question, options, answer-format hint."""
-    return f"{INSTRUCTION}\n\n{question.strip()}\n\n{format_options(options)}\n\n{ANSWER_FORMAT_HINT}"
+def format_context(passages) -> str:
+    """Retrieved passages as a numbered block that cites each passage's book:
+    ``[1]《内科学》……``. ``passages``: (book, text) pairs, best first."""
+    lines = [f"[{i}]《{book}》{text.strip()}" for i, (book, text) in enumerate(passages, start=1)]
+    return CONTEXT_INTRO + "\n" + "\n".join(lines)
+
+
+def format_user(question: str, options: Mapping[str, str], context=None) -> str:
+    """The user turn: instruction, question, options, answer-format hint; with ``context`` (RAG:
+    (book, text) pairs) the passages come first. Without context it is exactly the training prompt."""
+    body = f"{INSTRUCTION}\n\n{question.strip()}\n\n{format_options(options)}\n\n{ANSWER_FORMAT_HINT}"
+    return f"{format_context(context)}\n\n{body}" if context else body
 
 
 def format_answer(letter: str) -> str:
@@ -35,13 +48,14 @@ def format_answer(letter: str) -> str:
     return f"{ANSWER_PREFIX}{letter}"
 
 
-def build_messages(question: str, options: Mapping[str, str], answer: str | None = None) -> list[dict]:
-    """Chat messages for one question; with ``answer`` (a letter) the assistant turn is included."""
+def build_messages(question: str, options: Mapping[str, str], answer: str | None = None, context=None) -> list[dict]:
+    """Chat messages for one question; with ``answer`` (a letter) the assistant turn is included,
+    with ``context`` ((book, text) pairs from retrieval) the passages precede the question."""
     if answer is not None and answer not in options:
         raise ValueError(f"answer {answer!r} is not one of the options {sorted(options)}")
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": format_user(question, options)},
+        {"role": "user", "content": format_user(question, options, context)},
     ]
     if answer is not None:
         messages.append({"role": "assistant", "content": format_answer(answer)})

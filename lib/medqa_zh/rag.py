@@ -435,3 +435,20 @@ def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, 
 
     shutil.rmtree(parts)
     return Dense(encoder, np.load(emb_path, mmap_mode="r"), meta)
+
+
+# --------------------------------------------------------------------------- context for the prompt
+
+
+def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passage]:
+    """The best passages, in rank order, while their formatted block (``prompts.format_context``)
+    stays within ``budget`` tokens as ``count_tokens(text) -> int`` counts them (the served model's
+    tokenizer). Stops at the first passage that does not fit, so rank order is kept; may be empty."""
+    from . import prompts
+
+    chosen = []
+    for p in ranked:
+        if count_tokens(prompts.format_context([(q.book, q.text) for q in chosen + [p]])) > budget:
+            break
+        chosen.append(p)
+    return chosen
