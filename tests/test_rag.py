@@ -164,9 +164,11 @@ def test_query_has_the_question_and_every_option():
 
 def test_option_hits_normalize_and_ignore_empty_options():
     options = {"A": "纤维素性炎", "B": "化脓性 炎", "C": "（  ）", "D": "Ｘ线"}
-    assert rag.option_hits("大叶性肺炎是纤维素性炎。", options, "A") == {"correct": True, "wrong": False}
-    assert rag.option_hits("大叶性肺炎是纤维素性炎。", options, "B") == {"correct": False, "wrong": True}
-    assert rag.option_hits("小叶性肺炎为化脓性炎！", options, "B") == {"correct": True, "wrong": False}  # space, ！
+    assert rag.option_hits("大叶性肺炎是纤维素性炎。", options, "A") == {"correct": True, "wrong": False,
+                                                                       "wrong_per_option": 0.0}
+    assert rag.option_hits("大叶性肺炎是纤维素性炎。", options, "B") == {"correct": False, "wrong": True,
+                                                                       "wrong_per_option": 1 / 3}
+    assert rag.option_hits("小叶性肺炎为化脓性炎！", options, "B")["correct"]  # the space and ！ do not matter
     assert rag.option_hits("胸部x线检查", options, "D")["correct"]  # full-width Ｘ, any case
     assert not rag.option_hits("（）", options, "C")["correct"]  # all punctuation: never counts
 
@@ -183,6 +185,7 @@ def test_retrieval_quality_on_a_hand_made_example():
     assert table.loc[("good", 2), ["contains_correct", "contains_wrong"]].tolist() == [1.0, 0.0]
     assert table.loc[("topic only", 1), ["contains_correct", "contains_wrong"]].tolist() == [0.0, 1.0]
     assert table.loc[("topic only", 2), "difference"] == 0.0  # both options in view: no signal
+    assert table.loc[("good", 1), "lift"] == 1.0 and table.loc[("topic only", 1), "lift"] == -1.0
     assert table.loc[("lost", 1), "contains_correct"] == 0.0 and table.loc[("lost", 2), "contains_correct"] == 0.5
     with pytest.raises(ValueError, match="1 rankings for 2 questions"):
         rag.retrieval_quality(questions, {"short": [[0]]}, passages, ks=(1,))

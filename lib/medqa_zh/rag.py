@@ -312,8 +312,9 @@ def option_hits(context: str, options, answer: str) -> dict:
         t = normalize(text)
         return bool(t) and t in ctx
 
-    return {"correct": found(options[answer]),
-            "wrong": any(found(text) for letter, text in options.items() if letter != answer)}
+    wrong = [found(text) for letter, text in options.items() if letter != answer]
+    return {"correct": found(options[answer]), "wrong": any(wrong),
+            "wrong_per_option": sum(wrong) / len(wrong) if wrong else 0.0}
 
 
 def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
@@ -321,6 +322,11 @@ def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
     option's text, the share that contain a wrong option's text, and the difference. Without
     gold passages this is the signal: a retriever that finds the *answer* more often than a
     distractor is finding evidence, not just the topic.
+
+    A question has one correct option and three or four wrong ones, so "contains *a* wrong option"
+    has more chances than "contains *the* correct one". ``wrong_per_option`` is the share for one
+    wrong option on average, the fair baseline: an uninformative retriever finds the correct option
+    as often as any one wrong option, so ``lift = contains_correct - wrong_per_option`` is about 0.
 
     ``rankings``: retriever name -> one ranked list of passage indices per question (best first,
     at least ``max(ks)`` long); ``passages``: the corpus's passages (anything with ``.text``)."""
@@ -335,8 +341,10 @@ def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
                     for q, r in zip(questions, ranked)]
             correct = sum(h["correct"] for h in hits) / len(hits)
             wrong = sum(h["wrong"] for h in hits) / len(hits)
+            per_option = sum(h["wrong_per_option"] for h in hits) / len(hits)
             rows.append({"retriever": name, "k": k, "contains_correct": correct, "contains_wrong": wrong,
-                         "difference": correct - wrong, "n": len(hits)})
+                         "difference": correct - wrong, "wrong_per_option": per_option,
+                         "lift": correct - per_option, "n": len(hits)})
     return pd.DataFrame(rows)
 
 
