@@ -11,7 +11,7 @@ SHARED_MEDQA = Path(os.environ.get("MEDQA_SHARED_DIR", REPO.parent / "shared" / 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """Tests see no MEDQA_* settings from the shell that runs them."""
-    for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_PROFILE", "MEDQA_ROOT"):
+    for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -9,7 +9,8 @@ from helpers import REPO, server_processes
 from medqa_zh import merge, tiny
 
 pytestmark = pytest.mark.slow
-SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api")
+SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
+          "08_eval_rag")
 
 
 def _kernel():
@@ -39,7 +40,7 @@ def series(tmp_path_factory):
 
     def run(name):
         with pytest.MonkeyPatch.context() as mp:
-            for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_PROFILE"):
+            for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE"):
                 mp.delenv(var, raising=False)
             mp.setenv("MEDQA_ROOT", str(root))
             for earlier in SERIES[: SERIES.index(name) + 1]:
@@ -164,6 +165,31 @@ def test_07_api_answers_match_direct_generation(series):
     for name, r in agreement.items():
         assert float(r["agreement"]) >= 0.95, f"{name}: API and in-process answers agree on only {r['agreement']}"
     assert len(list((out / "eval" / "api").glob("*.jsonl"))) == 2
+    assert not server_processes()
+
+
+def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriever(series):
+    project, _ = series("08_eval_rag")
+    out = project / "outputs" / "smoke"
+    with open(out / "tables" / "08_retrieval_quality.csv", encoding="utf-8") as f:
+        quality = {(r["retriever"], int(r["k"])): r for r in csv.DictReader(f)}
+    assert set(quality) == {(r, k) for r in ("bm25-bigram", "bm25-jieba", "dense", "hybrid") for k in (1, 3, 5, 10)}
+    # the synthetic books state every answer: BM25 must find it, and more often than a distractor
+    assert float(quality["bm25-bigram", 3]["contains_correct"]) >= 0.9
+    assert float(quality["bm25-bigram", 1]["lift"]) > 0.3
+    n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
+    with open(out / "tables" / "08_rag.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["model"], r["condition"]) for r in rows} == {
+        (m, c) for m in ("base", "merged") for c in ("no RAG", "bm25", "dense", "hybrid")}
+    for r in rows:
+        assert int(r["n"]) == n_eval and int(r["failed"]) == 0 and 0 <= float(r["vs_no_rag_p"]) <= 1
+    rag_results = list((out / "eval" / "rag").glob("*.jsonl"))
+    assert len(rag_results) == 2 * 3
+    first = [json.loads(line) for line in rag_results[0].read_text(encoding="utf-8").splitlines()]
+    assert all(row["passages"] for row in first)  # every prompt carried passages, recorded by id
+    assert list((out / "rag").glob("passages-*.jsonl")) and list((out / "rag").glob("dense-*/embeddings.npy"))
+    assert (out / "figures" / "08_retrieval_quality.png").is_file() and (out / "figures" / "08_rag_accuracy.png").is_file()
     assert not server_processes()
 
 

@@ -236,3 +236,17 @@ def test_api_scorer_runs_inside_a_running_event_loop(server, tiny):
 
     rows = asyncio.run(from_a_notebook_cell())
     assert [r["id"] for r in rows] == [q.id for q in questions[:2]] and not any(r.get("error") for r in rows)
+
+
+def test_api_scorer_puts_retrieved_passages_in_the_prompt_and_records_them(server, tiny):
+    from medqa_zh import rag
+
+    _, questions = tiny
+    qs = questions[:2]
+    passage = rag.Passage("内科学", 3, 0, 0, "虚拟甲一综合征首选示例药07号治疗。" * 3)
+    plain = scorer(server)(qs)
+    with_rag = evaluate.api_scorer(server.base_url, server.model, max_new_tokens=8,
+                                   contexts={qs[0].id: [passage], qs[1].id: []})(qs)
+    assert with_rag[0]["passages"] == ["内科学:3:0"] and with_rag[1]["passages"] == []
+    assert with_rag[0]["prompt_tokens"] > plain[0]["prompt_tokens"] + 20  # the passage went into the prompt
+    assert with_rag[1]["prompt_tokens"] == plain[1]["prompt_tokens"]  # no passage: the plain prompt

@@ -3,8 +3,9 @@
 ``profiles/<name>.yaml`` holds every path, split spec, size and setting. On top of it, in this
 order (later wins):
 
-1. the environment: ``MEDQA_BASE_MODEL`` -> ``model.base`` (a hub id or a local dir) and
-   ``MEDQA_DIR`` -> ``data.medqa_dir`` (a folder in MedQA's ``data_clean`` layout);
+1. the environment: ``MEDQA_BASE_MODEL`` -> ``model.base`` (a hub id or a local dir),
+   ``MEDQA_DIR`` -> ``data.medqa_dir`` (a folder in MedQA's ``data_clean`` layout) and
+   ``MEDQA_EMBEDDER`` -> ``rag.embedder`` (a sentence-transformers hub id or local dir);
 2. the notebook's papermill parameter ``overrides``, by dotted key:
    ``papermill 01_data.ipynb out.ipynb -y 'overrides: {data.splits.eval: "dev[:100]"}'``.
 
@@ -29,7 +30,7 @@ import yaml
 
 DEFAULT_PROFILE = "smoke"
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-ENV_OVERRIDES = {"MEDQA_BASE_MODEL": "model.base", "MEDQA_DIR": "data.medqa_dir"}
+ENV_OVERRIDES = {"MEDQA_BASE_MODEL": "model.base", "MEDQA_DIR": "data.medqa_dir", "MEDQA_EMBEDDER": "rag.embedder"}
 PACKAGES = (
     "medqa-zh", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "sentence-transformers",
     "bm25s", "rank-bm25", "pandas", "matplotlib", "papermill", "vllm",
@@ -133,6 +134,12 @@ class Config:
         """A hub id, or an absolute local dir."""
         value = str(self["model.base"])
         return value if _is_hub_id(value, self.root) else str(self.path("model.base"))
+
+    @property
+    def embedder(self) -> str:
+        """The sentence-transformers model for dense retrieval: a hub id, or an absolute local dir."""
+        value = str(self["rag.embedder"])
+        return value if _is_hub_id(value, self.root) else str(self.path("rag.embedder"))
 
     @property
     def questions_dir(self) -> Path:

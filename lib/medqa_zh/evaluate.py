@@ -241,7 +241,8 @@ def _run_coroutine(coro):
 
 
 def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_tokens: int = 16,
-               concurrency: int = 4, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0):
+               concurrency: int = 4, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
+               contexts: dict | None = None):
     """A ``score_batch`` for :func:`run_cached` that asks an OpenAI-compatible server
     (``/v1/chat/completions``) the questions of each batch, at most ``concurrency`` at a time.
 
@@ -251,6 +252,9 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
     row with ``pred=None`` and its ``error``: counted as wrong now, tried again by the next run.
     When no request of a batch could even connect, the server is gone: :class:`ServerDownError`
     (the questions finished so far are already saved). Rows carry ``latency_s`` and ``attempts``.
+
+    ``contexts`` (RAG): question id -> retrieved passages (with ``book``, ``text``, ``id``), put in
+    the prompt by :func:`prompts.build_messages`; the row records the passage ids.
     """
     import asyncio
 
@@ -259,7 +263,10 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
     from . import answers, prompts
 
     async def ask(client, semaphore, q):
-        messages = prompts.build_messages(q.question, q.options)
+        passages = contexts.get(q.id, []) if contexts is not None else None
+        messages = prompts.build_messages(q.question, q.options,
+                                          context=[(p.book, p.text) for p in passages] if passages else None)
+        extra = {"passages": [p.id for p in passages]} if passages is not None else {}
         error, connect_failed = None, False
         for attempt in range(retries + 1):
             if attempt:
@@ -272,7 +279,8 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
                     text = reply.choices[0].message.content or ""
                     return {"id": q.id, "gold": q.answer_idx,
                             "pred": answers.extract_letter(text, "".join(q.options)), "text": text,
-                            "latency_s": round(time.perf_counter() - start, 4), "attempts": attempt + 1}
+                            "latency_s": round(time.perf_counter() - start, 4), "attempts": attempt + 1,
+                            "prompt_tokens": reply.usage.prompt_tokens if reply.usage else None, **extra}
                 except openai.APITimeoutError as e:  # a subclass of APIConnectionError: the server did answer the connect
                     error, connect_failed = f"timeout after {timeout:g} s: {e}", False
                 except openai.APIConnectionError as e:
@@ -282,7 +290,7 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
                     if e.status_code in (400, 401, 403, 404, 422):  # our request is wrong: retrying cannot help
                         break
         return {"id": q.id, "gold": q.answer_idx, "pred": None, "text": None, "error": error,
-                "attempts": attempt + 1, "connect_failed": connect_failed}
+                "attempts": attempt + 1, "connect_failed": connect_failed, **extra}
 
     async def ask_all(batch):
         semaphore = asyncio.Semaphore(concurrency)
@@ -457,22 +465,40 @@ def generate_cached(cfg, name: str, questions, progress: bool = True) -> list[di
                       desc=f"{name}: generate")
 
 
-def api_cached(cfg, name: str, questions, progress: bool = True) -> list[dict]:
-    """One model's answers through the HTTP API (notebook 07): serve it with the profile's
-    ``serve`` settings, ask every question not yet in the cache (``eval.concurrency`` at a time),
-    stop the server. A complete cache starts no server at all."""
+def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dict | None = None) -> dict:
+    """One model's answers through the HTTP API (notebooks 07, 08), per condition: ``conditions``
+    maps a tag to the retrieved passages per question id (None: no passages, the plain API
+    evaluation of 07, tag ``""``). The model is served once with the profile's ``serve`` settings
+    for every condition not yet complete in its cache, and stopped; when all are cached no server
+    starts. Returns tag -> rows (just the rows when ``conditions`` is None)."""
     from . import serve
 
+    single = conditions is None
+    conditions = {"": None} if single else conditions
     backend = serve.pick_backend(cfg["serve.backend"])  # vLLM and transformers round differently: cached apart
-    path = results_path(cfg, name, f"api-{backend}", model_fingerprint(cfg, name), kind="api")
-    done = {row["id"] for row in read_results(path) if not row.get("error")}
-    if all(q.id in done for q in questions):
-        return run_cached(path, questions, score_batch=lambda batch: [], progress=False)  # nothing left to ask
-    concurrency = cfg["eval.concurrency"]
-    with serve.from_profile(cfg, available_models(cfg)[name]) as server:
-        score = api_scorer(server.base_url, server.model, server.api_key, max_new_tokens=cfg["eval.max_new_tokens"],
-                           concurrency=concurrency, timeout=cfg["eval.request_timeout"], retries=cfg["eval.retries"])
-        return run_cached(path, questions, score, batch_size=4 * concurrency, progress=progress, desc=f"{name}: API")
+    fp = model_fingerprint(cfg, name)
+    paths = {tag: results_path(cfg, name, f"api-{backend}" + (f"-{tag}" if tag else ""), fp,
+                               kind="api" if contexts is None else "rag")
+             for tag, contexts in conditions.items()}
+
+    def complete(path):
+        done = {row["id"] for row in read_results(path) if not row.get("error")}
+        return all(q.id in done for q in questions)
+
+    out = {tag: run_cached(path, questions, score_batch=lambda batch: [], progress=False)
+           for tag, path in paths.items() if complete(path)}
+    todo = [tag for tag in conditions if tag not in out]
+    if todo:
+        concurrency = cfg["eval.concurrency"]
+        with serve.from_profile(cfg, available_models(cfg)[name]) as server:
+            for tag in todo:
+                score = api_scorer(server.base_url, server.model, server.api_key,
+                                   max_new_tokens=cfg["eval.max_new_tokens"], concurrency=concurrency,
+                                   timeout=cfg["eval.request_timeout"], retries=cfg["eval.retries"],
+                                   contexts=conditions[tag])
+                out[tag] = run_cached(paths[tag], questions, score, batch_size=4 * concurrency, progress=progress,
+                                      desc=f"{name}: API" + (f" + {tag}" if tag else ""))
+    return out[""] if single else {tag: out[tag] for tag in conditions}
 
 
 def latency_table(results: dict) -> "pd.DataFrame":

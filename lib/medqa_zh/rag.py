@@ -460,3 +460,58 @@ def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passag
             break
         chosen.append(p)
     return chosen
+
+
+# --------------------------------------------------------------------------- everything a profile asks for
+
+
+class Retrieval:
+    """The corpus and the retrievers of one profile's ``rag`` section, built or loaded from
+    ``outputs/<profile>/rag/``: ``rank(queries, "bm25" | "dense" | "hybrid", k)``."""
+
+    def __init__(self, corpus: Corpus, bm25: BM25 | None, dense: Dense | None, rrf_k: int = 60):
+        self.corpus, self.bm25, self.dense, self.rrf_k = corpus, bm25, dense, rrf_k
+
+    @classmethod
+    def from_profile(cls, cfg, progress: bool = True) -> "Retrieval":
+        corpus = build_corpus(cfg.textbooks_dir, cfg["rag.max_chars"], cfg["rag.overlap"], progress=progress)
+        cache = cfg.out / "rag"
+        save_passages(corpus, cache / f"passages-{corpus.fingerprint}.jsonl")
+        wanted = set(cfg["rag.retrievers"])
+        unknown = wanted - {"bm25", "dense", "hybrid"}
+        if unknown:
+            raise ValueError(f"rag.retrievers: unknown {', '.join(sorted(unknown))} (choose from bm25, dense, hybrid)")
+        bm25 = bm25_index(corpus, cache, cfg["rag.tokenizer"], progress) if wanted & {"bm25", "hybrid"} else None
+        dense = dense_index(corpus, cfg.embedder, cache, progress=progress) if wanted & {"dense", "hybrid"} else None
+        return cls(corpus, bm25, dense, cfg["rag.rrf_k"])
+
+    def rank(self, queries: list[str], method: str, k: int = 10) -> list[list[int]]:
+        """Passage indices, best first, ``k`` per query. Hybrid fuses the top 50 of each retriever."""
+        if method == "bm25":
+            return [[i for i, _ in hits] for hits in self.bm25.search(queries, k)]
+        if method == "dense":
+            return [[i for i, _ in hits] for hits in self.dense.search(queries, k)]
+        if method == "hybrid":
+            depth = max(k, 50)
+            pairs = zip(self.rank(queries, "bm25", depth), self.rank(queries, "dense", depth))
+            return [[i for i, _ in reciprocal_rank_fusion([b, d], self.rrf_k)[:k]] for b, d in pairs]
+        raise ValueError(f"unknown retriever {method!r}: bm25, dense or hybrid")
+
+    def tag(self, method: str, k: int, budget: int) -> str:
+        """A name for one RAG condition's cached results that changes with anything its passages
+        depend on: the corpus, the retriever and its model or terms, ``k`` and the token budget."""
+        parts = [method, self.corpus.fingerprint, k, budget]
+        if method in ("bm25", "hybrid"):
+            parts.append(self.bm25.tokenizer)
+        if method in ("dense", "hybrid"):
+            parts.append(self.dense.meta["embedder"])
+        if method == "hybrid":
+            parts.append(self.rrf_k)
+        return f"rag-{method}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:8]}"
+
+    def contexts(self, questions, method: str, k: int, count_tokens, budget: int) -> dict[str, list[Passage]]:
+        """Question id -> the passages for its prompt: the top ``k`` for question + options, cut to
+        the token ``budget`` (:func:`fit_context`)."""
+        ranked = self.rank([query_text(q.question, q.options) for q in questions], method, k)
+        return {q.id: fit_context([self.corpus.passages[i] for i in r], count_tokens, budget)
+                for q, r in zip(questions, ranked)}

@@ -129,3 +129,38 @@ def plot_loss_curves(logs: dict[str, list[dict]]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_retrieval_quality(table):
+    """From :func:`medqa_zh.rag.retrieval_quality`: per retriever, how often the top k contain the
+    correct option (solid) and one wrong option on average (dashed), against k."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, rows) in enumerate(table.groupby("retriever", sort=False)):
+        ax.plot(rows["k"], rows["contains_correct"], color=f"C{i}", marker="o", label=f"{name}: correct option")
+        ax.plot(rows["k"], rows["wrong_per_option"], color=f"C{i}", ls="--", marker=".", label=f"{name}: a wrong option")
+    ax.set_xlabel("passages retrieved (k)")
+    ax.set_ylabel("share of questions")
+    ax.set_title("Do the passages contain the answer, or a distractor?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_accuracy(summary, label: str = "condition"):
+    """Accuracy with its 95% interval as error bars, one bar per row of ``summary`` (columns
+    ``model``, ``label``, ``accuracy``, ``ci_low``, ``ci_high``), grouped by model."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    models = list(dict.fromkeys(summary["model"]))
+    conditions = list(dict.fromkeys(summary[label]))
+    width = 0.8 / len(conditions)
+    for j, cond in enumerate(conditions):
+        rows = summary[summary[label] == cond].set_index("model").reindex(models)
+        x = [m + j * width for m in range(len(models))]
+        err = [rows["accuracy"] - rows["ci_low"], rows["ci_high"] - rows["accuracy"]]
+        ax.bar(x, rows["accuracy"], width, yerr=err, capsize=3, label=str(cond), color=f"C{j}")
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], models)
+    ax.set_ylabel("accuracy (95% interval)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
