@@ -33,3 +33,19 @@ def test_eval_throughput_compares_every_method_on_the_same_questions(tiny_assets
     assert set(rows) >= set(methods)
     assert all(int(rows[m][2]) == 6 for m in methods)  # the same questions for every method
     assert "letter scoring vs the seed's method: " in out.stdout
+
+
+def test_rag_latency_measures_every_retriever(tiny_assets):
+    medqa = tiny_assets["medqa"]
+    out = subprocess.run(
+        [sys.executable, REPO / "bench" / "rag_latency.py", medqa / "textbooks" / "zh_paragraph",
+         medqa / "questions" / "Mainland" / "test.jsonl", "--embedder", tiny_assets["encoder"], "--start", "0",
+         "--queries", "20", "--max-chars", "120", "--overlap", "20"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")]
+    for step in ("bm25-bigram: build", "bm25-jieba: query", "dense: load from cache", "dense: query (embed + search)",
+                 "hybrid: query"):
+        assert step in steps, steps
+    assert any(s.startswith("rank-bm25 on") for s in steps) and "same top passage" in out.stdout
