@@ -476,7 +476,9 @@ class Retrieval:
     def from_profile(cls, cfg, progress: bool = True) -> "Retrieval":
         corpus = build_corpus(cfg.textbooks_dir, cfg["rag.max_chars"], cfg["rag.overlap"], progress=progress)
         cache = cfg.out / "rag"
-        save_passages(corpus, cache / f"passages-{corpus.fingerprint}.jsonl")
+        passages_file = cache / f"passages-{corpus.fingerprint}.jsonl"
+        if not passages_file.is_file():  # for readers and other tools; the indexes do not need it
+            save_passages(corpus, passages_file)
         wanted = set(cfg["rag.retrievers"])
         unknown = wanted - {"bm25", "dense", "hybrid"}
         if unknown:
