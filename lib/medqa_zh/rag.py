@@ -258,7 +258,7 @@ class BM25:
     def search(self, queries: list[str], k: int = 10) -> list[list[tuple[int, float]]]:
         """For each query, the ``k`` best passages as (passage index, score), best first."""
         tokens = [tokenize(q, self.tokenizer) or ["<empty>"] for q in queries]
-        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)  # n_threads=0: no thread pool
         return [[(int(d), float(s)) for d, s in zip(row_d, row_s)] for row_d, row_s in zip(docs, scores)]
 
 
