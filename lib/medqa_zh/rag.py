@@ -394,6 +394,11 @@ def _embedder_slug(name_or_path: str) -> str:
     return f"{Path(str(name_or_path)).name}-{hashlib.sha256(str(name_or_path).encode()).hexdigest()[:8]}"
 
 
+def dense_folder(corpus: Corpus, embedder: str, cache_dir) -> Path:
+    """Where :func:`dense_index` keeps the embeddings of ``corpus`` by ``embedder``."""
+    return Path(cache_dir) / f"dense-{_embedder_slug(embedder)}-{corpus.fingerprint}"
+
+
 def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, part_size: int = 4096,
                 progress: bool = True, encoder=None) -> Dense:
     """Embeddings of every passage with ``embedder``, computed once per (corpus, embedder) and kept
@@ -406,7 +411,7 @@ def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, 
     import numpy as np
     from tqdm.auto import tqdm
 
-    folder = Path(cache_dir) / f"dense-{_embedder_slug(embedder)}-{corpus.fingerprint}"
+    folder = dense_folder(corpus, embedder, cache_dir)
     encoder = encoder or load_embedder(embedder)
     meta_path, emb_path = folder / "meta.json", folder / "embeddings.npy"
     if meta_path.is_file() and emb_path.is_file():
