@@ -347,12 +347,33 @@ def read_results(path) -> list[dict]:
     return rows
 
 
-def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool = True, desc: str = "evaluating"):
+INDEX = "index.json"
+
+
+def record(path, model: str, evaluation: str) -> Path:
+    """Note in ``eval/index.json`` (beside the ``direct``/``api``/``rag`` folders) that the results
+    file ``path`` holds ``model``'s answers for ``evaluation`` ("letter", "generate", "api",
+    "api+rag bm25", ...). The report (10) reads what the index names; a later run of the same
+    model and evaluation replaces the entry."""
+    path = Path(path)
+    index = path.parent.parent / INDEX
+    entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+    entries[f"{model}|{evaluation}"] = {"model": model, "evaluation": evaluation,
+                                        "file": path.relative_to(index.parent).as_posix()}
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.replace(index)
+    return index
+
+
+def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool = True, desc: str = "evaluating",
+               label: tuple[str, str] | None = None):
     """Evaluate ``questions`` with ``score_batch(list of questions) -> list of result rows``,
     appending each batch's rows to the jsonl ``path`` as soon as they exist. A rerun reads the file
     and only evaluates the questions not in it, so a crash loses at most one batch. A row with an
     ``error`` (an API request that failed) counts as wrong in this run and is tried again in the
-    next. Returns all rows, in the order of ``questions``."""
+    next. ``label`` (model, evaluation): :func:`record` the file for the report once every question
+    has a row. Returns all rows, in the order of ``questions``."""
     from tqdm.auto import tqdm
 
     path = Path(path)
@@ -379,6 +400,8 @@ def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool
                 done[row["id"]] = row
             f.flush()
             bar.update(len(rows))
+    if label is not None:
+        record(path, *label)
     return [done[q.id] for q in questions]
 
 
@@ -462,15 +485,17 @@ def generate_cached(cfg, name: str, questions, progress: bool = True) -> list[di
 
     path = results_path(cfg, name, "generate", model_fingerprint(cfg, name))
     return run_cached(path, questions, score, batch_size=cfg["eval.batch_size"], progress=progress,
-                      desc=f"{name}: generate")
+                      desc=f"{name}: generate", label=(name, "generate"))
 
 
-def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dict | None = None) -> dict:
+def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dict | None = None,
+               labels: dict | None = None) -> dict:
     """One model's answers through the HTTP API (notebooks 07, 08), per condition: ``conditions``
     maps a tag to the retrieved passages per question id (None: no passages, the plain API
     evaluation of 07, tag ``""``). The model is served once with the profile's ``serve`` settings
     for every condition not yet complete in its cache, and stopped; when all are cached no server
-    starts. Returns tag -> rows (just the rows when ``conditions`` is None)."""
+    starts. ``labels``: tag -> the evaluation's name in the report (default "api" for ``""``,
+    "api+<tag>" otherwise). Returns tag -> rows (just the rows when ``conditions`` is None)."""
     from . import serve
 
     single = conditions is None
@@ -485,7 +510,8 @@ def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dic
         done = {row["id"] for row in read_results(path) if not row.get("error")}
         return all(q.id in done for q in questions)
 
-    out = {tag: run_cached(path, questions, score_batch=lambda batch: [], progress=False)
+    labels = {tag: (labels or {}).get(tag) or ("api" if not tag else f"api+{tag}") for tag in conditions}
+    out = {tag: run_cached(path, questions, score_batch=lambda batch: [], progress=False, label=(name, labels[tag]))
            for tag, path in paths.items() if complete(path)}
     todo = [tag for tag in conditions if tag not in out]
     if todo:
@@ -497,7 +523,7 @@ def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dic
                                    timeout=cfg["eval.request_timeout"], retries=cfg["eval.retries"],
                                    contexts=conditions[tag])
                 out[tag] = run_cached(paths[tag], questions, score, batch_size=4 * concurrency, progress=progress,
-                                      desc=f"{name}: API" + (f" + {tag}" if tag else ""))
+                                      desc=f"{name}: API" + (f" + {tag}" if tag else ""), label=(name, labels[tag]))
     return out[""] if single else {tag: out[tag] for tag in conditions}
 
 
