@@ -89,3 +89,31 @@ def test_rag_context_comes_first_cites_books_and_leaves_the_rest_unchanged():
     assert user.startswith(prompts.CONTEXT_INTRO + "\n[1]《内科学》段落一。\n[2]《病理学》段落二。\n\n")
     assert user.endswith(plain[1]["content"]) and rag[0] == plain[0]
     assert prompts.build_messages("问题", OPTIONS, context=[]) == plain  # no passages: the training prompt
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("下列哪项正确？\nA. 甲\nB. 乙", ("下列哪项正确？", {"A": "甲", "B": "乙"})),
+    ("多行\n题干？\nA、甲\n\nB、乙\nC：丙", ("多行\n题干？", {"A": "甲", "B": "乙", "C": "丙"})),
+    ("题干\n(A) 甲\n（B）乙", ("题干", {"A": "甲", "B": "乙"})),
+    (f"{prompts.INSTRUCTION}\n\n题干\na. 甲\nb. 乙", ("题干", {"A": "甲", "B": "乙"})),
+    ("你好，请解释高血压。", None),  # no options
+    ("题干\nA. 甲", None),  # one option is not a choice
+    ("题干\nA. 甲\nC. 丙", None),  # letters out of order
+    ("A. 甲\nB. 乙", None),  # no question
+    ("题干\nA. 甲\nB. 乙\n还有一句", None),  # text after the options: not a plain question
+])
+def test_parse_question(text, expected):
+    assert prompts.parse_question(text) == expected
+
+
+def test_chat_messages_reuse_the_evaluated_prompt_for_a_typed_question():
+    options = {"A": "甲", "B": "乙"}
+    context = [("内科学", "一段文字。")]
+    assert prompts.chat_messages([], "题干\nA. 甲\nB. 乙") == prompts.build_messages("题干", options)
+    assert prompts.chat_messages([], "题干\nA. 甲\nB. 乙", context) == prompts.build_messages("题干", options,
+                                                                                           context=context)
+    history = [{"role": "user", "content": "上一题"}, {"role": "assistant", "content": "答案：A"}]
+    free = prompts.chat_messages(history, " 为什么？ ", context)
+    assert free[0]["role"] == "system" and free[1:3] == history
+    assert free[3]["content"] == prompts.format_context(context) + "\n\n为什么？"
+    assert prompts.chat_messages([], "为什么？")[-1]["content"] == "为什么？"

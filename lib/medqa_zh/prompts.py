@@ -9,12 +9,17 @@ A multiple-choice question becomes a chat:
 With retrieval (RAG, notebook 08) the user turn starts with the passages, each citing its book
 (``format_context``); everything after them is unchanged.
 
+The chat demo (09) uses the same format: a message that is a question with lettered options
+becomes exactly this user turn (``chat_messages``); any other message is sent as typed, after the
+passages when retrieval is on.
+
 Letter scoring (later notebooks) reads the log-probability of each letter right after the
 assistant's ``ANSWER_PREFIX``; generate-and-parse asks for exactly this line. Change the format
 here and every path changes with it.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 SYSTEM_PROMPT = "你是一名医学专家，正在解答中国执业医师资格考试的单项选择题。"
@@ -68,3 +73,42 @@ def answer_prompt(tokenizer, question: str, options: Mapping[str, str]) -> str:
     which is what letter scoring reads and what the merge check compares."""
     text = tokenizer.apply_chat_template(build_messages(question, options), tokenize=False, add_generation_prompt=True)
     return text + ANSWER_PREFIX
+
+
+_OPTION_LINE = re.compile(r"^\s*(?:[(（]([A-Ea-e])[)）]\s*[.．、:：]?|([A-Ea-e])\s*[.．、:：])\s*(\S.*)$")
+
+
+def parse_question(text: str) -> tuple[str, dict[str, str]] | None:
+    """A typed multiple-choice question, ``(question, {"A": ..., ...})``: the lines before the first
+    option line are the question, and the options are lines such as ``A. ...``, ``B、...`` or
+    ``(C) ...``, lettered A, B, C, ... in order (at least two). None when ``text`` is not one."""
+    lines = text.strip().splitlines()
+    first = next((i for i, line in enumerate(lines) if _OPTION_LINE.match(line)), None)
+    if first is None or first == 0:
+        return None
+    options = {}
+    for line in lines[first:]:
+        if not line.strip():
+            continue
+        m = _OPTION_LINE.match(line)
+        letter = (m.group(1) or m.group(2)).upper() if m else None
+        if len(options) == 5 or letter != "ABCDE"[len(options)]:
+            return None
+        options[letter] = m.group(3).strip()
+    question = "\n".join(lines[:first]).strip()
+    # the user may have typed the instruction or the answer hint themselves: keep just the question
+    question = question.replace(INSTRUCTION, "").strip()
+    return (question, options) if len(options) >= 2 and question else None
+
+
+def chat_messages(history: list[dict], message: str, context=None) -> list[dict]:
+    """Messages for one chat turn: the system prompt, the earlier turns (``history``, role/content
+    dicts) and ``message``. A message that :func:`parse_question` reads as a question with options
+    becomes the evaluation's user turn (:func:`format_user`), so the demo asks exactly what was
+    measured; any other message is sent as typed. ``context`` ((book, text) pairs) goes first."""
+    parsed = parse_question(message)
+    if parsed:
+        user = format_user(*parsed, context=context)
+    else:
+        user = f"{format_context(context)}\n\n{message.strip()}" if context else message.strip()
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]

@@ -1,0 +1,296 @@
+"""The chat of notebook 09: one function answers a turn; an ipywidgets panel calls it.
+
+``Chat.respond(message, model, retriever)`` is the whole turn: retrieve passages (optional),
+build the messages with :func:`prompts.chat_messages` (a typed exam question gets exactly the
+evaluated prompt), stream the reply token by token from a backend, and keep the history. The
+widget's send button calls :meth:`ChatPanel.send`, which calls ``respond``; under papermill the
+notebook calls ``send`` itself, so the headless run exercises the code a person clicks.
+
+Backends stream text pieces for a list of messages, with greedy decoding as in the evaluations:
+
+* :class:`ApiBackend`: an OpenAI-compatible server (``/v1/chat/completions`` with ``stream``),
+  e.g. one started by notebook 05 or ``python -m medqa_zh.serve``;
+* :class:`LocalBackend`: a model loaded in this kernel, streamed with transformers'
+  ``TextIteratorStreamer`` (no server needed).
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from . import prompts
+
+DISCLAIMER = ("教学演示：这是在考试题上微调的小模型，回答可能是错的，不构成医疗建议。"
+              "A teaching model trained on exam questions: its answers may be wrong and are not medical advice.")
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class ApiBackend:
+    """Streams a reply from an OpenAI-compatible server; ``model`` is the name the server serves."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 256,
+                 timeout: float = 120.0, tokenizer=None):
+        import openai
+
+        self.model, self.max_tokens, self.tokenizer = model, max_tokens, tokenizer
+        self.base_url = base_url
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        import openai
+
+        try:
+            chunks = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
+                                                         max_tokens=self.max_tokens, stream=True)
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        except openai.APIConnectionError as e:
+            raise ConnectionError(f"no answer from the server at {self.base_url} ({e}); is it running? "
+                                  "Start one with notebook 05 or `python -m medqa_zh.serve MODEL_DIR`.") from e
+
+
+class LocalBackend:
+    """Streams a reply from a model loaded in this process (``load()`` returns (model, tokenizer),
+    called on first use, so listing a model costs nothing until it is chosen)."""
+
+    def __init__(self, load: Callable, max_tokens: int = 256):
+        self._load, self.max_tokens = load, max_tokens
+        self._loaded = None
+
+    @property
+    def tokenizer(self):
+        return self._get()[1]
+
+    def _get(self):
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        model, tokenizer = self._get()
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        failure = []
+
+        def generate():
+            try:
+                with torch.inference_mode():
+                    model.generate(**inputs, streamer=streamer, max_new_tokens=self.max_tokens, do_sample=False,
+                                   temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            except Exception as e:  # re-raised below, in the caller's thread
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        yield from (piece for piece in streamer if piece)
+        worker.join()
+        if failure:
+            raise failure[0]
+
+
+# --------------------------------------------------------------------------- one turn
+
+
+@dataclass
+class Reply:
+    message: str
+    text: str
+    model: str
+    retriever: str | None
+    passages: list = field(default_factory=list)  # rag.Passage, in the order they were given
+    seconds: float = 0.0
+    first_piece_s: float | None = None
+    pieces: int = 0
+
+
+class Chat:
+    """The conversation: ``backends`` maps a model name to a backend; ``retrieval`` (a
+    :class:`rag.Retrieval`, optional) supplies passages, the top ``top_k`` that fit ``context_tokens``."""
+
+    def __init__(self, backends: dict, retrieval=None, top_k: int = 3, context_tokens: int = 768):
+        if not backends:
+            raise ValueError("no model to chat with: train one (02-04) or pass an endpoint")
+        self.backends, self.retrieval = backends, retrieval
+        self.top_k, self.context_tokens = top_k, context_tokens
+        self.history: list[dict] = []
+        self.replies: list[Reply] = []
+
+    @property
+    def retrievers(self) -> list[str]:
+        if self.retrieval is None:
+            return []
+        return [m for m, needs in (("bm25", ("bm25",)), ("dense", ("dense",)), ("hybrid", ("bm25", "dense")))
+                if all(getattr(self.retrieval, n) is not None for n in needs)]
+
+    def passages_for(self, message: str, retriever: str, tokenizer) -> list:
+        parsed = prompts.parse_question(message)
+        query = message if parsed is None else f"{parsed[0]}\n" + "\n".join(parsed[1].values())
+        ranked = self.retrieval.rank([query], retriever, self.top_k)[0]
+        from . import rag
+
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        return rag.fit_context([self.retrieval.corpus.passages[i] for i in ranked], count, self.context_tokens)
+
+    def respond(self, message: str, model: str, retriever: str | None = None,
+                on_piece: Callable[[str], None] | None = None) -> Reply:
+        """Answer ``message`` with ``model`` (a key of ``backends``), with passages from
+        ``retriever`` (bm25 | dense | hybrid; None: off). ``on_piece(text_so_far)`` is called as
+        pieces arrive. The turn joins the history only when the reply is complete."""
+        if not message.strip():
+            raise ValueError("empty message")
+        if model not in self.backends:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(self.backends)}")
+        if retriever and retriever not in self.retrievers:
+            raise ValueError(f"retriever {retriever!r} is not available here (available: "
+                             f"{', '.join(self.retrievers) or 'none; no index was loaded'})")
+        backend = self.backends[model]
+        passages = self.passages_for(message, retriever, backend.tokenizer) if retriever else []
+        messages = prompts.chat_messages(self.history, message,
+                                         context=[(p.book, p.text) for p in passages] or None)
+        start, first, text, pieces = time.perf_counter(), None, "", 0
+        for piece in backend.stream(messages):
+            if first is None:
+                first = time.perf_counter() - start
+            text += piece
+            pieces += 1
+            if on_piece:
+                on_piece(text)
+        reply = Reply(message, text.strip(), model, retriever, passages, time.perf_counter() - start, first, pieces)
+        # the history keeps the turn as the model saw it, so a follow-up question reads the same context
+        self.history += [messages[-1], {"role": "assistant", "content": reply.text}]
+        self.replies.append(reply)
+        return reply
+
+    def clear(self) -> None:
+        self.history.clear()
+        self.replies.clear()
+
+
+# --------------------------------------------------------------------------- the panel
+
+
+def render_reply(reply: Reply | None, message: str = "", partial: str = "") -> str:
+    """One exchange as HTML: the message, the (partial) answer, and the passages with their books."""
+    if reply is not None:
+        message, partial = reply.message, reply.text
+    out = [f'<div style="margin:6px 0"><b>你 · you</b><div style="white-space:pre-wrap">{html.escape(message)}</div></div>',
+           '<div style="margin:6px 0 12px 0;padding:6px;background:#f4f6fa;border-radius:4px">'
+           f'<b>模型 · model</b><div style="white-space:pre-wrap">{html.escape(partial) or "…"}</div>']
+    if reply is not None:
+        out.append(f'<div style="color:#777;font-size:85%">{html.escape(reply.model)}'
+                   f'{" + " + reply.retriever if reply.retriever else ""} · {reply.seconds:.1f} s</div>')
+        if reply.passages:
+            items = "".join(f"<li><b>《{html.escape(p.book)}》</b> <code>{html.escape(p.id)}</code>: "
+                            f"{html.escape(p.text)}</li>" for p in reply.passages)
+            out.append(f"<details><summary>参考段落 · sources ({len(reply.passages)})</summary>"
+                       f'<ol style="font-size:85%">{items}</ol></details>')
+        elif reply.retriever:
+            out.append('<div style="color:#a60;font-size:85%">no passage fit the context budget</div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+class ChatPanel:
+    """The ipywidgets chat: a model selector, a retrieval switch, the conversation, a message box,
+    send and clear buttons, and the disclaimer. ``send(text)`` is what the send button does."""
+
+    def __init__(self, chat: Chat, model: str | None = None, retriever: str | None = None):
+        import ipywidgets as w
+
+        self.chat = chat
+        self.model = w.Dropdown(options=list(chat.backends), value=model or list(chat.backends)[-1],
+                                description="model")
+        self.retriever = w.ToggleButtons(options=[("RAG off", None), *[(r, r) for r in chat.retrievers]],
+                                         value=retriever, description="passages")
+        self.history = w.HTML()
+        self.current = w.HTML()
+        self.box = w.Textarea(placeholder="输入问题（可带 A. B. C. 选项）… Type a question (options A. B. … optional)",
+                              layout=w.Layout(width="100%", height="90px"))
+        self.send_button = w.Button(description="发送 send", button_style="primary")
+        self.clear_button = w.Button(description="清空 clear")
+        self.status = w.HTML()
+        self.send_button.on_click(lambda _: self.send())
+        self.clear_button.on_click(lambda _: self.clear())
+        note = w.HTML(f'<div style="padding:6px;border:1px solid #e0a800;background:#fff8e1">⚠ {html.escape(DISCLAIMER)}</div>')
+        self.widget = w.VBox([note, w.HBox([self.model, self.retriever]), self.history, self.current, self.box,
+                              w.HBox([self.send_button, self.clear_button, self.status])])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def send(self, text: str | None = None) -> Reply | None:
+        """Answer ``text`` (default: the message box), streaming into the panel."""
+        message = self.box.value if text is None else text
+        if not message.strip():
+            self.status.value = "type a message first"
+            return None
+        self.box.value = ""
+        self.send_button.disabled = True
+        self.status.value = "answering…"
+        try:
+            reply = self.chat.respond(message, self.model.value, self.retriever.value,
+                                      on_piece=lambda partial: setattr(self.current, "value",
+                                                                       render_reply(None, message, partial)))
+        except Exception as e:
+            self.status.value = f'<span style="color:#b00">{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>'
+            self.current.value = ""
+            raise
+        finally:
+            self.send_button.disabled = False
+        self.current.value = ""
+        self.history.value += render_reply(reply)
+        self.status.value = f"{reply.pieces} pieces in {reply.seconds:.1f} s"
+        return reply
+
+    def clear(self) -> None:
+        self.chat.clear()
+        self.history.value = self.current.value = self.status.value = ""
+
+
+# --------------------------------------------------------------------------- a profile's chat
+
+
+def from_profile(cfg, endpoint: str | None = None, api_key: str | None = None, retrieval=None) -> Chat:
+    """The chat over one run's models. With ``endpoint`` (an OpenAI-compatible server's
+    ``/v1`` URL) every model it serves; without, every model the run has (base, lora, full, merged:
+    :func:`evaluate.available_models`), loaded in this kernel when first chosen. ``retrieval``: a
+    :class:`rag.Retrieval` for the passages (None: no RAG switch)."""
+    from . import evaluate, models
+
+    found = evaluate.available_models(cfg)
+    max_tokens = cfg["chat.max_new_tokens"]
+    if endpoint is None:
+        backends = {name: LocalBackend(lambda name=name: evaluate.load_for_eval(cfg, name), max_tokens)
+                    for name in found}
+    else:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            served = [m["id"] for m in httpx.get(endpoint.rstrip("/") + "/models", headers=headers,
+                                                 timeout=10).raise_for_status().json()["data"]]
+        except httpx.HTTPError as e:
+            raise ConnectionError(f"cannot list the models at {endpoint}/models ({e}); is the server running, "
+                                  "and is the URL its /v1 address?") from e
+        by_path = {str(path): name for name, path in found.items()}
+        backends = {}
+        for model_id in served:
+            # the tokenizer counts the passages' tokens; a served id that is not a local folder uses the base's
+            source = model_id if model_id in by_path else cfg.base_model
+            tokenizer = models.load_tokenizer(source, setting=by_path.get(model_id, "model.base"))
+            backends[by_path.get(model_id, model_id)] = ApiBackend(endpoint, model_id, api_key, max_tokens,
+                                                                   cfg["eval.request_timeout"], tokenizer)
+    return Chat(backends, retrieval, cfg["rag.top_k"], cfg["rag.context_tokens"])
