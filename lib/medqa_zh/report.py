@@ -164,3 +164,291 @@ def plot_accuracy(summary, label: str = "condition"):
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_letter_distribution(table):
+    """Share of each answer letter: gold vs each model's predictions (columns of ``table``, rows
+    the letters and ``invalid``), from :func:`medqa_zh.evaluate.letter_distribution`."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    width = 0.8 / len(table.columns)
+    for j, column in enumerate(table.columns):
+        style = {"color": "black", "alpha": 0.35} if column == "gold" else {"color": f"C{j}"}
+        ax.bar([i + j * width for i in range(len(table))], table[column], width, label=column, **style)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], table.index)
+    ax.set_ylabel("share of questions")
+    ax.set_title("Predicted answer letter vs gold (position bias shows as one tall bar)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_sections(table):
+    """Accuracy per section (rows) and model (columns), the sections' sizes in their labels."""
+    use_cjk_font()
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(table) * max(1, len(table.columns) / 2) + 1))
+    height = 0.8 / len(table.columns)
+    for j, column in enumerate(table.columns):
+        ax.barh([i + j * height for i in range(len(table))], table[column], height, label=column, color=f"C{j}")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(table))], table.index)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (few questions per section: wide uncertainty)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------- a run's results (notebook 10)
+
+EVALUATIONS = ("letter", "generate", "api", "api+rag bm25", "api+rag dense", "api+rag hybrid")
+MODELS = ("base", "lora", "full", "merged")
+
+
+def _order(value: str, known: tuple) -> tuple:
+    return (known.index(value), value) if value in known else (len(known), value)
+
+
+def collect(cfg, questions) -> tuple[dict, list[dict]]:
+    """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
+    ``{(model, evaluation): rows}``, and the entries left out with the reason: a missing file, a
+    model trained again since (its weights no longer match the file's fingerprint), or answers to
+    other questions than ``questions`` (the eval split at this profile's ``eval.max_questions``)."""
+    import json
+
+    from . import evaluate
+
+    index = cfg.out / "eval" / evaluate.INDEX
+    entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+    found = evaluate.available_models(cfg)
+    fingerprints, results, skipped = {}, {}, []
+    wanted = [q.id for q in questions]
+    for entry in sorted(entries.values(), key=lambda e: (_order(e["evaluation"], EVALUATIONS),
+                                                         _order(e["model"], MODELS))):
+        path, model = index.parent / entry["file"], entry["model"]
+        why = None
+        if not path.is_file():
+            why = f"{entry['file']} is missing"
+        elif model not in found:
+            why = f"the {model} model is gone from {cfg.out / 'models'}"
+        else:
+            if model not in fingerprints:
+                fingerprints[model] = evaluate.model_fingerprint(cfg, model)
+            if not path.stem.endswith("-" + fingerprints[model]):
+                why = f"the {model} model was trained again after {entry['file']} was written: rerun its evaluation"
+        if why is None:
+            rows = evaluate.read_results(path)
+            if sorted(r["id"] for r in rows) != sorted(wanted):
+                why = (f"{entry['file']} answers {len(rows)} questions, not the {len(wanted)} of this evaluation: "
+                       "rerun its notebook")
+            else:
+                order = {qid: i for i, qid in enumerate(wanted)}
+                results[model, entry["evaluation"]] = sorted(rows, key=lambda r: order[r["id"]])
+        if why:
+            skipped.append({"model": model, "evaluation": entry["evaluation"], "reason": why})
+    return results, skipped
+
+
+def results_table(results: dict):
+    """One row per (model, evaluation): n, accuracy, its 95% interval, invalid and failed answers,
+    and exact McNemar p-values against the base model on the same evaluation (``p_vs_base``) and,
+    for RAG rows, against the same model without passages (``p_vs_no_rag``)."""
+    import pandas as pd
+
+    from . import evaluate
+
+    rows = []
+    for (model, evaluation), got in results.items():
+        acc = evaluate.accuracy(got)
+        row = {"model": model, "evaluation": evaluation, "n": acc["n"], "accuracy": acc["accuracy"],
+               "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "invalid_rate": acc["invalid_rate"],
+               "failed": acc["failed"], "p_vs_base": float("nan"), "p_vs_no_rag": float("nan")}
+        if model != "base" and ("base", evaluation) in results:
+            row["p_vs_base"] = evaluate.mcnemar(results["base", evaluation], got)["p_value"]
+        if evaluation.startswith("api+rag") and (model, "api") in results:
+            row["p_vs_no_rag"] = evaluate.mcnemar(results[model, "api"], got)["p_value"]
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "invalid_rate",
+                                        "failed", "p_vs_base", "p_vs_no_rag"])
+    key = table.apply(lambda r: (_order(r["evaluation"], EVALUATIONS), _order(r["model"], MODELS)), axis=1)
+    return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
+
+
+def letter_table(results: dict, evaluation: str = "letter"):
+    """Share of each answer letter: the gold answers and each model's predictions on ``evaluation``
+    (rows A-E and invalid; columns gold, then the models)."""
+    import pandas as pd
+
+    from . import evaluate
+
+    got = {model: rows for (model, ev), rows in results.items() if ev == evaluation}
+    if not got:
+        return pd.DataFrame()
+    first = next(iter(got.values()))
+    table = pd.concat({m: evaluate.letter_distribution(rows)["predicted"] for m, rows in got.items()}, axis=1)
+    table.insert(0, "gold", evaluate.letter_distribution(first)["gold"])
+    return table
+
+
+def section_table(results: dict, questions, evaluation: str = "letter", top: int = 8):
+    """Accuracy per section (``meta_info``) for each model on ``evaluation``: the ``top`` largest
+    sections of ``questions``, labelled with their sizes."""
+    import pandas as pd
+
+    from . import evaluate
+
+    sections = {q.id: q.meta_info for q in questions}
+    columns = {}
+    for (model, ev), rows in results.items():
+        if ev == evaluation:
+            t = evaluate.by_section([{**r, "meta_info": sections[r["id"]]} for r in rows])
+            columns[model] = t.set_index(t["section"] + " (n=" + t["n"].astype(str) + ")")["accuracy"]
+    if not columns:
+        return pd.DataFrame()
+    table = pd.DataFrame(columns)
+    sizes = table.index.str.extract(r"\(n=(\d+)\)$", expand=False).astype(int)
+    return table.iloc[sorted(range(len(table)), key=lambda i: (-sizes[i], table.index[i]))[:top]]
+
+
+def manifest_summary(cfg):
+    """The run at a glance, from ``manifest.json``: profile, models, data, code version, machine,
+    library versions and when each notebook last ran."""
+    import json
+
+    import pandas as pd
+
+    m = json.loads((cfg.out / "manifest.json").read_text(encoding="utf-8"))
+    git = m.get("git", {})
+    device = m.get("torch_device", {})
+    rows = {
+        "profile": f"{m['profile']} ({m['profile_file']})",
+        "base model": m.get("base_model"),
+        "MedQA data": cfg["data.medqa_dir"],
+        "embedder (RAG)": cfg.embedder,
+        "eval questions": f"{cfg['data.splits.eval']}, first {cfg['eval.max_questions'] or 'all'}",
+        "git commit": f"{(git.get('commit') or 'unknown')[:12]}{' + uncommitted changes' if git.get('dirty') else ''}",
+        "device": f"{device.get('device')} {device.get('name') or ''} ({device.get('threads')} threads)".strip(),
+        "settings overridden": ", ".join(f"{k} (from {v['from']})" for k, v in m.get("overrides", {}).items())
+        if isinstance(m.get("overrides"), dict) else "",
+    }
+    rows.update({f"version: {k}": v for k, v in m.get("packages", {}).items()
+                 if k in ("python", "torch", "transformers", "peft", "trl", "sentence-transformers", "bm25s", "vllm")})
+    rows.update({f"ran: {name}": info.get("time") for name, info in sorted(m.get("notebooks", {}).items())})
+    return pd.Series(rows, name="run").to_frame()
+
+
+def markdown_table(table, digits: int = 3) -> str:
+    """A pandas frame as a GitHub markdown table (floats rounded, NaN left empty)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- reports/index.html (run_all.sh)
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child,td:nth-child(2),th{text-align:left}.smoke{padding:10px;border:2px solid #c00;background:#fee;
+font-weight:bold}.failed{color:#b00;font-weight:bold}figure{display:inline-block;margin:8px;vertical-align:top}
+figure img{max-width:520px;border:1px solid #ddd}figcaption{font-size:85%;color:#555}"""
+
+
+def record_timing(out_dir, notebook: str, seconds: float, status: str) -> Path:
+    """Keep one notebook's wall time and status (ok | failed) in ``reports/timings.json``."""
+    import datetime as dt
+    import json
+
+    path = Path(out_dir) / "reports" / "timings.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    timings[notebook] = {"seconds": round(float(seconds), 1), "status": status,
+                         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    path.write_text(json.dumps(timings, indent=1), encoding="utf-8")
+    return path
+
+
+def write_index(out_dir, notebooks: list[str]) -> Path:
+    """``reports/index.html`` of one profile's outputs: the run (manifest), every notebook of the
+    series with its status, wall time and HTML report, the results table of 10 and its figures.
+    Links are relative, so the folder can be copied or served as it is."""
+    import html
+    import json
+
+    import pandas as pd
+
+    out = Path(out_dir)
+    reports = out / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    timings_path = reports / "timings.json"
+    timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    profile = manifest.get("profile", out.name)
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>MedQA-zh · {html.escape(profile)}"
+             f"</title><style>{_STYLE}</style></head><body><h1>MedQA-zh · profile <code>{html.escape(profile)}</code></h1>"]
+    if manifest.get("settings", {}).get("smoke", profile == "smoke"):
+        from .config import SMOKE_WARNING
+
+        parts.append(f"<p class='smoke'>⚠ {html.escape(SMOKE_WARNING)}</p>")
+    if manifest:
+        git = manifest.get("git", {})
+        commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+        parts.append(f"<p>Base model <code>{html.escape(str(manifest.get('base_model')))}</code> · commit "
+                     f"<code>{html.escape(commit)}</code> · last notebook started {html.escape(manifest.get('time', ''))}"
+                     f" · <a href='../manifest.json'>manifest.json</a></p>")
+    total = sum(t["seconds"] for name, t in timings.items() if name in notebooks)
+    parts.append(f"<h2>Notebooks</h2><table><tr><th>notebook</th><th>status</th><th>wall time (s)</th>"
+                 f"<th>report</th></tr>")
+    for name in notebooks:
+        t = timings.get(name)
+        report = reports / f"{name}.html"
+        link = f"<a href='{name}.html'>{name}.html</a>" if report.is_file() else "—"
+        status = "not run" if t is None else t["status"]
+        css = " class='failed'" if status == "failed" else ""
+        parts.append(f"<tr><td>{name}</td><td{css}>{status}</td><td>{'' if t is None else t['seconds']}</td>"
+                     f"<td>{link}</td></tr>")
+    parts.append(f"<tr><th>total</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
+    results = out / "tables" / "10_results.csv"
+    parts.append("<h2>Results</h2>")
+    if results.is_file():
+        table = pd.read_csv(results)
+        parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="", classes="results",
+                                   border=0))
+        parts.append("<p><a href='../tables/10_results.csv'>10_results.csv</a> · "
+                     "<a href='../tables/10_results.md'>10_results.md</a></p>")
+    else:
+        parts.append("<p>No results table yet: it is written by 10_report.</p>")
+    figures = sorted((out / "figures").glob("10_*.png"))
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        parts += [f"<figure><a href='../figures/{f.name}'><img src='../figures/{f.name}' alt='{f.stem}'></a>"
+                  f"<figcaption>{f.stem}</figcaption></figure>" for f in figures]
+    parts.append("</body></html>")
+    path = reports / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m medqa_zh.report",
+                                description="Write outputs/<profile>/reports/index.html (run_all.sh calls this).")
+    p.add_argument("command", choices=["index"])
+    p.add_argument("out_dir", help="outputs/<profile>")
+    p.add_argument("--notebooks", default="notebooks", help="folder of the series' NN_*.ipynb")
+    p.add_argument("--timing", nargs=3, metavar=("NOTEBOOK", "SECONDS", "STATUS"),
+                   help="record one notebook's wall time and status (ok | failed) first")
+    a = p.parse_args(argv)
+    if a.timing:
+        record_timing(a.out_dir, a.timing[0], float(a.timing[1]), a.timing[2])
+    names = [f.stem for f in sorted(Path(a.notebooks).glob("[0-9][0-9]_*.ipynb"))]
+    print(write_index(a.out_dir, names))
+
+
+if __name__ == "__main__":
+    main()

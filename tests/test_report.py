@@ -1,0 +1,93 @@
+"""medqa_zh.report: the run's results table (10) and reports/index.html (run_all.sh)."""
+import json
+import math
+from types import SimpleNamespace
+
+import matplotlib
+import pytest
+
+from medqa_zh import config, evaluate, report
+
+matplotlib.use("Agg")
+
+
+def _rows(flags, prefix="q", pred_wrong="A"):
+    return [{"id": f"{prefix}{i}", "gold": "B", "pred": "B" if ok else pred_wrong} for i, ok in enumerate(flags)]
+
+
+def test_results_table_tests_against_base_and_against_no_rag():
+    base = _rows([1, 0, 0, 0, 1, 0])
+    merged = _rows([1, 1, 1, 1, 1, 0])
+    merged_rag = _rows([1, 1, 0, 0, 0, 0])
+    results = {("merged", "api+rag bm25"): merged_rag, ("merged", "api"): merged, ("base", "api"): base,
+               ("base", "letter"): base}
+    table = report.results_table(results)
+    assert list(zip(table["model"], table["evaluation"])) == [  # paths in series order, models in training order
+        ("base", "letter"), ("base", "api"), ("merged", "api"), ("merged", "api+rag bm25")]
+    row = table.set_index(["model", "evaluation"])
+    assert row.loc[("merged", "api"), "p_vs_base"] == evaluate.mcnemar(base, merged)["p_value"]
+    assert row.loc[("merged", "api+rag bm25"), "p_vs_no_rag"] == evaluate.mcnemar(merged, merged_rag)["p_value"]
+    assert math.isnan(row.loc[("base", "api"), "p_vs_base"]) and math.isnan(row.loc[("merged", "api"), "p_vs_no_rag"])
+    assert math.isnan(row.loc[("merged", "api+rag bm25"), "p_vs_base"])  # no base with bm25 to compare with
+    assert row.loc[("merged", "api"), "accuracy"] == pytest.approx(5 / 6)
+    assert row.loc[("merged", "api"), "ci_low"] < 5 / 6 < row.loc[("merged", "api"), "ci_high"]
+
+
+def test_markdown_table():
+    table = report.results_table({("base", "api"): _rows([1, 0])})
+    md = report.markdown_table(table[["model", "n", "accuracy", "p_vs_base"]])
+    assert md.splitlines() == ["| model | n | accuracy | p_vs_base |", "|---|---|---|---|", "| base | 2 | 0.500 |  |"]
+
+
+def test_collect_reads_what_the_evaluations_recorded_and_says_what_it_left_out(project):
+    cfg = config.load("smoke")
+    questions = [SimpleNamespace(id=f"q{i}") for i in range(4)]
+    fp = evaluate.model_fingerprint(cfg, "base")
+    answer = lambda batch: [{"id": q.id, "gold": "B", "pred": "B"} for q in batch]  # noqa: E731
+    for method in ("letter", "generate"):
+        evaluate.run_cached(evaluate.results_path(cfg, "base", method, fp), questions, answer, label=("base", method))
+    # a model that is gone, a file of a model trained since, and answers to other questions
+    evaluate.run_cached(evaluate.results_path(cfg, "merged", "letter", "0123abcd"), questions, answer,
+                        label=("merged", "letter"))
+    evaluate.run_cached(evaluate.results_path(cfg, "base", "api-x", "0123abcd", "api"), questions, answer,
+                        label=("base", "api"))
+    evaluate.run_cached(evaluate.results_path(cfg, "base", "api-x-rag", fp, "rag"), questions[:3], answer,
+                        label=("base", "api+rag bm25"))
+    index = json.loads((cfg.out / "eval" / "index.json").read_text())
+    assert index["base|letter"]["file"] == f"direct/base-letter-{fp}.jsonl"
+
+    results, skipped = report.collect(cfg, questions)
+    assert list(results) == [("base", "letter"), ("base", "generate")]
+    assert [r["id"] for r in results["base", "letter"]] == ["q0", "q1", "q2", "q3"]
+    reasons = {(s["model"], s["evaluation"]): s["reason"] for s in skipped}
+    assert "merged model is gone" in reasons["merged", "letter"]
+    assert "trained again" in reasons["base", "api"]
+    assert "answers 3 questions, not the 4" in reasons["base", "api+rag bm25"]
+    # a rerun replaces the entry: now the API answers are current
+    evaluate.run_cached(evaluate.results_path(cfg, "base", "api-x", fp, "api"), questions, answer,
+                        label=("base", "api"))
+    results, _ = report.collect(cfg, questions)
+    assert ("base", "api") in results
+
+
+def test_index_links_every_report_and_shows_results_and_figures(tmp_path):
+    out = tmp_path / "outputs" / "smoke"
+    (out / "reports").mkdir(parents=True)
+    (out / "reports" / "01_data.html").write_text("<html></html>")
+    (out / "figures").mkdir()
+    fig = report.plot_accuracy(report.results_table({("base", "api"): _rows([1, 0, 1])}), "evaluation")
+    report.save(fig, out / "figures" / "10_accuracy.png")
+    (out / "tables").mkdir()
+    report.results_table({("base", "api"): _rows([1, 0, 1])}).to_csv(out / "tables" / "10_results.csv", index=False)
+    (out / "manifest.json").write_text(json.dumps({"profile": "smoke", "settings": {"smoke": True},
+                                                   "git": {"commit": "abc123", "dirty": True}}))
+    report.record_timing(out, "01_data", 12.34, "ok")
+    report.record_timing(out, "02_lora_sft", 3, "failed")
+    page = report.write_index(out, ["01_data", "02_lora_sft", "03_full_sft"]).read_text(encoding="utf-8")
+    assert "SMOKE PROFILE" in page and "abc123 (uncommitted changes)" in page
+    assert "<a href='01_data.html'>" in page and "02_lora_sft.html" not in page  # no link to a missing report
+    assert "class='failed'>failed" in page and "<td>not run</td>" in page and "<td>12.3</td>" in page
+    assert "<img src='../figures/10_accuracy.png'" in page and "0.667" in page  # the results table
+    # the command line run_all.sh uses
+    report.main([ "index", str(out), "--notebooks", str(tmp_path / "none"), "--timing", "10_report", "1.5", "ok"])
+    assert json.loads((out / "reports" / "timings.json").read_text())["10_report"]["seconds"] == 1.5
