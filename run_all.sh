@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Set up the environment and run the notebook series, or the tests.
 #
-#   ./run_all.sh [--profile NAME]   run notebooks/NN_*.ipynb in order with papermill
-#                                   (default profile: smoke) and export each to HTML
-#   ./run_all.sh test [PYTEST ARGS] run the test suite
+#   ./run_all.sh [--profile NAME] [--from NN | --only NN]
+#                                   run notebooks/NN_*.ipynb in order with papermill
+#                                   (default profile: smoke), export each to HTML and
+#                                   write outputs/<profile>/reports/index.html;
+#                                   --from 06 resumes at 06, --only 09 runs just 09
+#   ./run_all.sh test [PYTEST ARGS] run the test suite (installs the Debian package
+#                                   chromium for the browser test when it is missing)
 #
 # Setup is idempotent: it makes ./.venv (python -m venv), or ./.conda when conda is
 # on PATH (python 3.11 + pip, as in environment.yml), installs this project into it
@@ -13,16 +17,18 @@
 #
 # Outputs of a run:  outputs/<profile>/runs/NN_*.ipynb     executed notebooks
 #                    outputs/<profile>/reports/NN_*.html   their HTML reports
+#                    outputs/<profile>/reports/index.html  all of them, wall times, results
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TEMPLATE="$ROOT/lib/medqa_zh/report.html.j2"  # JupyterLab's HTML, without a require.js fetched from a CDN
 # paths in MEDQA_DIR / MEDQA_BASE_MODEL are relative to where you typed the command
 for var in MEDQA_DIR MEDQA_BASE_MODEL; do
     if [ -n "${!var:-}" ] && [ -d "${!var}" ]; then export "$var=$(cd "${!var}" && pwd)"; fi
 done
 cd "$ROOT"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 log() { printf '\033[1m[run_all]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[run_all] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -68,40 +74,71 @@ setup() {
 }
 
 # --------------------------------------------------------------------------- notebooks
+fmt_time() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
 run_notebooks() {
-    local profile=$1 runs reports nb name out t0
+    local profile=$1 from=$2 only=$3 runs reports nb name out t0 series_t0=$SECONDS ran=0 num
     runs="outputs/$profile/runs"; reports="outputs/$profile/reports"
     mkdir -p "$runs" "$reports"
+    export MEDQA_ROOT="$ROOT"  # the notebooks write into this project's outputs/, wherever the lib is installed
     if [ "$profile" = smoke ]; then
         log "SMOKE PROFILE: a tiny random model and synthetic data, built locally."
         log "It checks that the series runs; its numbers mean nothing. Real runs: --profile cpu or --profile gpu."
     fi
     for nb in notebooks/[0-9][0-9]_*.ipynb; do
-        name=$(basename "$nb" .ipynb); out="$runs/$name.ipynb"; t0=$SECONDS
+        name=$(basename "$nb" .ipynb); num=${name%%_*}
+        if [ -n "$only" ] && [ "$num" != "$only" ]; then continue; fi
+        if [ -n "$from" ] && [ "$((10#$num))" -lt "$((10#$from))" ]; then continue; fi
+        out="$runs/$name.ipynb"; t0=$SECONDS; ran=$((ran + 1))
         rm -f "$out" "$reports/$name.html"  # no stale copy from an earlier run can pass for this one
         log "$name: running (profile $profile)"
         if ! (cd notebooks && papermill --kernel medqa-zh --log-level WARNING --progress-bar \
                 "$name.ipynb" "$ROOT/$out" -p profile "$profile"); then
+            index "$profile" "$name" $((SECONDS - t0)) failed
             if [ -f "$out" ]; then
-                jupyter nbconvert --to html --log-level WARN --output-dir "$reports" "$out" >/dev/null 2>&1 || true
-                die "$name failed after $((SECONDS - t0)) s. Executed copy (the failing cell is marked): $out; HTML: $reports/$name.html"
+                jupyter nbconvert --to html --template-file "$TEMPLATE" --log-level WARN --output-dir "$reports" "$out" >/dev/null 2>&1 || true
+                die "$name failed after $(fmt_time $((SECONDS - t0))). Executed copy (the failing cell is marked): $out; HTML: $reports/$name.html. Fix it, then resume with: ./run_all.sh --profile $profile --from $num"
             fi
             die "$name failed before any cell ran (see papermill's error above); no executed copy was written"
         fi
-        jupyter nbconvert --to html --log-level WARN --output-dir "$reports" "$out"
-        log "$name: done in $((SECONDS - t0)) s -> $reports/$name.html"
+        jupyter nbconvert --to html --template-file "$TEMPLATE" --log-level WARN --output-dir "$reports" "$out"
+        index "$profile" "$name" $((SECONDS - t0)) ok
+        log "$name: done in $(fmt_time $((SECONDS - t0))) -> $reports/$name.html"
     done
-    log "all notebooks ran. Reports: $reports/"
+    [ "$ran" -gt 0 ] || die "no notebook matches ${only:+--only $only}${from:+--from $from} (notebooks/NN_*.ipynb)"
+    log "$ran notebook(s) ran in $(fmt_time $((SECONDS - series_t0))). Start here: $reports/index.html"
+}
+
+# the wall time of one notebook, then reports/index.html again
+index() {
+    "$PY" -m medqa_zh.report index "outputs/$1" --notebooks notebooks --timing "$2" "$3" "$4" >/dev/null \
+        || log "warning: could not write outputs/$1/reports/index.html"
+}
+
+# the browser test needs Chromium; install the Debian package when it is missing and we may
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && return 0
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        log "installing chromium (Debian package) for the browser test"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+            || log "could not install chromium: the browser test will be skipped"
+    else
+        log "no chromium and no root apt-get: the browser test will be skipped (install the chromium package)"
+    fi
 }
 
 # --------------------------------------------------------------------------- main
-cmd=run; profile=${MEDQA_PROFILE:-smoke}
+cmd=run; profile=${MEDQA_PROFILE:-smoke}; from=""; only=""
 if [ "${1:-}" = test ]; then cmd=test; shift
 else
     while [ $# -gt 0 ]; do
         case $1 in
             --profile) [ $# -ge 2 ] || die "--profile needs a name"; profile=$2; shift 2 ;;
             --profile=*) profile=${1#*=}; shift ;;
+            --from|--only)
+                [ $# -ge 2 ] && [[ $2 =~ ^[0-9]{1,2}$ ]] || die "$1 needs a notebook number, e.g. $1 06"
+                if [ "$1" = --from ]; then from=$(printf '%02d' "$((10#$2))"); else only=$(printf '%02d' "$((10#$2))"); fi
+                shift 2 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown argument '$1'" ;;
         esac
@@ -111,8 +148,9 @@ fi
 if [ $cmd = run ] && [ ! -f "profiles/$profile.yaml" ]; then
     die "no profile '$profile': choose one of $(ls profiles | sed 's/\.yaml$//' | tr '\n' ' ')"
 fi
+if [ -n "$from" ] && [ -n "$only" ]; then die "--from and --only do not go together"; fi
 setup
 case $cmd in
-    test) exec "$PY" -m pytest "$@" ;;
-    run) run_notebooks "$profile" ;;
+    test) ensure_chromium; exec "$PY" -m pytest "$@" ;;
+    run) run_notebooks "$profile" "$from" "$only" ;;
 esac

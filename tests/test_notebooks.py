@@ -1,7 +1,13 @@
-"""Notebooks run top to bottom in a fresh kernel under papermill, in order, as run_all.sh runs them."""
+"""The notebook series, run as the README runs it: ``./run_all.sh --only NN`` in a throwaway copy of
+the project, each notebook in a fresh kernel under papermill, exported to HTML, indexed."""
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import REPO, server_processes
@@ -10,13 +16,7 @@ from medqa_zh import merge, tiny
 
 pytestmark = pytest.mark.slow
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
-          "08_eval_rag")
-
-
-def _kernel():
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    return "medqa-zh" if "medqa-zh" in KernelSpecManager().find_kernel_specs() else "python3"
+          "08_eval_rag", "09_chat_demo", "10_report")
 
 
 def _outputs_text(nb, cell_index):
@@ -30,31 +30,39 @@ def _outputs_text(nb, cell_index):
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     """``series(name)`` runs the smoke series up to and including notebook ``name`` (each once, in
-    order, in one throwaway project) and returns (project root, executed notebook)."""
-    import papermill
-
+    order, with ``./run_all.sh --only NN`` in one throwaway copy of the project) and returns
+    (project root, executed notebook). The wall time of each notebook is kept in ``series.seconds``."""
+    if not (Path(sys.prefix) / "share" / "jupyter" / "kernels" / "medqa-zh").is_dir():
+        pytest.skip("needs the environment that ./run_all.sh set up (run the tests with ./run_all.sh test)")
     root = tmp_path_factory.mktemp("series") / "project"
     shutil.copytree(REPO / "profiles", root / "profiles")
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for name in ("pyproject.toml", "run_all.sh", "lib/medqa_zh/report.html.j2"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    (root / ".venv").symlink_to(sys.prefix)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}
+    env.update(MEDQA_USE_VENV="1", MEDQA_SKIP_SETUP="1")
     executed = {}
 
     def run(name):
-        with pytest.MonkeyPatch.context() as mp:
-            for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE"):
-                mp.delenv(var, raising=False)
-            mp.setenv("MEDQA_ROOT", str(root))
-            for earlier in SERIES[: SERIES.index(name) + 1]:
-                if earlier not in executed:
-                    out = root / "runs" / f"{earlier}.ipynb"
-                    out.parent.mkdir(exist_ok=True)
-                    papermill.execute_notebook(
-                        REPO / "notebooks" / f"{earlier}.ipynb", out, parameters={"profile": "smoke"},
-                        kernel_name=_kernel(), cwd=REPO / "notebooks", progress_bar=False,
-                    )
-                    executed[earlier] = json.loads(out.read_text(encoding="utf-8"))
+        for earlier in SERIES[: SERIES.index(name) + 1]:
+            if earlier not in executed:
+                t0 = time.perf_counter()
+                proc = subprocess.run(["./run_all.sh", "--only", earlier[:2]], cwd=root, env=env, capture_output=True,
+                                      text=True, timeout=900)
+                run.seconds[earlier] = time.perf_counter() - t0
+                assert proc.returncode == 0, f"{earlier} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+                out = root / "outputs" / "smoke" / "runs" / f"{earlier}.ipynb"
+                executed[earlier] = json.loads(out.read_text(encoding="utf-8"))
         return root, executed[name]
 
-    return run
+    run.seconds = {}
+    yield run
+    if run.seconds:
+        print(f"\nsmoke series: {len(run.seconds)} notebooks in {sum(run.seconds.values()):.0f} s "
+              f"({', '.join(f'{k[:2]} {v:.0f}s' for k, v in run.seconds.items())})")
 
 
 def test_01_data_runs_on_the_smoke_profile(series):
@@ -191,6 +199,81 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
     assert list((out / "rag").glob("passages-*.jsonl")) and list((out / "rag").glob("dense-*/embeddings.npy"))
     assert (out / "figures" / "08_retrieval_quality.png").is_file() and (out / "figures" / "08_rag_accuracy.png").is_file()
     assert not server_processes()
+
+
+def test_09_chat_turn_runs_through_the_panel_with_passages(series):
+    project, nb = series("09_chat_demo")
+    text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
+    assert "models: base, lora, full, merged (in this kernel); retrievers: bm25, dense, hybrid" in text
+    turn = next(line for line in text.splitlines() if line.startswith("answer "))
+    assert "gold" in turn and "unparseable" not in turn  # the trained smoke model answers in the format
+    pieces = next(line for line in text.splitlines() if "streamed pieces" in line)
+    assert "passages from none" not in pieces and not pieces.startswith("0 streamed")
+    assert "history: 4 messages" in text and "参考段落" in text  # the sources, rendered into the report
+    assert not server_processes()
+
+
+def test_10_collects_every_evaluation_into_one_table_with_figures(series):
+    project, nb = series("10_report")
+    out = project / "outputs" / "smoke"
+    n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
+    with open(out / "tables" / "10_results.csv", encoding="utf-8") as f:
+        rows = {(r["model"], r["evaluation"]): r for r in csv.DictReader(f)}
+    models = ("base", "lora", "full", "merged")
+    expected = {(m, e) for m in models for e in ("letter", "generate")}
+    expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
+    assert set(rows) == expected
+    for (model, evaluation), r in rows.items():
+        assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        assert (r["p_vs_base"] == "") == (model == "base")
+        assert (r["p_vs_no_rag"] == "") == (not evaluation.startswith("api+rag"))
+    assert (out / "tables" / "10_results.md").read_text(encoding="utf-8").count("\n") == len(rows) + 2
+    text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
+    assert "left out" not in text and "SMOKE PROFILE" in text
+    for fig in ("accuracy", "loss_curves", "letters", "sections", "rag_ablation", "retrieval_quality"):
+        assert (out / "figures" / f"10_{fig}.png").stat().st_size > 5000, fig
+
+
+def _browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip)")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium on PATH: install the Debian package chromium (./run_all.sh test does when it can)")
+    return playwright, exe
+
+
+def test_index_and_report_render_in_a_real_browser(series):
+    playwright, exe = _browser()
+    project, _ = series("10_report")
+    reports = project / "outputs" / "smoke" / "reports"
+    shots = REPO / "outputs" / "tests"
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        failed = []
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.goto((reports / "index.html").as_uri(), wait_until="load")
+        assert not failed, f"index.html: requests that failed: {failed}"
+        images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        assert len(images) == 6 and all(ok for _, ok in images), images
+        assert page.locator("table.results tr").count() == 1 + 16  # header + every result
+        assert page.locator(".smoke").is_visible()
+        links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
+        assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report
+        broken = [link for link in links if not (reports / link).resolve().is_file()]
+        assert not broken, f"broken links in index.html: {broken}"
+        page.screenshot(path=shots / "index.png", full_page=True)
+
+        page.goto((reports / "10_report.html").as_uri(), wait_until="load")
+        images = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        assert len(images) >= 6 and all(images)
+        assert page.locator("table.dataframe").count() >= 3 and "SMOKE PROFILE" in page.content()
+        page.screenshot(path=shots / "10_report.png", full_page=True)
+        browser.close()
+    # the one request a report may make: MathJax from its CDN (formulas show as TeX without a network)
+    assert all("mathjax" in url.lower() for url in failed), f"10_report.html: requests that failed: {failed}"
+    assert (shots / "index.png").stat().st_size > 10_000
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -1,4 +1,6 @@
-"""run_all.sh: runs the notebooks in order, stops at the first failure and says where it is."""
+"""run_all.sh: runs the notebooks in order, stops at the first failure and says where it is,
+resumes (--from) or runs one (--only), and keeps reports/index.html up to date."""
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +33,8 @@ def fake_project(tmp_path):
     for name in ("run_all.sh", "pyproject.toml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "profiles", root / "profiles")
+    (root / "lib" / "medqa_zh").mkdir(parents=True)
+    shutil.copy(REPO / "lib" / "medqa_zh" / "report.html.j2", root / "lib" / "medqa_zh")
     (root / ".venv").symlink_to(sys.prefix)
     _notebook(root / "notebooks" / "01_ok.ipynb", "print('first ran with', profile)")
     _notebook(root / "notebooks" / "02_fail.ipynb", "x = 1", "raise RuntimeError('boom in 02')")
@@ -45,12 +49,38 @@ def test_stops_at_the_first_failing_notebook_and_names_it(fake_project):
     assert proc.returncode != 0
     assert "SMOKE PROFILE" in log
     assert "02_fail failed" in log and "outputs/smoke/runs/02_fail.ipynb" in log
+    assert "./run_all.sh --profile smoke --from 02" in log  # how to resume
     runs, reports = fake_project / "outputs" / "smoke" / "runs", fake_project / "outputs" / "smoke" / "reports"
     assert (runs / "01_ok.ipynb").is_file() and (reports / "01_ok.html").is_file()
     assert "boom in 02" in (runs / "02_fail.ipynb").read_text(encoding="utf-8")
     assert not (runs / "03_after.ipynb").exists() and not (fake_project / "notebooks" / "ran_03").exists()
     # the profile reached the notebook as a papermill parameter
     assert "first ran with smoke" in (runs / "01_ok.ipynb").read_text(encoding="utf-8")
+    # the index knows what ran, how long it took and what failed
+    timings = json.loads((reports / "timings.json").read_text())
+    assert timings["01_ok"]["status"] == "ok" and timings["02_fail"]["status"] == "failed"
+    page = (reports / "index.html").read_text(encoding="utf-8")
+    assert "<a href='01_ok.html'>" in page and "<td>03_after</td><td>not run</td>" in page
+
+
+def test_from_resumes_and_only_runs_one(fake_project):
+    env = {**os.environ, "MEDQA_USE_VENV": "1", "MEDQA_SKIP_SETUP": "1"}
+    proc = subprocess.run(["./run_all.sh", "--from", "3"], cwd=fake_project, env=env, capture_output=True,
+                          text=True, timeout=300)
+    runs = fake_project / "outputs" / "smoke" / "runs"
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in runs.iterdir()] == ["03_after.ipynb"] and (fake_project / "notebooks" / "ran_03").exists()
+    assert "1 notebook(s) ran in" in proc.stdout and "reports/index.html" in proc.stdout
+    proc = subprocess.run(["./run_all.sh", "--only", "01"], cwd=fake_project, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["01_ok.ipynb", "03_after.ipynb"]
+    timings = json.loads((fake_project / "outputs" / "smoke" / "reports" / "timings.json").read_text())
+    assert set(timings) == {"01_ok", "03_after"}
+    for args, message in ((["--only", "07"], "no notebook matches --only 07"), (["--from", "x"], "needs a notebook number"),
+                          (["--from", "1", "--only", "2"], "do not go together")):
+        proc = subprocess.run(["./run_all.sh", *args], cwd=fake_project, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
 
 
 def test_a_notebook_that_cannot_start_is_reported_without_a_copy(fake_project):
