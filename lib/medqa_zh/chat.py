@@ -78,7 +78,7 @@ class LocalBackend:
 
         model, tokenizer = self._get()
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+                                               return_dict=True).to(model.device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         failure = []
 
@@ -134,11 +134,13 @@ class Chat:
                 if all(getattr(self.retrieval, n) is not None for n in needs)]
 
     def passages_for(self, message: str, retriever: str, tokenizer) -> list:
-        parsed = prompts.parse_question(message)
-        query = message if parsed is None else f"{parsed[0]}\n" + "\n".join(parsed[1].values())
-        ranked = self.retrieval.rank([query], retriever, self.top_k)[0]
+        """The top ``top_k`` passages for ``message`` that fit ``context_tokens``; a typed exam
+        question is searched as 08 searches it (question + options, :func:`rag.query_text`)."""
         from . import rag
 
+        parsed = prompts.parse_question(message)
+        query = message if parsed is None else rag.query_text(*parsed)
+        ranked = self.retrieval.rank([query], retriever, self.top_k)[0]
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         return rag.fit_context([self.retrieval.corpus.passages[i] for i in ranked], count, self.context_tokens)
 
