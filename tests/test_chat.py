@@ -160,3 +160,18 @@ def test_api_streaming_equals_local_streaming(noisy_model, tmp_path):
                      quiet=True) as server:
         api = list(chat.ApiBackend(server.base_url, server.model, max_tokens=20).stream(messages))
     assert len(api) > 1 and "".join(api) == local
+
+
+@pytest.mark.slow
+def test_a_profile_chat_lists_the_served_models_by_their_run_names(project, tiny_assets, tmp_path):
+    from medqa_zh import config
+
+    cfg = config.load("smoke", {"model.base": str(tiny_assets["model"])})
+    with serve.serve(cfg.base_model, backend="transformers", dtype="float32", log_path=tmp_path / "server.log",
+                     quiet=True) as server:
+        talk = chat.from_profile(cfg, server.base_url)
+        assert list(talk.backends) == ["base"]  # the served path, named as the run names it
+        reply = talk.respond(QUESTION, "base")
+    assert reply.pieces >= 1 and talk.backends["base"].tokenizer is not None
+    with pytest.raises(ConnectionError, match="is the server running"):
+        chat.from_profile(cfg, server.base_url)  # stopped now

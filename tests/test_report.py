@@ -91,3 +91,11 @@ def test_index_links_every_report_and_shows_results_and_figures(tmp_path):
     # the command line run_all.sh uses
     report.main([ "index", str(out), "--notebooks", str(tmp_path / "none"), "--timing", "10_report", "1.5", "ok"])
     assert json.loads((out / "reports" / "timings.json").read_text())["10_report"]["seconds"] == 1.5
+
+
+def test_section_table_keeps_the_largest_sections_with_their_sizes():
+    questions = [SimpleNamespace(id=f"q{i}", meta_info=s) for i, s in enumerate("内内内外外儿")]
+    base = [{"id": f"q{i}", "gold": "B", "pred": p} for i, p in enumerate("BBABAB")]
+    table = report.section_table({("base", "letter"): base, ("base", "api"): base[::-1]}, questions, top=2)
+    assert list(table.index) == ["内 (n=3)", "外 (n=2)"] and list(table.columns) == ["base"]
+    assert table.loc["内 (n=3)", "base"] == pytest.approx(2 / 3) and table.loc["外 (n=2)", "base"] == 0.5

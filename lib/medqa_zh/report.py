@@ -297,16 +297,17 @@ def section_table(results: dict, questions, evaluation: str = "letter", top: int
     from . import evaluate
 
     sections = {q.id: q.meta_info for q in questions}
+    largest = Counter(sections.values()).most_common(top)  # ties: first seen first
     columns = {}
     for (model, ev), rows in results.items():
         if ev == evaluation:
-            t = evaluate.by_section([{**r, "meta_info": sections[r["id"]]} for r in rows])
-            columns[model] = t.set_index(t["section"] + " (n=" + t["n"].astype(str) + ")")["accuracy"]
+            t = evaluate.by_section([{**r, "meta_info": sections[r["id"]]} for r in rows]).set_index("section")
+            columns[model] = t["accuracy"]
     if not columns:
         return pd.DataFrame()
-    table = pd.DataFrame(columns)
-    sizes = table.index.str.extract(r"\(n=(\d+)\)$", expand=False).astype(int)
-    return table.iloc[sorted(range(len(table)), key=lambda i: (-sizes[i], table.index[i]))[:top]]
+    table = pd.DataFrame(columns).reindex([name for name, _ in largest])
+    table.index = [f"{name} (n={n})" for name, n in largest]
+    return table
 
 
 def manifest_summary(cfg):
