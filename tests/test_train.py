@@ -108,6 +108,43 @@ def test_answer_only_loss_equals_trls_loss_and_gradients(smoke):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_lm_head_projects_only_each_rows_labelled_tokens(smoke):
+    """Rows of different lengths have their answers at different positions; projecting the union of
+    those positions for every row costs batch-size times too much (GBs of logits on a GPU)."""
+    import torch
+
+    run = train.prepare(smoke(**{"train.precision": "fp32"}), "lora", out_dir=smoke().out / "models" / "head-check")
+    trainer, model = run.trainer, run.trainer.model
+    dataset = trainer.train_dataset
+    lengths = [len(x) for x in dataset["input_ids"]]
+    rows = sorted(range(len(lengths)), key=lengths.__getitem__)[:: max(1, len(lengths) // 4)][:4]
+    assert len({lengths[i] for i in rows}) > 1  # answers at different positions
+    batch = trainer.data_collator([dataset[i] for i in rows])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        loss = type(trainer).compute_loss(trainer, model, dict(batch))
+    finally:
+        hook.remove()
+    vocab = model.get_output_embeddings().out_features
+    assert sum(shape.numel() for shape in seen) == labelled * vocab, seen
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_one_process_trains_on_one_gpu_however_many_are_visible(capsys):
+    """What transformers does on a host with 4 GPUs and no launcher: n_gpu = 4, DataParallel, batch x 4."""
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    _ = args.device  # sets up the devices, then we play a 4-GPU host
+    args._n_gpu = 4
+    assert args.train_batch_size == 32  # the silent multiplication
+    args = train.one_device(args)
+    assert args.n_gpu == 1 and args.train_batch_size == 8
+    assert "4 GPUs visible" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -280,6 +317,8 @@ def test_precision_setting():
     assert models.training_precision("auto") in ("bf16", "fp32")
     with pytest.raises(ValueError, match="train.precision"):
         models.training_precision("fp8")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        models.training_precision("fp16", "cpu")
 
 
 def test_peak_memory_sees_an_allocation():

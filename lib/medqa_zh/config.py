@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from . import models
+
 DEFAULT_PROFILE = "smoke"
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 ENV_OVERRIDES = {"MEDQA_BASE_MODEL": "model.base", "MEDQA_DIR": "data.medqa_dir", "MEDQA_EMBEDDER": "rag.embedder"}
@@ -226,7 +228,8 @@ def write_manifest(cfg: Config, notebook: str | None = None) -> Path:
     """Record how this run was made in ``outputs/<profile>/manifest.json``.
 
     Top level: the profile (file, its hash, the resolved settings and their hash, overrides),
-    package versions, git commit, torch device, time. ``notebooks`` keeps one entry per
+    package versions, git commit, torch device, ``runtime`` (the device, training precision and
+    model dtype chosen on this machine: bf16 becomes fp16 on a T4), time. ``notebooks`` keeps one entry per
     notebook that ran, so a mixed-up output folder shows which settings made what.
     """
     path = cfg.out / "manifest.json"
@@ -248,6 +251,7 @@ def write_manifest(cfg: Config, notebook: str | None = None) -> Path:
         "packages": _versions(),
         "git": _git(cfg.root),
         "torch_device": _device(),
+        "runtime": models.runtime(cfg),
         "time": now,
         "notebooks": old.get("notebooks", {}),
     }

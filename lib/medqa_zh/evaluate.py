@@ -423,23 +423,39 @@ def available_models(cfg) -> dict[str, str]:
     return found
 
 
+def eval_device(cfg) -> str:
+    """Where in-process evaluation runs: the profile's ``model.device`` (``auto``: the GPU when there is one)."""
+    from . import models
+
+    return models.best_device(cfg.get("model.device", "auto"))
+
+
+def eval_dtype(cfg) -> str:
+    """The profile's ``model.dtype`` as this machine runs it (bfloat16 becomes float16 on a T4 or V100)."""
+    from . import models
+
+    return models.inference_dtype(cfg["model.dtype"], eval_device(cfg))
+
+
 def load_for_eval(cfg, name: str):
-    """(model, tokenizer) for one of :func:`available_models`, in the profile's ``model.dtype``;
-    the LoRA adapter runs unmerged on top of the base, as peft serves it."""
+    """(model, tokenizer) for one of :func:`available_models`, on :func:`eval_device` in
+    :func:`eval_dtype`; the LoRA adapter runs unmerged on top of the base, as peft serves it."""
     from . import models
 
     where = available_models(cfg)
     if name not in where:
         raise FileNotFoundError(f"no {name!r} model in {cfg.out / 'models'}: run the notebook that trains it first "
                                 f"(available: {', '.join(where)})")
-    dtype = cfg["model.dtype"]
+    dtype, device = eval_dtype(cfg), eval_device(cfg)
+    origin = models.setting_origin(cfg)
     if name == "base":
-        return (models.load_model(cfg.base_model, dtype, setting=models.setting_origin(cfg)),
-                models.load_tokenizer(cfg.base_model, setting=models.setting_origin(cfg)))
+        return (models.load_model(cfg.base_model, dtype, setting=origin, device=device),
+                models.load_tokenizer(cfg.base_model, setting=origin))
     if name == "lora":
-        base = models.load_model(cfg.base_model, dtype, setting=models.setting_origin(cfg))
+        base = models.load_model(cfg.base_model, dtype, setting=origin, device=device)
         return models.load_adapter(base, where["lora"], cfg.base_model), models.load_tokenizer(where["lora"], name)
-    return models.load_model(where[name], dtype, setting=name), models.load_tokenizer(where[name], setting=name)
+    return (models.load_model(where[name], dtype, setting=name, device=device),
+            models.load_tokenizer(where[name], setting=name))
 
 
 def model_fingerprint(cfg, name: str) -> str:
@@ -447,7 +463,7 @@ def model_fingerprint(cfg, name: str) -> str:
     dtype; results cached under it are never reused for a retrained model."""
     import hashlib
 
-    h = hashlib.sha256(f"{name}|{cfg['model.dtype']}|{cfg.base_model}".encode())
+    h = hashlib.sha256(f"{name}|{eval_dtype(cfg)}|{cfg.base_model}".encode())
     where = available_models(cfg)[name]
     folder = Path(where)
     if folder.is_dir():

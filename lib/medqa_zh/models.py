@@ -58,8 +58,12 @@ def _check_source(name: str, setting: str, needs: str = "config.json") -> None:
 
 
 def torch_dtype(name: str):
+    """The torch dtype named ``name`` (float32 / bfloat16 / float16, or fp32 / bf16 / fp16);
+    ``auto`` stays ``auto``: transformers then keeps the dtype the weights were saved in."""
     import torch
 
+    if name == "auto":
+        return "auto"
     try:
         return getattr(torch, DTYPES[str(name)])
     except KeyError:
@@ -187,7 +191,46 @@ def load_adapter(base, adapter_dir: str | Path, base_name: str):
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-# --------------------------------------------------------------------------- precision
+# --------------------------------------------------------------------------- device and precision
+#
+# One place decides where models run and in which precision, so that training, in-process
+# evaluation, the chat demo, the embedder and the server agree, and the manifest can say what was
+# chosen (:func:`runtime`).
+
+DEVICES = ("auto", "cpu", "cuda")  # one GPU of several: CUDA_VISIBLE_DEVICES=1
+BF16_CAPABILITY = (8, 0)  # Ampere: A10, A100, L4, H100, RTX 30xx/40xx. Below it (T4, V100) bf16 is emulated.
+
+
+def best_device(requested: str = "auto") -> str:
+    """Where models run (profile ``model.device``): ``auto`` is ``cuda`` when PyTorch sees a GPU,
+    else ``cpu``. Always one device: ``cuda`` is the first visible GPU (choose another with
+    ``CUDA_VISIBLE_DEVICES``); training on several GPUs is a launched path."""
+    import torch
+
+    requested = str(requested or "auto")
+    if requested not in DEVICES:
+        raise ValueError(f"model.device must be auto, cpu or cuda, not {requested!r} "
+                         "(to use another GPU than the first, set CUDA_VISIBLE_DEVICES)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device = {requested!r} but PyTorch sees no GPU (torch {torch.__version__}, "
+                           f"built for CUDA {torch.version.cuda}). Fix: set model.device to auto or cpu, or see "
+                           "README, Running on a GPU (driver and torch build)")
+    return requested
+
+
+def cuda_bf16_native(device: str = "cuda") -> bool:
+    """True when the GPU computes bfloat16 in hardware (compute capability 8.0 or newer).
+
+    ``torch.cuda.is_bf16_supported()`` also says True for emulated bf16 on a T4 or V100, which is
+    slow, and vLLM refuses bf16 there; the capability is what matters.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return tuple(torch.cuda.get_device_capability(torch.device(device))) >= BF16_CAPABILITY
 
 
 def cpu_supports_bf16() -> bool:
@@ -200,14 +243,69 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def training_precision(requested: str = "auto") -> str:
-    """``bf16`` or ``fp32``. ``auto``: bf16 on a GPU that supports it, or on a CPU with native bf16; else fp32."""
-    import torch
+def inference_dtype(requested: str, device: str) -> str:
+    """The dtype to load or serve a model in for ``model.dtype`` on ``device``: as asked, except that
+    bfloat16 becomes float16 on a GPU without native bf16 (T4, V100), where vLLM refuses bfloat16
+    and PyTorch would emulate it. ``auto`` is left to the loader (the weights' own dtype)."""
+    name = str(requested)
+    if name == "auto":
+        return name
+    name = DTYPES.get(name)
+    if name is None:
+        raise ValueError(f"unknown dtype {requested!r}; use one of {', '.join(sorted(set(DTYPES.values())))} or auto")
+    if name == "bfloat16" and device.startswith("cuda") and not cuda_bf16_native(device):
+        return "float16"
+    return name
 
-    if requested not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision must be auto, bf16 or fp32, not {requested!r}")
+
+def training_precision(requested: str = "auto", device: str | None = None) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` for training on ``device`` (default: :func:`best_device`).
+
+    ``auto``: bf16 on a GPU with native bf16 (compute capability 8.0+); fp16 mixed precision on an
+    older GPU (T4, V100: bf16 would only be emulated there); on a CPU bf16 where it is native
+    (AVX-512 BF16 or AMX), else fp32. An explicit ``bf16`` or ``fp32`` is taken as given; ``fp16``
+    needs a GPU.
+    """
+    if requested not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, not {requested!r}")
+    device = device or best_device()
+    if requested == "fp16" and not device.startswith("cuda"):
+        raise ValueError("train.precision = fp16 needs a CUDA GPU (mixed precision with a loss scaler); "
+                         "on a CPU use auto, bf16 or fp32")
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.startswith("cuda"):
+        return "bf16" if cuda_bf16_native(device) else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def runtime(cfg) -> dict:
+    """What this machine makes of the profile: the device, the training precision and the dtype
+    models are evaluated and served in (recorded in the manifest)."""
+    import torch
+
+    device = best_device(cfg.get("model.device", "auto"))
+    out = {"device": device, "model_dtype": cfg["model.dtype"],
+           "eval_dtype": inference_dtype(cfg["model.dtype"], device)}
+    try:
+        out["train_precision"] = training_precision(cfg.get("train.precision", "auto"), device)
+    except ValueError as e:  # fp16 on a CPU: training says so when it starts; other notebooks run
+        out["train_precision"] = f"not possible here: {e}"
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        out.update(gpu=torch.cuda.get_device_name(torch.device(device)), compute_capability=f"{major}.{minor}",
+                   bf16_native=cuda_bf16_native(device))
+    return out
+
+
+def free_memory() -> None:
+    """Collect garbage and give PyTorch's cached GPU memory back to the driver, so that the next
+    step (another model, or a vLLM server in its own process) finds it free. Drop your own
+    references first (``del run``, ``del model``): memory still referenced cannot be freed."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -310,6 +310,22 @@ def section_table(results: dict, questions, evaluation: str = "letter", top: int
     return table
 
 
+def device_line(device: dict, runtime: dict | None = None) -> str:
+    """The manifest's machine in words: ``cuda: 2 x NVIDIA A10G (compute capability 8.6); training
+    bf16, models in bfloat16`` or ``cpu: x86_64, 2 threads; training fp32, models in float32``."""
+    runtime = runtime or {}
+    if device.get("device") == "cuda":
+        count = device.get("count") or 1
+        where = f"cuda: {f'{count} x ' if count > 1 else ''}{device.get('name')}"
+        if runtime.get("compute_capability"):
+            where += f" (compute capability {runtime['compute_capability']})"
+    else:
+        where = f"{device.get('device')}: {device.get('name') or 'unknown'}, {device.get('threads')} threads"
+    if runtime.get("train_precision"):
+        where += f"; training {runtime['train_precision']}, models in {runtime.get('eval_dtype')}"
+    return where
+
+
 def manifest_summary(cfg):
     """The run at a glance, from ``manifest.json``: profile, models, data, code version, machine,
     library versions and when each notebook last ran."""
@@ -327,7 +343,7 @@ def manifest_summary(cfg):
         "embedder (RAG)": cfg.embedder,
         "eval questions": f"{cfg['data.splits.eval']}, first {cfg['eval.max_questions'] or 'all'}",
         "git commit": f"{(git.get('commit') or 'unknown')[:12]}{' + uncommitted changes' if git.get('dirty') else ''}",
-        "device": f"{device.get('device')} {device.get('name') or ''} ({device.get('threads')} threads)".strip(),
+        "device": device_line(device, m.get("runtime", {})),
         "settings overridden": ", ".join(f"{k} (from {v['from']})" for k, v in m.get("overrides", {}).items())
         if isinstance(m.get("overrides"), dict) else "",
     }

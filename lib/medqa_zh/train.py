@@ -243,10 +243,12 @@ def _trainer_class():
     """trl's ``SFTTrainer`` with a loss that sends only the labelled positions through the LM head.
 
     trl 1.x computes the loss with a fused, chunked LM head that skips unlabelled positions only on
-    Triton GPUs; on a CPU it projects every position through the 151,936-token head in float32.
-    Here only the answer tokens carry labels, so projecting just their positions (transformers'
-    ``logits_to_keep``) gives the same loss at about half the step time on CPU (measured). A test
-    checks the loss and its gradients against trl's own ``compute_loss``.
+    Triton GPUs; elsewhere it projects every position through the 151,936-token head in float32
+    (a [batch, length, 151936] tensor: gigabytes). Here only the answer tokens carry labels, so the
+    model runs without its head, and each row's labelled hidden states (the final norm's output)
+    are gathered, [labelled tokens, hidden], before the head projects them: the same loss at about
+    half the step time on a CPU (measured), and a logits tensor of a few MB instead of GB on a GPU.
+    A test checks the loss and its gradients against trl's own ``compute_loss``.
     """
     import torch
     import torch.nn.functional as F
@@ -254,22 +256,42 @@ def _trainer_class():
 
     class AnswerOnlySFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = inputs["labels"][:, 1:]  # the logits at position t predict token t + 1
-            keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                            logits_to_keep=keep, use_cache=False)
-            logits, targets = outputs.logits.float(), targets[:, keep]
+            targets = inputs["labels"][:, 1:]  # the hidden state at position t predicts token t + 1
             mask = targets != -100
-            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            no_logits = torch.empty(0, dtype=torch.long, device=targets.device)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
+            hidden = outputs.hidden_states[-1][:, :-1][mask]  # [labelled tokens, hidden]; [-1]: after the final norm
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            with self.accelerator.autocast():  # the precision the model's own forward ran in
+                logits = head(hidden).float()
+            targets = targets[mask]
+            count = targets.numel() if num_items_in_batch is None else num_items_in_batch
+            loss = F.cross_entropy(logits, targets, reduction="sum")
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
             with torch.no_grad():
                 mode = "train" if model.training else "eval"
-                accuracy = (logits.argmax(-1)[mask] == targets[mask]).float().mean().item() if mask.any() else 0.0
+                accuracy = (logits.argmax(-1) == targets).float().mean().item() if targets.numel() else 0.0
                 self._metrics[mode]["mean_token_accuracy"].append(accuracy)
             return (loss, outputs) if return_outputs else loss
 
     return AnswerOnlySFTTrainer
+
+
+def one_device(args) -> object:
+    """Keep a single-process run on one device.
+
+    Started without a launcher on a machine with several GPUs, the Trainer wraps the model in
+    ``nn.DataParallel``, which splits every tensor argument of the forward along dim 0 (the loss's
+    index tensor too, so shapes break) and silently multiplies the batch by the GPU count. Here the
+    run uses the first visible GPU only, as transformers itself does for model-parallel runs;
+    several GPUs are a launched path (``accelerate launch`` / ``torchrun``, one process each).
+    """
+    if args.n_gpu > 1:
+        print(f"{args.n_gpu} GPUs visible: this single-process run trains on {args.device} only "
+              "(choose one with CUDA_VISIBLE_DEVICES; several GPUs need a launcher, e.g. accelerate launch)")
+        args._n_gpu = 1
+    return args
 
 
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
@@ -286,7 +308,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
 
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
-    precision = models.training_precision(s.get("precision", "auto"))
+    device = models.best_device(cfg.get("model.device", "auto"))
+    precision = models.training_precision(s.get("precision", "auto"), device)
     out_dir = Path(out_dir) if out_dir else cfg.out_dir("models") / mode
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.get("seed", 0))
@@ -299,9 +322,11 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
 
-    # LoRA freezes the base, so its weights can stay in bf16; full SFT keeps fp32 master weights
-    # and computes in bf16 under autocast (bf16 weights would lose small updates to rounding).
-    load_dtype = "bfloat16" if precision == "bf16" and mode == "lora" else "float32"
+    # LoRA freezes the base, so its weights can stay in bf16 / fp16 (peft keeps the adapter in fp32);
+    # full SFT keeps fp32 master weights and computes in bf16 / fp16 under autocast (half-precision
+    # weights would lose small updates to rounding).
+    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    load_dtype = half if half and mode == "lora" else "float32"
     torch.manual_seed(seed)
     model = models.load_model(cfg.base_model, load_dtype, setting=origin)
     model.train()
@@ -331,8 +356,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         completion_only_loss=True,
         **{_checkpointing_field(): bool(s.get("gradient_checkpointing", False))},
         bf16=precision == "bf16",
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
         eval_strategy="steps",
         eval_steps=eval_steps,
         logging_steps=s.get("logging_steps") or 10,
@@ -347,6 +372,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
+    args = one_device(args)
     log = _log_callback()(out_dir / LOG_FILE)
     trainer = _trainer_class()(
         model=model,
