@@ -13,7 +13,9 @@
 # on PATH (python 3.11 + pip, as in environment.yml), installs this project into it
 # with pip, and reinstalls only when pyproject.toml changed. On a machine without
 # CUDA it pins torch==2.13.0 (CPU build). MEDQA_USE_VENV=1 ignores conda;
-# MEDQA_SKIP_SETUP=1 uses the environment as it is (no install, e.g. offline).
+# MEDQA_SKIP_SETUP=1 uses the environment as it is (no install, e.g. offline). Where
+# nvidia-smi sees a GPU, the gpu extra (vLLM) is installed too, and PyTorch must see the GPU:
+# else the script stops and says which driver is needed (MEDQA_ALLOW_CPU=1 goes on anyway).
 #
 # Outputs of a run:  outputs/<profile>/runs/NN_*.ipynb     executed notebooks
 #                    outputs/<profile>/reports/NN_*.html   their HTML reports
@@ -22,13 +24,14 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TEMPLATE="$ROOT/lib/medqa_zh/report.html.j2"  # JupyterLab's HTML, without a require.js fetched from a CDN
+GPU_LOCK="$ROOT/requirements/gpu-linux-py311.txt"  # what the gpu extra resolves to (constraints on CUDA machines)
 # paths in MEDQA_DIR / MEDQA_BASE_MODEL are relative to where you typed the command
 for var in MEDQA_DIR MEDQA_BASE_MODEL; do
     if [ -n "${!var:-}" ] && [ -d "${!var}" ]; then export "$var=$(cd "${!var}" && pwd)"; fi
 done
 cd "$ROOT"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 
 log() { printf '\033[1m[run_all]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[run_all] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -37,7 +40,7 @@ die() { printf '\033[1;31m[run_all] error:\033[0m %s\n' "$*" >&2; exit 1; }
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 setup() {
-    local t0=$SECONDS extras="dev" env_dir stamp want
+    local t0=$SECONDS extras="dev" env_dir stamp want constraints=()
     if has_cuda; then extras="dev,gpu"; fi
     if command -v conda >/dev/null 2>&1 && [ "${MEDQA_USE_VENV:-0}" != 1 ]; then env_dir="$ROOT/.conda"; else env_dir="$ROOT/.venv"; fi
     PY="$env_dir/bin/python"
@@ -58,6 +61,15 @@ setup() {
 
     stamp="$env_dir/.medqa-installed"
     want="$(cksum < pyproject.toml) extras=$extras"
+    if has_cuda; then
+        # the recorded set around the pinned vLLM (scripts/lock_gpu.py), not whatever is newest today;
+        # it was resolved for Python 3.11 on x86_64, elsewhere pip resolves afresh
+        if [ "$("$PY" -c 'import platform, sys; print(sys.version_info[:2] == (3, 11) and platform.machine())')" = x86_64 ]; then
+            constraints=(-c "$GPU_LOCK"); want="$want lock=$(cksum < "$GPU_LOCK")"
+        else
+            log "note: $GPU_LOCK is for Python 3.11 on x86_64; resolving the gpu extra afresh here"
+        fi
+    fi
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
@@ -67,10 +79,30 @@ setup() {
         # the CPU build; a plain `torch` requirement would pull GBs of CUDA wheels
         "$PY" -m pip install --quiet "torch==2.13.0"
     fi
-    "$PY" -m pip install --quiet -e ".[$extras]"
+    "$PY" -m pip install --quiet -e ".[$extras]" ${constraints[@]+"${constraints[@]}"}
     "$PY" -m ipykernel install --sys-prefix --name medqa-zh --display-name "Python (medqa-zh)" >/dev/null
     echo "$want" > "$stamp"
     log "setup done in $((SECONDS - t0)) s"
+}
+
+# On a machine with an NVIDIA GPU, PyTorch must see it: else the gpu profile trains, serves and
+# evaluates on the CPU (days), without a word. The usual cause is a driver older than the CUDA
+# build of torch that pip installed (vllm==0.33.0 pins a CUDA 13 torch: driver >= 580).
+check_gpu() {
+    has_cuda || return 0
+    [ "${MEDQA_ALLOW_CPU:-0}" = 1 ] && return 0
+    local seen driver gpu
+    seen=$("$PY" -c 'import torch; print(torch.cuda.is_available(), torch.__version__, torch.version.cuda)' 2>&1 | tail -1) || true
+    [ "${seen%% *}" = True ] && return 0
+    driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+    gpu=$(nvidia-smi -L 2>/dev/null | head -1)
+    die "nvidia-smi sees a GPU (${gpu:-?}; driver ${driver:-unknown}) but PyTorch does not: torch.cuda.is_available() is False
+  (torch, its version and CUDA build: ${seen:-none}). Everything would run on the CPU.
+  torch built for CUDA 13.x needs NVIDIA driver >= 580; CUDA 12.x builds need >= 525.
+  Fix: update the driver to >= 580 (what this project's pinned vllm==0.33.0 / torch set needs), or install a torch
+  built for your driver into this environment, e.g. $PY -m pip install torch --index-url https://download.pytorch.org/whl/cu126
+  (then vLLM 0.33 will not run: serve with --backend transformers). See README, Running on a GPU.
+  MEDQA_ALLOW_CPU=1 runs on the CPU anyway."
 }
 
 # --------------------------------------------------------------------------- notebooks
@@ -150,6 +182,7 @@ if [ $cmd = run ] && [ ! -f "profiles/$profile.yaml" ]; then
 fi
 if [ -n "$from" ] && [ -n "$only" ]; then die "--from and --only do not go together"; fi
 setup
+check_gpu
 case $cmd in
     test) ensure_chromium; exec "$PY" -m pytest "$@" ;;
     run) run_notebooks "$profile" "$from" "$only" ;;

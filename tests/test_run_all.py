@@ -98,3 +98,23 @@ def test_unknown_profile_and_argument_are_refused(fake_project):
     assert proc.returncode != 0 and "no profile 'nope'" in proc.stderr
     proc = subprocess.run(["./run_all.sh", "--bogus"], cwd=fake_project, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown argument '--bogus'" in proc.stderr
+
+
+def test_a_gpu_that_pytorch_cannot_see_stops_the_run(fake_project, tmp_path):
+    """nvidia-smi answers (old driver) but this CPU build of torch sees no GPU: stop and say why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$1" in\n  -L) echo "GPU 0: Tesla T4 (UUID: GPU-0)" ;;\n'
+                   '  --query-gpu=*) echo "535.183.01" ;;\nesac\n')
+    smi.chmod(0o755)
+    env = {**os.environ, "MEDQA_USE_VENV": "1", "MEDQA_SKIP_SETUP": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run(["./run_all.sh", "--only", "01"], cwd=fake_project, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "PyTorch does not" in proc.stderr and "Tesla T4" in proc.stderr and "driver 535.183.01" in proc.stderr
+    assert ">= 580" in proc.stderr and "MEDQA_ALLOW_CPU=1" in proc.stderr
+    assert not (fake_project / "outputs" / "smoke" / "runs").exists()  # nothing ran on the CPU
+    proc = subprocess.run(["./run_all.sh", "--only", "01"], cwd=fake_project, env={**env, "MEDQA_ALLOW_CPU": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -2,8 +2,9 @@
 
 Two backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/completions``, streaming):
 
-- ``vllm``: ``vllm serve`` on a GPU (paged attention, continuous batching); it can also serve a
-  LoRA adapter on top of its base (``--enable-lora``);
+- ``vllm``: ``vllm serve`` on a GPU (paged attention, continuous batching), started with this
+  Python (``python -m vllm.entrypoints.cli.main serve``, so no ``vllm`` on PATH is needed); it can
+  also serve a LoRA adapter on top of its base (``--enable-lora``, ``--max-lora-rank`` = its rank);
 - ``transformers``: ``transformers serve`` on a CPU (or any device), the same code as the
   ``transformers serve`` command, started in a child process. ``transformers serve`` has no
   API-key option, so the child adds one small check when a key is set.
@@ -54,6 +55,11 @@ class ServerError(RuntimeError):
     """The server did not start, or stopped answering."""
 
 
+def vllm_installed() -> bool:
+    """Whether this interpreter can import vLLM (the ``gpu`` extra)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
 def pick_backend(backend: str = "auto") -> str:
     """``vllm`` or ``transformers``; ``auto`` is vllm when CUDA and the vllm package are present."""
     if backend not in ("auto", "vllm", "transformers"):
@@ -62,7 +68,7 @@ def pick_backend(backend: str = "auto") -> str:
         return backend
     import torch
 
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
+    return "vllm" if torch.cuda.is_available() and vllm_installed() else "transformers"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -168,19 +174,46 @@ class Server:
         return f"Server({self.backend}, {self.base_url}, model={self.model!r}, {state})"
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+VLLM_CLI = "vllm.entrypoints.cli.main"  # the module behind the `vllm` command
+
+
+def lora_rank(adapters: dict) -> int:
+    """``--max-lora-rank`` for these adapters (name -> folder): the smallest value vLLM accepts that
+    holds the largest rank ``r`` in their ``adapter_config.json``. vLLM sizes its LoRA buffers by
+    it, so a larger value only wastes GPU memory."""
+    ranks = {}
+    for name, folder in adapters.items():
+        path = Path(folder) / "adapter_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter {name!r}: no {path}; train it first (notebook 02) or fix the path")
+        ranks[name] = int(json.loads(path.read_text(encoding="utf-8"))["r"])
+    largest = max(ranks.values())
+    fits = [r for r in VLLM_LORA_RANKS if r >= largest]
+    if not fits:
+        raise ValueError(f"adapter rank {largest} ({ranks}) is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]})")
+    return fits[0]
+
+
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
-             continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args) -> list[str]:
+             continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
+             gpu_memory_utilization: float | None = None) -> list[str]:
     if backend == "vllm":
-        cmd = ["vllm", "serve", model_dir, "--host", host, "--port", str(port), "--dtype", dtype,
-               "--seed", "0", "--served-model-name", served_name or model_dir]
+        # through this interpreter, not a `vllm` found on PATH: a kernel or `.venv/bin/python -m ...`
+        # started without activating the environment has the package but not its bin/ on PATH
+        cmd = [sys.executable, "-m", VLLM_CLI, "serve", model_dir, "--host", host, "--port", str(port),
+               "--dtype", dtype, "--seed", "0", "--served-model-name", served_name or model_dir]
+        if gpu_memory_utilization:
+            cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
         if lora:
-            cmd += ["--enable-lora", "--max-lora-rank", str(lora.get("max_rank", 64)), "--lora-modules",
+            rank = lora.get("max_rank") or lora_rank(lora["adapters"])
+            cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
                     *(f"{name}={path}" for name, path in lora["adapters"].items())]
     else:
         if lora:
             raise ValueError("the transformers backend serves one model dir and no adapter on top of it: "
                              "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
-        args = {"model": model_dir, "host": host, "port": port, "dtype": dtype, "device": device or "auto",
+        args = {"model": model_dir, "host": host, "port": port, "dtype": dtype, "device": device,
                 "continuous_batching": continuous_batching}
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve as s; s._transformers_main(sys.argv[1])",
                json.dumps(args)]
@@ -216,21 +249,44 @@ def _die_with_parent():
     _LIBC.prctl(1, signal.SIGTERM)
 
 
+def _check_vllm() -> None:
+    """vLLM importable by this interpreter, on a machine with a GPU; else a clear error."""
+    import torch
+
+    if not vllm_installed():
+        raise ServerError(f"serve.backend is vllm but vLLM is not installed in this environment ({sys.executable}): "
+                          "install the gpu extra on a CUDA machine (`pip install -e '.[gpu]'`; ./run_all.sh does it "
+                          "when nvidia-smi works), or set serve.backend: transformers")
+    if not torch.cuda.is_available():
+        raise ServerError("serve.backend is vllm but PyTorch sees no GPU: set serve.backend to transformers (or auto), "
+                          "or see README, Running on a GPU (driver and torch build)")
+
+
 def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
           api_key: str | None = None, dtype: str = "auto", device: str | None = None,
           continuous_batching: bool = False, lora: dict | None = None, served_name: str | None = None,
-          startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False) -> Server:
+          startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False,
+          gpu_memory_utilization: float | None = None) -> Server:
     """Start a server for ``model_dir`` (a local dir or a hub id) and wait until ``/health`` answers.
 
-    ``lora={"adapters": {"lora": "outputs/cpu/models/lora"}, "max_rank": 16}`` serves adapters on
-    top of the model (vllm only); each adapter is then a model id of its own. Call
-    :meth:`Server.stop` when done, or use :func:`serve` as a ``with`` block.
+    ``lora={"adapters": {"lora": "outputs/cpu/models/lora"}}`` serves adapters on top of the model
+    (vllm only); each adapter is then a model id of its own, and ``--max-lora-rank`` is the
+    adapters' own rank (``"max_rank"`` overrides it). ``dtype`` bfloat16 is served as float16 on
+    a GPU without native bf16 (T4, V100), which vLLM would refuse. ``gpu_memory_utilization``
+    (vllm): the share of the GPU's memory vLLM may take (its default 0.9 fails while a notebook
+    kernel still holds a model). Call :meth:`Server.stop` when done, or use :func:`serve` as a
+    ``with`` block.
     """
+    from . import models
+
     backend = pick_backend(backend)
     _check_model(model_dir)
-    if backend == "vllm" and not importlib.util.find_spec("vllm"):
-        raise ServerError("serve.backend is vllm but the vllm package is not installed: pip install -e '.[gpu]' "
-                          "on a CUDA machine, or set serve.backend: transformers")
+    if backend == "vllm":
+        _check_vllm()
+    on = "cuda" if backend == "vllm" else models.best_device(device or "auto")
+    served_dtype = models.inference_dtype(dtype, on)
+    if served_dtype != dtype and models.DTYPES.get(dtype) != served_dtype and not quiet:
+        print(f"dtype {dtype} served as {served_dtype}: this GPU has no native bfloat16 (compute capability below 8.0)")
     if host not in LOCAL_HOSTS and not api_key:
         api_key = secrets.token_urlsafe(24)
         print(f"binding {host} makes the server reachable from the network, so it needs an API key; "
@@ -244,8 +300,8 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         log_path = Path(tempfile.mkdtemp(prefix="medqa-serve-")) / "server.log"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = _command(backend, str(model_dir), host, port, dtype, device, continuous_batching, lora, served_name,
-                   extra_args)
+    cmd = _command(backend, str(model_dir), host, port, served_dtype, on, continuous_batching, lora, served_name,
+                   extra_args, gpu_memory_utilization)
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     env.pop("VLLM_API_KEY", None)
@@ -297,10 +353,11 @@ def serve(model_dir, **kwargs):
 
 
 def from_profile(cfg, model_dir, **kwargs) -> Server:
-    """:func:`start` with the profile's ``serve`` settings and ``model.dtype``; the log goes to
-    ``outputs/<profile>/logs/``."""
-    settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"],
+    """:func:`start` with the profile's ``serve`` settings, ``model.dtype`` and ``model.device``; the
+    log goes to ``outputs/<profile>/logs/``."""
+    settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg.get("model.device"),
                 "continuous_batching": cfg["serve.continuous_batching"],
+                "gpu_memory_utilization": cfg.get("serve.gpu_memory_utilization"),
                 "startup_timeout": cfg["serve.startup_timeout"]}
     name = Path(str(model_dir)).name
     settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -393,6 +450,8 @@ def main(argv=None) -> None:
     p.add_argument("--continuous-batching", action="store_true", help="transformers backend: batch concurrent requests")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="vllm only: also serve this adapter on top of MODEL_DIR as model id NAME (repeatable)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="SHARE",
+                   help="vllm only: share of the GPU's memory vLLM may take (vLLM's default: 0.9; a 0.5B model needs ~0.3)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     a = p.parse_args(argv)
     # Ctrl-C and `kill` both stop the server cleanly, even when this process was started with SIGINT
@@ -408,8 +467,8 @@ def main(argv=None) -> None:
     try:
         server = start(a.model_dir, backend=a.backend, host=a.host, port=a.port or None, api_key=a.api_key,
                        dtype=a.dtype, continuous_batching=a.continuous_batching, lora=lora,
-                       startup_timeout=a.startup_timeout)
-    except (ServerError, ValueError) as e:
+                       startup_timeout=a.startup_timeout, gpu_memory_utilization=a.gpu_memory_utilization)
+    except (ServerError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     key = f"  api key: {server.api_key}\n" if server.api_key else ""
     print(f"\nOpenAI-compatible endpoint: {server.base_url}\n  model id: {server.model}\n{key}"

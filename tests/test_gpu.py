@@ -1,0 +1,240 @@
+"""The GPU path, on a machine without one: PyTorch's view of CUDA is faked (availability, compute
+capability, name), and what the project then chooses — device, precision, dtype, the vLLM command,
+the installed set — is checked. Nothing here touches a real GPU; a real run is in the README."""
+import json
+import sys
+import tomllib
+
+import pytest
+from helpers import REPO
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from medqa_zh import config, evaluate, models, rag, report, serve
+
+T4, A100 = ("Tesla T4", (7, 5)), ("NVIDIA A100-SXM4-80GB", (8, 0))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(T4)``: from now on PyTorch reports one GPU of that name and compute capability."""
+    import torch
+
+    def install(card, count=1):
+        name, capability = card
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def test_auto_device_is_the_gpu_when_pytorch_sees_one(fake_gpu, monkeypatch):
+    import torch
+
+    fake_gpu(A100)
+    assert models.best_device("auto") == "cuda" and models.best_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.best_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="PyTorch sees no GPU.*Running on a GPU"):
+        models.best_device("cuda")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        models.best_device("cuda:1")
+
+
+def test_bf16_becomes_fp16_below_ampere_for_serving_evaluation_and_training(fake_gpu):
+    fake_gpu(T4)  # bf16 only emulated; vLLM refuses it
+    assert not models.cuda_bf16_native()
+    assert models.inference_dtype("bfloat16", "cuda") == "float16"
+    assert models.inference_dtype("bf16", "cuda") == "float16"
+    assert models.inference_dtype("float32", "cuda") == "float32"
+    assert models.inference_dtype("bfloat16", "cpu") == "bfloat16"  # the CPU profile's choice stays
+    assert models.training_precision("auto", "cuda") == "fp16"
+    assert models.training_precision("fp32", "cuda") == "fp32"
+    fake_gpu(A100)
+    assert models.cuda_bf16_native()
+    assert models.inference_dtype("bfloat16", "cuda") == "bfloat16"
+    assert models.training_precision("auto", "cuda") == "bf16"
+    assert models.training_precision("fp16", "cuda") == "fp16"
+
+
+def test_the_manifest_and_the_report_say_what_this_machine_chose(project, fake_gpu):
+    fake_gpu(T4, count=2)
+    cfg = config.load("gpu")
+    manifest = json.loads(config.write_manifest(cfg).read_text(encoding="utf-8"))
+    assert manifest["runtime"] == {"device": "cuda", "model_dtype": "bfloat16", "eval_dtype": "float16",
+                                   "train_precision": "fp16", "gpu": "Tesla T4", "compute_capability": "7.5",
+                                   "bf16_native": False}
+    line = report.device_line(manifest["torch_device"], manifest["runtime"])
+    assert line == "cuda: 2 x Tesla T4 (compute capability 7.5); training fp16, models in float16"
+    assert "None" not in line  # the old line read "cuda Tesla T4 (None threads)"
+
+
+def test_the_report_device_line_on_a_cpu(project, no_gpu):
+    manifest = json.loads(config.write_manifest(config.load("smoke")).read_text(encoding="utf-8"))
+    line = report.device_line(manifest["torch_device"], manifest["runtime"])
+    assert line.startswith("cpu: ") and " threads; training " in line and "models in float32" in line
+
+
+# --------------------------------------------------------------------------- models on the GPU
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Record what would be loaded where, instead of loading it."""
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda name, dtype="float32", setting="", device=None:
+                        calls.append({"name": name, "dtype": dtype, "device": device}) or "model")
+    monkeypatch.setattr(models, "load_tokenizer", lambda name, setting="": "tokenizer")
+    return calls
+
+
+@pytest.mark.parametrize("card, dtype", [(A100, "bfloat16"), (T4, "float16")])
+def test_in_process_evaluation_runs_on_the_gpu(project, fake_gpu, loads, card, dtype):
+    fake_gpu(card)
+    cfg = config.load("gpu")
+    assert evaluate.load_for_eval(cfg, "base") == ("model", "tokenizer")
+    assert loads == [{"name": cfg.base_model, "dtype": dtype, "device": "cuda"}]
+
+
+def test_in_process_evaluation_follows_model_device(project, fake_gpu, loads):
+    fake_gpu(A100)
+    evaluate.load_for_eval(config.load("gpu", {"model.device": "cpu"}), "base")
+    assert loads[0]["device"] == "cpu" and loads[0]["dtype"] == "bfloat16"
+
+
+def test_the_embedder_runs_on_the_gpu(fake_gpu, monkeypatch):
+    import sentence_transformers
+
+    made = []
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer",
+                        lambda name, device=None: made.append(device) or "encoder")
+    fake_gpu(A100)
+    assert rag.load_embedder("BAAI/bge-small-zh-v1.5") == "encoder"
+    assert rag.load_embedder("BAAI/bge-small-zh-v1.5", device="cpu") == "encoder"
+    assert made == ["cuda", "cpu"]
+
+
+# --------------------------------------------------------------------------- serving with vLLM
+
+
+def _adapter(folder, r):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r}), encoding="utf-8")
+    return str(folder)
+
+
+def test_the_vllm_command_runs_through_this_python_with_the_adapters_rank(tmp_path):
+    lora = {"adapters": {"lora": _adapter(tmp_path / "lora", 16)}}
+    cmd = serve._command("vllm", "/models/base", "127.0.0.1", 8000, "bfloat16", None, False, lora, None, (),
+                         gpu_memory_utilization=0.3)
+    # not a `vllm` looked up on PATH: a kernel or .venv/bin/python started without the env's bin/ on PATH works too
+    assert cmd[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "/models/base"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.3"
+    assert f"lora={tmp_path / 'lora'}" in cmd
+
+
+def test_max_lora_rank_is_the_smallest_vllm_value_that_holds_every_adapter(tmp_path):
+    assert serve.lora_rank({"a": _adapter(tmp_path / "a", 8)}) == 8
+    assert serve.lora_rank({"a": _adapter(tmp_path / "a", 8), "b": _adapter(tmp_path / "b", 12)}) == 16
+    with pytest.raises(ValueError, match="above the largest"):
+        serve.lora_rank({"big": _adapter(tmp_path / "big", 1024)})
+    with pytest.raises(FileNotFoundError, match="adapter 'gone'"):
+        serve.lora_rank({"gone": str(tmp_path / "nothing")})
+
+
+def test_vllm_without_the_gpu_extra_is_a_clear_error(tmp_path, fake_gpu, monkeypatch):
+    fake_gpu(A100)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: False)
+    with pytest.raises(serve.ServerError, match=r"vLLM is not installed.*\.\[gpu\]"):
+        serve.start(str(tmp_path), backend="vllm")
+    assert serve.pick_backend("auto") == "transformers"
+
+
+class _Exited:
+    """A server process that exits at once (what was started is all the test needs)."""
+
+    pid, returncode = 999_999, 1
+
+    def __init__(self, cmd, **kwargs):
+        _Exited.command = cmd
+
+    def poll(self):
+        return 1
+
+
+@pytest.mark.parametrize("card, dtype", [(A100, "bfloat16"), (T4, "float16")])
+def test_the_gpu_profile_serves_with_vllm_in_a_dtype_the_card_has(project, fake_gpu, monkeypatch, tmp_path, card, dtype):
+    fake_gpu(card)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    monkeypatch.setattr(serve.subprocess, "Popen", _Exited)
+    cfg = config.load("gpu")
+    with pytest.raises(serve.ServerError, match="exited with code 1"):
+        serve.from_profile(cfg, str(tmp_path), quiet=True)
+    cmd = _Exited.command
+    assert cmd[:4] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+    assert cmd[cmd.index("--dtype") + 1] == dtype
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == str(cfg["serve.gpu_memory_utilization"])
+
+
+def test_the_smoke_profile_never_starts_vllm_for_the_tiny_model(project, fake_gpu, monkeypatch):
+    fake_gpu(A100)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    assert serve.pick_backend("auto") == "vllm"  # what smoke used to get on a GPU machine
+    assert serve.pick_backend(config.load("smoke")["serve.backend"]) == "transformers"
+
+
+# --------------------------------------------------------------------------- the installed set
+
+
+def _pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def _lock():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import lock_gpu
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return lock_gpu
+
+
+def test_the_gpu_extra_pins_the_recorded_vllm_and_the_project_admits_the_recorded_set():
+    """requirements/gpu-linux-py311.txt is what pip resolved for .[gpu,dev] (scripts/lock_gpu.py):
+    every requirement of the project must still admit it, or the extra no longer resolves to it."""
+    project, pins = _pyproject(), _lock().read_lock()
+    gpu = [Requirement(r) for r in project["optional-dependencies"]["gpu"]]
+    assert [(r.name, str(r.specifier)) for r in gpu] == [("vllm", f"=={pins['vllm']}")]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for extra in ("gpu", "dev") for r in project["optional-dependencies"][extra]]
+    lock = _lock()
+    for r in requirements:
+        name = lock.normalize(r.name)
+        assert name in pins, f"{r.name} is not in the recorded set: run scripts/lock_gpu.py --write"
+        assert r.specifier.contains(pins[name], prereleases=True), (
+            f"pyproject.toml asks for {r} but the recorded gpu set has {r.name}=={pins[name]}: "
+            "check the resolution with scripts/lock_gpu.py (and --write it)")
+    assert SpecifierSet(project["requires-python"]).contains("3.11")
+    assert not SpecifierSet(project["requires-python"]).contains("3.10")  # vLLM 0.33 and trl 1.16 need 3.11
+    # the key versions the README and run_all.sh name
+    assert pins["torch"].startswith("2.14.") and pins["transformers"].startswith("5.20.")
+
+
+def test_a_malformed_lock_line_is_named(tmp_path):
+    bad = tmp_path / "lock.txt"
+    bad.write_text("# comment\nvllm==0.33.0\ntorch>=2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lock.txt:3: expected NAME==VERSION"):
+        _lock().read_lock(bad)
