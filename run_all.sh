@@ -55,6 +55,8 @@ setup() {
     elif [ ! -x "$PY" ]; then
         local py=${PYTHON:-python3}
         command -v "$py" >/dev/null 2>&1 || die "no $py on PATH: install Python 3.11 (or set PYTHON=/path/to/python3)"
+        "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            || die "$py is Python $("$py" -c 'import platform; print(platform.python_version())'); this project needs 3.11 or newer (set PYTHON=/path/to/python3.11)"
         log "creating virtual environment in $env_dir ($($py --version 2>&1))"
         "$py" -m venv "$env_dir"
     fi
