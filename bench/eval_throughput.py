@@ -79,9 +79,11 @@ def main() -> None:
     torch.manual_seed(0)
     questions, _ = data.read_questions(a.questions)
     questions = questions[a.start: a.start + a.n]
-    model = models.load_model(a.model_dir, a.dtype, setting="MODEL_DIR")
+    device = models.best_device()  # the GPU when there is one, as the server below uses it
+    dtype = models.inference_dtype(a.dtype, device)
+    model = models.load_model(a.model_dir, dtype, setting="MODEL_DIR", device=device)
     tokenizer = models.load_tokenizer(a.model_dir, setting="MODEL_DIR")
-    print(f"{len(questions)} questions, {a.model_dir} in {a.dtype}, {torch.get_num_threads()} threads")
+    print(f"{len(questions)} questions, {a.model_dir} in {dtype} on {device}, {torch.get_num_threads()} threads")
 
     evaluate.letter_scores(model, tokenizer, questions[:2], a.batch, progress=False)  # warm-up, not timed
     results = {}
