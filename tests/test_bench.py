@@ -49,3 +49,17 @@ def test_rag_latency_measures_every_retriever(tiny_assets):
                  "hybrid: query"):
         assert step in steps, steps
     assert any(s.startswith("rank-bm25 on") for s in steps) and "same top passage" in out.stdout
+
+
+def test_loss_head_compares_the_three_losses_on_the_same_batch(tiny_assets):
+    questions = tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl"
+    out = subprocess.run(
+        [sys.executable, REPO / "bench" / "loss_head.py", tiny_assets["model"], questions, "--batch", "4", "--steps", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| 4 ")}
+    assert set(rows) == {"all", "union", "rows"}
+    assert len({rows[m][6].strip() for m in rows}) == 1  # the same loss three ways
+    assert int(rows["rows"][5].replace(",", "")) < int(rows["union"][5].replace(",", ""))  # fewer logits
+    assert "union vs rows: logits x" in out.stdout

@@ -239,16 +239,37 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
 
 
+def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
+    """The LM head's logits at each row's labelled positions only, and their targets:
+    ``(logits [labelled tokens, vocab] float32, targets [labelled tokens], model outputs)``.
+
+    The model runs without its head (``logits_to_keep`` selects no position); each row's hidden
+    states after the final norm are gathered where the next token is labelled, and only those go
+    through ``head`` (the LM head), under ``autocast`` (the precision the forward ran in). The
+    labels are the collator's: -100 everywhere but the answer tokens.
+    """
+    import torch
+
+    targets = inputs["labels"][:, 1:]  # the hidden state at position t predicts token t + 1
+    mask = targets != -100
+    no_logits = torch.empty(0, dtype=torch.long, device=targets.device)
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                    logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
+    hidden = outputs.hidden_states[-1][:, :-1][mask]  # [labelled tokens, hidden]; [-1]: after the final norm
+    with autocast():
+        logits = head(hidden).float()
+    return logits, targets[mask], outputs
+
+
 def _trainer_class():
     """trl's ``SFTTrainer`` with a loss that sends only the labelled positions through the LM head.
 
     trl 1.x computes the loss with a fused, chunked LM head that skips unlabelled positions only on
     Triton GPUs; elsewhere it projects every position through the 151,936-token head in float32
-    (a [batch, length, 151936] tensor: gigabytes). Here only the answer tokens carry labels, so the
-    model runs without its head, and each row's labelled hidden states (the final norm's output)
-    are gathered, [labelled tokens, hidden], before the head projects them: the same loss at about
-    half the step time on a CPU (measured), and a logits tensor of a few MB instead of GB on a GPU.
-    A test checks the loss and its gradients against trl's own ``compute_loss``.
+    (a [batch, length, 151936] tensor: gigabytes). Here only the answer tokens carry labels, so
+    :func:`answer_logits` projects just those, row by row: the same loss at about half the step
+    time on a CPU (measured), and logits of a few MB instead of GB (``bench/loss_head.py``). A
+    test checks the loss and its gradients against trl's own ``compute_loss``.
     """
     import torch
     import torch.nn.functional as F
@@ -256,16 +277,8 @@ def _trainer_class():
 
     class AnswerOnlySFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = inputs["labels"][:, 1:]  # the hidden state at position t predicts token t + 1
-            mask = targets != -100
-            no_logits = torch.empty(0, dtype=torch.long, device=targets.device)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                            logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
-            hidden = outputs.hidden_states[-1][:, :-1][mask]  # [labelled tokens, hidden]; [-1]: after the final norm
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            with self.accelerator.autocast():  # the precision the model's own forward ran in
-                logits = head(hidden).float()
-            targets = targets[mask]
+            logits, targets, outputs = answer_logits(model, inputs, head, self.accelerator.autocast)
             count = targets.numel() if num_items_in_batch is None else num_items_in_batch
             loss = F.cross_entropy(logits, targets, reduction="sum")
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
