@@ -87,6 +87,17 @@ def test_the_report_device_line_on_a_cpu(project, no_gpu):
     assert line.startswith("cpu: ") and " threads; training " in line and "models in float32" in line
 
 
+def test_the_gpu_profile_steps_on_32_questions_in_batches_a_24gb_card_holds(project):
+    """32 per device padded to the batch's longest question was estimated at 23-38 GB: over a 24 GB card.
+    The default takes 8 per forward pass; the README's 80 GB variant takes 32 at once, same step."""
+    from medqa_zh import train
+
+    default = train.settings(config.load("gpu"), "lora")
+    large = train.settings(config.load("gpu", {"train.batch_size": 32, "train.grad_accum": 1}), "full")
+    assert default["batch_size"] <= 8
+    assert default["batch_size"] * default["grad_accum"] == large["batch_size"] * large["grad_accum"] == 32
+
+
 # --------------------------------------------------------------------------- models on the GPU
 
 
