@@ -7,6 +7,10 @@ Methods, each on the same ``--n`` questions of ``QUESTIONS_JSONL`` (MedQA format
 
 - ``letter``: :func:`medqa_zh.evaluate.letter_scores`, one batched forward pass per ``--batch``
   questions;
+- ``rotations-whole`` / ``rotations-shared``: :func:`medqa_zh.debias.rotation_scores`, letter scores
+  under all k cyclic rotations of the options, each rotation a whole prompt, or the part before the
+  options run once and its KV cache shared by the k rotations (the table's accuracy is rotation 0's;
+  the debiased accuracy and the largest score difference between the two are printed below it);
 - ``seed``: what the seed project did: a raw prompt (question and options, no chat template),
   *sampled* generation (temperature 0.1), up to 512 new tokens, one question at a time;
   ``--seed-n`` limits it to the first questions when time is short (its questions/s is then over
@@ -74,7 +78,7 @@ def main() -> None:
 
     import torch
 
-    from medqa_zh import data, evaluate, models, serve
+    from medqa_zh import data, debias, evaluate, models, serve
 
     torch.manual_seed(0)
     questions, _ = data.read_questions(a.questions)
@@ -89,6 +93,12 @@ def main() -> None:
     results = {}
     results["letter"] = timed("letter", lambda: evaluate.letter_scores(model, tokenizer, questions, a.batch,
                                                                        progress=False))
+    rotations = {}
+    for name, shared in (("rotations-whole", False), ("rotations-shared", True)):
+        rows, seconds = timed(name, lambda: debias.rotation_scores(model, tokenizer, questions, share_prefix=shared,
+                                                                   progress=False))
+        rotations[name] = rows
+        results[name] = debias.results(rows, "plain"), seconds
     results["generate"] = timed("generate", lambda: evaluate.generate_answers(
         model, tokenizer, questions, a.max_new_tokens, a.batch, progress=False))
     seed_questions = questions[: a.seed_n or len(questions)]
@@ -122,6 +132,14 @@ def main() -> None:
         print("| " + " | ".join(str(row[k]) for k in header) + " |")
     letter = next(r for r in table if r["method"] == "letter")
     print(f"\nletter scoring vs the seed's method: {letter['vs_seed']}x (goal: >= 20x)")
+    k = len(questions[0].options)
+    for name in rotations:
+        print(f"{name}: {k} rotations take {results[name][1] / results['letter'][1]:.2f}x one plain letter-scoring pass"
+              + (" (goal: <= 3x)" if name.endswith("shared") else ""))
+    diff = max(abs(x[letter] - y[letter]) for a_, b_ in zip(rotations["rotations-whole"], rotations["rotations-shared"])
+               for x, y in zip(a_["logprobs"], b_["logprobs"]) for letter in x)
+    debiased = evaluate.accuracy(debias.results(rotations["rotations-shared"], "debiased"))["accuracy"]
+    print(f"shared prefix vs whole prompts: largest log-probability difference {diff:.2g}; debiased accuracy {debiased:.3f}")
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump({"args": vars(a), "table": table}, f, indent=2)

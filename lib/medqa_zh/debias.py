@@ -1,0 +1,202 @@
+"""Knowledge or letter bias? Score each question under every cyclic rotation of its options.
+
+A model that does not know an answer falls back on a favourite letter, and letter accuracy then
+measures that habit as much as medicine. Rotating the option *contents* under fixed letters puts
+every content under every letter exactly once (k rotations for k options):
+
+    rotation 0   A. 甲  B. 乙  C. 丙  D. 丁  E. 戊      gold B (乙)
+    rotation 1   A. 戊  B. 甲  C. 乙  D. 丙  E. 丁      gold C (乙)
+
+From the k letter-score vectors of a question (:func:`rotation_scores`), :func:`summary` reports
+plain accuracy (rotation 0, today's number), accuracy under each rotation, **consistency** (right
+under every rotation) and **debiased accuracy**: each content's log-probability averaged over the
+k rotations, best content wins. A position prior adds the same amount to every content once per
+position, so it cancels in that average; this is the cyclic-permutation debiasing of Zheng et al.,
+"Large Language Models Are Not Robust Multiple Choice Selectors" (ICLR 2024, PriDe). It also
+reports the model's **letter prior** (its mean probability per letter, over all rotations).
+
+The k rotated prompts share everything before the options (system turn, instruction, stem):
+:func:`rotation_scores` runs that prefix once and reuses its KV cache for the k option blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pandas as pd
+
+from . import prompts
+
+
+def rotate(question, shift: int):
+    """``question`` with its option contents moved ``shift`` letters down (cyclically); the letters
+    stay, the correct letter follows its content, the answer text is unchanged."""
+    letters = sorted(question.options)
+    k = len(letters)
+    contents = [question.options[letter] for letter in letters]
+    options = {letter: contents[(i - shift) % k] for i, letter in enumerate(letters)}
+    gold = letters[(letters.index(question.answer_idx) + shift) % k]
+    return replace(question, options=options, answer_idx=gold)
+
+
+def _split_prompt(tokenizer, question) -> tuple[list[int], list[list[int]]] | None:
+    """Token ids of the shared prefix (everything before the options) and of each rotation's rest
+    (options, answer hint, chat template, ``答案：``), or None when the tokenizer does not split
+    cleanly at the options (then every rotation is scored whole)."""
+    k = len(question.options)
+    texts = [prompts.answer_prompt(tokenizer, q.question, q.options) for q in (rotate(question, r) for r in range(k))]
+    starts = [text.index(prompts.format_options(rotate(question, r).options)) for r, text in enumerate(texts)]
+    if len(set(starts)) != 1:
+        return None
+    prefix = texts[0][: starts[0]]
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix_ids = ids(prefix)
+    rests = []
+    for text in texts:
+        whole, rest = ids(text), ids(text[len(prefix):])
+        if whole != prefix_ids + rest:  # a token would cross the boundary
+            return None
+        rests.append(rest)
+    return prefix_ids, rests
+
+
+def _cache_kwarg(model) -> str:
+    """The name this model's forward takes its KV cache by: transformers 5.24 renamed
+    ``past_key_values`` (still what the pinned GPU set's 5.20 takes) to ``cache``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _last_logprobs(model, input_ids, attention_mask, last, past=None, position_ids=None):
+    """Log-probabilities of the next token after position ``last`` of each row (vocabulary-wide),
+    projecting only those rows' hidden states through the LM head."""
+    import torch
+
+    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
+    cache = {_cache_kwarg(model): past} if past is not None else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
+                logits_to_keep=no_logits, output_hidden_states=True, use_cache=past is not None)
+    hidden = out.hidden_states[-1][torch.arange(len(last), device=input_ids.device), last]
+    return torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
+
+
+def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, progress: bool = True) -> list[dict]:
+    """Letter scores of every question under each cyclic rotation of its options.
+
+    Per question: ``id``, ``gold`` (the correct letter of rotation 0), ``letters`` and ``logprobs``:
+    one ``{letter: log-probability}`` per rotation (rotation r = :func:`rotate` by r), read right
+    after ``答案：`` as :func:`evaluate.letter_scores` reads them. With ``share_prefix`` the part of
+    the prompt before the options runs once per question and its KV cache serves the k rotations;
+    without it each rotation is a whole prompt (the reference: same scores within float tolerance).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import evaluate
+
+    letters_all = "".join(sorted({letter for q in questions for letter in q.options}))
+    token = evaluate.letter_token_ids(tokenizer, letters_all)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for q in tqdm(questions, desc="rotations", unit="q", disable=not progress):
+        letters = sorted(q.options)
+        k = len(letters)
+        split = _split_prompt(tokenizer, q) if share_prefix else None
+        with torch.inference_mode():
+            if split is None:
+                prefix_ids, rests = [], [tokenizer(prompts.answer_prompt(tokenizer, r.question, r.options),
+                                                   add_special_tokens=False)["input_ids"]
+                                         for r in (rotate(q, s) for s in range(k))]
+            else:
+                prefix_ids, rests = split
+            width = max(len(r) for r in rests)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rests], device=model.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rests], device=model.device)
+            last = torch.tensor([len(r) - 1 for r in rests], device=model.device)
+            if prefix_ids:  # right padding: each row's last real token sees only the prefix and its own tokens
+                cached = model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True,
+                               logits_to_keep=1)
+                past = cached[_cache_kwarg(model)]
+                past.batch_repeat_interleave(k)
+                n = len(prefix_ids)
+                full_mask = torch.cat([torch.ones((k, n), dtype=mask.dtype, device=mask.device), mask], dim=1)
+                positions = torch.arange(n, n + width, device=model.device).expand(k, width)
+                logprobs = _last_logprobs(model, ids, full_mask, last, past, positions)
+            else:
+                logprobs = _last_logprobs(model, ids, mask, last)
+        rows = [{letter: float(lp[token[letter]]) for letter in letters} for lp in logprobs]
+        out.append({"id": q.id, "gold": q.answer_idx, "letters": "".join(letters), "logprobs": rows})
+    return out
+
+
+# --------------------------------------------------------------------------- what the scores say
+
+
+def _normalized(scores: dict) -> dict:
+    """Log-probabilities renormalized over the option letters only."""
+    top = max(scores.values())
+    log_z = top + math.log(sum(math.exp(v - top) for v in scores.values()))
+    return {letter: v - log_z for letter, v in scores.items()}
+
+
+def debiased_choice(row: dict) -> str:
+    """The letter (in rotation 0) of the content whose log-probability, averaged over the k
+    rotations, is highest: each content sits under every letter once, so a letter prior cancels."""
+    letters = row["letters"]
+    k = len(letters)
+    mean = {letters[j]: sum(_normalized(row["logprobs"][r])[letters[(j + r) % k]] for r in range(k)) / k
+            for j in range(k)}
+    return max(mean, key=mean.get)
+
+
+def per_rotation(row: dict) -> list[tuple[str, str]]:
+    """(predicted, gold) letter under each rotation."""
+    letters = row["letters"]
+    k = len(letters)
+    gold = letters.index(row["gold"])
+    return [(max(scores, key=scores.get), letters[(gold + r) % k]) for r, scores in enumerate(row["logprobs"])]
+
+
+def results(rows: list[dict], method: str = "plain") -> list[dict]:
+    """Result rows (``id``, ``gold``, ``pred``) as :mod:`evaluate`'s metrics take them, for the
+    plain reading (rotation 0) or the debiased one: accuracy, intervals and McNemar tests apply as
+    they are."""
+    if method not in ("plain", "debiased"):
+        raise ValueError(f"method must be plain or debiased, not {method!r}")
+    pick = (lambda r: per_rotation(r)[0][0]) if method == "plain" else debiased_choice
+    return [{"id": r["id"], "gold": r["gold"], "pred": pick(r)} for r in rows]
+
+
+def letter_prior(rows: list[dict]) -> pd.Series:
+    """The model's mean probability per letter over every question and rotation: with contents
+    spread evenly over the letters, a model without a position preference gives each 1/k."""
+    totals, n = {}, 0
+    for row in rows:
+        for scores in row["logprobs"]:
+            for letter, lp in _normalized(scores).items():
+                totals[letter] = totals.get(letter, 0.0) + math.exp(lp)
+            n += 1
+    return pd.Series({letter: total / n for letter, total in sorted(totals.items())}, name="letter prior")
+
+
+def summary(rows: list[dict]) -> dict:
+    """Plain accuracy (rotation 0), accuracy under each rotation (min / mean / max), consistency
+    (right under every rotation) and debiased accuracy, each over the same n questions, with the
+    95% Wilson interval for plain and debiased."""
+    from . import evaluate
+
+    if not rows:
+        raise ValueError("no questions were scored")
+    k = len(rows[0]["logprobs"])
+    hits = [[pred == gold for pred, gold in per_rotation(r)] for r in rows]
+    by_rotation = [sum(h[r] for h in hits) / len(rows) for r in range(k)]
+    plain, debiased = evaluate.accuracy(results(rows, "plain")), evaluate.accuracy(results(rows, "debiased"))
+    return {
+        "n": len(rows), "rotations": k,
+        "plain": plain["accuracy"], "plain_ci_low": plain["ci_low"], "plain_ci_high": plain["ci_high"],
+        "rotation_min": min(by_rotation), "rotation_mean": sum(by_rotation) / k, "rotation_max": max(by_rotation),
+        "consistency": sum(all(h) for h in hits) / len(rows),
+        "debiased": debiased["accuracy"], "debiased_ci_low": debiased["ci_low"], "debiased_ci_high": debiased["ci_high"],
+    }

@@ -1,0 +1,98 @@
+"""Permutation evaluation: rotations keep answers straight, the shared prefix changes no score, and
+a planted letter bias moves plain accuracy but not the debiased one."""
+import math
+
+import pytest
+
+from medqa_zh import data, debias, evaluate, models
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_assets):
+    questions, _ = data.read_questions(tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl")
+    model = models.load_model(str(tiny_assets["model"]), "float32")
+    return model, models.load_tokenizer(str(tiny_assets["model"])), questions[:12]
+
+
+def test_rotations_keep_the_answer_text_under_the_gold_letter(tiny):
+    *_, questions = tiny
+    q = questions[0]
+    k = len(q.options)
+    rotated = [debias.rotate(q, r) for r in range(k)]
+    for r in rotated:
+        assert r.options[r.answer_idx] == q.answer == q.options[q.answer_idx]
+        assert sorted(r.options.values()) == sorted(q.options.values()) and r.question == q.question
+    for letter in q.options:  # every content under every letter once
+        assert sorted(r.options[letter] for r in rotated) == sorted(q.options.values())
+    assert debias.rotate(q, k) == q and debias.rotate(q, 0) == q
+    letters = sorted(q.options)
+    assert [r.answer_idx for r in rotated] == [letters[(letters.index(q.answer_idx) + i) % k] for i in range(k)]
+
+
+def test_the_shared_prefix_changes_no_score(tiny):
+    model, tokenizer, questions = tiny
+    assert debias._split_prompt(tokenizer, questions[0]) is not None  # the prefix really is shared here
+    shared = debias.rotation_scores(model, tokenizer, questions, share_prefix=True, progress=False)
+    whole = debias.rotation_scores(model, tokenizer, questions, share_prefix=False, progress=False)
+    plain = evaluate.letter_scores(model, tokenizer, questions, batch_size=5, progress=False)
+    for s, w, p in zip(shared, whole, plain, strict=True):
+        assert s["id"] == w["id"] == p["id"] and s["gold"] == p["gold"] and len(s["logprobs"]) == len(s["letters"])
+        for a, b in zip(s["logprobs"], w["logprobs"], strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert s["logprobs"][0] == pytest.approx(p["logprobs"], abs=1e-4)  # rotation 0 is today's letter scoring
+
+
+def test_a_planted_letter_bias_moves_plain_accuracy_but_not_the_debiased_one(tiny):
+    model, tokenizer, questions = tiny
+    before = debias.rotation_scores(model, tokenizer, questions, progress=False)
+    plain_before = [r["pred"] for r in debias.results(before, "plain")]
+    favoured = "C" if plain_before.count("C") < len(questions) else "D"
+    token = evaluate.letter_token_ids(tokenizer, favoured)[favoured]
+
+    def bias(module, args, output):
+        output[..., token] += 8.0  # the model now loves one letter, whatever the question
+        return output
+
+    hook = model.get_output_embeddings().register_forward_hook(bias)
+    try:
+        after = debias.rotation_scores(model, tokenizer, questions, progress=False)
+    finally:
+        hook.remove()
+    plain_after = [r["pred"] for r in debias.results(after, "plain")]
+    assert plain_after == [favoured] * len(questions) != plain_before
+    assert [r["pred"] for r in debias.results(after, "debiased")] == [r["pred"] for r in debias.results(before, "debiased")]
+    assert debias.letter_prior(after)[favoured] > 0.9 > debias.letter_prior(before)[favoured]
+
+
+def _row(prior, knowledge, gold="B"):
+    """Scores of a model whose log-probability is a position prior plus what it knows of each content."""
+    letters = "ABCDE"
+    k = len(letters)
+    rows = []
+    for r in range(k):  # content j sits under letter (j + r) % k
+        rows.append({letters[(j + r) % k]: prior[(j + r) % k] + knowledge[j] for j in range(k)})
+    return {"id": "q", "gold": gold, "letters": letters, "logprobs": rows}
+
+
+def test_summary_separates_prior_from_knowledge():
+    prior = [3.0, 0.0, 0.0, 0.0, 0.0]           # loves A
+    knows = [0.0, 1.0, 0.0, 0.0, 0.0]           # but knows the answer is the content in B
+    rows = [{**_row(prior, knows), "id": f"q{i}"} for i in range(4)]
+    s = debias.summary(rows)
+    assert s["plain"] == 0.0 and s["debiased"] == 1.0  # A wins every plain reading; knowledge wins debiased
+    assert s["rotation_max"] == 1.0 and s["rotation_min"] == 0.0  # right only when B's content sits under A
+    assert s["consistency"] == 0.0 and s["n"] == 4 and s["rotations"] == 5
+    assert s["debiased_ci_low"] < 1.0 and s["plain_ci_high"] > 0.0
+    prior_by_letter = debias.letter_prior(rows)
+    assert prior_by_letter.idxmax() == "A" and math.isclose(prior_by_letter.sum(), 1.0)
+    knows_only = [{**_row([0.0] * 5, knows), "id": f"q{i}"} for i in range(3)]
+    assert debias.summary(knows_only)["consistency"] == 1.0
+
+
+def test_results_feed_the_usual_metrics_and_refuse_a_bad_method():
+    rows = [{**_row([0.0] * 5, [0.0, 2.0, 0.0, 0.0, 0.0]), "id": f"q{i}"} for i in range(3)]
+    assert evaluate.accuracy(debias.results(rows, "debiased"))["correct"] == 3
+    with pytest.raises(ValueError, match="plain or debiased"):
+        debias.results(rows, "median")
+    with pytest.raises(ValueError, match="no questions"):
+        debias.summary([])
