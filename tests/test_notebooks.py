@@ -128,6 +128,11 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     with open(out / "tables" / "06_direct.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
+    baselines = [r for r in rows if r["method"] == "baseline"]
+    rows = [r for r in rows if r["method"] != "baseline"]
+    assert [r["model"] for r in baselines][0] == "chance" and baselines[1]["model"].startswith("always ")
+    assert float(baselines[0]["accuracy"]) == pytest.approx(0.2)  # five options
+    assert (out / "figures" / "06_accuracy.png").stat().st_size > 5000
     assert {(r["model"], r["method"]) for r in rows} == {
         (m, k) for m in ("base", "lora", "full", "merged") for k in ("letter", "generate")}
     for r in rows:
@@ -188,6 +193,8 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
     n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
     with open(out / "tables" / "08_rag.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows if r["condition"] == "baseline"][0] == "chance"
+    rows = [r for r in rows if r["condition"] != "baseline"]
     assert {(r["model"], r["condition"]) for r in rows} == {
         (m, c) for m in ("base", "merged") for c in ("no RAG", "bm25", "dense", "hybrid")}
     for r in rows:
@@ -219,6 +226,10 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
     with open(out / "tables" / "10_results.csv", encoding="utf-8") as f:
         rows = {(r["model"], r["evaluation"]): r for r in csv.DictReader(f)}
+    baselines = [model for model, evaluation in rows if evaluation == "baseline"]
+    assert baselines[0] == "chance" and baselines[1].startswith("always ") and len(baselines) == 2
+    assert (out / "tables" / "10_results.md").read_text(encoding="utf-8").count("\n") == len(rows) + 2
+    rows = {key: r for key, r in rows.items() if key[1] != "baseline"}
     models = ("base", "lora", "full", "merged")
     expected = {(m, e) for m in models for e in ("letter", "generate")}
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
@@ -227,7 +238,6 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
         assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
         assert (r["p_vs_base"] == "") == (model == "base")
         assert (r["p_vs_no_rag"] == "") == (not evaluation.startswith("api+rag"))
-    assert (out / "tables" / "10_results.md").read_text(encoding="utf-8").count("\n") == len(rows) + 2
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "left out" not in text and "SMOKE PROFILE" in text
     for fig in ("accuracy", "loss_curves", "letters", "sections", "rag_ablation", "retrieval_quality"):
@@ -257,7 +267,7 @@ def test_index_and_report_render_in_a_real_browser(series):
         assert not failed, f"index.html: requests that failed: {failed}"
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         assert len(images) == 6 and all(ok for _, ok in images), images
-        assert page.locator("table.results tr").count() == 1 + 16  # header + every result
+        assert page.locator("table.results tr").count() == 1 + 16 + 2  # header, every result, chance and always-X
         assert page.locator(".smoke").is_visible()
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

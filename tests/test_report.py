@@ -99,3 +99,34 @@ def test_section_table_keeps_the_largest_sections_with_their_sizes():
     table = report.section_table({("base", "letter"): base, ("base", "api"): base[::-1]}, questions, top=2)
     assert list(table.index) == ["内 (n=3)", "外 (n=2)"] and list(table.columns) == ["base"]
     assert table.loc["内 (n=3)", "base"] == pytest.approx(2 / 3) and table.loc["外 (n=2)", "base"] == 0.5
+
+
+def _q(i, gold, letters="ABCDE"):
+    return SimpleNamespace(id=f"q{i}", answer_idx=gold, options={letter: letter.lower() for letter in letters})
+
+
+def test_baselines_are_chance_and_the_most_common_training_letter():
+    train = [_q(i, gold) for i, gold in enumerate("CCCAB")]
+    questions = [_q(i, gold) for i, gold in enumerate("CABDECCAAB")]  # C is gold on 3 of 10
+    table = evaluate.baselines(train, questions).set_index("model")
+    assert list(table.index) == ["chance", "always C"]
+    assert table.loc["chance", "accuracy"] == pytest.approx(0.2)
+    assert table.loc["chance", "ci_low"] == 0.0 and 0.4 <= table.loc["chance", "ci_high"] <= 0.6  # binomial quantiles
+    assert table.loc["always C", "accuracy"] == pytest.approx(0.3) and table.loc["always C", "correct"] == 3
+    assert table.loc["always C", "ci_low"] < 0.3 < table.loc["always C", "ci_high"]
+    four = [_q(i, "A", "ABCD") for i in range(4)]
+    assert evaluate.baselines(train, four).set_index("model").loc["chance", "accuracy"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="baselines need"):
+        evaluate.baselines([], questions)
+
+
+def test_baselines_join_the_results_table_and_the_accuracy_figure():
+    train = [_q(i, gold) for i, gold in enumerate("CCCAB")]
+    questions = [_q(i, "B") for i in range(6)]
+    lines = evaluate.baselines(train, questions)
+    table = report.results_table({("base", "letter"): _rows([1, 0, 0, 0, 1, 0])}, lines)
+    assert list(zip(table["model"], table["evaluation"])) == [("base", "letter"), ("chance", "baseline"),
+                                                              ("always C", "baseline")]
+    fig = report.plot_accuracy(table[table["evaluation"] != "baseline"], "evaluation", baselines=lines)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert sorted(labels) == ["always C 0.0%", "chance 20.0%", "letter"]

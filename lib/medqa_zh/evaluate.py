@@ -102,6 +102,27 @@ def letter_distribution(results, letters: str = "ABCDE") -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+def baselines(train_questions, questions) -> pd.DataFrame:
+    """What needs no model, on the same eval ``questions``: ``chance`` (guessing: its expected
+    accuracy, 1 / options on average, and the range a guesser's accuracy falls in 95% of the time,
+    the binomial 2.5% and 97.5% quantiles) and ``always X``, always answering the most common
+    correct letter of the training split (its accuracy with the Wilson interval, as for a model).
+    A model inside the chance range, or below ``always X``, has shown nothing yet."""
+    n = len(questions)
+    if not n or not train_questions:
+        raise ValueError("baselines need the training split and at least one eval question")
+    expected = sum(1 / len(q.options) for q in questions) / n
+    low, high = stats.binom.ppf([0.025, 0.975], n, expected) / n
+    top = pd.Series([q.answer_idx for q in train_questions]).value_counts().index[0]
+    always = accuracy([{"id": q.id, "gold": q.answer_idx, "pred": top if top in q.options else None} for q in questions])
+    rows = [{"model": "chance", "n": n, "correct": None, "accuracy": expected, "ci_low": low, "ci_high": high,
+             "invalid": None, "failed": None},
+            {"model": f"always {top}", "n": n, "correct": always["correct"], "accuracy": always["accuracy"],
+             "ci_low": always["ci_low"], "ci_high": always["ci_high"], "invalid": always["invalid"], "failed": 0}]
+    # counts stay whole numbers (not 3.0) when these rows join a table of model results
+    return pd.DataFrame(rows).astype({"correct": "Int64", "invalid": "Int64", "failed": "Int64"})
+
+
 def by_section(results, min_questions: int = 1) -> pd.DataFrame:
     """Accuracy per ``meta_info`` section, with n and the 95% interval, largest sections first."""
     df = _frame(results)

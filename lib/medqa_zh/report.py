@@ -146,9 +146,11 @@ def plot_retrieval_quality(table):
     return fig
 
 
-def plot_accuracy(summary, label: str = "condition"):
+def plot_accuracy(summary, label: str = "condition", baselines=None):
     """Accuracy with its 95% interval as error bars, one bar per row of ``summary`` (columns
-    ``model``, ``label``, ``accuracy``, ``ci_low``, ``ci_high``), grouped by model."""
+    ``model``, ``label``, ``accuracy``, ``ci_low``, ``ci_high``), grouped by model. ``baselines``
+    (:func:`evaluate.baselines`) are drawn across: the chance range as a grey band with its
+    expected accuracy dashed, "always X" dotted."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     models = list(dict.fromkeys(summary["model"]))
     conditions = list(dict.fromkeys(summary[label]))
@@ -158,6 +160,13 @@ def plot_accuracy(summary, label: str = "condition"):
         x = [m + j * width for m in range(len(models))]
         err = [rows["accuracy"] - rows["ci_low"], rows["ci_high"] - rows["accuracy"]]
         ax.bar(x, rows["accuracy"], width, yerr=err, capsize=3, label=str(cond), color=f"C{j}")
+    for _, b in (baselines.iterrows() if baselines is not None else ()):
+        text = f"{b['model']} {b['accuracy']:.1%}"
+        if b["model"] == "chance":
+            ax.axhspan(b["ci_low"], b["ci_high"], color="grey", alpha=0.15, lw=0)
+            ax.axhline(b["accuracy"], color="grey", ls="--", lw=1, label=text)
+        else:
+            ax.axhline(b["accuracy"], color="black", ls=":", lw=1, label=text)
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], models)
     ax.set_ylabel("accuracy (95% interval)")
     ax.set_ylim(0, 1)
@@ -248,10 +257,11 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
     return results, skipped
 
 
-def results_table(results: dict):
+def results_table(results: dict, baselines=None):
     """One row per (model, evaluation): n, accuracy, its 95% interval, invalid and failed answers,
     and exact McNemar p-values against the base model on the same evaluation (``p_vs_base``) and,
-    for RAG rows, against the same model without passages (``p_vs_no_rag``)."""
+    for RAG rows, against the same model without passages (``p_vs_no_rag``). ``baselines``
+    (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
     import pandas as pd
 
     from . import evaluate
@@ -267,9 +277,13 @@ def results_table(results: dict):
         if evaluation.startswith("api+rag") and (model, "api") in results:
             row["p_vs_no_rag"] = evaluate.mcnemar(results[model, "api"], got)["p_value"]
         rows.append(row)
+    for _, b in (baselines.iterrows() if baselines is not None else ()):
+        rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
+                     "ci_low": b["ci_low"], "ci_high": b["ci_high"]})
     table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "invalid_rate",
                                         "failed", "p_vs_base", "p_vs_no_rag"])
-    key = table.apply(lambda r: (_order(r["evaluation"], EVALUATIONS), _order(r["model"], MODELS)), axis=1)
+    key = table.apply(lambda r: (_order(r["evaluation"], EVALUATIONS),  # baselines last, as given
+                                 _order(r["model"], MODELS) if r["evaluation"] != "baseline" else ()), axis=1)
     return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
 
 
