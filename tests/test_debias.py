@@ -96,3 +96,23 @@ def test_results_feed_the_usual_metrics_and_refuse_a_bad_method():
         debias.results(rows, "median")
     with pytest.raises(ValueError, match="no questions"):
         debias.summary([])
+
+
+def test_the_per_model_table_tests_debiased_answers_against_base_and_the_figure_draws_both():
+    import matplotlib
+
+    from medqa_zh import report
+
+    matplotlib.use("Agg")
+    biased = [{**_row([3.0, 0, 0, 0, 0], [0.0, 1.0, 0, 0, 0]), "id": f"q{i}"} for i in range(6)]
+    knows = [{**_row([0.0] * 5, [0.0, 1.0, 0, 0, 0]), "id": f"q{i}"} for i in range(6)]
+    table = debias.table({"base": biased, "lora": knows})
+    assert list(table["model"]) == ["base", "lora"] and math.isnan(table.loc[0, "debiased_p_vs_base"])
+    assert table.loc[1, "debiased_p_vs_base"] == 1.0  # both debias to the right answer: no discordant pair
+    assert table.loc[0, "plain"] == 0.0 and table.loc[1, "plain"] == 1.0
+    priors = debias.prior_table({"base": biased, "lora": knows})
+    assert list(priors.index) == list("ABCDE") and priors.loc["B", "gold"] == 1.0
+    assert priors.loc["A", "base prior"] > 0.5 and priors.loc["A", "base predicted"] == 1.0
+    assert priors.loc["A", "lora prior"] == pytest.approx(0.2)  # no preference: every letter 1/5
+    fig = report.plot_debiased(table, priors)
+    assert [ax.get_title() for ax in fig.axes] == ["plain vs debiased accuracy", "letter prior (all rotations)"]

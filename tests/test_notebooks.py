@@ -143,10 +143,26 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     merged = {r["method"]: r["accuracy"] for r in rows if r["model"] == "merged"}
     lora = {r["method"]: r["accuracy"] for r in rows if r["model"] == "lora"}
     assert merged == lora  # the merge changed nothing that decides an answer
-    results = sorted((out / "eval" / "direct").glob("*.jsonl"))
+    results = sorted(p for p in (out / "eval" / "direct").glob("*.jsonl") if "-rotations-" not in p.name)
     assert len(results) == 8 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
     with open(out / "tables" / "06_mcnemar.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 2 * 6  # every pair of four models, both methods
+    # section 5: every model under every rotation of the options (the smoke profile: all eval questions)
+    with open(out / "tables" / "06_debiased.csv", encoding="utf-8") as f:
+        debiased = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(debiased) == ["base", "lora", "full", "merged"]
+    letter = {r["model"]: float(r["accuracy"]) for r in rows if r["method"] == "letter"}
+    for name, r in debiased.items():
+        assert int(r["n"]) == n_eval and int(r["rotations"]) == 5
+        assert float(r["plain"]) == pytest.approx(letter[name], abs=1.01 / n_eval)  # rotation 0 is letter scoring
+        assert float(r["consistency"]) <= float(r["rotation_min"]) <= float(r["rotation_mean"]) <= float(r["rotation_max"])
+        assert float(r["debiased_ci_low"]) <= float(r["debiased"]) <= float(r["debiased_ci_high"])
+        assert (r["debiased_p_vs_base"] == "") == (name == "base")
+    with open(out / "tables" / "06_letter_prior.csv", encoding="utf-8") as f:
+        prior = list(csv.DictReader(f))
+    assert [r[""] for r in prior] == list("ABCDE") and sum(float(r["base prior"]) for r in prior) == pytest.approx(1)
+    assert (out / "figures" / "06_debiased.png").stat().st_size > 5000
+    assert len(list((out / "eval" / "direct").glob("*-rotations-*.jsonl"))) == 4
 
 
 def test_05_serves_a_model_and_answers_plain_and_streamed(series):

@@ -200,3 +200,31 @@ def summary(rows: list[dict]) -> dict:
         "consistency": sum(all(h) for h in hits) / len(rows),
         "debiased": debiased["accuracy"], "debiased_ci_low": debiased["ci_low"], "debiased_ci_high": debiased["ci_high"],
     }
+
+
+def table(rotations: dict, base: str = "base") -> pd.DataFrame:
+    """One row per model (``rotations``: model -> :func:`rotation_scores` rows): :func:`summary`,
+    and the exact McNemar p-value of its debiased answers against the base model's
+    (``debiased_p_vs_base``), on the same questions."""
+    from . import evaluate
+
+    rows = []
+    for name, got in rotations.items():
+        row = {"model": name, **summary(got), "debiased_p_vs_base": math.nan}
+        if name != base and base in rotations:
+            row["debiased_p_vs_base"] = evaluate.mcnemar(results(rotations[base], "debiased"),
+                                                         results(got, "debiased"))["p_value"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def prior_table(rotations: dict) -> pd.DataFrame:
+    """Per letter: the gold share (rotation 0) and, per model, its letter prior (:func:`letter_prior`)
+    and the share of its plain predictions; 1 / k for every letter is no preference."""
+    first = next(iter(rotations.values()))
+    columns = {"gold": pd.Series([r["gold"] for r in first]).value_counts(normalize=True)}
+    for name, got in rotations.items():
+        columns[f"{name} prior"] = letter_prior(got)
+        columns[f"{name} predicted"] = pd.Series([p["pred"] for p in results(got, "plain")]).value_counts(normalize=True)
+    letters = sorted(set(first[0]["letters"]).union(*(set(r["letters"]) for r in first)))
+    return pd.DataFrame(columns).reindex(letters).fillna(0.0)

@@ -175,6 +175,41 @@ def plot_accuracy(summary, label: str = "condition", baselines=None):
     return fig
 
 
+def plot_debiased(table, priors, baselines=None):
+    """Knowledge or letter bias, at a glance. Left: each model's plain accuracy (rotation 0) next to
+    its debiased accuracy, with 95% intervals and the baselines. Right: each model's letter prior
+    (mean probability per letter over all rotations); the dashed line is no preference (1 / k)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.2, 1]})
+    models = list(table["model"])
+    for j, reading in enumerate(("plain", "debiased")):
+        x = [m + (j - 0.5) * 0.38 for m in range(len(models))]
+        err = [table[reading] - table[f"{reading}_ci_low"], table[f"{reading}_ci_high"] - table[reading]]
+        left.bar(x, table[reading], 0.38, yerr=err, capsize=3, label=reading, color=f"C{j}")
+    for _, b in (baselines.iterrows() if baselines is not None else ()):
+        style = {"color": "grey", "ls": "--"} if b["model"] == "chance" else {"color": "black", "ls": ":"}
+        left.axhline(b["accuracy"], lw=1, label=f"{b['model']} {b['accuracy']:.1%}", **style)
+    left.set_xticks(range(len(models)), models)
+    left.set_ylabel("accuracy (95% interval)")
+    left.set_ylim(0, 1)
+    left.grid(axis="y", alpha=0.3)
+    left.legend(fontsize=8)
+    left.set_title("plain vs debiased accuracy", fontsize=10)
+    prior_columns = [c for c in priors.columns if c.endswith(" prior")]
+    width = 0.8 / len(prior_columns)
+    for j, column in enumerate(prior_columns):
+        right.bar([i + j * width for i in range(len(priors))], priors[column], width, label=column.removesuffix(" prior"),
+                  color=f"C{j + 2}")
+    right.axhline(1 / len(priors), color="grey", ls="--", lw=1, label="no preference")
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(priors))], list(priors.index))
+    right.set_ylabel("mean probability")
+    right.set_ylim(0, 1.4 * max(priors[prior_columns].to_numpy().max(), 1 / len(priors)))  # room for the legend
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=8, ncol=3, loc="upper right")
+    right.set_title("letter prior (all rotations)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_letter_distribution(table):
     """Share of each answer letter: gold vs each model's predictions (columns of ``table``, rows
     the letters and ``invalid``), from :func:`medqa_zh.evaluate.letter_distribution`."""
