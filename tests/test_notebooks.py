@@ -249,9 +249,11 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     models = ("base", "lora", "full", "merged")
     expected = {(m, e) for m in models for e in ("letter", "generate")}
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
+    expected |= {(m, "debiased") for m in models}  # 06's rotations
     assert set(rows) == expected
     for (model, evaluation), r in rows.items():
         assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        assert (r["consistency"] == "") == (evaluation != "debiased")
         assert (r["p_vs_base"] == "") == (model == "base")
         assert (r["p_vs_no_rag"] == "") == (not evaluation.startswith("api+rag"))
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
@@ -283,7 +285,7 @@ def test_index_and_report_render_in_a_real_browser(series):
         assert not failed, f"index.html: requests that failed: {failed}"
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         assert len(images) == 6 and all(ok for _, ok in images), images
-        assert page.locator("table.results tr").count() == 1 + 16 + 2  # header, every result, chance and always-X
+        assert page.locator("table.results tr").count() == 1 + 20 + 2  # header, every result, chance and always-X
         assert page.locator(".smoke").is_visible()
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

@@ -130,3 +130,24 @@ def test_baselines_join_the_results_table_and_the_accuracy_figure():
     fig = report.plot_accuracy(table[table["evaluation"] != "baseline"], "evaluation", baselines=lines)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert sorted(labels) == ["always C 0.0%", "chance 20.0%", "letter"]
+
+
+def test_rotations_become_debiased_rows_tested_against_the_base_models_debiased_answers():
+    def rotations(knows, prior, n=6):
+        letters, k = "ABCDE", 5
+        rows = []
+        for i in range(n):
+            scores = [{letters[(j + r) % k]: prior[(j + r) % k] + knows[j] for j in range(k)} for r in range(k)]
+            rows.append({"id": f"q{i}", "gold": "B", "letters": letters, "logprobs": scores})
+        return rows
+
+    biased = rotations([0, 0, 0, 0, 0], [3.0, 0, 0, 0, 0])   # knows nothing, loves A
+    knowing = rotations([0, 1.0, 0, 0, 0], [3.0, 0, 0, 0, 0])  # loves A, but knows the answer is B's content
+    table = report.results_table({("base", "rotations"): biased, ("lora", "rotations"): knowing,
+                                  ("base", "letter"): _rows([0] * 6)})
+    assert list(zip(table["model"], table["evaluation"])) == [("base", "letter"), ("base", "debiased"),
+                                                              ("lora", "debiased")]
+    row = table.set_index(["model", "evaluation"])
+    assert row.loc[("lora", "debiased"), "accuracy"] == 1.0 and row.loc[("lora", "debiased"), "consistency"] == 0.0
+    assert row.loc[("lora", "debiased"), "p_vs_base"] < 0.05  # 6 of 6 discordant questions
+    assert math.isnan(row.loc[("base", "letter"), "consistency"])

@@ -244,7 +244,7 @@ def plot_sections(table):
 
 # --------------------------------------------------------------------------- a run's results (notebook 10)
 
-EVALUATIONS = ("letter", "generate", "api", "api+rag bm25", "api+rag dense", "api+rag hybrid")
+EVALUATIONS = ("letter", "rotations", "generate", "api", "api+rag bm25", "api+rag dense", "api+rag hybrid")
 MODELS = ("base", "lora", "full", "merged")
 
 
@@ -256,7 +256,9 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
     """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
     ``{(model, evaluation): rows}``, and the entries left out with the reason: a missing file, a
     model trained again since (its weights no longer match the file's fingerprint), or answers to
-    other questions than ``questions`` (the eval split at this profile's ``eval.max_questions``)."""
+    other questions than ``questions`` (the eval split at this profile's ``eval.max_questions``;
+    for ``rotations``, 06's letter scores under every rotation of the options, the first
+    ``eval.rotation_questions`` of them)."""
     import json
 
     from . import evaluate
@@ -265,7 +267,7 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
     entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
     found = evaluate.available_models(cfg)
     fingerprints, results, skipped = {}, {}, []
-    wanted = [q.id for q in questions]
+    everything = [q.id for q in questions]
     for entry in sorted(entries.values(), key=lambda e: (_order(e["evaluation"], EVALUATIONS),
                                                          _order(e["model"], MODELS))):
         path, model = index.parent / entry["file"], entry["model"]
@@ -279,6 +281,7 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
                 fingerprints[model] = evaluate.model_fingerprint(cfg, model)
             if not path.stem.endswith("-" + fingerprints[model]):
                 why = f"the {model} model was trained again after {entry['file']} was written: rerun its evaluation"
+        wanted = everything[: cfg.get("eval.rotation_questions")] if entry["evaluation"] == "rotations" else everything
         if why is None:
             rows = evaluate.read_results(path)
             if sorted(r["id"] for r in rows) != sorted(wanted):
@@ -295,29 +298,41 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
 def results_table(results: dict, baselines=None):
     """One row per (model, evaluation): n, accuracy, its 95% interval, invalid and failed answers,
     and exact McNemar p-values against the base model on the same evaluation (``p_vs_base``) and,
-    for RAG rows, against the same model without passages (``p_vs_no_rag``). ``baselines``
-    (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
+    for RAG rows, against the same model without passages (``p_vs_no_rag``). 06's rotations become
+    evaluation ``debiased`` (:mod:`debias`: the debiased accuracy, and ``consistency``, the share
+    right under every rotation). ``baselines`` (:func:`evaluate.baselines`) come last, as
+    evaluation ``baseline``."""
     import pandas as pd
 
     from . import evaluate
 
+    from . import debias
+
     rows = []
     for (model, evaluation), got in results.items():
+        consistency = float("nan")
+        if evaluation == "rotations":  # 06's letter scores under every rotation: the debiased reading
+            consistency, evaluation = debias.summary(got)["consistency"], "debiased"
+            got = debias.results(got, "debiased")
         acc = evaluate.accuracy(got)
         row = {"model": model, "evaluation": evaluation, "n": acc["n"], "accuracy": acc["accuracy"],
-               "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "invalid_rate": acc["invalid_rate"],
-               "failed": acc["failed"], "p_vs_base": float("nan"), "p_vs_no_rag": float("nan")}
-        if model != "base" and ("base", evaluation) in results:
-            row["p_vs_base"] = evaluate.mcnemar(results["base", evaluation], got)["p_value"]
+               "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "consistency": consistency,
+               "invalid_rate": acc["invalid_rate"], "failed": acc["failed"], "p_vs_base": float("nan"),
+               "p_vs_no_rag": float("nan")}
+        base = results.get(("base", "rotations" if evaluation == "debiased" else evaluation))
+        if model != "base" and base is not None:
+            base = debias.results(base, "debiased") if evaluation == "debiased" else base
+            row["p_vs_base"] = evaluate.mcnemar(base, got)["p_value"]
         if evaluation.startswith("api+rag") and (model, "api") in results:
             row["p_vs_no_rag"] = evaluate.mcnemar(results[model, "api"], got)["p_value"]
         rows.append(row)
     for _, b in (baselines.iterrows() if baselines is not None else ()):
         rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
                      "ci_low": b["ci_low"], "ci_high": b["ci_high"]})
-    table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "invalid_rate",
-                                        "failed", "p_vs_base", "p_vs_no_rag"])
-    key = table.apply(lambda r: (_order(r["evaluation"], EVALUATIONS),  # baselines last, as given
+    table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency",
+                                        "invalid_rate", "failed", "p_vs_base", "p_vs_no_rag"])
+    order = tuple(e if e != "rotations" else "debiased" for e in EVALUATIONS)
+    key = table.apply(lambda r: (_order(r["evaluation"], order),  # baselines last, as given
                                  _order(r["model"], MODELS) if r["evaluation"] != "baseline" else ()), axis=1)
     return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
 
