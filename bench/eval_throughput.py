@@ -8,9 +8,10 @@ Methods, each on the same ``--n`` questions of ``QUESTIONS_JSONL`` (MedQA format
 - ``letter``: :func:`medqa_zh.evaluate.letter_scores`, one batched forward pass per ``--batch``
   questions;
 - ``rotations-whole`` / ``rotations-shared``: :func:`medqa_zh.debias.rotation_scores`, letter scores
-  under all k cyclic rotations of the options, each rotation a whole prompt, or the part before the
-  options run once and its KV cache shared by the k rotations (the table's accuracy is rotation 0's;
-  the debiased accuracy and the largest score difference between the two are printed below it);
+  under all k cyclic rotations of the options: every rotated question as a whole prompt through
+  ``letter`` (batched), or the part before the options run once per question and its KV cache
+  shared by its k rotations (the table's accuracy is rotation 0's; the debiased accuracy and the
+  largest score difference between the two are printed below it);
 - ``seed``: what the seed project did: a raw prompt (question and options, no chat template),
   *sampled* generation (temperature 0.1), up to 512 new tokens, one question at a time;
   ``--seed-n`` limits it to the first questions when time is short (its questions/s is then over
@@ -96,7 +97,7 @@ def main() -> None:
     rotations = {}
     for name, shared in (("rotations-whole", False), ("rotations-shared", True)):
         rows, seconds = timed(name, lambda: debias.rotation_scores(model, tokenizer, questions, share_prefix=shared,
-                                                                   progress=False))
+                                                                   batch_size=a.batch, progress=False))
         rotations[name] = rows
         results[name] = debias.results(rows, "plain"), seconds
     results["generate"] = timed("generate", lambda: evaluate.generate_answers(

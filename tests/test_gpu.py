@@ -226,12 +226,12 @@ def _lock():
 def test_the_gpu_extra_pins_the_recorded_vllm_and_the_project_admits_the_recorded_set():
     """requirements/gpu-linux-py311.txt is what pip resolved for .[gpu,dev] (scripts/lock_gpu.py):
     every requirement of the project must still admit it, or the extra no longer resolves to it."""
-    project, pins = _pyproject(), _lock().read_lock()
+    lock = _lock()
+    project, pins = _pyproject(), lock.read_lock()
     gpu = [Requirement(r) for r in project["optional-dependencies"]["gpu"]]
     assert [(r.name, str(r.specifier)) for r in gpu] == [("vllm", f"=={pins['vllm']}")]
     requirements = [Requirement(r) for r in project["dependencies"]]
     requirements += [Requirement(r) for extra in ("gpu", "dev") for r in project["optional-dependencies"][extra]]
-    lock = _lock()
     for r in requirements:
         name = lock.normalize(r.name)
         assert name in pins, f"{r.name} is not in the recorded set: run scripts/lock_gpu.py --write"

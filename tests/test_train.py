@@ -132,7 +132,7 @@ def test_the_lm_head_projects_only_each_rows_labelled_tokens(smoke):
     assert torch.isfinite(loss) and loss.item() > 0
 
 
-def test_one_process_trains_on_one_gpu_however_many_are_visible(capsys):
+def test_one_process_trains_on_one_gpu_however_many_are_visible(smoke, monkeypatch, capsys):
     """What transformers does on a host with 4 GPUs and no launcher: n_gpu = 4, DataParallel, batch x 4."""
     from trl import SFTConfig
 
@@ -143,6 +143,10 @@ def test_one_process_trains_on_one_gpu_however_many_are_visible(capsys):
     args = train.one_device(args)
     assert args.n_gpu == 1 and args.train_batch_size == 8
     assert "4 GPUs visible" in capsys.readouterr().out
+    guarded = []  # and prepare() puts every run through the guard before the trainer sees its arguments
+    monkeypatch.setattr(train, "one_device", lambda a: guarded.append(a) or a)
+    run = train.prepare(smoke(), "lora", out_dir=smoke().out / "models" / "guard-check")
+    assert guarded == [run.trainer.args]
 
 
 # --------------------------------------------------------------------------- training

@@ -43,9 +43,9 @@ def _split_prompt(tokenizer, question) -> tuple[list[int], list[list[int]]] | No
     """Token ids of the shared prefix (everything before the options) and of each rotation's rest
     (options, answer hint, chat template, ``答案：``), or None when the tokenizer does not split
     cleanly at the options (then every rotation is scored whole)."""
-    k = len(question.options)
-    texts = [prompts.answer_prompt(tokenizer, q.question, q.options) for q in (rotate(question, r) for r in range(k))]
-    starts = [text.index(prompts.format_options(rotate(question, r).options)) for r, text in enumerate(texts)]
+    rotated = [rotate(question, r) for r in range(len(question.options))]
+    texts = [prompts.answer_prompt(tokenizer, q.question, q.options) for q in rotated]
+    starts = [text.index(prompts.format_options(q.options)) for q, text in zip(rotated, texts)]
     if len(set(starts)) != 1:
         return None
     prefix = texts[0][: starts[0]]
@@ -69,63 +69,64 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _last_logprobs(model, input_ids, attention_mask, last, past=None, position_ids=None):
+def _last_logprobs(model, input_ids, attention_mask, last, past, position_ids):
     """Log-probabilities of the next token after position ``last`` of each row (vocabulary-wide),
-    projecting only those rows' hidden states through the LM head."""
+    after the cached prefix ``past``, projecting only those rows' hidden states through the LM head."""
     import torch
 
     no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    cache = {_cache_kwarg(model): past} if past is not None else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
-                logits_to_keep=no_logits, output_hidden_states=True, use_cache=past is not None)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                **{_cache_kwarg(model): past}, logits_to_keep=no_logits, output_hidden_states=True, use_cache=True)
     hidden = out.hidden_states[-1][torch.arange(len(last), device=input_ids.device), last]
     return torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
 
 
-def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, progress: bool = True) -> list[dict]:
+def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batch_size: int = 8,
+                    progress: bool = True) -> list[dict]:
     """Letter scores of every question under each cyclic rotation of its options.
 
     Per question: ``id``, ``gold`` (the correct letter of rotation 0), ``letters`` and ``logprobs``:
     one ``{letter: log-probability}`` per rotation (rotation r = :func:`rotate` by r), read right
     after ``答案：`` as :func:`evaluate.letter_scores` reads them. With ``share_prefix`` the part of
     the prompt before the options runs once per question and its KV cache serves the k rotations;
-    without it each rotation is a whole prompt (the reference: same scores within float tolerance).
+    without it (the reference) every rotated question goes through :func:`evaluate.letter_scores`
+    as a whole prompt, ``batch_size`` at a time. Both give the same scores within float tolerance.
     """
     import torch
     from tqdm.auto import tqdm
 
     from . import evaluate
 
+    def whole(qs):  # each rotation a question of its own, scored exactly as 06 scores rotation 0
+        rotated = [rotate(q, r) for q in qs for r in range(len(q.options))]
+        scores = iter(evaluate.letter_scores(model, tokenizer, rotated, batch_size, progress=False))
+        return [{"id": q.id, "gold": q.answer_idx, "letters": "".join(sorted(q.options)),
+                 "logprobs": [next(scores)["logprobs"] for _ in q.options]} for q in qs]
+
+    if not share_prefix:
+        return whole(questions)
     letters_all = "".join(sorted({letter for q in questions for letter in q.options}))
     token = evaluate.letter_token_ids(tokenizer, letters_all)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for q in tqdm(questions, desc="rotations", unit="q", disable=not progress):
-        letters = sorted(q.options)
-        k = len(letters)
-        split = _split_prompt(tokenizer, q) if share_prefix else None
+        split = _split_prompt(tokenizer, q)
+        if split is None:  # a token would cross the boundary before the options: no prefix to share
+            out += whole([q])
+            continue
+        prefix_ids, rests = split
+        letters, k, n = sorted(q.options), len(rests), len(prefix_ids)
+        width = max(len(r) for r in rests)
         with torch.inference_mode():
-            if split is None:
-                prefix_ids, rests = [], [tokenizer(prompts.answer_prompt(tokenizer, r.question, r.options),
-                                                   add_special_tokens=False)["input_ids"]
-                                         for r in (rotate(q, s) for s in range(k))]
-            else:
-                prefix_ids, rests = split
-            width = max(len(r) for r in rests)
+            cached = model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True, logits_to_keep=1)
+            past = cached[_cache_kwarg(model)]
+            past.batch_repeat_interleave(k)
+            # the k option blocks, right-padded: each row's last real token sees the prefix and its own tokens only
             ids = torch.tensor([r + [pad] * (width - len(r)) for r in rests], device=model.device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rests], device=model.device)
+            mask = torch.tensor([[1] * (n + len(r)) + [0] * (width - len(r)) for r in rests], device=model.device)
             last = torch.tensor([len(r) - 1 for r in rests], device=model.device)
-            if prefix_ids:  # right padding: each row's last real token sees only the prefix and its own tokens
-                cached = model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True,
-                               logits_to_keep=1)
-                past = cached[_cache_kwarg(model)]
-                past.batch_repeat_interleave(k)
-                n = len(prefix_ids)
-                full_mask = torch.cat([torch.ones((k, n), dtype=mask.dtype, device=mask.device), mask], dim=1)
-                positions = torch.arange(n, n + width, device=model.device).expand(k, width)
-                logprobs = _last_logprobs(model, ids, full_mask, last, past, positions)
-            else:
-                logprobs = _last_logprobs(model, ids, mask, last)
+            positions = torch.arange(n, n + width, device=model.device).expand(k, width)
+            logprobs = _last_logprobs(model, ids, mask, last, past, positions)
         rows = [{letter: float(lp[token[letter]]) for letter in letters} for lp in logprobs]
         out.append({"id": q.id, "gold": q.answer_idx, "letters": "".join(letters), "logprobs": rows})
     return out
@@ -226,5 +227,5 @@ def prior_table(rotations: dict) -> pd.DataFrame:
     for name, got in rotations.items():
         columns[f"{name} prior"] = letter_prior(got)
         columns[f"{name} predicted"] = pd.Series([p["pred"] for p in results(got, "plain")]).value_counts(normalize=True)
-    letters = sorted(set(first[0]["letters"]).union(*(set(r["letters"]) for r in first)))
+    letters = sorted(set().union(*(r["letters"] for r in first)))
     return pd.DataFrame(columns).reindex(letters).fillna(0.0)

@@ -363,8 +363,9 @@ def load_embedder(name_or_path: str, device: str | None = None):
 
     from . import models
 
+    device = models.best_device(device or "auto")
     try:
-        return SentenceTransformer(str(name_or_path), device=models.best_device(device or "auto"))
+        return SentenceTransformer(str(name_or_path), device=device)
     except Exception as e:  # hub unreachable, no such folder, not a sentence-transformers model
         raise EmbedderNotFoundError(
             f"cannot load the embedder {name_or_path!r} (setting rag.embedder): {type(e).__name__}: {e}. "

@@ -146,11 +146,22 @@ def plot_retrieval_quality(table):
     return fig
 
 
+def _draw_baselines(ax, baselines) -> None:
+    """:func:`evaluate.baselines` across an accuracy plot: the chance range as a grey band with its
+    expected accuracy dashed, "always X" dotted."""
+    for _, b in (baselines.iterrows() if baselines is not None else ()):
+        text = f"{b['model']} {b['accuracy']:.1%}"
+        if b["model"] == "chance":
+            ax.axhspan(b["ci_low"], b["ci_high"], color="grey", alpha=0.15, lw=0)
+            ax.axhline(b["accuracy"], color="grey", ls="--", lw=1, label=text)
+        else:
+            ax.axhline(b["accuracy"], color="black", ls=":", lw=1, label=text)
+
+
 def plot_accuracy(summary, label: str = "condition", baselines=None):
     """Accuracy with its 95% interval as error bars, one bar per row of ``summary`` (columns
-    ``model``, ``label``, ``accuracy``, ``ci_low``, ``ci_high``), grouped by model. ``baselines``
-    (:func:`evaluate.baselines`) are drawn across: the chance range as a grey band with its
-    expected accuracy dashed, "always X" dotted."""
+    ``model``, ``label``, ``accuracy``, ``ci_low``, ``ci_high``), grouped by model, with the
+    ``baselines`` (:func:`evaluate.baselines`) drawn across."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     models = list(dict.fromkeys(summary["model"]))
     conditions = list(dict.fromkeys(summary[label]))
@@ -160,13 +171,7 @@ def plot_accuracy(summary, label: str = "condition", baselines=None):
         x = [m + j * width for m in range(len(models))]
         err = [rows["accuracy"] - rows["ci_low"], rows["ci_high"] - rows["accuracy"]]
         ax.bar(x, rows["accuracy"], width, yerr=err, capsize=3, label=str(cond), color=f"C{j}")
-    for _, b in (baselines.iterrows() if baselines is not None else ()):
-        text = f"{b['model']} {b['accuracy']:.1%}"
-        if b["model"] == "chance":
-            ax.axhspan(b["ci_low"], b["ci_high"], color="grey", alpha=0.15, lw=0)
-            ax.axhline(b["accuracy"], color="grey", ls="--", lw=1, label=text)
-        else:
-            ax.axhline(b["accuracy"], color="black", ls=":", lw=1, label=text)
+    _draw_baselines(ax, baselines)
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], models)
     ax.set_ylabel("accuracy (95% interval)")
     ax.set_ylim(0, 1)
@@ -185,9 +190,7 @@ def plot_debiased(table, priors, baselines=None):
         x = [m + (j - 0.5) * 0.38 for m in range(len(models))]
         err = [table[reading] - table[f"{reading}_ci_low"], table[f"{reading}_ci_high"] - table[reading]]
         left.bar(x, table[reading], 0.38, yerr=err, capsize=3, label=reading, color=f"C{j}")
-    for _, b in (baselines.iterrows() if baselines is not None else ()):
-        style = {"color": "grey", "ls": "--"} if b["model"] == "chance" else {"color": "black", "ls": ":"}
-        left.axhline(b["accuracy"], lw=1, label=f"{b['model']} {b['accuracy']:.1%}", **style)
+    _draw_baselines(left, baselines)
     left.set_xticks(range(len(models)), models)
     left.set_ylabel("accuracy (95% interval)")
     left.set_ylim(0, 1)
@@ -304,9 +307,7 @@ def results_table(results: dict, baselines=None):
     evaluation ``baseline``."""
     import pandas as pd
 
-    from . import evaluate
-
-    from . import debias
+    from . import debias, evaluate
 
     rows = []
     for (model, evaluation), got in results.items():
