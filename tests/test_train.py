@@ -395,3 +395,105 @@ def test_cost_table_reads_run_json(lora_run):
     table = train.cost_table({"LoRA": json.loads((run.out_dir / train.RUN_FILE).read_text())})
     assert table.loc["trainable parameters", "LoRA"] == metrics["parameters"]["trainable"]
     assert table.loc["saved weights (MiB)", "LoRA"] > 0
+
+
+# --------------------------------------------------------------------------- what the model can learn
+
+
+def _split(smoke, role="train"):
+    return train.read_split(smoke(), role)
+
+
+def test_a_shuffled_example_keeps_the_right_answer_text_under_its_new_letter(smoke):
+    questions = _split(smoke)
+    moved = 0
+    for q in questions:
+        s = train.shuffled(q, seed=0, epoch=0)
+        assert s.options[s.answer_idx] == q.answer == s.answer  # the gold content, under its new letter
+        assert sorted(s.options.values()) == sorted(q.options.values()) and sorted(s.options) == sorted(q.options)
+        assert s.question == q.question and s.id == q.id
+        assert train.shuffled(q, seed=0, epoch=0) == s  # seeded: the same example every run
+        moved += s.answer_idx != q.answer_idx
+    assert moved > len(questions) / 2
+    # a new permutation in each epoch and for each seed
+    assert any(train.shuffled(q, 0, 1).options != train.shuffled(q, 0, 0).options for q in questions[:5])
+    assert any(train.shuffled(q, 1, 0).options != train.shuffled(q, 0, 0).options for q in questions[:5])
+
+
+def test_the_gold_letters_of_a_shuffled_stream_are_close_to_uniform(smoke):
+    questions = _split(smoke)
+    skewed = [q.permuted(sorted(q.options, key=lambda letter: letter != q.answer_idx)) for q in questions]
+    assert {q.answer_idx for q in skewed} == {"A"}  # every gold letter on A: the worst training split
+    epochs = max(1, 2000 // len(skewed))
+    plain = train.stream(skewed, epochs, seed=0, shuffle_options=False)
+    shuffled = train.stream(skewed, epochs, seed=0, shuffle_options=True)
+    assert len(shuffled) == len(plain) == epochs * len(skewed)
+    assert {q.answer_idx for q in plain} == {"A"}
+    shares = {letter: sum(q.answer_idx == letter for q in shuffled) / len(shuffled) for letter in "ABCDE"}
+    # 5 letters over >= 2000 examples: a binomial share's standard error is < 0.9 points
+    assert all(abs(share - 0.2) < 0.03 for share in shares.values()), shares
+
+
+def test_every_epoch_reads_each_question_once_in_its_own_order(smoke):
+    questions = _split(smoke)
+    s = train.stream(questions, 3, seed=0, shuffle_options=True)
+    n = len(questions)
+    for epoch in range(3):
+        assert sorted(q.id for q in s[epoch * n:(epoch + 1) * n]) == sorted(q.id for q in questions)
+    assert [q.id for q in s[:n]] != [q.id for q in s[n:2 * n]]
+
+
+def test_sorting_within_each_step_keeps_its_examples_and_pads_less():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(50, 400) for _ in range(64)]
+    items = list(range(64))
+    grouped = train.group_by_length(items, lengths, group=16)
+    for start in range(0, 64, 16):  # the same examples in every optimizer step
+        assert sorted(grouped[start:start + 16]) == items[start:start + 16]
+    grouped_lengths = [lengths[i] for i in grouped]
+    assert train.padding_share(grouped_lengths, 8) < train.padding_share(lengths, 8)
+    assert train.padding_share([10, 10, 10, 10], 2) == 0
+    assert train.padding_share([10, 30], 2) == pytest.approx(1 - 40 / 60)
+
+
+@pytest.mark.parametrize("completion", ["letter", "letter_text"])
+def test_the_completion_is_rendered_identically_in_training_and_the_evaluations(smoke, completion):
+    """06 reads the letter right after the answer prompt, 07 parses the generated text: the
+    trained completion puts the gold letter exactly there, and parses back to it."""
+    from medqa_zh import answers
+
+    cfg = smoke()
+    tokenizer = models.load_tokenizer(cfg.base_model)
+    for q in _split(smoke)[:10]:
+        q = train.shuffled(q, 0, 0)
+        (example,) = train.to_examples([q], completion)
+        rendered = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        assert rendered.startswith(prompts.answer_prompt(tokenizer, q.question, q.options) + q.answer_idx)
+        content = example["completion"][0]["content"]
+        assert answers.extract_letter(content) == q.answer_idx
+        expected = prompts.format_answer(q.answer_idx, q.answer if completion == "letter_text" else None)
+        assert content == expected
+        assert (q.answer in content) == (completion == "letter_text")
+
+
+@pytest.mark.parametrize(("completion", "loss_on"), [("letter_text", "completion"), ("letter", "all")])
+def test_the_loss_covers_what_the_switches_say(smoke, completion, loss_on):
+    cfg = smoke(**{"train.completion": completion, "train.loss_on": loss_on, "train.shuffle_options": True})
+    run = train.prepare(cfg, "lora")
+    for i in range(3):
+        view = train.label_view(run, i)
+        in_loss = "".join(token for token, counted in view if counted)
+        answer = run.examples["train"][i]["completion"][0]["content"]
+        if loss_on == "completion":
+            assert in_loss == answer + "<|im_end|>\n"
+        else:  # every token of the example (the loss reads each from the position before it)
+            assert in_loss == "".join(token for token, _ in view) and in_loss.endswith(answer + "<|im_end|>\n")
+    assert run.run_key["settings"]["completion"] == completion and run.run_key["settings"]["shuffle_options"] is True
+
+
+@pytest.mark.parametrize(("key", "value"), [("completion", "text"), ("loss_on", "prompt"), ("shuffle_options", "yes")])
+def test_a_bad_switch_names_the_setting_and_its_choices(smoke, key, value):
+    with pytest.raises(ValueError, match=f"train.{key}"):
+        train.settings(smoke(**{f"train.{key}": value}), "lora")

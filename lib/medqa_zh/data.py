@@ -17,7 +17,7 @@ import json
 import re
 import string
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import prompts
@@ -43,8 +43,18 @@ class Question:
         """The MedQA row plus its id, as written to the split files."""
         return asdict(self)
 
-    def messages(self, with_answer: bool = True) -> list[dict]:
-        return prompts.build_messages(self.question, self.options, self.answer_idx if with_answer else None)
+    def messages(self, with_answer: bool = True, completion: str = "letter") -> list[dict]:
+        return prompts.build_messages(self.question, self.options, self.answer_idx if with_answer else None,
+                                      completion=completion)
+
+    def permuted(self, order: list[str]) -> Question:
+        """This question with its option contents moved: the new option ``A`` holds the old option
+        ``order[0]``, and so on; the correct letter follows its content, the answer text is kept."""
+        letters = sorted(self.options)
+        if sorted(order) != letters:
+            raise ValueError(f"{self.id}: {order} is not an ordering of the options {letters}")
+        options = {new: self.options[old] for new, old in zip(letters, order)}
+        return replace(self, options=options, answer_idx=letters[order.index(self.answer_idx)])
 
     @property
     def content_key(self) -> tuple:

@@ -21,7 +21,6 @@ The k rotated prompts share everything before the options (system turn, instruct
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pandas as pd
 
@@ -32,11 +31,7 @@ def rotate(question, shift: int):
     """``question`` with its option contents moved ``shift`` letters down (cyclically); the letters
     stay, the correct letter follows its content, the answer text is unchanged."""
     letters = sorted(question.options)
-    k = len(letters)
-    contents = [question.options[letter] for letter in letters]
-    options = {letter: contents[(i - shift) % k] for i, letter in enumerate(letters)}
-    gold = letters[(letters.index(question.answer_idx) + shift) % k]
-    return replace(question, options=options, answer_idx=gold)
+    return question.permuted([letters[(i - shift) % len(letters)] for i in range(len(letters))])
 
 
 def _split_prompt(tokenizer, question) -> tuple[list[int], list[list[int]]] | None:

@@ -4,7 +4,11 @@ A multiple-choice question becomes a chat:
 
     system     SYSTEM_PROMPT
     user       the question, its options as "A. ...", one per line, and the answer instruction
-    assistant  "答案：B"
+    assistant  "答案：B"                 (train.completion: letter)
+               "答案：B. <B's text>"      (train.completion: letter_text)
+
+The letter always comes first, so letter scoring and answer parsing read the same position
+whichever completion a model was trained on.
 
 With retrieval (RAG, notebook 08) the user turn starts with the passages, each citing its book
 (``format_context``); everything after them is unchanged.
@@ -48,22 +52,31 @@ def format_user(question: str, options: Mapping[str, str], context=None) -> str:
     return f"{format_context(context)}\n\n{body}" if context else body
 
 
-def format_answer(letter: str) -> str:
-    """The assistant turn the model is trained to produce: ``答案：B``."""
-    return f"{ANSWER_PREFIX}{letter}"
+COMPLETIONS = ("letter", "letter_text")
 
 
-def build_messages(question: str, options: Mapping[str, str], answer: str | None = None, context=None) -> list[dict]:
+def format_answer(letter: str, text: str | None = None) -> str:
+    """The assistant turn the model is trained to produce: ``答案：B``, or with the option's
+    ``text`` ``答案：B. 甲状腺``."""
+    return f"{ANSWER_PREFIX}{letter}" if text is None else f"{ANSWER_PREFIX}{letter}. {text.strip()}"
+
+
+def build_messages(question: str, options: Mapping[str, str], answer: str | None = None, context=None,
+                   completion: str = "letter") -> list[dict]:
     """Chat messages for one question; with ``answer`` (a letter) the assistant turn is included,
-    with ``context`` ((book, text) pairs from retrieval) the passages precede the question."""
+    as ``completion`` says (``letter``: ``答案：B``; ``letter_text``: ``答案：B. <its text>``); with
+    ``context`` ((book, text) pairs from retrieval) the passages precede the question."""
     if answer is not None and answer not in options:
         raise ValueError(f"answer {answer!r} is not one of the options {sorted(options)}")
+    if completion not in COMPLETIONS:
+        raise ValueError(f"completion must be one of {COMPLETIONS}, not {completion!r} (train.completion in the profile)")
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": format_user(question, options, context)},
     ]
     if answer is not None:
-        messages.append({"role": "assistant", "content": format_answer(answer)})
+        text = options[answer] if completion == "letter_text" else None
+        messages.append({"role": "assistant", "content": format_answer(answer, text)})
     return messages
 
 

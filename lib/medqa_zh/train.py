@@ -7,8 +7,18 @@ Each question becomes a *prompt/completion* pair in chat form, built by ``medqa_
 
 trl renders both with the base model's own chat template (the one every evaluation uses) and
 masks the prompt tokens out of the labels; the loss then sends only the answer positions through
-the LM head (see ``_trainer_class``). Every knob comes from the profile's ``train``
-section (``train.full`` overrides it for full SFT). A run writes, under
+the LM head (see ``_trainer_class``). Three switches decide what the model can learn:
+
+    train.shuffle_options   permute each example's option contents (seeded per question and epoch)
+                            and remap its letter, so gold letters are uniform: no letter prior to learn
+    train.completion        letter (答案：B) | letter_text (答案：B. <B's text>): the letter first, so
+                            letter scoring and answer parsing read the same position either way
+    train.loss_on           completion (the answer only) | all (the prompt too)
+
+The training stream is built here (:func:`stream`): ``epochs`` passes over the split, each in its
+own seeded order, read in that order; inside each optimizer step the examples are sorted by
+length, so each micro-batch pads less and the step's gradient is unchanged. Every knob comes from
+the profile's ``train`` section (``train.full`` overrides it for full SFT). A run writes, under
 ``outputs/<profile>/models/<mode>/``:
 
     adapter_model.safetensors + adapter_config.json   (LoRA)  or  model.safetensors (full)
@@ -22,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import shutil
 import statistics
 import sys
@@ -29,9 +40,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import data, models
+from . import data, models, prompts
 
 MODES = ("lora", "full")
+LOSS_ON = ("completion", "all")
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 SETTINGS_FILE = "run_settings.json"
@@ -53,16 +65,59 @@ def settings(cfg, mode: str) -> dict:
     missing = [k for k in ("max_length", "batch_size", "grad_accum", "learning_rate") if s.get(k) is None]
     if missing:
         raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
+    s.setdefault("shuffle_options", False)
+    s.setdefault("completion", "letter")
+    s.setdefault("loss_on", "completion")
+    for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False))):
+        if s[key] not in allowed:
+            raise ValueError(f"{cfg.source.name}: train.{key} is {s[key]!r}; it must be one of {list(allowed)}")
+    if int(s.get("epochs", 1)) != s.get("epochs", 1):
+        raise ValueError(f"{cfg.source.name}: train.epochs must be a whole number (use train.max_steps to stop earlier)")
     return s
 
 
-def to_examples(questions: list[data.Question]) -> list[dict]:
+def to_examples(questions: list[data.Question], completion: str = "letter") -> list[dict]:
     """trl's conversational prompt/completion format, built by ``medqa_zh.prompts``."""
     out = []
     for q in questions:
-        messages = q.messages(with_answer=True)
+        messages = q.messages(with_answer=True, completion=completion)
         out.append({"id": q.id, "prompt": messages[:-1], "completion": messages[-1:]})
     return out
+
+
+def shuffled(question: data.Question, seed: int, epoch: int) -> data.Question:
+    """``question`` with its option contents in a random order, the same for the same seed,
+    question and epoch; the correct letter follows its content."""
+    order = sorted(question.options)
+    random.Random(f"{seed}:{epoch}:{question.id}").shuffle(order)
+    return question.permuted(order)
+
+
+def stream(questions: list[data.Question], epochs: int, seed: int, shuffle_options: bool) -> list[data.Question]:
+    """What training reads, in order: ``epochs`` passes over ``questions``, each in its own seeded
+    order; with ``shuffle_options`` each question's options are permuted anew in every pass."""
+    out = []
+    for epoch in range(epochs):
+        order = list(questions)
+        random.Random(f"{seed}:{epoch}:order").shuffle(order)
+        out += [shuffled(q, seed, epoch) if shuffle_options else q for q in order]
+    return out
+
+
+def group_by_length(items: list, lengths: list[int], group: int) -> list:
+    """``items`` with each consecutive run of ``group`` (one optimizer step's examples) sorted by
+    length: the step sees the same examples, and its micro-batches pad to similar lengths."""
+    out = []
+    for start in range(0, len(items), group):
+        chunk = sorted(range(start, min(start + group, len(items))), key=lambda i: lengths[i])
+        out += [items[i] for i in chunk]
+    return out
+
+
+def padding_share(lengths: list[int], batch: int) -> float:
+    """Share of the tokens in batches of ``batch`` consecutive examples that are padding."""
+    padded = sum(max(lengths[i:i + batch]) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
+    return 1 - sum(lengths) / padded if padded else 0.0
 
 
 def read_split(cfg, role: str) -> list[data.Question]:
@@ -222,6 +277,8 @@ class Run:
     lengths: dict = field(default_factory=dict)  # role -> token lengths
     log: object = None  # the JsonlLog callback
     run_key: dict = field(default_factory=dict)
+    padding: dict = field(default_factory=dict)  # share of padding in the micro-batches: random order vs sorted
+    examples: dict = field(default_factory=dict)  # role -> the prompt/completion examples, in training order
 
     @property
     def checkpoints(self) -> Path:
@@ -266,7 +323,8 @@ def _trainer_class():
 
     trl 1.x computes the loss with a fused, chunked LM head that skips unlabelled positions only on
     Triton GPUs; elsewhere it projects every position through the 151,936-token head in float32
-    (a [batch, length, 151936] tensor: gigabytes). Here only the answer tokens carry labels, so
+    (a [batch, length, 151936] tensor: gigabytes). Here only the answer tokens carry labels
+    (with ``train.loss_on: all`` every token does, and this saves nothing), so
     :func:`answer_logits` projects just those, row by row: the same loss at about half the step
     time on a CPU (measured), and logits of a few MB instead of GB (``bench/loss_head.py``). A
     test checks the loss and its gradients against trl's own ``compute_loss``.
@@ -276,6 +334,11 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class AnswerOnlySFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            # the stream is already shuffled, per epoch and seeded, and sorted within each step (see stream)
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            return torch.utils.data.SequentialSampler(dataset)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
             logits, targets, outputs = answer_logits(model, inputs, head, self.accelerator.autocast)
@@ -331,9 +394,16 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     eval_qs = read_split(cfg, "eval")[: s.get("eval_questions")]
     origin = models.setting_origin(cfg)
     tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
-    train_ex, eval_ex = to_examples(train_qs), to_examples(eval_qs)
+    epochs = int(s.get("epochs", 1))
+    train_ex = to_examples(stream(train_qs, epochs, seed, s["shuffle_options"]), s["completion"])
+    eval_ex = to_examples(eval_qs, s["completion"])  # eval loss: the options as the evaluations show them
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
+    step_size = s["batch_size"] * s["grad_accum"]
+    padding = {"random order": padding_share(lengths["train"], s["batch_size"])}
+    train_ex = group_by_length(train_ex, lengths["train"], step_size)
+    lengths["train"] = group_by_length(lengths["train"], lengths["train"], step_size)
+    padding["sorted within each step"] = padding_share(lengths["train"], s["batch_size"])
 
     # LoRA freezes the base, so its weights can stay in bf16 / fp16 (peft keeps the adapter in fp32);
     # full SFT keeps fp32 master weights and computes in bf16 / fp16 under autocast (half-precision
@@ -354,7 +424,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     eval_steps = s.get("eval_steps") or 50
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
-        num_train_epochs=s.get("epochs", 1),
+        num_train_epochs=1,  # one pass over the stream, which holds the epochs
         max_steps=s.get("max_steps") or -1,
         per_device_train_batch_size=s["batch_size"],
         per_device_eval_batch_size=s.get("eval_batch_size") or s["batch_size"],
@@ -366,7 +436,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         max_grad_norm=float(s.get("max_grad_norm", 1.0)),
         max_length=s["max_length"],
         packing=False,
-        completion_only_loss=True,
+        completion_only_loss=s["loss_on"] == "completion",
         **{_checkpointing_field(): bool(s.get("gradient_checkpointing", False))},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -403,7 +473,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         "eval_questions": [q.id for q in eval_qs],
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
-    return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key)
+    return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key, padding,
+               {"train": train_ex, "eval": eval_ex})
 
 
 def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
@@ -490,9 +561,10 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "examples": {k: len(v) for k, v in run.lengths.items()},
         "tokens_per_example": {k: {"mean": statistics.fmean(v), "max": max(v)} for k, v in run.lengths.items()},
         "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
-        "epochs": state.epoch, "wall_seconds": wall,
+        "epochs": state.epoch * int(run.settings.get("epochs", 1)), "wall_seconds": wall,
         "median_step_seconds": step_s,
         "examples_per_step": run.settings["batch_size"] * run.settings["grad_accum"],
+        "padding_share": run.padding,
         "tokens_this_session": tokens,
         "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
         "peak_memory_gib": memory["peak_gib"],
