@@ -1,4 +1,6 @@
 """The benchmarks still run (on the tiny model, a few seconds); their numbers are not checked here."""
+import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +69,29 @@ def test_loss_head_compares_the_three_losses_on_the_same_batch(tiny_assets):
     assert len({rows[m][6].strip() for m in rows}) == 1  # the same loss three ways
     assert int(rows["rows"][5].replace(",", "")) < int(rows["union"][5].replace(",", ""))  # fewer logits
     assert "union vs rows: logits x" in out.stdout
+
+
+def test_recipes_trains_each_variant_and_tests_it_against_the_base(tmp_path):
+    import shutil
+
+    project = tmp_path / "project"  # a project of its own: the study writes splits and models
+    shutil.copytree(REPO / "profiles", project / "profiles")
+    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    out = tmp_path / "recipes"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    command = [sys.executable, REPO / "bench" / "recipes.py", "--profile", "smoke", "--questions", "8",
+               "--variants", "reference,shuffle+text", "--out", out]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "MEDQA_ROOT": str(project)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"variant", "base", "reference", "shuffle+text"}  # the base is always scored
+    assert (out / "recipes.md").read_text(encoding="utf-8").strip() == "\n".join(
+        line for line in done.stdout.splitlines() if line.startswith("|")).strip()
+    header = [c.strip() for c in rows["variant"]]
+    p = header.index("McNemar p (debiased vs base)")
+    assert rows["base"][p].strip() == "—" and 0 <= float(rows["reference"][p]) <= 1
+    assert int(rows["shuffle+text"][header.index("n")]) == 8
+    shuffled = json.loads((out / "shuffle+text" / "run.json").read_text(encoding="utf-8"))
+    assert shuffled["settings"]["shuffle_options"] is True and shuffled["settings"]["completion"] == "letter_text"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "MEDQA_ROOT": str(project)})
+    assert again.stdout.count("done earlier, kept") == 3  # finished variants are not run again

@@ -42,6 +42,44 @@ def test_the_shared_prefix_changes_no_score(tiny):
         assert s["logprobs"][0] == pytest.approx(p["logprobs"], abs=1e-4)  # rotation 0 is today's letter scoring
 
 
+def test_passages_join_the_shared_prefix_and_change_no_score_there(tiny):
+    """08's debiased view with passages: the same scores whole or with the prefix shared, the
+    passages in every rotation's prompt, and recorded by id."""
+    from types import SimpleNamespace
+
+    from medqa_zh import prompts
+
+    model, tokenizer, questions = tiny
+    qs = questions[:4]
+    passage = lambda i: SimpleNamespace(id=f"内科学:{i}:0", book="内科学", text=f"第{i}段：甲状腺功能亢进症的表现。")  # noqa: E731
+    contexts = {q.id: [passage(i), passage(i + 1)] for i, q in enumerate(qs)}
+    prefix, _ = debias._split_prompt(tokenizer, qs[0], evaluate.context_of(contexts, qs[0].id))
+    assert "甲状腺功能亢进症" in tokenizer.decode(prefix)  # the passages run once, before the options
+    shared = debias.rotation_scores(model, tokenizer, qs, progress=False, contexts=contexts)
+    whole = debias.rotation_scores(model, tokenizer, qs, share_prefix=False, progress=False, contexts=contexts)
+    without = debias.rotation_scores(model, tokenizer, qs, progress=False)
+    plain = evaluate.letter_scores(model, tokenizer, qs, progress=False, contexts=contexts)
+    for s, w, n, p, q in zip(shared, whole, without, plain, qs, strict=True):
+        assert s["passages"] == w["passages"] == [x.id for x in contexts[q.id]] and "passages" not in n
+        for a, b in zip(s["logprobs"], w["logprobs"], strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert s["logprobs"][0] == pytest.approx(p["logprobs"], abs=1e-4)
+    assert any(s["logprobs"][0] != pytest.approx(n["logprobs"][0], abs=1e-3) for s, n in zip(shared, without))
+    text = prompts.answer_prompt(tokenizer, qs[0].question, qs[0].options, evaluate.context_of(contexts, qs[0].id))
+    assert text.index("甲状腺功能亢进症") < text.index(prompts.format_options(qs[0].options))
+
+
+def test_each_reading_can_be_tested_against_its_own_reference(tiny):
+    model, tokenizer, questions = tiny
+    got = debias.rotation_scores(model, tokenizer, questions, progress=False)
+    flipped = [{**r, "logprobs": r["logprobs"][::-1]} for r in got]
+    t = debias.table({"a · no RAG": got, "a · bm25": flipped, "b · no RAG": got}, {"a · bm25": "a · no RAG"})
+    p = dict(zip(t["model"], t["debiased_p_vs_base"]))
+    assert math.isnan(p["a · no RAG"]) and math.isnan(p["b · no RAG"]) and 0 <= p["a · bm25"] <= 1
+    t = debias.table({"base": got, "other": flipped})  # the default: everything against "base"
+    assert math.isnan(t["debiased_p_vs_base"][0]) and 0 <= t["debiased_p_vs_base"][1] <= 1
+
+
 def test_a_planted_letter_bias_moves_plain_accuracy_but_not_the_debiased_one(tiny):
     model, tokenizer, questions = tiny
     before = debias.rotation_scores(model, tokenizer, questions, progress=False)

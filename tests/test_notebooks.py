@@ -216,9 +216,18 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
     for r in rows:
         assert int(r["n"]) == n_eval and int(r["failed"]) == 0 and 0 <= float(r["vs_no_rag_p"]) <= 1
     rag_results = list((out / "eval" / "rag").glob("*.jsonl"))
-    assert len(rag_results) == 2 * 3
-    first = [json.loads(line) for line in rag_results[0].read_text(encoding="utf-8").splitlines()]
-    assert all(row["passages"] for row in first)  # every prompt carried passages, recorded by id
+    assert len(rag_results) == 2 * 3 + 2 * 1  # API per retriever; rotations with bm25 (rag.rotation_retrievers)
+    for path in rag_results:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert all(row["passages"] for row in rows), path.name  # every prompt carried passages, recorded by id
+    # section 5: debiased accuracy with and without passages, in-process, on the same questions
+    with open(out / "tables" / "08_rag_debiased.csv", encoding="utf-8") as f:
+        debiased = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(debiased) == {f"{m} · {c}" for m in ("base", "merged") for c in ("no RAG", "bm25")}
+    for name, r in debiased.items():
+        assert int(r["n"]) == n_eval and float(r["debiased_ci_low"]) <= float(r["debiased"]) <= float(r["debiased_ci_high"])
+        assert (r["debiased_p_vs_no_rag"] == "") == name.endswith("no RAG")
+    assert (out / "figures" / "08_rag_debiased.png").stat().st_size > 5000
     assert list((out / "rag").glob("passages-*.jsonl")) and list((out / "rag").glob("dense-*/embeddings.npy"))
     assert (out / "figures" / "08_retrieval_quality.png").is_file() and (out / "figures" / "08_rag_accuracy.png").is_file()
     assert not server_processes()
@@ -250,12 +259,13 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     expected = {(m, e) for m in models for e in ("letter", "generate")}
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
     expected |= {(m, "debiased") for m in models}  # 06's rotations
+    expected |= {(m, "debiased+rag bm25") for m in ("base", "merged")}  # 08's, with passages
     assert set(rows) == expected
     for (model, evaluation), r in rows.items():
         assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
-        assert (r["consistency"] == "") == (evaluation != "debiased")
+        assert (r["consistency"] == "") == (not evaluation.startswith("debiased"))
         assert (r["p_vs_base"] == "") == (model == "base")
-        assert (r["p_vs_no_rag"] == "") == (not evaluation.startswith("api+rag"))
+        assert (r["p_vs_no_rag"] == "") == ("+rag" not in evaluation)
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "left out" not in text and "SMOKE PROFILE" in text
     for fig in ("accuracy", "loss_curves", "letters", "sections", "rag_ablation", "retrieval_quality"):
@@ -285,7 +295,7 @@ def test_index_and_report_render_in_a_real_browser(series):
         assert not failed, f"index.html: requests that failed: {failed}"
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         assert len(images) == 6 and all(ok for _, ok in images), images
-        assert page.locator("table.results tr").count() == 1 + 20 + 2  # header, every result, chance and always-X
+        assert page.locator("table.results tr").count() == 1 + 22 + 2  # header, every result, chance and always-X
         assert page.locator(".smoke").is_visible()
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

@@ -132,15 +132,18 @@ def test_baselines_join_the_results_table_and_the_accuracy_figure():
     assert sorted(labels) == ["always C 0.0%", "chance 20.0%", "letter"]
 
 
-def test_rotations_become_debiased_rows_tested_against_the_base_models_debiased_answers():
-    def rotations(knows, prior, n=6):
-        letters, k = "ABCDE", 5
-        rows = []
-        for i in range(n):
-            scores = [{letters[(j + r) % k]: prior[(j + r) % k] + knows[j] for j in range(k)} for r in range(k)]
-            rows.append({"id": f"q{i}", "gold": "B", "letters": letters, "logprobs": scores})
-        return rows
+def _rotations(knows, prior, n=6):
+    """Letter scores under every rotation: option content j adds ``knows[j]``, letter i ``prior[i]``."""
+    letters, k = "ABCDE", 5
+    rows = []
+    for i in range(n):
+        scores = [{letters[(j + r) % k]: prior[(j + r) % k] + knows[j] for j in range(k)} for r in range(k)]
+        rows.append({"id": f"q{i}", "gold": "B", "letters": letters, "logprobs": scores})
+    return rows
 
+
+def test_rotations_become_debiased_rows_tested_against_the_base_models_debiased_answers():
+    rotations = _rotations
     biased = rotations([0, 0, 0, 0, 0], [3.0, 0, 0, 0, 0])   # knows nothing, loves A
     knowing = rotations([0, 1.0, 0, 0, 0], [3.0, 0, 0, 0, 0])  # loves A, but knows the answer is B's content
     table = report.results_table({("base", "rotations"): biased, ("lora", "rotations"): knowing,
@@ -151,3 +154,26 @@ def test_rotations_become_debiased_rows_tested_against_the_base_models_debiased_
     assert row.loc[("lora", "debiased"), "accuracy"] == 1.0 and row.loc[("lora", "debiased"), "consistency"] == 0.0
     assert row.loc[("lora", "debiased"), "p_vs_base"] < 0.05  # 6 of 6 discordant questions
     assert math.isnan(row.loc[("base", "letter"), "consistency"])
+
+
+def test_passages_with_rotations_are_tested_against_the_same_models_debiased_answers():
+    no_rag = _rotations([0, 0, 0, 0, 0], [3.0, 0, 0, 0, 0])
+    rag = _rotations([0, 1.0, 0, 0, 0], [0, 0, 3.0, 0, 0])  # passages taught the answer (and moved the prior)
+    table = report.results_table({("merged", "rotations"): no_rag, ("merged", "rotations+rag bm25"): rag,
+                                  ("base", "rotations"): no_rag})
+    assert list(zip(table["model"], table["evaluation"])) == [
+        ("base", "debiased"), ("merged", "debiased"), ("merged", "debiased+rag bm25")]
+    row = table.set_index(["model", "evaluation"]).loc[("merged", "debiased+rag bm25")]
+    assert row["accuracy"] == 1.0 and row["p_vs_no_rag"] < 0.05 and math.isnan(row["p_vs_base"])
+    assert row["consistency"] == 0.0  # under every rotation? never: the prior on C still wins 4 of 5
+
+
+def test_significance_names_each_difference_below_alpha_and_only_those():
+    base, better, same = _rows([0] * 12), _rows([1] * 12), _rows([0] * 11 + [1])
+    table = report.results_table({("base", "letter"): base, ("lora", "letter"): better, ("full", "letter"): same})
+    text = report.significance(table)
+    assert text.startswith("1 of 2 paired differences have p < 0.05")
+    assert "**lora / letter**: 100.0% vs 0.0% with the base model" in text and "full" not in text
+    assert report.significance(report.results_table({("base", "letter"): base, ("full", "letter"): same})).startswith(
+        "None of the 1 paired differences")
+    assert report.significance(report.results_table({("base", "letter"): base})).startswith("No paired test yet")

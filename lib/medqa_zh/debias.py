@@ -34,12 +34,12 @@ def rotate(question, shift: int):
     return question.permuted([letters[(i - shift) % len(letters)] for i in range(len(letters))])
 
 
-def _split_prompt(tokenizer, question) -> tuple[list[int], list[list[int]]] | None:
-    """Token ids of the shared prefix (everything before the options) and of each rotation's rest
-    (options, answer hint, chat template, ``答案：``), or None when the tokenizer does not split
-    cleanly at the options (then every rotation is scored whole)."""
+def _split_prompt(tokenizer, question, context=None) -> tuple[list[int], list[list[int]]] | None:
+    """Token ids of the shared prefix (everything before the options: with ``context``, the
+    passages too) and of each rotation's rest (options, answer hint, chat template, ``答案：``), or
+    None when the tokenizer does not split cleanly at the options (then every rotation is scored whole)."""
     rotated = [rotate(question, r) for r in range(len(question.options))]
-    texts = [prompts.answer_prompt(tokenizer, q.question, q.options) for q in rotated]
+    texts = [prompts.answer_prompt(tokenizer, q.question, q.options, context) for q in rotated]
     starts = [text.index(prompts.format_options(q.options)) for q, text in zip(rotated, texts)]
     if len(set(starts)) != 1:
         return None
@@ -77,7 +77,7 @@ def _last_logprobs(model, input_ids, attention_mask, last, past, position_ids):
 
 
 def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batch_size: int = 8,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, contexts: dict | None = None) -> list[dict]:
     """Letter scores of every question under each cyclic rotation of its options.
 
     Per question: ``id``, ``gold`` (the correct letter of rotation 0), ``letters`` and ``logprobs``:
@@ -86,6 +86,8 @@ def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batc
     the prompt before the options runs once per question and its KV cache serves the k rotations;
     without it (the reference) every rotated question goes through :func:`evaluate.letter_scores`
     as a whole prompt, ``batch_size`` at a time. Both give the same scores within float tolerance.
+    ``contexts`` (RAG: question id -> retrieved passages) puts the same passages before every
+    rotation of a question; they belong to the shared prefix.
     """
     import torch
     from tqdm.auto import tqdm
@@ -94,9 +96,12 @@ def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batc
 
     def whole(qs):  # each rotation a question of its own, scored exactly as 06 scores rotation 0
         rotated = [rotate(q, r) for q in qs for r in range(len(q.options))]
-        scores = iter(evaluate.letter_scores(model, tokenizer, rotated, batch_size, progress=False))
+        scores = iter(evaluate.letter_scores(model, tokenizer, rotated, batch_size, progress=False, contexts=contexts))
         return [{"id": q.id, "gold": q.answer_idx, "letters": "".join(sorted(q.options)),
-                 "logprobs": [next(scores)["logprobs"] for _ in q.options]} for q in qs]
+                 "logprobs": [next(scores)["logprobs"] for _ in q.options], **passage_ids(q)} for q in qs]
+
+    def passage_ids(q):  # with passages, the row records which (as 08's API rows do)
+        return {} if contexts is None else {"passages": [p.id for p in contexts.get(q.id, [])]}
 
     if not share_prefix:
         return whole(questions)
@@ -105,7 +110,7 @@ def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for q in tqdm(questions, desc="rotations", unit="q", disable=not progress):
-        split = _split_prompt(tokenizer, q)
+        split = _split_prompt(tokenizer, q, evaluate.context_of(contexts, q.id))
         if split is None:  # a token would cross the boundary before the options: no prefix to share
             out += whole([q])
             continue
@@ -123,7 +128,7 @@ def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batc
             positions = torch.arange(n, n + width, device=model.device).expand(k, width)
             logprobs = _last_logprobs(model, ids, mask, last, past, positions)
         rows = [{letter: float(lp[token[letter]]) for letter in letters} for lp in logprobs]
-        out.append({"id": q.id, "gold": q.answer_idx, "letters": "".join(letters), "logprobs": rows})
+        out.append({"id": q.id, "gold": q.answer_idx, "letters": "".join(letters), "logprobs": rows, **passage_ids(q)})
     return out
 
 
@@ -198,17 +203,20 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def table(rotations: dict, base: str = "base") -> pd.DataFrame:
+def table(rotations: dict, base: str | dict = "base") -> pd.DataFrame:
     """One row per model (``rotations``: model -> :func:`rotation_scores` rows): :func:`summary`,
     and the exact McNemar p-value of its debiased answers against the base model's
-    (``debiased_p_vs_base``), on the same questions."""
+    (``debiased_p_vs_base``), on the same questions. ``base`` may also map each name to the one
+    it is tested against (08: each retriever against the same model without passages)."""
     from . import evaluate
 
+    against = base if isinstance(base, dict) else {name: base for name in rotations}
     rows = []
     for name, got in rotations.items():
         row = {"model": name, **summary(got), "debiased_p_vs_base": math.nan}
-        if name != base and base in rotations:
-            row["debiased_p_vs_base"] = evaluate.mcnemar(results(rotations[base], "debiased"),
+        other = against.get(name)
+        if other not in (None, name) and other in rotations:
+            row["debiased_p_vs_base"] = evaluate.mcnemar(results(rotations[other], "debiased"),
                                                          results(got, "debiased"))["p_value"]
         rows.append(row)
     return pd.DataFrame(rows)

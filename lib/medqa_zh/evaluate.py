@@ -159,10 +159,20 @@ def letter_token_ids(tokenizer, letters: str = "ABCDE") -> dict[str, int]:
     return ids
 
 
-def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bool = True) -> list[dict]:
+def context_of(contexts: dict | None, qid: str) -> list[tuple[str, str]] | None:
+    """The (book, text) pairs :func:`prompts.build_messages` takes, from ``contexts`` (question id ->
+    retrieved passages, :meth:`rag.Retrieval.contexts`); None without passages."""
+    passages = (contexts or {}).get(qid)
+    return [(p.book, p.text) for p in passages] if passages else None
+
+
+def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bool = True,
+                  contexts: dict | None = None) -> list[dict]:
     """Letter scoring: the log-probability of each option letter as the next token after
     :func:`prompts.answer_prompt`, batched with left padding. Returns, per question, ``id``,
     ``gold``, ``pred`` (the option letter with the highest probability) and ``logprobs``.
+    ``contexts`` (RAG: question id -> retrieved passages, as for :func:`api_scorer`) puts them
+    before each question's options, in the same prompt.
 
     With left padding the last position is every prompt's own last token; position ids are passed
     explicitly, counted from each prompt's first real token (as ``generate`` does), so a prompt
@@ -182,7 +192,7 @@ def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bo
         batches = range(0, len(questions), batch_size)
         for start in tqdm(batches, desc="letter scoring", unit="batch", disable=not progress):
             batch = questions[start: start + batch_size]
-            texts = [prompts.answer_prompt(tokenizer, q.question, q.options) for q in batch]
+            texts = [prompts.answer_prompt(tokenizer, q.question, q.options, context_of(contexts, q.id)) for q in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
@@ -285,8 +295,7 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
 
     async def ask(client, semaphore, q):
         passages = contexts.get(q.id, []) if contexts is not None else None
-        messages = prompts.build_messages(q.question, q.options,
-                                          context=[(p.book, p.text) for p in passages] if passages else None)
+        messages = prompts.build_messages(q.question, q.options, context=context_of(contexts, q.id))
         extra = {"passages": [p.id for p in passages]} if passages is not None else {}
         error, connect_failed = None, False
         for attempt in range(retries + 1):

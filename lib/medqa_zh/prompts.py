@@ -80,11 +80,13 @@ def build_messages(question: str, options: Mapping[str, str], answer: str | None
     return messages
 
 
-def answer_prompt(tokenizer, question: str, options: Mapping[str, str]) -> str:
+def answer_prompt(tokenizer, question: str, options: Mapping[str, str], context=None) -> str:
     """The rendered text right before the answer letter: the chat template with the assistant turn
     opened, plus ``ANSWER_PREFIX``. The model's next token after this text is its answer letter,
-    which is what letter scoring reads and what the merge check compares."""
-    text = tokenizer.apply_chat_template(build_messages(question, options), tokenize=False, add_generation_prompt=True)
+    which is what letter scoring reads and what the merge check compares. ``context``: retrieved
+    (book, text) pairs, as in :func:`build_messages`."""
+    text = tokenizer.apply_chat_template(build_messages(question, options, context=context), tokenize=False,
+                                         add_generation_prompt=True)
     return text + ANSWER_PREFIX
 
 

@@ -247,7 +247,8 @@ def plot_sections(table):
 
 # --------------------------------------------------------------------------- a run's results (notebook 10)
 
-EVALUATIONS = ("letter", "rotations", "generate", "api", "api+rag bm25", "api+rag dense", "api+rag hybrid")
+EVALUATIONS = ("letter", "rotations", "generate", "api", "api+rag bm25", "api+rag dense", "api+rag hybrid",
+               "rotations+rag bm25", "rotations+rag dense", "rotations+rag hybrid")
 MODELS = ("base", "lora", "full", "merged")
 
 
@@ -260,8 +261,8 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
     ``{(model, evaluation): rows}``, and the entries left out with the reason: a missing file, a
     model trained again since (its weights no longer match the file's fingerprint), or answers to
     other questions than ``questions`` (the eval split at this profile's ``eval.max_questions``;
-    for ``rotations``, 06's letter scores under every rotation of the options, the first
-    ``eval.rotation_questions`` of them)."""
+    for ``rotations``, 06's letter scores under every rotation of the options, and
+    ``rotations+rag <retriever>``, 08's with passages, the first ``eval.rotation_questions``)."""
     import json
 
     from . import evaluate
@@ -284,7 +285,8 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
                 fingerprints[model] = evaluate.model_fingerprint(cfg, model)
             if not path.stem.endswith("-" + fingerprints[model]):
                 why = f"the {model} model was trained again after {entry['file']} was written: rerun its evaluation"
-        wanted = everything[: cfg.get("eval.rotation_questions")] if entry["evaluation"] == "rotations" else everything
+        rotated = entry["evaluation"].startswith("rotations")
+        wanted = everything[: cfg.get("eval.rotation_questions")] if rotated else everything
         if why is None:
             rows = evaluate.read_results(path)
             if sorted(r["id"] for r in rows) != sorted(wanted):
@@ -303,39 +305,67 @@ def results_table(results: dict, baselines=None):
     and exact McNemar p-values against the base model on the same evaluation (``p_vs_base``) and,
     for RAG rows, against the same model without passages (``p_vs_no_rag``). 06's rotations become
     evaluation ``debiased`` (:mod:`debias`: the debiased accuracy, and ``consistency``, the share
-    right under every rotation). ``baselines`` (:func:`evaluate.baselines`) come last, as
-    evaluation ``baseline``."""
+    right under every rotation), 08's ``debiased+rag <retriever>``, tested against ``debiased``.
+    ``baselines`` (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
     import pandas as pd
 
     from . import debias, evaluate
 
+    def reading(evaluation, got):  # rotations (06, 08) are read debiased
+        if evaluation.startswith("rotations"):
+            return debias.results(got, "debiased"), debias.summary(got)["consistency"]
+        return got, float("nan")
+
     rows = []
-    for (model, evaluation), got in results.items():
-        consistency = float("nan")
-        if evaluation == "rotations":  # 06's letter scores under every rotation: the debiased reading
-            consistency, evaluation = debias.summary(got)["consistency"], "debiased"
-            got = debias.results(got, "debiased")
+    for (model, raw), got in results.items():
+        got, consistency = reading(raw, got)
+        evaluation = raw.replace("rotations", "debiased")
         acc = evaluate.accuracy(got)
         row = {"model": model, "evaluation": evaluation, "n": acc["n"], "accuracy": acc["accuracy"],
                "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "consistency": consistency,
                "invalid_rate": acc["invalid_rate"], "failed": acc["failed"], "p_vs_base": float("nan"),
                "p_vs_no_rag": float("nan")}
-        base = results.get(("base", "rotations" if evaluation == "debiased" else evaluation))
-        if model != "base" and base is not None:
-            base = debias.results(base, "debiased") if evaluation == "debiased" else base
-            row["p_vs_base"] = evaluate.mcnemar(base, got)["p_value"]
-        if evaluation.startswith("api+rag") and (model, "api") in results:
-            row["p_vs_no_rag"] = evaluate.mcnemar(results[model, "api"], got)["p_value"]
+        if model != "base" and ("base", raw) in results:
+            row["p_vs_base"] = evaluate.mcnemar(reading(raw, results["base", raw])[0], got)["p_value"]
+        without = {"api+rag": "api", "rotations+rag": "rotations"}.get(raw.split(" ")[0])
+        if without and (model, without) in results:
+            row["p_vs_no_rag"] = evaluate.mcnemar(reading(without, results[model, without])[0], got)["p_value"]
         rows.append(row)
     for _, b in (baselines.iterrows() if baselines is not None else ()):
         rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
                      "ci_low": b["ci_low"], "ci_high": b["ci_high"]})
     table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency",
                                         "invalid_rate", "failed", "p_vs_base", "p_vs_no_rag"])
-    order = tuple(e if e != "rotations" else "debiased" for e in EVALUATIONS)
+    order = tuple(e.replace("rotations", "debiased") for e in EVALUATIONS)
     key = table.apply(lambda r: (_order(r["evaluation"], order),  # baselines last, as given
                                  _order(r["model"], MODELS) if r["evaluation"] != "baseline" else ()), axis=1)
     return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
+
+
+def significance(table, alpha: float = 0.05) -> str:
+    """What :func:`results_table` says, in words: every difference with an exact McNemar p below
+    ``alpha`` (against the base model, or against the same model without passages), larger p-values
+    summed up as not significant. Markdown."""
+    acc = {(r["model"], r["evaluation"]): r["accuracy"] for _, r in table.iterrows()}
+    found, tested = [], 0
+    for _, r in table.iterrows():
+        for column, (model, evaluation), what in (
+                ("p_vs_base", ("base", r["evaluation"]), "the base model"),
+                ("p_vs_no_rag", (r["model"], r["evaluation"].split("+rag")[0]), "no passages")):
+            p = r.get(column)
+            if p is None or p != p:
+                continue
+            tested += 1
+            if p < alpha:
+                other = acc.get((model, evaluation), float("nan"))
+                found.append(f"- **{r['model']} / {r['evaluation']}**: {r['accuracy']:.1%} vs {other:.1%} with {what} "
+                             f"(p = {p:.3g})")
+    if not tested:
+        return "No paired test yet: it needs the base model and another model (or a RAG run) on the same questions."
+    head = (f"{len(found)} of {tested} paired differences have p < {alpha}:" if found else
+            f"None of the {tested} paired differences has p < {alpha}: every gap in the table is within what "
+            "chance produces on these questions.")
+    return "\n".join([head, *found])
 
 
 def letter_table(results: dict, evaluation: str = "letter"):
