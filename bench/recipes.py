@@ -6,8 +6,8 @@
 Each variant is the ``cpu`` profile's LoRA run with a few ``train`` settings changed (``VARIANTS``;
 every variant pins the settings it does not change to the study's reference, ``REFERENCE``, so a
 later change of the profile's defaults does not change what a row means). Per variant, in a fresh
-process: train (``medqa_zh.train``, as notebook 02 does), then score the first ``--questions``
-questions of the eval split under every cyclic rotation of their options
+process: train (``medqa_zh.train``, as notebook 02 does), then merge the adapter in memory and score
+the first ``--questions`` questions of the eval split under every cyclic rotation of their options
 (``medqa_zh.debias.rotation_scores``). ``base`` is the untrained model, scored the same way.
 
 One table, one row per variant: training wall time, examples seen, plain and debiased accuracy
@@ -82,7 +82,9 @@ def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> di
     dtype, device = evaluate.eval_dtype(cfg), evaluate.eval_device(cfg)
     model = models.load_model(cfg.base_model, dtype, setting="MEDQA_BASE_MODEL", device=device)
     if VARIANTS[variant] is not None:
-        model = models.load_adapter(model, out / _slug(variant), cfg.base_model)
+        # merged in memory for scoring: the same function as base + adapter (04 checks it), and an
+        # unmerged adapter on every linear layer doubles the scoring time on a CPU
+        model = models.load_adapter(model, out / _slug(variant), cfg.base_model).merge_and_unload()
     tokenizer = models.load_tokenizer(cfg.base_model, setting="MEDQA_BASE_MODEL")
     qs = train.read_split(cfg, "eval")[:questions]
     t0 = time.perf_counter()
