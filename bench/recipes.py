@@ -10,7 +10,8 @@ process: train (``medqa_zh.train``, as notebook 02 does), then merge the adapter
 the first ``--questions`` questions of the eval split under every cyclic rotation of their options
 (``medqa_zh.debias.rotation_scores``). ``base`` is the untrained model, scored the same way.
 
-One table, one row per variant: training wall time, examples seen, plain and debiased accuracy
+One table, one row per variant: training wall time (evaluation-loss passes included) and the
+median optimizer step, examples seen, plain and debiased accuracy
 with 95% Wilson intervals, consistency (right under every rotation), the exact McNemar p of the
 debiased answers against the base's, and the *letter spread*: the largest gap, over the letters,
 between the share of plain predictions on a letter and the share of gold answers on it (0: the
@@ -43,7 +44,7 @@ VARIANTS = {
     "shuffle+text": {"train.shuffle_options": True, "train.completion": "letter_text"},
     "shuffle+text+prompt-loss": {"train.shuffle_options": True, "train.completion": "letter_text", "train.loss_on": "all"},
     "shuffle+text+lr5e-4": {"train.shuffle_options": True, "train.completion": "letter_text", "train.learning_rate": 5.0e-4},
-    "shuffle+text+48steps": {"train.shuffle_options": True, "train.completion": "letter_text", "train.max_steps": 48},
+    "shuffle+text+64steps": {"train.shuffle_options": True, "train.completion": "letter_text", "train.max_steps": 64},
 }
 
 
@@ -97,6 +98,7 @@ def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> di
         "scoring_seconds": scoring, "train_seconds": measured.get("wall_seconds"),
         "examples_seen": measured.get("optimizer_steps", 0) * measured.get("examples_per_step", 0),
         "padding_share": measured.get("padding_share"), "last_eval_loss": measured.get("last_eval_loss"),
+        "median_step_seconds": measured.get("median_step_seconds"),
     }
     (out / f"{_slug(variant)}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
@@ -111,6 +113,14 @@ def spread(rows: list[dict], method: str) -> float:
     share = lambda key: {x: sum(g[key] == x for g in got) / len(got) for x in letters}  # noqa: E731
     pred, gold = share("pred"), share("gold")
     return max(abs(pred[x] - gold[x]) for x in letters)
+
+
+def _step_seconds(out: Path, variant: str, meta: dict) -> float | None:
+    """Median optimizer-step time: from the summary, else from the variant's run.json."""
+    if meta.get("median_step_seconds") or VARIANTS[variant] is None:
+        return meta.get("median_step_seconds")
+    run = out / _slug(variant) / "run.json"
+    return json.loads(run.read_text(encoding="utf-8")).get("median_step_seconds") if run.is_file() else None
 
 
 def table(out: Path, variants: list[str]):
@@ -132,6 +142,7 @@ def table(out: Path, variants: list[str]):
         rows.append({
             "variant": v,
             "train (min)": round(meta["train_seconds"] / 60, 1) if meta["train_seconds"] else 0.0,
+            "step (s)": round(step, 1) if (step := _step_seconds(out, v, meta)) else "—",
             "examples": meta["examples_seen"],
             "plain": f"{s['plain']:.1%} [{s['plain_ci_low']:.1%}, {s['plain_ci_high']:.1%}]",
             "debiased": f"{s['debiased']:.1%} [{s['debiased_ci_low']:.1%}, {s['debiased_ci_high']:.1%}]",
