@@ -141,8 +141,8 @@ def table(out: Path, variants: list[str]):
              if "base" in rotations and v != "base" else float("nan"))
         rows.append({
             "variant": v,
-            "train (min)": round(meta["train_seconds"] / 60, 1) if meta["train_seconds"] else 0.0,
-            "step (s)": round(step, 1) if (step := _step_seconds(out, v, meta)) else "—",
+            "train (min)": f"{meta['train_seconds'] / 60:.1f}" if meta["train_seconds"] else "—",
+            "step (s)": f"{step:.1f}" if (step := _step_seconds(out, v, meta)) else "—",
             "examples": meta["examples_seen"],
             "plain": f"{s['plain']:.1%} [{s['plain_ci_low']:.1%}, {s['plain_ci_high']:.1%}]",
             "debiased": f"{s['debiased']:.1%} [{s['debiased_ci_low']:.1%}, {s['debiased_ci_high']:.1%}]",
