@@ -89,10 +89,10 @@ def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> di
     tokenizer = models.load_tokenizer(cfg.base_model, setting="MEDQA_BASE_MODEL")
     qs = train.read_split(cfg, "eval")[:questions]
     t0 = time.perf_counter()
-    rows = debias.rotation_scores(model, tokenizer, qs, batch_size=int(cfg["eval.batch_size"]))
+    score = lambda batch: debias.rotation_scores(model, tokenizer, batch, progress=False)  # noqa: E731
+    rows = evaluate.run_cached(out / f"{_slug(variant)}-rotations.jsonl", qs, score,  # a rerun resumes
+                               batch_size=int(cfg["eval.batch_size"]), desc=f"{variant}: rotations")
     scoring = time.perf_counter() - t0
-    (out / f"{_slug(variant)}-rotations.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     result = {
         "variant": variant, "overrides": VARIANTS[variant], "summary": debias.summary(rows),
         "scoring_seconds": scoring, "train_seconds": measured.get("wall_seconds"),
@@ -106,13 +106,10 @@ def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> di
 
 def spread(rows: list[dict], method: str) -> float:
     """Largest |predicted share − gold share| over the letters."""
-    from medqa_zh import debias
+    from medqa_zh import debias, evaluate
 
-    got = debias.results(rows, method)
-    letters = sorted(set().union(*(r["letters"] for r in rows)))
-    share = lambda key: {x: sum(g[key] == x for g in got) / len(got) for x in letters}  # noqa: E731
-    pred, gold = share("pred"), share("gold")
-    return max(abs(pred[x] - gold[x]) for x in letters)
+    shares = evaluate.letter_distribution(debias.results(rows, method), "".join(sorted(rows[0]["letters"])))
+    return float((shares["predicted"] - shares["gold"]).abs().max())
 
 
 def _step_seconds(out: Path, variant: str, meta: dict) -> float | None:
@@ -132,7 +129,7 @@ def table(out: Path, variants: list[str]):
     for v in variants:
         path = out / f"{_slug(v)}-rotations.jsonl"
         if path.is_file():
-            rotations[v] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            rotations[v] = evaluate.read_results(path)
     rows = []
     for v, got in rotations.items():
         meta = json.loads((out / f"{_slug(v)}.json").read_text(encoding="utf-8"))
