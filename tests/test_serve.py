@@ -59,8 +59,8 @@ QUESTION = {"question": "下列哪项是正确的？", "options": {"A": "甲", "
 def ask(server, **kwargs):
     from medqa_zh import prompts
 
-    return server.client().chat.completions.create(
-        model=server.model, messages=prompts.build_messages(**QUESTION), temperature=0, max_tokens=8, **kwargs)
+    kwargs = {"model": server.model, "temperature": 0, "max_tokens": 8, **kwargs}
+    return server.client().chat.completions.create(messages=prompts.build_messages(**QUESTION), **kwargs)
 
 
 def test_backend_auto_is_transformers_without_cuda_and_vllm(monkeypatch):
@@ -119,11 +119,93 @@ def test_an_exception_in_the_block_stops_the_server(tiny, tmp_path):
 def test_a_non_local_address_requires_an_api_key(tiny, tmp_path):
     with serve.serve(tiny[0], backend="transformers", host="0.0.0.0", log_path=tmp_path / "s.log", quiet=True) as s:
         assert s.api_key  # generated, since none was given
-        assert httpx.get(f"{s.base_url}/models").status_code == 401
-        assert httpx.get(f"{s.base_url}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert s.models() == [s.model]  # with the key
         assert ask(s).usage.completion_tokens == 8
+        # every path but /health needs the key: the API, the docs, and transformers serve's model management
+        # (POST /load_model loads any folder on disk), which stays refused even with the key
+        with_key = {"/v1/models": 200, "/docs": 200, "/openapi.json": 200, "/load_model": 403, "/reset": 403}
+        for path, status in with_key.items():
+            method = "POST" if path in serve.REFUSED_PATHS else "GET"
+            body = {"model": str(tmp_path)} if path == "/load_model" else None
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": s.api_key}):
+                r = httpx.request(method, s.url + path, headers=headers, json=body)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError", (path, headers)
+            assert httpx.request(method, s.url + path, headers=s.headers(), json=body).status_code == status, path
         assert httpx.get(f"{s.url}/health").status_code == 200  # health stays open, as in vLLM
+
+
+def test_model_management_is_refused_on_localhost_too(server, tmp_path):
+    for path in serve.REFUSED_PATHS:
+        r = httpx.post(server.url + path, json={"model": str(tmp_path)})
+        assert r.status_code == 403 and "one model" in r.json()["error"]["message"]
+
+
+def test_the_server_answers_to_its_served_name_with_openai_errors_for_others(tiny, tmp_path):
+    import openai
+
+    with serve.serve(tiny[0], backend="transformers", served_name="merged", log_path=tmp_path / "s.log",
+                     quiet=True) as s:
+        assert s.model == "merged" and s.models() == ["merged"]
+        assert ask(s).model == "merged"
+        with pytest.raises(openai.NotFoundError, match="does not exist; this server serves `merged`"):
+            s.client().chat.completions.create(model=tiny[0], messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="served model name"):
+        serve.start(tiny[0], backend="transformers", served_name="../etc")
+
+
+def test_default_served_name_is_the_folders_name(server, tiny):
+    assert server.model == Path(tiny[0]).name == serve.served_name_for(tiny[0])
+    assert serve.served_name_for("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_fields_the_cpu_server_would_ignore_are_refused_in_openai_shape(server):
+    import openai
+
+    for field in ({"n": 2}, {"logprobs": True}, {"presence_penalty": 0.5}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError, match=f"not supported .*{next(iter(field))}"):
+            ask(server, **field)
+    assert ask(server, n=1, presence_penalty=0).usage.completion_tokens == 8  # defaults pass
+
+
+def test_a_stream_ends_with_done(server):
+    from medqa_zh import prompts
+
+    body = {"model": server.model, "messages": prompts.build_messages(**QUESTION), "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_stop_string_is_left_out_of_the_reply(server):
+    sampled = dict(temperature=1.0, seed=0, max_tokens=24)  # the untrained tiny model writes text only when sampling
+    text = ask(server, **sampled).choices[0].message.content
+    stop = text.strip("\ufffd")[4:6]  # two characters from the middle
+    assert len(stop) == 2, text
+    reply = ask(server, **sampled, stop=[stop]).choices[0]
+    assert reply.message.content == text[:text.find(stop)] and reply.finish_reason == "stop"
+
+
+def test_temperature_samples_even_when_the_generation_config_has_no_do_sample(tiny, tmp_path):
+    folder = tmp_path / "greedy-by-default"
+    folder.mkdir()
+    for f in Path(tiny[0]).iterdir():
+        if f.name != "generation_config.json":
+            (folder / f.name).symlink_to(f)
+    config = json.loads((Path(tiny[0]) / "generation_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("do_sample", "temperature", "top_k", "top_p")}
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    with serve.serve(folder, backend="transformers", log_path=tmp_path / "s.log", quiet=True) as s:
+        texts = {ask(s, temperature=1.0, seed=seed, max_tokens=12).choices[0].message.content for seed in range(3)}
+        greedy = {ask(s, max_tokens=12).choices[0].message.content for _ in range(2)}
+    assert len(texts) == 3 and len(greedy) == 1
+
+
+def test_cli_names_a_missing_folder_in_one_line(tmp_path):
+    for missing in (str(tmp_path / "nothing"), "models/Qwen2.5-0.5B-Instruct"):
+        cli = subprocess.run([sys.executable, "-m", "medqa_zh.serve", missing, "--backend", "transformers"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert cli.returncode == 2 and cli.stderr.strip().startswith("error: no model folder at"), cli.stderr
+        assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
 
 
 def test_the_server_dies_with_the_process_that_started_it(tiny, tmp_path):
@@ -145,7 +227,8 @@ def test_cli_serves_until_interrupted(tiny, stop_with):
     def ignore_sigint():  # as in a shell's background job: Ctrl-C must still work
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    cli = subprocess.Popen([sys.executable, "-m", "medqa_zh.serve", tiny[0], "--port", "0", "--backend", "transformers"],
+    cli = subprocess.Popen([sys.executable, "-m", "medqa_zh.serve", tiny[0], "--port", "0", "--backend", "transformers",
+                            "--served-model-name", "medqa"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
                            preexec_fn=ignore_sigint)
     lines = []
@@ -155,7 +238,8 @@ def test_cli_serves_until_interrupted(tiny, stop_with):
             if "Ctrl-C" in line:
                 break
         base_url = next(line.split(": ", 1)[1].strip() for line in lines if "endpoint:" in line)
-        assert httpx.get(f"{base_url}/models").json()["data"][0]["id"] == tiny[0]
+        assert httpx.get(f"{base_url}/models").json()["data"][0]["id"] == "medqa"
+        assert "  model id: medqa\n" in lines
     finally:
         cli.send_signal(stop_with)
         try:

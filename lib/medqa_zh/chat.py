@@ -290,9 +290,10 @@ def from_profile(cfg, endpoint: str | None = None, api_key: str | None = None, r
         by_path = {str(path): name for name, path in found.items()}
         backends = {}
         for model_id in served:
-            # the tokenizer counts the passages' tokens; a served id that is not a local folder uses the base's
-            source = model_id if model_id in by_path else cfg.base_model
-            tokenizer = models.load_tokenizer(source, setting=by_path.get(model_id, "model.base"))
-            backends[by_path.get(model_id, model_id)] = ApiBackend(endpoint, model_id, api_key, max_tokens,
-                                                                   cfg["eval.request_timeout"], tokenizer)
+            # a run's model served under its name (merged) or, by an older server, its folder (outputs/.../merged);
+            # the tokenizer counts the passages' tokens: that model's, else the base's
+            name = model_id if model_id in found else by_path.get(model_id, model_id)
+            source, setting = (found[name], name) if name in found else (cfg.base_model, "model.base")
+            backends[name] = ApiBackend(endpoint, model_id, api_key, max_tokens, cfg["eval.request_timeout"],
+                                        models.load_tokenizer(str(source), setting=setting))
     return Chat(backends, retrieval, cfg["rag.top_k"], cfg["rag.context_tokens"])

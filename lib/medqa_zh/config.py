@@ -82,13 +82,6 @@ def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _is_hub_id(value: str, root: Path) -> bool:
-    """``owner/name`` (or ``name``) that is not a local folder; anything else is a path."""
-    if value.startswith(("/", ".", "~")) or (root / value).exists():
-        return False
-    return value.count("/") <= 1
-
-
 @dataclass
 class Config:
     """A loaded profile: ``cfg["data.splits"]``, ``cfg.path("data.medqa_dir")``, ``cfg.out``."""
@@ -135,13 +128,13 @@ class Config:
     def base_model(self) -> str:
         """A hub id, or an absolute local dir."""
         value = str(self["model.base"])
-        return value if _is_hub_id(value, self.root) else str(self.path("model.base"))
+        return value if models.is_hub_id(value, self.root) else str(self.path("model.base"))
 
     @property
     def embedder(self) -> str:
         """The sentence-transformers model for dense retrieval: a hub id, or an absolute local dir."""
         value = str(self["rag.embedder"])
-        return value if _is_hub_id(value, self.root) else str(self.path("rag.embedder"))
+        return value if models.is_hub_id(value, self.root) else str(self.path("rag.embedder"))
 
     @property
     def questions_dir(self) -> Path:

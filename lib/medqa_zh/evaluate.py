@@ -562,7 +562,7 @@ def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dic
     todo = [tag for tag in conditions if tag not in out]
     if todo:
         concurrency = cfg["eval.concurrency"]
-        with serve.from_profile(cfg, available_models(cfg)[name]) as server:
+        with serve.from_profile(cfg, available_models(cfg)[name], served_name=name) as server:
             for tag in todo:
                 score = api_scorer(server.base_url, server.model, server.api_key,
                                    max_new_tokens=cfg["eval.max_new_tokens"], concurrency=concurrency,

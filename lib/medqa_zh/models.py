@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -35,8 +36,28 @@ def how_to_get(name: str) -> str:
     )
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+# a first folder that makes ``x/y`` a path even where it does not exist: the folders this project writes and
+# reads models from (the README's ``models/<name>``), which the hub keeps as reserved names anyway
+LOCAL_PREFIXES = ("models", "outputs", "data")
+
+
+def is_hub_id(name, root: str | Path | None = None) -> bool:
+    """The one rule for "hub id or local folder" (the profile's settings, model loading and the server).
+
+    A hub id is ``owner/name`` (or a bare ``name``) of letters, digits, ``_ . -``. Everything else is a
+    path, whether or not it exists: a value that starts with ``/ . ~``, has more than one ``/``, exists
+    relative to ``root`` (default: the working directory), or starts with ``models/``, ``outputs/``,
+    ``data/`` or a folder that exists here. So ``models/Qwen2.5-0.5B-Instruct`` that is not there yet
+    gets "no such folder", not a hub error.
+    """
+    text = str(name)
+    base = Path(root) if root is not None else Path.cwd()
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or (base / text).exists():
+        return False
+    first = text.split("/", 1)[0]
+    if "/" in text and (first in LOCAL_PREFIXES or (base / first).is_dir()):
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None
 
 
 def _fix(name: str, setting: str) -> str:
@@ -46,7 +67,7 @@ def _fix(name: str, setting: str) -> str:
 
 
 def _check_source(name: str, setting: str, needs: str = "config.json") -> None:
-    if _looks_like_path(name):
+    if not is_hub_id(name):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise ModelNotFoundError(f"{setting} = {name!r}: no such folder. {_fix(name, setting)}")

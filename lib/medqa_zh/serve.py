@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -202,7 +203,7 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
         # through this interpreter, not a `vllm` found on PATH: a kernel or `.venv/bin/python -m ...`
         # started without activating the environment has the package but not its bin/ on PATH
         cmd = [sys.executable, "-m", VLLM_CLI, "serve", model_dir, "--host", host, "--port", str(port),
-               "--dtype", dtype, "--seed", "0", "--served-model-name", served_name or model_dir]
+               "--dtype", dtype, "--seed", "0", "--served-model-name", served_name]
         if gpu_memory_utilization:
             cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
         if lora:
@@ -213,20 +214,45 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
         if lora:
             raise ValueError("the transformers backend serves one model dir and no adapter on top of it: "
                              "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
-        args = {"model": model_dir, "host": host, "port": port, "dtype": dtype, "device": device,
-                "continuous_batching": continuous_batching}
+        args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
+                "device": device, "continuous_batching": continuous_batching}
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve as s; s._transformers_main(sys.argv[1])",
                json.dumps(args)]
     return cmd + list(extra_args)
 
 
 def _check_model(model_dir) -> None:
-    """A local path that does not exist fails here, by name; a hub id (``org/name``) passes."""
+    """A local path (:func:`models.is_hub_id` decides) that does not exist or holds no model fails here, by
+    name; a hub id passes."""
+    from . import models
+
     text = str(model_dir)
-    looks_local = Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
-    if looks_local and not Path(text).expanduser().exists():
+    if models.is_hub_id(text):
+        return
+    path = Path(text).expanduser()
+    if not path.is_dir():
         raise FileNotFoundError(f"no model folder at {text}: train or merge it first (notebooks 02-04), "
                                 "or give a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{text} holds no config.json, so it is not a model saved with save_pretrained: "
+                                "give the folder of a model (e.g. outputs/cpu/models/merged)")
+
+
+SERVED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def served_name_for(model_dir) -> str:
+    """The name a server answers to by default: a folder's own name (``merged`` for
+    ``outputs/cpu/models/merged``), a hub id as it is."""
+    from . import models
+
+    text = str(model_dir)
+    return text if models.is_hub_id(text) else Path(text).expanduser().resolve().name
+
+
+def _check_served_name(name: str) -> None:
+    if not SERVED_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"served model name {name!r}: use letters, digits and _ . - (at most one /), e.g. merged")
 
 
 def _libc():
@@ -269,6 +295,9 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
           gpu_memory_utilization: float | None = None) -> Server:
     """Start a server for ``model_dir`` (a local dir or a hub id) and wait until ``/health`` answers.
 
+    The server answers to ``served_name`` (default :func:`served_name_for`: the folder's name, e.g.
+    ``merged``), the ``model=`` clients send and ``/v1/models`` lists; :attr:`Server.model` holds it.
+
     ``lora={"adapters": {"lora": "outputs/cpu/models/lora"}}`` serves adapters on top of the model
     (vllm only); each adapter is then a model id of its own, and ``--max-lora-rank`` is the
     adapters' own rank (``"max_rank"`` overrides it). ``dtype`` bfloat16 is served as float16 on
@@ -281,6 +310,11 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
 
     backend = pick_backend(backend)
     _check_model(model_dir)
+    served_name = served_name or served_name_for(model_dir)
+    _check_served_name(served_name)
+    if backend == "transformers" and served_name != str(model_dir) and models.is_hub_id(str(model_dir)):
+        raise ValueError(f"the transformers backend serves a hub id under its own name: leave the served name out, "
+                         f"or download {model_dir} to a folder and serve that")
     if backend == "vllm":
         _check_vllm()
     on = "cuda" if backend == "vllm" else models.best_device(device or "auto")
@@ -354,12 +388,13 @@ def serve(model_dir, **kwargs):
 
 def from_profile(cfg, model_dir, **kwargs) -> Server:
     """:func:`start` with the profile's ``serve`` settings, ``model.dtype`` and ``model.device``; the
-    log goes to ``outputs/<profile>/logs/``."""
+    log goes to ``outputs/<profile>/logs/``. Pass ``served_name="merged"`` (a name of
+    :func:`evaluate.available_models`) to serve a run's model under its name there."""
     settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg.get("model.device"),
                 "continuous_batching": cfg["serve.continuous_batching"],
                 "gpu_memory_utilization": cfg.get("serve.gpu_memory_utilization"),
                 "startup_timeout": cfg["serve.startup_timeout"]}
-    name = Path(str(model_dir)).name
+    name = kwargs.get("served_name") or Path(str(model_dir)).name
     settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     return start(model_dir, **{**settings, **kwargs})
 
@@ -399,34 +434,134 @@ def _stop_all():
 # --------------------------------------------------------------------------- the transformers child
 
 
+OPEN_PATHS = ("/health",)                 # answered without the key, as vLLM does
+REFUSED_PATHS = ("/load_model", "/reset")  # transformers serve's model management: this server serves one model
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 422: "UnprocessableEntityError"}
+
+
+def openai_error(status: int, message: str) -> dict:
+    """An error body in the OpenAI API's shape (as vLLM sends it), which OpenAI clients read."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "APIError"), "param": None, "code": status}}
+
+
+def unsupported(body: dict) -> list[str]:
+    """The request fields the transformers backend would silently ignore although they change the reply:
+    ``n`` > 1, ``logprobs``/``top_logprobs``, ``presence_penalty``, a ``response_format`` other than text."""
+    checks = {"n": lambda v: v not in (None, 1), "logprobs": bool, "top_logprobs": bool,
+              "presence_penalty": lambda v: v not in (None, 0), "response_format": lambda v: v not in (None, {"type": "text"})}
+    return [key for key, bad in checks.items() if key in body and bad(body[key])]
+
+
+def cut_at_stop(text: str, stop) -> tuple[str, bool]:
+    """``text`` up to the first of the ``stop`` strings (which OpenAI's API leaves out), and whether one was found."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[:min(ends)], True) if ends else (text, False)
+
+
+def _name_by_link(model: str, name: str) -> str:
+    """transformers serve answers to the name it loaded its model by. To answer to ``name``, load the
+    folder through a link called ``name`` in a fresh working folder (only this child process moves there)."""
+    if name == model:
+        return model
+    work = Path(tempfile.mkdtemp(prefix="medqa-serve-name-"))
+    link = work / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(model).expanduser().resolve(), target_is_directory=True)
+    os.chdir(work)
+    return name
+
+
+def _openai_handlers(name: str) -> None:
+    """What transformers serve's chat endpoint does differently from the OpenAI API, mended in place: another
+    model name gets a 404, fields it would ignore get a 400 (:func:`unsupported`), ``temperature`` > 0 samples,
+    a ``stop`` string is left out of a (non-streamed) reply, and a stream ends with ``data: [DONE]``."""
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.utils import BaseHandler
+
+    build_config = BaseHandler._build_generation_config
+
+    def build_generation_config(self, body, *args, **kwargs):
+        config = build_config(self, body, *args, **kwargs)
+        if body.get("temperature") is not None and float(body["temperature"]) > 0:
+            config.do_sample = True  # else a model whose generation config lacks do_sample stays greedy
+        return config
+
+    handle = ChatCompletionHandler.handle_request
+
+    async def handle_request(self, body, request_id):
+        if body.get("model") not in (None, name):
+            raise HTTPException(404, f"The model `{body['model']}` does not exist; this server serves `{name}`.")
+        ignored = unsupported(body)
+        if ignored:
+            raise HTTPException(400, f"not supported by this server (transformers backend): {', '.join(ignored)}; "
+                                     "leave them out, or serve with vLLM on a GPU")
+        response = await handle(self, body, request_id)
+        if body.get("stream"):
+            response.body_iterator = _then_done(response.body_iterator)
+        elif body.get("stop") and isinstance(response, JSONResponse):
+            reply = json.loads(response.body)
+            for choice in reply.get("choices", []):
+                text, found = cut_at_stop(choice["message"].get("content") or "", body["stop"])
+                choice["message"]["content"] = text
+                if found:
+                    choice["finish_reason"] = "stop"
+            response = JSONResponse(reply, status_code=response.status_code)
+        return response
+
+    BaseHandler._build_generation_config = build_generation_config
+    ChatCompletionHandler.handle_request = handle_request
+
+
+async def _then_done(chunks):
+    try:
+        async for chunk in chunks:
+            yield chunk
+        yield "data: [DONE]\n\n"
+    finally:
+        if hasattr(chunks, "aclose"):
+            await chunks.aclose()  # a client that hung up stops the generation
+
+
+def _guarded(app, key: str | None):
+    """The app with every path but ``/health`` behind the key (when one is set), the model-management
+    endpoints refused, and errors in the OpenAI API's shape."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.middleware("http")
+    async def check_key(request, call_next):
+        path = request.url.path
+        given = request.headers.get("authorization", "")
+        if key and path not in OPEN_PATHS and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return JSONResponse(openai_error(401, "missing or wrong API key"), status_code=401)
+        if path in REFUSED_PATHS:
+            return JSONResponse(openai_error(403, f"{path} is turned off: this server serves one model"), status_code=403)
+        return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def as_openai_error(request, exc):
+        return JSONResponse(openai_error(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    return app
+
+
 def _transformers_main(args_json: str) -> None:
-    """Runs in the child: ``transformers serve``'s own server (``transformers.cli.serve.Serve``),
-    plus a bearer-token check on ``/v1`` when ``MEDQA_SERVE_API_KEY`` is set."""
+    """Runs in the child: ``transformers serve``'s own server (``transformers.cli.serve.Serve``), pinned
+    to one model under its served name, with the key check, refusals and fixes above."""
     args = json.loads(args_json)
     key = os.environ.pop(API_KEY_ENV, None)
     from transformers.cli import serve as cli_serve
     from transformers.cli.serving import server as serving
 
-    if key:
-        from fastapi.responses import JSONResponse
-
-        build = serving.build_server
-
-        def build_with_key(*a, **kw):
-            app = build(*a, **kw)
-
-            @app.middleware("http")
-            async def check_key(request, call_next):
-                given = request.headers.get("authorization", "")
-                if request.url.path.startswith("/v1") and not secrets.compare_digest(given, f"Bearer {key}"):
-                    return JSONResponse({"error": {"message": "missing or wrong API key", "type": "auth"}},
-                                        status_code=401)
-                return await call_next(request)
-
-            return app
-
-        serving.build_server = build_with_key
-    cli_serve.Serve(force_model=args["model"], host=args["host"], port=args["port"], device=args["device"],
+    name = _name_by_link(args["model"], args.get("served_name") or args["model"])
+    build = serving.build_server
+    serving.build_server = lambda *a, **kw: _guarded(build(*a, **kw), key)
+    _openai_handlers(name)
+    cli_serve.Serve(force_model=name, host=args["host"], port=args["port"], device=args["device"],
                     dtype=args["dtype"], continuous_batching=args["continuous_batching"], log_level="info")
 
 
@@ -445,6 +580,8 @@ def main(argv=None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address needs an API key")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"bearer token clients must send "
                    f"(default: ${API_KEY_ENV}; generated when binding a non-local address without one)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default: the folder's name, e.g. merged)")
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
     p.add_argument("--dtype", default="auto", help="e.g. bfloat16, float32; auto: as the weights are stored")
     p.add_argument("--continuous-batching", action="store_true", help="transformers backend: batch concurrent requests")
@@ -467,9 +604,10 @@ def main(argv=None) -> None:
     try:
         server = start(a.model_dir, backend=a.backend, host=a.host, port=a.port or None, api_key=a.api_key,
                        dtype=a.dtype, continuous_batching=a.continuous_batching, lora=lora,
-                       startup_timeout=a.startup_timeout, gpu_memory_utilization=a.gpu_memory_utilization)
+                       served_name=a.served_model_name, startup_timeout=a.startup_timeout,
+                       gpu_memory_utilization=a.gpu_memory_utilization)
     except (ServerError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        p.exit(2, f"error: {e}\n")
     key = f"  api key: {server.api_key}\n" if server.api_key else ""
     print(f"\nOpenAI-compatible endpoint: {server.base_url}\n  model id: {server.model}\n{key}"
           f"  log: {server.log_path}\nCtrl-C stops it.", flush=True)
