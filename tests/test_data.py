@@ -9,7 +9,8 @@ from medqa_zh.data import MedQAFormatError, SplitSpec
 # --------------------------------------------------------------------------- validation
 
 BAD_ROWS = {
-    "invalid JSON": ('{"question": "x", "options": ', "invalid JSON"),
+    "cut-off JSON": ('{"question": "x", "options": ', "the line looks cut off: it ends at column 28"),
+    "invalid JSON": ('{"question": "x",, "options": {}}', "invalid JSON: Expecting property name"),
     "not an object": ("[1, 2, 3]", "expected a JSON object"),
     "missing field": (row(answer_idx=None), "missing field(s) answer_idx"),
     "missing meta_info": (row(meta_info=None), "missing field(s) meta_info"),
@@ -32,6 +33,7 @@ def test_each_bad_row_names_file_line_and_problem(tmp_path, case):
     message = str(err.value)
     assert f"{path}:3:" in message
     assert expected in message
+    assert "at at" not in message
 
 
 def test_all_bad_lines_are_listed_at_once(tmp_path):

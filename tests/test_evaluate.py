@@ -1,4 +1,5 @@
 """Metrics: intervals, invalid answers counted as wrong, paired tests, position bias, sections."""
+import json
 import math
 
 import pytest
@@ -182,6 +183,21 @@ def test_run_cached_resumes_after_a_crash_and_never_repeats(tmp_path, tiny_model
     assert len(lines) == len(questions) and len({json.loads(line)["id"] for line in lines}) == len(questions)
     calls.clear()
     assert evaluate.run_cached(path, questions, score, progress=False) == rows and not calls
+
+
+def test_a_results_file_torn_inside_a_chinese_character_is_named_and_that_question_redone(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    rows = [{"id": f"q:{i}", "gold": "A", "pred": "A", "answer": "答案：A"} for i in range(3)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    cut = text.rindex("答".encode("utf-8")) + 1  # one byte into a three-byte character of the last line
+    path.write_bytes(text[:cut])
+    assert evaluate.read_results(path) == rows[:2]
+    assert f"{path}:3: incomplete last line" in capsys.readouterr().out
+    questions = [type("Q", (), {"id": r["id"], "answer_idx": "A"})() for r in rows]
+    redone = []
+    out = evaluate.run_cached(path, questions, lambda batch: redone.extend(batch) or [rows[2]], progress=False)
+    assert out == rows and [q.id for q in redone] == ["q:2"]
+    assert evaluate.read_results(path) == rows  # the torn line is gone from the file
 
 
 def test_run_cached_refuses_results_of_other_questions(tmp_path, tiny_model):

@@ -118,6 +118,14 @@ class ReadReport:
     blank_lines: int = 0  # whitespace-only lines, skipped
 
 
+def json_problem(error: json.JSONDecodeError, line: str) -> str:
+    """What is wrong with a line that is not JSON, in words: a line that stops before its JSON is complete
+    looks cut off (a crash while writing, a truncated copy); anything else is named with its column."""
+    if error.pos >= len(line.rstrip()):
+        return f"the line looks cut off: it ends at column {len(line.rstrip())} before its JSON is complete"
+    return f"invalid JSON: {error.msg} (column {error.colno})"
+
+
 def read_questions(path: str | Path) -> tuple[list[Question], ReadReport]:
     """Read and validate one MedQA jsonl file, in file order.
 
@@ -146,7 +154,7 @@ def read_questions(path: str | Path) -> tuple[list[Question], ReadReport]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+                errors.append(f"{path}:{line_no}: {json_problem(e, line)}; each line must be one JSON object")
                 continue
             problem = _check_row(row)
             if problem:
@@ -347,7 +355,7 @@ def read_clean(path: str | Path) -> list[Question]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MedQAFormatError(f"{path}:{line_no}: invalid JSON ({e.msg}); re-run notebook 01 to rewrite it") from None
+            raise MedQAFormatError(f"{path}:{line_no}: {json_problem(e, line)}; re-run notebook 01 to rewrite it") from None
         problem = _check_row(row) or (None if isinstance(row.get("id"), str) else "missing id")
         if problem:
             raise MedQAFormatError(f"{path}:{line_no}: {problem}; re-run notebook 01 to rewrite it")

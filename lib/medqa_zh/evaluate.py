@@ -365,11 +365,12 @@ def read_results(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+    # bytes, not text: a crash can cut the last line inside a multi-byte (Chinese) character
+    rows, lines = [], path.read_bytes().splitlines()
     for i, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if i == len(lines):
                 print(f"{path}:{i}: incomplete last line (a crash while writing); that question is redone")
                 continue
