@@ -259,6 +259,20 @@ def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
     assert train.train(again) == train.read_run(resumed.out_dir)  # finished: not trained twice
 
 
+@pytest.mark.parametrize("lost", ["trainer_state.json", "rng_state.pth"])
+def test_a_checkpoint_half_written_by_a_crash_is_skipped_and_the_one_before_resumed(smoke, lost, capsys):
+    cfg = smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.save_total_limit": 3, "train.precision": "fp32"})
+    run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"half-{lost}")
+    run.trainer.add_callback(_crash_at(5))
+    with pytest.raises(Crash):
+        train.train(run)
+    (run.checkpoints / "checkpoint-4" / lost).unlink()  # as if the crash came while checkpoint-4 was saved
+    resumed = train.prepare(cfg, "lora", out_dir=run.out_dir)
+    metrics = train.train(resumed)
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["optimizer_steps"] == 6
+    assert f"checkpoint-4 is incomplete (no {lost}" in capsys.readouterr().out
+
+
 def test_resuming_with_other_settings_is_refused(smoke):
     cfg = smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32"})
     run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "changed")

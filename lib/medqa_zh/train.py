@@ -486,10 +486,35 @@ def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str
     return [(run.tokenizer.decode([i]), label != -100) for i, label in zip(ids, labels, strict=True)]
 
 
-def _last_checkpoint(run: Run) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # besides the weights and the RNG state
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
-    return get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+
+def checkpoint_missing(folder: Path) -> list[str]:
+    """What a checkpoint folder lacks to resume exactly (a crash while it was being saved leaves some out)."""
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        missing.append("the weights (" + " or ".join(CHECKPOINT_WEIGHTS[:2]) + ")")
+    if not any(folder.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    return missing
+
+
+def _last_checkpoint(run: Run) -> str | None:
+    """The newest complete checkpoint. Newer ones that a crash left half-written are named and removed
+    (they cannot be resumed from, and the Trainer would pick them)."""
+    if not run.checkpoints.is_dir():
+        return None
+    found = sorted((p for p in run.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for folder in found:
+        missing = checkpoint_missing(folder)
+        if not missing:
+            return str(folder)
+        print(f"{folder} is incomplete (no {', '.join(missing)}: a crash while saving it); removed, "
+              "resuming from the one before")
+        shutil.rmtree(folder)
+    return None
 
 
 def _check_resumable(run: Run, resume: bool) -> str | None:
