@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from helpers import row, write_jsonl
@@ -160,6 +161,19 @@ def test_load_splits_counts_add_up(tmp_path):
     removed = splits.removed()
     assert list(removed["reason"]) == ["exact duplicate", "also in train"]
     assert list(removed["id"]) == ["dev:4", "dev:12"]
+
+
+@pytest.mark.parametrize("spec", ["dev[5:2]", "dev[10:]", "dev[-1:-3]"])
+def test_a_slice_that_selects_nothing_names_the_spec_and_the_fix(spec):
+    with pytest.raises(ValueError, match=rf"split {re.escape(spec)} selects no rows of dev \(10 rows\).*data.splits"):
+        SplitSpec.parse(spec).take(list(range(10)))
+
+
+def test_an_eval_split_emptied_by_the_overlap_with_train_names_both_specs(tmp_path):
+    qdir = tmp_path / "questions"
+    write_jsonl(qdir / "dev.jsonl", [row(question=f"题{i}") for i in range(10)])
+    with pytest.raises(ValueError, match=r"split eval = dev\[:4\] is empty .* train \(dev\[:8\]\): 4 of its 4 rows"):
+        data.load_splits(qdir, {"train": "dev[:8]", "eval": "dev[:4]"})
 
 
 def test_load_splits_needs_a_train_role(tmp_path):

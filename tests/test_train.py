@@ -2,6 +2,7 @@
 import contextlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import REPO
@@ -317,6 +318,38 @@ def test_a_missing_base_model_says_which_setting_to_fix(smoke, monkeypatch, tmp_
     monkeypatch.setenv("MEDQA_BASE_MODEL", str(tmp_path))  # a folder, but not a model
     with pytest.raises(models.ModelNotFoundError, match="no tokenizer_config.json"):
         train.prepare(smoke(), "lora")
+
+
+def test_a_relative_model_folder_that_is_not_there_is_no_such_folder_not_a_hub_id(smoke, monkeypatch):
+    monkeypatch.setenv("MEDQA_BASE_MODEL", "models/Qwen2.5-0.5B-Instruct")  # the README's form, before the copy
+    cfg = smoke()
+    assert Path(cfg.base_model).is_absolute() and cfg.base_model.endswith("models/Qwen2.5-0.5B-Instruct")
+    with pytest.raises(models.ModelNotFoundError, match=r"MEDQA_BASE_MODEL = .*no such folder"):
+        train.prepare(cfg, "lora")
+
+
+@pytest.mark.parametrize("value, hub", [("Qwen/Qwen2.5-0.5B-Instruct", True), ("gpt2", True),
+                                        ("models/Qwen2.5-0.5B-Instruct", False), ("outputs/cpu/models/merged", False),
+                                        ("./merged", False), ("/abs/model", False), ("~/model", False),
+                                        ("a/b/c", False), ("my model", False), ("here/model", False)])
+def test_one_rule_tells_a_hub_id_from_a_folder(tmp_path, monkeypatch, value, hub):
+    from medqa_zh import serve
+
+    (tmp_path / "here").mkdir()  # an existing first folder makes x/y a path
+    assert models.is_hub_id(value, root=tmp_path) is hub
+    monkeypatch.chdir(tmp_path)  # the server decides by the same rule, relative to where it was started
+    if hub:
+        serve._check_model(value)
+    else:
+        with pytest.raises(FileNotFoundError, match="no model folder"):
+            serve._check_model(value)
+
+
+def test_the_chat_template_preview_needs_no_model(tmp_path, tiny_assets):
+    messages = [{"role": "user", "content": "你好"}]
+    note = models.chat_template_preview(str(tmp_path), messages, setting="MEDQA_BASE_MODEL")
+    assert note.startswith("(no preview of the chat template: MEDQA_BASE_MODEL") and "no tokenizer_config.json" in note
+    assert "<|im_start|>user\n你好<|im_end|>" in models.chat_template_preview(str(tiny_assets["model"]), messages)
 
 
 def test_a_hub_id_without_the_hub_fails_clearly(smoke, monkeypatch):

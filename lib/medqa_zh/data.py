@@ -210,7 +210,11 @@ class SplitSpec:
                     f"split {self} asks for row {bound}, but {source or self.name} has only {n} rows; "
                     f"fix the slice in the profile (data.splits)"
                 )
-        return rows[self.start : self.stop]
+        taken = rows[self.start : self.stop]
+        if not taken:
+            raise ValueError(f"split {self} selects no rows of {source or self.name} ({n} rows): its start must come "
+                             f"before its stop, e.g. {self.name}[:{max(n // 2, 1)}]; fix the slice in the profile (data.splits)")
+        return taken
 
 
 def dedupe(questions: list[Question]) -> tuple[list[Question], list[tuple[str, str]]]:
@@ -324,6 +328,11 @@ def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: st
         row["questions"] = len(kept)
     for row in out.report:
         assert row["questions"] == row["rows_in_slice"] - row["duplicates_removed"] - row["overlap_with_train_removed"]
+        if not row["questions"]:
+            raise ValueError(f"split {row['role']} = {row['spec']} is empty after removing the questions that are also "
+                             f"in {train_role} ({specs[train_role]}): {row['overlap_with_train_removed']} of its "
+                             f"{row['rows_in_slice']} rows overlap. Give the two roles rows that do not overlap in "
+                             "the profile (data.splits), e.g. train: dev[:2900] and eval: dev[2900:]")
     return out
 
 

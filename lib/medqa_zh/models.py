@@ -91,13 +91,14 @@ def torch_dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(set(DTYPES.values())))}") from None
 
 
-def load_tokenizer(name: str, setting: str = "model.base"):
-    """The model's own tokenizer (and with it its chat template), with a pad token set."""
+def load_tokenizer(name: str, setting: str = "model.base", local_only: bool = False):
+    """The model's own tokenizer (and with it its chat template), with a pad token set.
+    ``local_only``: never download (a hub id must already be in the local cache)."""
     from transformers import AutoTokenizer
 
     _check_source(name, setting, needs="tokenizer_config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot load the tokenizer of {setting} = {name!r}: {e}\n{_fix(name, setting)}") from None
     if tokenizer.chat_template is None:
@@ -105,6 +106,16 @@ def load_tokenizer(name: str, setting: str = "model.base"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def chat_template_preview(name: str, messages: list[dict], setting: str = "model.base") -> str:
+    """The text the model reads for ``messages`` (its chat template applied), from a tokenizer already
+    on this machine; when there is none, a note saying why instead of an error (notebook 01 needs no model)."""
+    try:
+        tokenizer = load_tokenizer(name, setting, local_only=True)
+    except (ModelNotFoundError, ValueError) as e:
+        return f"(no preview of the chat template: {str(e).splitlines()[0]})"
+    return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def load_model(name: str, dtype: str = "float32", setting: str = "model.base", device: str | None = None):
