@@ -1,5 +1,8 @@
 """medqa_zh.chat: one chat turn (retrieval, the shared prompt, streaming, history) and the panel
 that calls it, with a local model and through the HTTP API."""
+import threading
+import time
+
 import pytest
 import torch
 
@@ -127,7 +130,8 @@ def test_the_panel_send_button_runs_the_turn_and_shows_it(retrieval):
     backend = Recording(pieces=("<b>答案", "：A</b>"))
     panel = chat.ChatPanel(chat.Chat({"merged": backend}, retrieval), retriever="bm25")
     panel.box.value = QUESTION
-    panel.send_button.click()  # what a person does
+    panel.send_button.click()  # what a person does: the turn runs in a thread
+    panel.wait(30)
     assert len(backend.sent) == 1 and panel.box.value == ""
     assert "&lt;b&gt;答案：A&lt;/b&gt;" in panel.history.value  # model text is escaped, not rendered
     assert "《药理学》" in panel.history.value and "药理学:1:0" in panel.history.value  # the sources
@@ -135,6 +139,64 @@ def test_the_panel_send_button_runs_the_turn_and_shows_it(retrieval):
     assert chat.DISCLAIMER.split("：")[0] in panel.widget.children[0].value
     panel.clear()
     assert panel.history.value == "" and panel.chat.history == []
+
+
+class Endless:
+    """A backend that streams until it is closed, and says whether it was."""
+
+    def __init__(self):
+        self.tokenizer, self.closed, self.started = _CharTokenizer(), threading.Event(), threading.Event()
+
+    def stream(self, messages):
+        try:
+            while True:
+                self.started.set()
+                time.sleep(0.01)
+                yield "字"
+        finally:
+            self.closed.set()
+
+
+def test_the_stop_button_ends_a_reply_running_in_the_background():
+    backend = Endless()
+    panel = chat.ChatPanel(chat.Chat({"base": backend}))
+    panel.box.value = "请介绍一下高血压。"
+    panel.send_button.click()
+    assert backend.started.wait(10) and panel.busy and not panel.stop_button.disabled  # the click returned
+    time.sleep(0.1)
+    panel.stop_button.click()
+    panel.wait(10)
+    assert backend.closed.is_set() and not panel.busy and panel.stop_button.disabled
+    reply = panel.chat.replies[-1]
+    assert reply.stopped and reply.text.startswith("字字") and "stopped" in panel.history.value
+    assert panel.chat.history[-1] == {"role": "assistant", "content": reply.text}
+
+
+def test_a_local_reply_stopped_early_stops_generating(noisy_model):
+    model, tokenizer, _ = noisy_model
+    steps = []
+    hook = model.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        stream = chat.LocalBackend(lambda: (model, tokenizer), max_tokens=400).stream(prompts.chat_messages([], QUESTION))
+        next(stream)
+        stream.close()
+    finally:
+        hook.remove()
+    assert len(steps) < 200  # halted, not run on to max_tokens in the background
+
+
+def test_rag_off_is_a_real_selection_and_the_panel_says_what_each_model_is_for(retrieval):
+    talk = chat.Chat({"base": Recording(), "merged": Recording(pieces=("答案：B",))}, retrieval)
+    panel = chat.ChatPanel(talk)
+    assert panel.retriever.value == chat.RAG_OFF and panel.retriever.index == 0  # shown as selected
+    assert panel.model.value == "merged" and "choose base" in panel.use.value
+    panel.model.value = "base"
+    assert "free chat" in panel.use.value
+    panel.model.value = "merged"
+    reply = panel.send(QUESTION)
+    assert reply.retriever is None and not reply.passages
+    assert reply.choice == "B. 阿司匹林" and "→ <b>B. 阿司匹林</b>" in panel.history.value
+    assert panel.send("你好").choice is None  # not an exam question
 
 
 def test_the_panel_shows_an_error_and_can_send_again():
@@ -168,9 +230,9 @@ def test_a_profile_chat_lists_the_served_models_by_their_run_names(project, tiny
 
     cfg = config.load("smoke", {"model.base": str(tiny_assets["model"])})
     with serve.serve(cfg.base_model, backend="transformers", dtype="float32", log_path=tmp_path / "server.log",
-                     quiet=True) as server:
+                     served_name="base", quiet=True) as server:
         talk = chat.from_profile(cfg, server.base_url)
-        assert list(talk.backends) == ["base"]  # the served path, named as the run names it
+        assert list(talk.backends) == ["base"]  # served under the run's name, as 05 and 07 serve it
         reply = talk.respond(QUESTION, "base")
     assert reply.pieces >= 1 and talk.backends["base"].tokenizer is not None
     with pytest.raises(ConnectionError, match="is the server running"):

@@ -47,9 +47,12 @@ class ApiBackend:
         try:
             chunks = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                          max_tokens=self.max_tokens, stream=True)
-            for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+            try:
+                for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
+            finally:
+                chunks.close()  # stopped early: hang up, and the server stops generating
         except openai.APIConnectionError as e:
             raise ConnectionError(f"no answer from the server at {self.base_url} ({e}); is it running? "
                                   "Start one with notebook 05 or `python -m medqa_zh.serve MODEL_DIR`.") from e
@@ -74,27 +77,35 @@ class LocalBackend:
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class Halt(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device)
 
         model, tokenizer = self._get()
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True).to(model.device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        failure = []
+        failure, halt = [], threading.Event()
 
         def generate():
             try:
                 with torch.inference_mode():
                     model.generate(**inputs, streamer=streamer, max_new_tokens=self.max_tokens, do_sample=False,
-                                   temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+                                   temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                   stopping_criteria=StoppingCriteriaList([Halt()]))
             except Exception as e:  # re-raised below, in the caller's thread
                 failure.append(e)
                 streamer.end()
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
-        yield from (piece for piece in streamer if piece)
-        worker.join()
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:  # also when the caller stops early (closes this generator): generation ends at the next token
+            halt.set()
+            worker.join()
         if failure:
             raise failure[0]
 
@@ -112,6 +123,8 @@ class Reply:
     seconds: float = 0.0
     first_piece_s: float | None = None
     pieces: int = 0
+    choice: str | None = None  # a typed exam question's answer: the letter and that option's text, "B. 阿司匹林"
+    stopped: bool = False      # the stop button ended it early
 
 
 class Chat:
@@ -145,10 +158,11 @@ class Chat:
         return rag.fit_context([self.retrieval.corpus.passages[i] for i in ranked], count, self.context_tokens)
 
     def respond(self, message: str, model: str, retriever: str | None = None,
-                on_piece: Callable[[str], None] | None = None) -> Reply:
+                on_piece: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Reply:
         """Answer ``message`` with ``model`` (a key of ``backends``), with passages from
         ``retriever`` (bm25 | dense | hybrid; None: off). ``on_piece(text_so_far)`` is called as
-        pieces arrive. The turn joins the history only when the reply is complete."""
+        pieces arrive; setting ``stop`` ends the reply after the current piece (it is kept, marked
+        stopped). The turn joins the history once the reply has ended; a failed turn does not."""
         if not message.strip():
             raise ValueError("empty message")
         if model not in self.backends:
@@ -160,15 +174,24 @@ class Chat:
         passages = self.passages_for(message, retriever, backend.tokenizer) if retriever else []
         messages = prompts.chat_messages(self.history, message,
                                          context=[(p.book, p.text) for p in passages] or None)
-        start, first, text, pieces = time.perf_counter(), None, "", 0
-        for piece in backend.stream(messages):
-            if first is None:
-                first = time.perf_counter() - start
-            text += piece
-            pieces += 1
-            if on_piece:
-                on_piece(text)
-        reply = Reply(message, text.strip(), model, retriever, passages, time.perf_counter() - start, first, pieces)
+        start, first, text, pieces, stopped = time.perf_counter(), None, "", 0, False
+        stream = backend.stream(messages)
+        try:
+            for piece in stream:
+                if first is None:
+                    first = time.perf_counter() - start
+                text += piece
+                pieces += 1
+                if on_piece:
+                    on_piece(text)
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()  # the backend stops generating
+        reply = Reply(message, text.strip(), model, retriever, passages, time.perf_counter() - start, first, pieces,
+                      choice=_choice(message, text), stopped=stopped)
         # the history keeps the turn as the model saw it, so a follow-up question reads the same context
         self.history += [messages[-1], {"role": "assistant", "content": reply.text}]
         self.replies.append(reply)
@@ -179,7 +202,22 @@ class Chat:
         self.replies.clear()
 
 
+def _choice(message: str, reply: str) -> str | None:
+    """For a typed exam question: the letter the reply gives and that option's text."""
+    from . import answers
+
+    parsed = prompts.parse_question(message)
+    letter = answers.extract_letter(reply, "".join(parsed[1])) if parsed else None
+    return f"{letter}. {parsed[1][letter]}" if letter else None
+
+
 # --------------------------------------------------------------------------- the panel
+
+FINE_TUNED = ("lora", "full", "merged")
+USES = {"base": "通用对话与考试题 · the base model: free chat and exam questions",
+        **{name: "只适合考试题 · fine-tuned on exam questions: it answers 答案：X to anything; for free chat choose base"
+           for name in FINE_TUNED}}
+RAG_OFF = "off"  # the retrieval switch's value for no passages (None would read as "nothing selected")
 
 
 def render_reply(reply: Reply | None, message: str = "", partial: str = "") -> str:
@@ -190,8 +228,11 @@ def render_reply(reply: Reply | None, message: str = "", partial: str = "") -> s
            '<div style="margin:6px 0 12px 0;padding:6px;background:#f4f6fa;border-radius:4px">'
            f'<b>模型 · model</b><div style="white-space:pre-wrap">{html.escape(partial) or "…"}</div>']
     if reply is not None:
+        if reply.choice:
+            out.append(f'<div style="margin-top:4px">→ <b>{html.escape(reply.choice)}</b></div>')
+        stopped = " · 已停止 stopped" if reply.stopped else ""
         out.append(f'<div style="color:#777;font-size:85%">{html.escape(reply.model)}'
-                   f'{" + " + reply.retriever if reply.retriever else ""} · {reply.seconds:.1f} s</div>')
+                   f'{" + " + reply.retriever if reply.retriever else ""} · {reply.seconds:.1f} s{stopped}</div>')
         if reply.passages:
             items = "".join(f"<li><b>《{html.escape(p.book)}》</b> <code>{html.escape(p.id)}</code>: "
                             f"{html.escape(p.text)}</li>" for p in reply.passages)
@@ -204,8 +245,10 @@ def render_reply(reply: Reply | None, message: str = "", partial: str = "") -> s
 
 
 class ChatPanel:
-    """The ipywidgets chat: a model selector, a retrieval switch, the conversation, a message box,
-    send and clear buttons, and the disclaimer. ``send(text)`` is what the send button does."""
+    """The ipywidgets chat: a model selector with what each model is for, a retrieval switch, the
+    conversation (scrolled to the newest turn), a message box, send / stop / clear buttons, and the
+    disclaimer. The send button runs the turn in a thread, so the kernel stays free and stop works;
+    ``send(text)`` runs it in the caller (what papermill and the tests call)."""
 
     def __init__(self, chat: Chat, model: str | None = None, retriever: str | None = None):
         import ipywidgets as w
@@ -213,51 +256,91 @@ class ChatPanel:
         self.chat = chat
         self.model = w.Dropdown(options=list(chat.backends), value=model or list(chat.backends)[-1],
                                 description="model")
-        self.retriever = w.ToggleButtons(options=[("RAG off", None), *[(r, r) for r in chat.retrievers]],
-                                         value=retriever, description="passages")
+        self.use = w.HTML()
+        self.model.observe(lambda _: self._show_use(), names="value")
+        self._show_use()
+        self.retriever = w.ToggleButtons(options=[("RAG off", RAG_OFF), *[(r, r) for r in chat.retrievers]],
+                                         value=retriever or RAG_OFF, description="passages")
         self.history = w.HTML()
         self.current = w.HTML()
+        # newest at the bottom, and the box stays scrolled there (a reversed flex column anchors its end)
+        conversation = w.Box([w.VBox([self.history, self.current])],
+                             layout=w.Layout(max_height="480px", overflow="auto", display="flex",
+                                             flex_flow="column-reverse"))
         self.box = w.Textarea(placeholder="输入问题（可带 A. B. C. 选项）… Type a question (options A. B. … optional)",
                               layout=w.Layout(width="100%", height="90px"))
         self.send_button = w.Button(description="发送 send", button_style="primary")
+        self.stop_button = w.Button(description="停止 stop", disabled=True)
         self.clear_button = w.Button(description="清空 clear")
         self.status = w.HTML()
-        self.send_button.on_click(lambda _: self.send())
+        self._stop, self._worker = threading.Event(), None
+        self.send_button.on_click(lambda _: self.send(background=True))
+        self.stop_button.on_click(lambda _: self._stop.set())
         self.clear_button.on_click(lambda _: self.clear())
         note = w.HTML(f'<div style="padding:6px;border:1px solid #e0a800;background:#fff8e1">⚠ {html.escape(DISCLAIMER)}</div>')
-        self.widget = w.VBox([note, w.HBox([self.model, self.retriever]), self.history, self.current, self.box,
-                              w.HBox([self.send_button, self.clear_button, self.status])])
+        self.widget = w.VBox([note, w.HBox([self.model, self.retriever]), self.use, conversation, self.box,
+                              w.HBox([self.send_button, self.stop_button, self.clear_button, self.status])])
 
     def _ipython_display_(self):
         from IPython.display import display
 
         display(self.widget)
 
-    def send(self, text: str | None = None) -> Reply | None:
-        """Answer ``text`` (default: the message box), streaming into the panel."""
+    def _show_use(self) -> None:
+        use = USES.get(self.model.value, "")
+        self.use.value = f'<div style="color:#555;font-size:90%">{html.escape(use)}</div>' if use else ""
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def send(self, text: str | None = None, background: bool = False) -> Reply | None:
+        """Answer ``text`` (default: the message box), streaming into the panel. ``background``: in a
+        thread (the send button), returning at once; :meth:`wait` joins it."""
         message = self.box.value if text is None else text
+        if self.busy:
+            self.status.value = "still answering: press stop first"
+            return None
         if not message.strip():
             self.status.value = "type a message first"
             return None
         self.box.value = ""
-        self.send_button.disabled = True
+        self.send_button.disabled, self.stop_button.disabled = True, False
         self.status.value = "answering…"
+        self._stop = threading.Event()
+        if not background:
+            return self._turn(message)
+        self._worker = threading.Thread(target=self._turn, args=(message, False), daemon=True)
+        self._worker.start()
+        return None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a reply started by the send button."""
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _turn(self, message: str, raise_errors: bool = True) -> Reply | None:
+        retriever = None if self.retriever.value == RAG_OFF else self.retriever.value
         try:
-            reply = self.chat.respond(message, self.model.value, self.retriever.value,
+            reply = self.chat.respond(message, self.model.value, retriever, stop=self._stop,
                                       on_piece=lambda partial: setattr(self.current, "value",
                                                                        render_reply(None, message, partial)))
         except Exception as e:
             self.status.value = f'<span style="color:#b00">{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>'
             self.current.value = ""
-            raise
+            if raise_errors:
+                raise
+            return None
         finally:
-            self.send_button.disabled = False
+            self.send_button.disabled, self.stop_button.disabled = False, True
         self.current.value = ""
         self.history.value += render_reply(reply)
-        self.status.value = f"{reply.pieces} pieces in {reply.seconds:.1f} s"
+        self.status.value = f"{reply.pieces} pieces in {reply.seconds:.1f} s" + (" (stopped)" if reply.stopped else "")
         return reply
 
     def clear(self) -> None:
+        self._stop.set()
+        self.wait()
         self.chat.clear()
         self.history.value = self.current.value = self.status.value = ""
 
