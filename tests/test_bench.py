@@ -95,3 +95,42 @@ def test_recipes_trains_each_variant_and_tests_it_against_the_base(tmp_path):
     assert shuffled["settings"]["shuffle_options"] is True and shuffled["settings"]["completion"] == "letter_text"
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "MEDQA_ROOT": str(project)})
     assert again.stdout.count("done earlier, kept") == 3  # finished variants are not run again
+
+
+def test_the_lm_eval_task_asks_and_reads_as_the_api_evaluation_does(tiny_assets, tmp_path):
+    """lm-evaluation-harness is not installed here: its hooks are checked directly, and compare.py on a
+    made-up samples file (the executed check against a server is in the README and issue 14's note)."""
+    import importlib.util
+
+    from medqa_zh import answers, data, prompts
+
+    spec = importlib.util.spec_from_file_location("lm_eval_utils", REPO / "bench" / "lm_eval" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    path = tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl"
+    questions, _ = data.read_questions(path)
+    docs = utils.load(path=str(path))["test"]
+    assert len(docs) == len(questions)
+    for doc, q in zip(docs, questions, strict=True):
+        assert utils.doc_to_text(doc) == prompts.format_user(q.question, q.options)
+        assert json.loads(doc["options"]) == q.options and doc["answer_idx"] == q.answer_idx
+    doc, q = docs[0], questions[0]
+    assert utils.process_results(doc, [f"答案：{q.answer_idx}"]) == {"acc": 1.0, "unparseable": 0.0}
+    assert utils.process_results(doc, ["我不知道"]) == {"acc": 0.0, "unparseable": 1.0}
+    with pytest.raises(ValueError, match="--metadata"):
+        utils.load()
+
+    # compare.py: the harness's samples against the project's results for the same questions
+    out_dir = tmp_path / "lm_eval" / "model"
+    out_dir.mkdir(parents=True)
+    texts = ["答案：A", "答案：B"]
+    (out_dir / "samples_medqa_zh_2026.jsonl").write_text("".join(
+        json.dumps({"doc": docs[i], "resps": [[t]]}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)), "utf-8")
+    ours = tmp_path / "api.jsonl"
+    ours.write_text("".join(json.dumps({"id": docs[i]["id"], "gold": docs[i]["answer_idx"], "text": t if i == 0 else "答案：C",
+                                        "pred": answers.extract_letter(t if i == 0 else "答案：C")}, ensure_ascii=False) + "\n"
+                            for i, t in enumerate(texts)), "utf-8")
+    run = subprocess.run([sys.executable, REPO / "bench" / "lm_eval" / "compare.py", tmp_path / "lm_eval", ours],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "questions in both: 2" in run.stdout and "same raw text: 1/2" in run.stdout and "same letter: 1/2" in run.stdout

@@ -183,6 +183,7 @@ def test_a_stop_string_is_left_out_of_the_reply(server):
     assert len(stop) == 2, text
     reply = ask(server, **sampled, stop=[stop]).choices[0]
     assert reply.message.content == text[:text.find(stop)] and reply.finish_reason == "stop"
+    assert ask(server, **sampled, stop=[]).choices[0].message.content == text  # lm-evaluation-harness sends []
 
 
 def test_temperature_samples_even_when_the_generation_config_has_no_do_sample(tiny, tmp_path):

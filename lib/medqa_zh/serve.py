@@ -495,6 +495,10 @@ def _openai_handlers(name: str) -> None:
     async def handle_request(self, body, request_id):
         if body.get("model") not in (None, name):
             raise HTTPException(404, f"The model `{body['model']}` does not exist; this server serves `{name}`.")
+        stops = [body["stop"]] if isinstance(body.get("stop"), str) else list(body.get("stop") or [])
+        body.pop("stop", None)
+        if any(stops):  # an empty list (lm-evaluation-harness sends one) would fail transformers' stop-string setup
+            body["stop"] = [s for s in stops if s]
         ignored = unsupported(body)
         if ignored:
             raise HTTPException(400, f"not supported by this server (transformers backend): {', '.join(ignored)}; "
