@@ -26,7 +26,7 @@ class AdapterMismatchError(ValueError):
 
 
 def how_to_get(name: str) -> str:
-    example = name if "/" in name and not name.startswith(("/", ".", "~")) else "Qwen/Qwen2.5-0.5B-Instruct"
+    example = name if "/" in name and is_hub_id(name) else "Qwen/Qwen2.5-0.5B-Instruct"
     local = "models/" + example.rsplit("/", 1)[-1]
     return (
         "Fix: set MEDQA_BASE_MODEL (or model.base in the profile) to a hub id on a machine that can reach the "
