@@ -6,8 +6,12 @@ Two backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/complet
   Python (``python -m vllm.entrypoints.cli.main serve``, so no ``vllm`` on PATH is needed); it can
   also serve a LoRA adapter on top of its base (``--enable-lora``, ``--max-lora-rank`` = its rank);
 - ``transformers``: ``transformers serve`` on a CPU (or any device), the same code as the
-  ``transformers serve`` command, started in a child process. ``transformers serve`` has no
-  API-key option, so the child adds one small check when a key is set.
+  ``transformers serve`` command, started in a child process. The child mends what it does
+  differently from the OpenAI API (see "the transformers child" below): an API-key check on every
+  path but ``/health``, its model-management endpoints turned off, errors in the OpenAI shape, and
+  request fields it would silently ignore refused.
+
+Either answers to a served model name (``served_name``; default the folder's name, ``merged``).
 
 ``auto`` picks vllm when CUDA and vllm are both present, else transformers.
 
@@ -24,7 +28,7 @@ server dies or does not come up in time, the error shows the tail of its log.
 
 Command line, to keep a server running for JupyterLab, the chat demo or any OpenAI client::
 
-    python -m medqa_zh.serve outputs/cpu/models/merged --port 8000
+    python -m medqa_zh.serve outputs/cpu/models/merged --port 8000     # model id: merged
 """
 from __future__ import annotations
 
