@@ -155,6 +155,10 @@ def test_the_vllm_command_runs_through_this_python_with_the_adapters_rank(tmp_pa
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.3"
     assert f"lora={tmp_path / 'lora'}" in cmd
+    assert cmd[cmd.index("--served-model-name") + 1] == "/models/base" and "--disable-fastapi-docs" not in cmd
+    public = serve._command("vllm", "/models/base", "0.0.0.0", 8000, "bfloat16", None, False, None, "merged", (),
+                            public=True)
+    assert public[public.index("--served-model-name") + 1] == "merged" and "--disable-fastapi-docs" in public
 
 
 def test_max_lora_rank_is_the_smallest_vllm_value_that_holds_every_adapter(tmp_path):

@@ -202,12 +202,14 @@ def lora_rank(adapters: dict) -> int:
 
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
              continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
-             gpu_memory_utilization: float | None = None) -> list[str]:
+             gpu_memory_utilization: float | None = None, public: bool = False) -> list[str]:
     if backend == "vllm":
         # through this interpreter, not a `vllm` found on PATH: a kernel or `.venv/bin/python -m ...`
         # started without activating the environment has the package but not its bin/ on PATH
         cmd = [sys.executable, "-m", VLLM_CLI, "serve", model_dir, "--host", host, "--port", str(port),
-               "--dtype", dtype, "--seed", "0", "--served-model-name", served_name]
+               "--dtype", dtype, "--seed", "0", "--served-model-name", served_name or model_dir]
+        if public:  # vLLM's key check leaves its docs open: off on a server others can reach
+            cmd += ["--disable-fastapi-docs"]
         if gpu_memory_utilization:
             cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
         if lora:
@@ -339,7 +341,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = _command(backend, str(model_dir), host, port, served_dtype, on, continuous_batching, lora, served_name,
-                   extra_args, gpu_memory_utilization)
+                   extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS)
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     env.pop("VLLM_API_KEY", None)
