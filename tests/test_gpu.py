@@ -173,6 +173,7 @@ def test_max_lora_rank_is_the_smallest_vllm_value_that_holds_every_adapter(tmp_p
 def test_vllm_without_the_gpu_extra_is_a_clear_error(tmp_path, fake_gpu, monkeypatch):
     fake_gpu(A100)
     monkeypatch.setattr(serve, "vllm_installed", lambda: False)
+    (tmp_path / "config.json").write_text("{}")  # a model folder, as far as the checks before starting look
     with pytest.raises(serve.ServerError, match=r"vLLM is not installed.*\.\[gpu\]"):
         serve.start(str(tmp_path), backend="vllm")
     assert serve.pick_backend("auto") == "transformers"
@@ -195,6 +196,7 @@ def test_the_gpu_profile_serves_with_vllm_in_a_dtype_the_card_has(project, fake_
     fake_gpu(card)
     monkeypatch.setattr(serve, "vllm_installed", lambda: True)
     monkeypatch.setattr(serve.subprocess, "Popen", _Exited)
+    (tmp_path / "config.json").write_text("{}")
     cfg = config.load("gpu")
     with pytest.raises(serve.ServerError, match="exited with code 1"):
         serve.from_profile(cfg, str(tmp_path), quiet=True)

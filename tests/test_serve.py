@@ -80,6 +80,8 @@ def test_transformers_backend_refuses_an_adapter(tiny):
 def test_missing_model_dir_is_named_before_starting(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model folder"):
         serve.start(tmp_path / "nothing-here", backend="transformers")
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        serve.start(tmp_path, backend="transformers")  # a folder, but not a model
 
 
 def test_serves_models_chat_and_streaming_on_localhost(server):
