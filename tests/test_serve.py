@@ -269,7 +269,7 @@ def test_failed_requests_count_as_wrong_and_are_retried_next_run(server, tiny, t
     path = tmp_path / "api.jsonl"
     wrong_model = evaluate.api_scorer(server.base_url, "not-the-served-model", retries=1, backoff=0.1)
     rows = evaluate.run_cached(path, questions, wrong_model, batch_size=3, progress=False)
-    assert all(r["pred"] is None and "HTTP 400" in r["error"] and r["attempts"] == 1 for r in rows)  # no retry of a 400
+    assert all(r["pred"] is None and "HTTP 404" in r["error"] and r["attempts"] == 1 for r in rows)  # no retry of a 404
     summary = evaluate.accuracy(rows)
     assert summary["n"] == 6 and summary["failed"] == 6 and summary["correct"] == 0  # kept, counted wrong
     rows = evaluate.run_cached(path, questions, scorer(server), batch_size=3, progress=False)
