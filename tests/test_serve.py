@@ -185,6 +185,7 @@ def test_a_stop_string_is_left_out_of_the_reply(server):
     assert len(stop) == 2, text
     reply = ask(server, **sampled, stop=[stop]).choices[0]
     assert reply.message.content == text[:text.find(stop)] and reply.finish_reason == "stop"
+    assert ask(server, **sampled, stop=stop).choices[0].message.content == reply.message.content  # a bare string too
     assert ask(server, **sampled, stop=[]).choices[0].message.content == text  # lm-evaluation-harness sends []
 
 

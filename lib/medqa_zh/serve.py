@@ -459,10 +459,9 @@ def unsupported(body: dict) -> list[str]:
     return [key for key, bad in checks.items() if key in body and bad(body[key])]
 
 
-def cut_at_stop(text: str, stop) -> tuple[str, bool]:
-    """``text`` up to the first of the ``stop`` strings (which OpenAI's API leaves out), and whether one was found."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first of the ``stops`` (which OpenAI's API leaves out), and whether one was found."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
     return (text[:min(ends)], True) if ends else (text, False)
 
 
@@ -501,10 +500,11 @@ def _openai_handlers(name: str) -> None:
     async def handle_request(self, body, request_id):
         if body.get("model") not in (None, name):
             raise HTTPException(404, f"The model `{body['model']}` does not exist; this server serves `{name}`.")
-        stops = [body["stop"]] if isinstance(body.get("stop"), str) else list(body.get("stop") or [])
+        # one list of non-empty strings; none at all (lm-evaluation-harness sends []) would fail transformers' setup
+        stops = [s for s in ([body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []) if s]
         body.pop("stop", None)
-        if any(stops):  # an empty list (lm-evaluation-harness sends one) would fail transformers' stop-string setup
-            body["stop"] = [s for s in stops if s]
+        if stops:
+            body["stop"] = stops
         ignored = unsupported(body)
         if ignored:
             raise HTTPException(400, f"not supported by this server (transformers backend): {', '.join(ignored)}; "
