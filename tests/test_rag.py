@@ -256,3 +256,15 @@ def test_context_keeps_rank_order_within_the_token_budget():
     assert rag.fit_context(ps, len, budget=overhead + 10) == ps[:1]  # the 2nd does not fit: stop, keep order
     assert rag.fit_context(ps, len, budget=10_000) == ps
     assert rag.fit_context(ps, len, budget=5) == []
+
+
+def test_the_retrievers_a_profile_evaluates_must_be_built(project):
+    from medqa_zh import config
+
+    cfg = config.load("smoke", {"rag.retrievers": ["bm25"], "rag.api_retrievers": ["bm25"],
+                                "rag.rotation_retrievers": []})
+    assert rag.profile_retrievers(cfg, "rag.api_retrievers") == ["bm25"]
+    assert rag.profile_retrievers(cfg, "rag.rotation_retrievers") == []
+    cfg = config.load("smoke", {"rag.retrievers": ["bm25"], "rag.api_retrievers": ["bm25", "hybrid"]})
+    with pytest.raises(ValueError, match=r"rag.api_retrievers names hybrid, which rag.retrievers \(bm25\) does not build"):
+        rag.profile_retrievers(cfg, "rag.api_retrievers")

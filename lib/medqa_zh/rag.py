@@ -475,6 +475,17 @@ def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passag
 # --------------------------------------------------------------------------- everything a profile asks for
 
 
+def profile_retrievers(cfg, key: str) -> list[str]:
+    """The retrievers a profile names under ``key`` (``rag.api_retrievers``, ``rag.rotation_retrievers``):
+    each must be one of ``rag.retrievers``, the ones built. A name that is not is an error, never skipped."""
+    built, wanted = list(cfg["rag.retrievers"]), list(cfg[key] or [])
+    stray = [name for name in wanted if name not in built]
+    if stray:
+        raise ValueError(f"{key} names {', '.join(stray)}, which rag.retrievers ({', '.join(built) or 'none'}) does "
+                         f"not build: add it to rag.retrievers or remove it from {key}")
+    return wanted
+
+
 class Retrieval:
     """The corpus and the retrievers of one profile's ``rag`` section, built or loaded from
     ``outputs/<profile>/rag/``: ``rank(queries, "bm25" | "dense" | "hybrid", k)``."""
