@@ -67,9 +67,10 @@ def series(tmp_path_factory):
 
 def test_01_data_runs_on_the_smoke_profile(series):
     project, nb = series("01_data")
-    assert "parameters" in nb["cells"][0]["metadata"]["tags"]
-    # the smoke warning is the first thing the report shows (cell 1 is papermill's injected parameters)
-    assert "SMOKE PROFILE" in _outputs_text(nb, 2)
+    assert "parameters" in nb["cells"][1]["metadata"]["tags"]
+    # the smoke warning is the first output the report shows (after the title, the parameters and
+    # papermill's injected parameters)
+    assert "SMOKE PROFILE" in _outputs_text(nb, 3)
 
     run = project / "outputs" / "smoke"
     with open(run / "tables" / "01_splits.csv", encoding="utf-8") as f:
@@ -317,6 +318,9 @@ def test_index_and_report_render_in_a_real_browser(series):
 def test_notebooks_are_committed_without_outputs():
     for path in sorted((REPO / "notebooks").glob("*.ipynb")):
         nb = json.loads(path.read_text(encoding="utf-8"))
-        assert "parameters" in nb["cells"][0]["metadata"].get("tags", []), f"{path.name}: first cell must be the parameters cell"
+        first, second = nb["cells"][:2]  # the title and what it teaches, then papermill's parameters
+        assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith(f"# {path.name[:2]} · "), \
+            f"{path.name}: the first cell must be the title"
+        assert "parameters" in second["metadata"].get("tags", []), f"{path.name}: the second cell must be the parameters cell"
         for cell in nb["cells"]:
             assert not cell.get("outputs") and not cell.get("execution_count"), f"{path.name} has outputs"
