@@ -32,15 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 
 def seed_method(model, tokenizer, questions, max_new_tokens: int = 512) -> list[dict]:
     """The seed's evaluation, reproduced: raw prompt, sampling at temperature 0.1, batch 1."""
     import torch
+    from tqdm.auto import tqdm
 
     from medqa_zh import answers, prompts
-
-    from tqdm.auto import tqdm
 
     rows = []
     for q in tqdm(questions, desc="seed method", unit="q"):
@@ -96,8 +96,8 @@ def main() -> None:
                                                                        progress=False))
     rotations = {}
     for name, shared in (("rotations-whole", False), ("rotations-shared", True)):
-        rows, seconds = timed(name, lambda: debias.rotation_scores(model, tokenizer, questions, share_prefix=shared,
-                                                                   batch_size=a.batch, progress=False))
+        rows, seconds = timed(name, partial(debias.rotation_scores, model, tokenizer, questions, share_prefix=shared,
+                                                batch_size=a.batch, progress=False))
         rotations[name] = rows
         results[name] = debias.results(rows, "plain"), seconds
     results["generate"] = timed("generate", lambda: evaluate.generate_answers(
@@ -111,7 +111,7 @@ def main() -> None:
                 name = f"api{'-cb' if cb else ''}-c{c}"
                 score = evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens,
                                             concurrency=c)
-                results[name] = timed(name, lambda: score(questions))
+                results[name] = timed(name, partial(score, questions))
 
     seed_rate = len(seed_questions) / results["seed"][1]
     reference = {r["id"]: r["pred"] for r in results["generate"][0]}
@@ -137,8 +137,8 @@ def main() -> None:
     for name in rotations:
         print(f"{name}: {k} rotations take {results[name][1] / results['letter'][1]:.2f}x one plain letter-scoring pass"
               + (" (goal: <= 3x)" if name.endswith("shared") else ""))
-    diff = max(abs(x[letter] - y[letter]) for a_, b_ in zip(rotations["rotations-whole"], rotations["rotations-shared"])
-               for x, y in zip(a_["logprobs"], b_["logprobs"]) for letter in x)
+    diff = max(abs(x[letter] - y[letter]) for a_, b_ in zip(rotations["rotations-whole"], rotations["rotations-shared"], strict=True)
+               for x, y in zip(a_["logprobs"], b_["logprobs"], strict=True) for letter in x)
     debiased = evaluate.accuracy(debias.results(rotations["rotations-shared"], "debiased"))["accuracy"]
     print(f"shared prefix vs whole prompts: largest log-probability difference {diff:.2g}; debiased accuracy {debiased:.3f}")
     if a.out:

@@ -57,7 +57,6 @@ def batch_of(tokenizer, questions, device):
 
 def loss_and_logits(model, batch, method):
     """(loss, number of logits computed) for one method."""
-    import torch
     import torch.nn.functional as F
 
     from medqa_zh import train

@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 SHARED_MEDQA = Path(os.environ.get("MEDQA_SHARED_DIR", REPO.parent / "shared" / "medqa"))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import REPO
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@ import json
 import re
 
 import pytest
-from helpers import row, write_jsonl
 
+from helpers import row, write_jsonl
 from medqa_zh import data, prompts
 from medqa_zh.data import MedQAFormatError, SplitSpec
 

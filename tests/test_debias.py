@@ -64,7 +64,7 @@ def test_passages_join_the_shared_prefix_and_change_no_score_there(tiny):
         for a, b in zip(s["logprobs"], w["logprobs"], strict=True):
             assert a == pytest.approx(b, abs=1e-4)
         assert s["logprobs"][0] == pytest.approx(p["logprobs"], abs=1e-4)
-    assert any(s["logprobs"][0] != pytest.approx(n["logprobs"][0], abs=1e-3) for s, n in zip(shared, without))
+    assert any(s["logprobs"][0] != pytest.approx(n["logprobs"][0], abs=1e-3) for s, n in zip(shared, without, strict=True))
     text = prompts.answer_prompt(tokenizer, qs[0].question, qs[0].options, evaluate.context_of(contexts, qs[0].id))
     assert text.index("甲状腺功能亢进症") < text.index(prompts.format_options(qs[0].options))
 
@@ -74,7 +74,7 @@ def test_each_reading_can_be_tested_against_its_own_reference(tiny):
     got = debias.rotation_scores(model, tokenizer, questions, progress=False)
     flipped = [{**r, "logprobs": r["logprobs"][::-1]} for r in got]
     t = debias.table({"a · no RAG": got, "a · bm25": flipped, "b · no RAG": got}, {"a · bm25": "a · no RAG"})
-    p = dict(zip(t["model"], t["debiased_p_vs_base"]))
+    p = dict(zip(t["model"], t["debiased_p_vs_base"], strict=True))
     assert math.isnan(p["a · no RAG"]) and math.isnan(p["b · no RAG"]) and 0 <= p["a · bm25"] <= 1
     t = debias.table({"base": got, "other": flipped})  # the default: everything against "base"
     assert math.isnan(t["debiased_p_vs_base"][0]) and 0 <= t["debiased_p_vs_base"][1] <= 1

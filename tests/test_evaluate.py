@@ -68,7 +68,7 @@ def test_mcnemar_refuses_different_questions():
 def test_pairwise_mcnemar_covers_every_pair():
     models = {name: _results([True, False, True, True]) for name in ("base", "lora", "merged")}
     table = evaluate.pairwise_mcnemar(models)
-    assert list(zip(table["model_a"], table["model_b"])) == [("base", "lora"), ("base", "merged"), ("lora", "merged")]
+    assert list(zip(table["model_a"], table["model_b"], strict=True)) == [("base", "lora"), ("base", "merged"), ("lora", "merged")]
 
 
 def test_letter_distribution_shows_position_bias_and_invalid():

@@ -6,10 +6,10 @@ import sys
 import tomllib
 
 import pytest
-from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from helpers import REPO
 from medqa_zh import config, evaluate, models, rag, report, serve
 
 T4, A100 = ("Tesla T4", (7, 5)), ("NVIDIA A100-SXM4-80GB", (8, 0))

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, server_processes
 
+from helpers import REPO, server_processes
 from medqa_zh import merge, tiny
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
 """rag: passages on Chinese sentence boundaries, nothing dropped, provenance, corpus errors."""
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -39,8 +40,8 @@ def test_random_paragraphs_are_covered_exactly_and_within_the_limit(seed):
     rag.check_coverage(text, passages)  # every character in some passage, each passage a verbatim slice
     assert all(1 <= len(p.text) <= max_chars for p in passages)
     assert [p.chunk for p in passages] == list(range(len(passages)))
-    assert all(b.start > a.start for a, b in zip(passages, passages[1:]))  # always moving forward
-    for a, b in zip(passages, passages[1:]):
+    assert all(b.start > a.start for a, b in pairwise(passages))  # always moving forward
+    for a, b in pairwise(passages):
         shared = a.start + len(a.text) - b.start
         assert 0 <= shared <= overlap  # consecutive passages overlap by at most `overlap` characters
 
@@ -119,7 +120,7 @@ def test_bm25s_ranks_like_the_rank_bm25_reference(small_corpus, tokenizer):
 
     reference = BM25Okapi([rag.tokenize(d, tokenizer) for d in DOCS], k1=1.5, b=0.75)
     index = rag.BM25.build(small_corpus, tokenizer, k1=1.5, b=0.75, method="robertson", progress=False)
-    for query, hits in zip(QUERIES, index.search(QUERIES, k=3)):
+    for query, hits in zip(QUERIES, index.search(QUERIES, k=3), strict=True):
         scores = reference.get_scores(rag.tokenize(query, tokenizer))
         assert hits[0][0] == int(scores.argmax()), query
         # bm25s leaves out the constant factor (k1 + 1) of the term-frequency part: same ranking

@@ -22,7 +22,7 @@ def test_results_table_tests_against_base_and_against_no_rag():
     results = {("merged", "api+rag bm25"): merged_rag, ("merged", "api"): merged, ("base", "api"): base,
                ("base", "letter"): base}
     table = report.results_table(results)
-    assert list(zip(table["model"], table["evaluation"])) == [  # paths in series order, models in training order
+    assert list(zip(table["model"], table["evaluation"], strict=True)) == [  # paths in series order, models in training order
         ("base", "letter"), ("base", "api"), ("merged", "api"), ("merged", "api+rag bm25")]
     row = table.set_index(["model", "evaluation"])
     assert row.loc[("merged", "api"), "p_vs_base"] == evaluate.mcnemar(base, merged)["p_value"]
@@ -125,7 +125,7 @@ def test_baselines_join_the_results_table_and_the_accuracy_figure():
     questions = [_q(i, "B") for i in range(6)]
     lines = evaluate.baselines(train, questions)
     table = report.results_table({("base", "letter"): _rows([1, 0, 0, 0, 1, 0])}, lines)
-    assert list(zip(table["model"], table["evaluation"])) == [("base", "letter"), ("chance", "baseline"),
+    assert list(zip(table["model"], table["evaluation"], strict=True)) == [("base", "letter"), ("chance", "baseline"),
                                                               ("always C", "baseline")]
     fig = report.plot_accuracy(table[table["evaluation"] != "baseline"], "evaluation", baselines=lines)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
@@ -148,7 +148,7 @@ def test_rotations_become_debiased_rows_tested_against_the_base_models_debiased_
     knowing = rotations([0, 1.0, 0, 0, 0], [3.0, 0, 0, 0, 0])  # loves A, but knows the answer is B's content
     table = report.results_table({("base", "rotations"): biased, ("lora", "rotations"): knowing,
                                   ("base", "letter"): _rows([0] * 6)})
-    assert list(zip(table["model"], table["evaluation"])) == [("base", "letter"), ("base", "debiased"),
+    assert list(zip(table["model"], table["evaluation"], strict=True)) == [("base", "letter"), ("base", "debiased"),
                                                               ("lora", "debiased")]
     row = table.set_index(["model", "evaluation"])
     assert row.loc[("lora", "debiased"), "accuracy"] == 1.0 and row.loc[("lora", "debiased"), "consistency"] == 0.0
@@ -161,7 +161,7 @@ def test_passages_with_rotations_are_tested_against_the_same_models_debiased_ans
     rag = _rotations([0, 1.0, 0, 0, 0], [0, 0, 3.0, 0, 0])  # passages taught the answer (and moved the prior)
     table = report.results_table({("merged", "rotations"): no_rag, ("merged", "rotations+rag bm25"): rag,
                                   ("base", "rotations"): no_rag})
-    assert list(zip(table["model"], table["evaluation"])) == [
+    assert list(zip(table["model"], table["evaluation"], strict=True)) == [
         ("base", "debiased"), ("merged", "debiased"), ("merged", "debiased+rag bm25")]
     row = table.set_index(["model", "evaluation"]).loc[("merged", "debiased+rag bm25")]
     assert row["accuracy"] == 1.0 and row["p_vs_no_rag"] < 0.05 and math.isnan(row["p_vs_base"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
 from helpers import REPO
 
 pytestmark = pytest.mark.slow

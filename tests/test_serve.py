@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import server_processes
 
+from helpers import server_processes
 from medqa_zh import evaluate, serve
 
 pytestmark = pytest.mark.slow

@@ -71,7 +71,7 @@ def test_build_is_skipped_when_current_and_redone_when_stale(tmp_path):
 
 def test_synthetic_data_is_valid_medqa_and_plainly_synthetic(tiny_assets):
     qdir = tiny_assets["medqa"] / "questions" / "Mainland"
-    for split, size in tiny.SPLIT_SIZES.items():
+    for split in tiny.SPLIT_SIZES:
         questions, _ = data.read_questions(qdir / f"{split}.jsonl")
         assert all(q.question.startswith("【合成题】") for q in questions)
         assert all(len(q.options) == 5 for q in questions)

@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
+from helpers import REPO
 from medqa_zh import config, data, merge, models, prompts, tiny, train
 
 ENV = ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_PROFILE", "MEDQA_ROOT")

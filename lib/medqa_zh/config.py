@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from . import models
+from . import files, models
 
 DEFAULT_PROFILE = "smoke"
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -250,11 +250,7 @@ def write_manifest(cfg: Config, notebook: str | None = None) -> Path:
     }
     if notebook:
         manifest["notebooks"][notebook] = {"time": now, "settings_sha256": cfg.sha256}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return files.write_text(path, json.dumps(manifest, ensure_ascii=False, indent=2, default=str))
 
 
 def banner(cfg: Config) -> None:

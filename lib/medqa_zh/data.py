@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import prompts
+from . import files, prompts
 
 REQUIRED_FIELDS = ("question", "options", "answer", "answer_idx", "meta_info")
 MAX_ERRORS_SHOWN = 20
@@ -53,7 +53,7 @@ class Question:
         letters = sorted(self.options)
         if sorted(order) != letters:
             raise ValueError(f"{self.id}: {order} is not an ordering of the options {letters}")
-        options = {new: self.options[old] for new, old in zip(letters, order)}
+        options = {new: self.options[old] for new, old in zip(letters, order, strict=True)}
         return replace(self, options=options, answer_idx=letters[order.index(self.answer_idx)])
 
     @property
@@ -339,21 +339,13 @@ def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: st
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def _jsonl(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def write_questions(questions: list[Question], path: str | Path) -> Path:
     """The clean split in MedQA's own format (plus ``id``), for every later notebook."""
-    return _write_atomic(Path(path), _jsonl(q.record() for q in questions))
+    return files.write_text(path, _jsonl(q.record() for q in questions))
 
 
 def read_clean(path: str | Path) -> list[Question]:
@@ -375,7 +367,7 @@ def read_clean(path: str | Path) -> list[Question]:
 def write_sft_jsonl(questions: list[Question], path: str | Path) -> Path:
     """Chat-format SFT rows: ``{"id", "answer_idx", "meta_info", "messages": [system, user, assistant]}``."""
     rows = ({"id": q.id, "answer_idx": q.answer_idx, "meta_info": q.meta_info, "messages": q.messages()} for q in questions)
-    return _write_atomic(Path(path), _jsonl(rows))
+    return files.write_text(path, _jsonl(rows))
 
 
 def write_llamafactory(splits: dict[str, list[Question]], out_dir: str | Path, prefix: str = "medqa_zh") -> list[Path]:
@@ -397,13 +389,13 @@ def write_llamafactory(splits: dict[str, list[Question]], out_dir: str | Path, p
             }
             for q in questions
         ]
-        written.append(_write_atomic(out_dir / f"{name}.json", json.dumps(rows, ensure_ascii=False, indent=1)))
+        written.append(files.write_text(out_dir / f"{name}.json", json.dumps(rows, ensure_ascii=False, indent=1)))
         info[name] = {
             "file_name": f"{name}.json",
             "formatting": "alpaca",
             "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
         }
-    written.append(_write_atomic(out_dir / "dataset_info.json", json.dumps(info, ensure_ascii=False, indent=2)))
+    written.append(files.write_text(out_dir / "dataset_info.json", json.dumps(info, ensure_ascii=False, indent=2)))
     return written
 
 

@@ -40,7 +40,7 @@ def _split_prompt(tokenizer, question, context=None) -> tuple[list[int], list[li
     None when the tokenizer does not split cleanly at the options (then every rotation is scored whole)."""
     rotated = [rotate(question, r) for r in range(len(question.options))]
     texts = [prompts.answer_prompt(tokenizer, q.question, q.options, context) for q in rotated]
-    starts = [text.index(prompts.format_options(q.options)) for q, text in zip(rotated, texts)]
+    starts = [text.index(prompts.format_options(q.options)) for q, text in zip(rotated, texts, strict=True)]
     if len(set(starts)) != 1:
         return None
     prefix = texts[0][: starts[0]]

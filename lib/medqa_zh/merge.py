@@ -10,11 +10,10 @@ tolerance for the dtype.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models, prompts
+from . import files, models, prompts
 
 INFO_FILE = "merge_info.json"
 
@@ -45,18 +44,14 @@ def merge(base_name: str, adapter_dir: str | Path, out_dir: str | Path, dtype: s
     base = models.load_model(base_name, "float32", setting=setting)
     merged = models.load_adapter(base, adapter_dir, base_name).merge_and_unload()
     merged = merged.to(models.torch_dtype(dtype))
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: its files must not mix into this merge
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_name
-    models.load_tokenizer(str(tokenizer_source), setting="the adapter's tokenizer").save_pretrained(tmp)
-    models.write_fingerprint(base, base_name, tmp)
-    info = {"base_model": base_name, "adapter": str(adapter_dir), "dtype": dtype,
-            "parameters": sum(p.numel() for p in merged.parameters()), "torch": torch.__version__}
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)  # a crash leaves the old merged model or none, never half of one
+    with files.replacing(out_dir) as tmp:  # a crash leaves the old merged model or none, never half of one
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_name
+        models.load_tokenizer(str(tokenizer_source), setting="the adapter's tokenizer").save_pretrained(tmp)
+        models.write_fingerprint(base, base_name, tmp)
+        info = {"base_model": base_name, "adapter": str(adapter_dir), "dtype": dtype,
+                "parameters": sum(p.numel() for p in merged.parameters()), "torch": torch.__version__}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out_dir
 
 

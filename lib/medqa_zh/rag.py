@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from . import files
 
 SENTENCE_ENDS = "。！？；!?;\n"
 CLOSERS = "”’」』）)"
@@ -161,14 +164,11 @@ def build_corpus(textbooks_dir, max_chars: int, overlap: int, progress: bool = T
 def save_passages(corpus: Corpus, path) -> Path:
     """The passages as jsonl (one per line, with id and provenance), next to a stats json."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p in corpus.passages:
             f.write(json.dumps({"id": p.id, **asdict(p)}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    path.with_suffix(".stats.json").write_text(
-        json.dumps({**corpus.stats, "fingerprint": corpus.fingerprint}, ensure_ascii=False, indent=1), encoding="utf-8")
+    files.write_text(path.with_suffix(".stats.json"),
+                     json.dumps({**corpus.stats, "fingerprint": corpus.fingerprint}, ensure_ascii=False, indent=1))
     return path
 
 
@@ -233,14 +233,9 @@ class BM25:
 
     def save(self, folder) -> Path:
         folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        self.retriever.save(tmp)
-        (tmp / "medqa_zh.json").write_text(json.dumps({"tokenizer": self.tokenizer, "corpus": self.fingerprint}))
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        with files.replacing(folder) as tmp:
+            self.retriever.save(tmp)
+            (tmp / "medqa_zh.json").write_text(json.dumps({"tokenizer": self.tokenizer, "corpus": self.fingerprint}))
         return folder
 
     @classmethod
@@ -259,7 +254,7 @@ class BM25:
         """For each query, the ``k`` best passages as (passage index, score), best first."""
         tokens = [tokenize(q, self.tokenizer) or ["<empty>"] for q in queries]
         docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)  # n_threads=0: no thread pool
-        return [[(int(d), float(s)) for d, s in zip(row_d, row_s)] for row_d, row_s in zip(docs, scores)]
+        return [[(int(d), float(s)) for d, s in zip(row_d, row_s, strict=True)] for row_d, row_s in zip(docs, scores, strict=True)]
 
 
 def bm25_index(corpus: Corpus, cache_dir, tokenizer: str = "bigram", progress: bool = True) -> BM25:
@@ -338,7 +333,7 @@ def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
             raise ValueError(f"{name}: {len(ranked)} rankings for {len(questions)} questions")
         for k in ks:
             hits = [option_hits("\n".join(passages[i].text for i in r[:k]), q.options, q.answer_idx)
-                    for q, r in zip(questions, ranked)]
+                    for q, r in zip(questions, ranked, strict=True)]
             correct = sum(h["correct"] for h in hits) / len(hits)
             wrong = sum(h["wrong"] for h in hits) / len(hits)
             per_option = sum(h["wrong_per_option"] for h in hits) / len(hits)
@@ -389,7 +384,7 @@ class Dense:
         k = min(k, scores.shape[1])
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         out = []
-        for row, idx in zip(scores, top):
+        for row, idx in zip(scores, top, strict=True):
             idx = idx[np.argsort(-row[idx], kind="stable")]
             out.append([(int(i), float(row[i])) for i in idx])
         return out
@@ -438,19 +433,17 @@ def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, 
                 lengths = [len(ids) for ids in encoder.tokenizer(batch, add_special_tokens=True)["input_ids"]]
                 vectors = encoder.encode(batch, batch_size=batch_size, normalize_embeddings=True,
                                          convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-                np.save(part.with_suffix(".tmp.npy"), vectors)
-                part.with_suffix(".tmp.npy").replace(part)
+                with files.replacing(part) as tmp, open(tmp, "wb") as f:
+                    np.save(f, vectors)
                 truncated[str(start)] = sum(n > limit for n in lengths)
-                truncated_path.write_text(json.dumps(truncated))
+                files.write_text(truncated_path, json.dumps(truncated))
             bar.update(len(batch))
     embeddings = np.concatenate([np.load(parts / f"part-{s:08d}.npy") for s in range(0, len(texts), part_size)])
     meta = {"corpus": corpus.fingerprint, "embedder": str(embedder), "passages": len(texts),
             "dim": int(embeddings.shape[1]), "max_seq_length": limit, "truncated": int(sum(truncated.values()))}
-    np.save(emb_path.with_suffix(".tmp.npy"), embeddings)
-    emb_path.with_suffix(".tmp.npy").replace(emb_path)
-    meta_path.write_text(json.dumps(meta, indent=1))
-    import shutil
-
+    with files.replacing(emb_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, embeddings)
+    files.write_text(meta_path, json.dumps(meta, indent=1))
     shutil.rmtree(parts)
     return Dense(encoder, np.load(emb_path, mmap_mode="r"), meta)
 
@@ -516,7 +509,7 @@ class Retrieval:
             return [[i for i, _ in hits] for hits in self.dense.search(queries, k)]
         if method == "hybrid":
             depth = max(k, 50)
-            pairs = zip(self.rank(queries, "bm25", depth), self.rank(queries, "dense", depth))
+            pairs = zip(self.rank(queries, "bm25", depth), self.rank(queries, "dense", depth), strict=True)
             return [[i for i, _ in reciprocal_rank_fusion([b, d], self.rrf_k)[:k]] for b, d in pairs]
         raise ValueError(f"unknown retriever {method!r}: bm25, dense or hybrid")
 
@@ -537,4 +530,4 @@ class Retrieval:
         the token ``budget`` (:func:`fit_context`)."""
         ranked = self.rank([query_text(q.question, q.options) for q in questions], method, k)
         return {q.id: fit_context([self.corpus.passages[i] for i in r], count_tokens, budget)
-                for q, r in zip(questions, ranked)}
+                for q, r in zip(questions, ranked, strict=True)}

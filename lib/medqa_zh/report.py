@@ -8,6 +8,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib import font_manager
 
+from . import files
+
 # Fonts with Simplified Chinese glyphs, most common first (Linux, macOS, Windows)
 CJK_FONTS = (
     "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Micro Hei",
@@ -120,9 +122,9 @@ def plot_loss_curves(logs: dict[str, list[dict]]):
         train = [(r["step"], r["loss"]) for r in log if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
         if train:
-            ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name}: train")
+            ax.plot(*zip(*train, strict=True), color=color, lw=1.2, label=f"{name}: train")
         if evals:
-            ax.plot(*zip(*evals), color=color, ls="--", marker="o", ms=4, label=f"{name}: eval (held out)")
+            ax.plot(*zip(*evals, strict=True), color=color, ls="--", marker="o", ms=4, label=f"{name}: eval (held out)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over answer tokens)")
     ax.set_title("SFT loss")
@@ -475,12 +477,10 @@ def record_timing(out_dir, notebook: str, seconds: float, status: str) -> Path:
     import json
 
     path = Path(out_dir) / "reports" / "timings.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     timings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     timings[notebook] = {"seconds": round(float(seconds), 1), "status": status,
                          "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    path.write_text(json.dumps(timings, indent=1), encoding="utf-8")
-    return path
+    return files.write_text(path, json.dumps(timings, indent=1))
 
 
 def write_index(out_dir, notebooks: list[str]) -> Path:
@@ -513,8 +513,8 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
                      f"<code>{html.escape(commit)}</code> · last notebook started {html.escape(manifest.get('time', ''))}"
                      f" · <a href='../manifest.json'>manifest.json</a></p>")
     total = sum(t["seconds"] for name, t in timings.items() if name in notebooks)
-    parts.append(f"<h2>Notebooks</h2><table><tr><th>notebook</th><th>status</th><th>wall time (s)</th>"
-                 f"<th>report</th></tr>")
+    parts.append("<h2>Notebooks</h2><table><tr><th>notebook</th><th>status</th><th>wall time (s)</th>"
+                 "<th>report</th></tr>")
     for name in notebooks:
         t = timings.get(name)
         report = reports / f"{name}.html"

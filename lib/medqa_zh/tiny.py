@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import prompts
+from . import files, prompts
 
 ASSETS_VERSION = 2  # bump when the generator changes, so old assets are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -65,7 +65,7 @@ def make_world(seed: int = 0) -> list[Disease]:
     symptoms = rng.sample(_SYMPTOMS, len(_SYMPTOMS))
     drugs = [f"示例药{n:02d}号" for n in rng.sample(range(1, 100), len(symptoms))]
     world = []
-    for i, (symptom, drug) in enumerate(zip(symptoms, drugs)):
+    for i, (symptom, drug) in enumerate(zip(symptoms, drugs, strict=True)):
         name = f"虚拟{_STEMS[i % 10]}{'一二'[i // 10]}{'综合征' if i % 3 else '病'}"
         world.append(Disease(name, symptom, rng.choice(_ORGANS), drug, rng.choice(_TESTS)))
     return world
@@ -86,7 +86,7 @@ def _question(rng: random.Random, world: list[Disease]) -> dict:
         stem, right, pool = f"确诊{d.name}最常用的检查是（　　）。", d.test, _TESTS
     texts = [right] + rng.sample(sorted(set(pool) - {right}), 4)
     rng.shuffle(texts)
-    options = dict(zip("ABCDE", texts))
+    options = dict(zip("ABCDE", texts, strict=True))
     letter = "ABCDE"[texts.index(right)]
     return {"question": f"【合成题】{stem}", "options": options, "answer": right,
             "meta_info": _SECTIONS[kind], "answer_idx": letter}
@@ -299,10 +299,7 @@ def build_assets(assets_dir: str | Path, seed: int = 0, force: bool = False) -> 
         stamp = path / "BUILD_INFO.json"
         if not force and stamp.is_file() and json.loads(stamp.read_text()) == info:
             continue
-        tmp = path.with_name(path.name + ".building")
-        shutil.rmtree(tmp, ignore_errors=True)
-        writers[kind](tmp, seed)
-        (tmp / "BUILD_INFO.json").write_text(json.dumps(info))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        with files.replacing(path) as tmp:
+            writers[kind](tmp, seed)
+            (tmp / "BUILD_INFO.json").write_text(json.dumps(info))
     return paths

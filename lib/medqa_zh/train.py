@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import data, models, prompts
+from . import data, files, models, prompts
 
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
@@ -613,18 +613,22 @@ def save(run: Run, metrics: dict | None = None) -> Path:
     import torch
 
     out = run.out_dir
+    # into a folder of its own first, then file by file into the run's folder (which also holds the
+    # log and checkpoints), the weights and run.json last: whoever finds the weights finds a whole model
+    tmp = out.with_name(out.name + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving
     if run.mode == "lora":
-        run.trainer.model.save_pretrained(out)
+        run.trainer.model.save_pretrained(tmp)
     else:
         model = run.trainer.model
         if run.precision == "bf16":
             model = model.to(torch.bfloat16)
-        model.save_pretrained(out)
-    run.tokenizer.save_pretrained(out)
-    models.write_fingerprint(run.model, run.base_model, out)
+        model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    models.write_fingerprint(run.model, run.base_model, tmp)
     if metrics is not None:
-        (out / RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-    return out
+        (tmp / RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+    return files.move_into(tmp, out, last=(*CHECKPOINT_WEIGHTS, RUN_FILE))
 
 
 def read_run(out_dir: str | Path) -> dict:
