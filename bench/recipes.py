@@ -70,7 +70,7 @@ def write_splits(cfg) -> None:
 
 def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> dict:
     """Train one variant (unless ``base``) and score its rotations; writes and returns the summary."""
-    from medqa_zh import config, debias, evaluate, models, train
+    from medqa_zh import config, data, debias, models, results, train
 
     cfg = config.setup(profile, overrides(variant) if VARIANTS[variant] is not None else None)
     write_splits(cfg)
@@ -80,17 +80,17 @@ def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> di
         run = train.prepare(cfg, "lora", out_dir=folder)
         measured = train.train(run, resume=True)
         del run
-    dtype, device = evaluate.eval_dtype(cfg), evaluate.eval_device(cfg)
+    dtype, device = models.eval_dtype(cfg), models.eval_device(cfg)
     model = models.load_model(cfg.base_model, dtype, setting="MEDQA_BASE_MODEL", device=device)
     if VARIANTS[variant] is not None:
         # merged in memory for scoring: the same function as base + adapter (04 checks it), and an
         # unmerged adapter on every linear layer doubles the scoring time on a CPU
         model = models.load_adapter(model, out / _slug(variant), cfg.base_model).merge_and_unload()
     tokenizer = models.load_tokenizer(cfg.base_model, setting="MEDQA_BASE_MODEL")
-    qs = train.read_split(cfg, "eval")[:questions]
+    qs = data.load_split(cfg, "eval")[:questions]
     t0 = time.perf_counter()
     score = lambda batch: debias.rotation_scores(model, tokenizer, batch, progress=False)  # noqa: E731
-    rows = evaluate.run_cached(out / f"{_slug(variant)}-rotations.jsonl", qs, score,  # a rerun resumes
+    rows = results.run_cached(out / f"{_slug(variant)}-rotations.jsonl", qs, score,  # a rerun resumes
                                batch_size=int(cfg["eval.batch_size"]), desc=f"{variant}: rotations")
     scoring = time.perf_counter() - t0
     result = {
@@ -123,13 +123,13 @@ def _step_seconds(out: Path, variant: str, meta: dict) -> float | None:
 def table(out: Path, variants: list[str]):
     import pandas as pd
 
-    from medqa_zh import debias, evaluate
+    from medqa_zh import debias, evaluate, results
 
     rotations = {}
     for v in variants:
         path = out / f"{_slug(v)}-rotations.jsonl"
         if path.is_file():
-            rotations[v] = evaluate.read_results(path)
+            rotations[v] = results.read(path)
     rows = []
     for v, got in rotations.items():
         meta = json.loads((out / f"{_slug(v)}.json").read_text(encoding="utf-8"))

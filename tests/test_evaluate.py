@@ -1,5 +1,4 @@
 """Metrics: intervals, invalid answers counted as wrong, paired tests, position bias, sections."""
-import json
 import math
 
 import pytest
@@ -151,58 +150,3 @@ def test_generation_is_greedy_despite_sampling_defaults_and_batch_independent(ti
         from medqa_zh.answers import extract_letter
 
         assert r["pred"] == extract_letter(r["text"])
-
-
-class Boom(Exception):
-    pass
-
-
-def test_run_cached_resumes_after_a_crash_and_never_repeats(tmp_path, tiny_model):
-    import json
-
-    _, _, questions = tiny_model
-    path = tmp_path / "results.jsonl"
-    calls = []
-
-    def score(batch, fail_on=None):
-        calls.append([q.id for q in batch])
-        if fail_on is not None and len(calls) == fail_on:
-            raise Boom
-        return [{"id": q.id, "gold": q.answer_idx, "pred": "A"} for q in batch]
-
-    with pytest.raises(Boom):
-        evaluate.run_cached(path, questions, lambda b: score(b, fail_on=3), batch_size=3, progress=False)
-    assert len(evaluate.read_results(path)) == 6  # two batches were written before the crash
-    with open(path, "a", encoding="utf-8") as f:
-        f.write('{"id": "torn')  # and a crash in the middle of writing a line
-    calls.clear()
-    rows = evaluate.run_cached(path, questions, score, batch_size=3, progress=False)
-    assert [r["id"] for r in rows] == [q.id for q in questions]
-    assert sum(len(c) for c in calls) == len(questions) - 6  # only the unfinished ones
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(questions) and len({json.loads(line)["id"] for line in lines}) == len(questions)
-    calls.clear()
-    assert evaluate.run_cached(path, questions, score, progress=False) == rows and not calls
-
-
-def test_a_results_file_torn_inside_a_chinese_character_is_named_and_that_question_redone(tmp_path, capsys):
-    path = tmp_path / "results.jsonl"
-    rows = [{"id": f"q:{i}", "gold": "A", "pred": "A", "answer": "答案：A"} for i in range(3)]
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    cut = text.rindex("答".encode("utf-8")) + 1  # one byte into a three-byte character of the last line
-    path.write_bytes(text[:cut])
-    assert evaluate.read_results(path) == rows[:2]
-    assert f"{path}:3: incomplete last line" in capsys.readouterr().out
-    questions = [type("Q", (), {"id": r["id"], "answer_idx": "A"})() for r in rows]
-    redone = []
-    out = evaluate.run_cached(path, questions, lambda batch: redone.extend(batch) or [rows[2]], progress=False)
-    assert out == rows and [q.id for q in redone] == ["q:2"]
-    assert evaluate.read_results(path) == rows  # the torn line is gone from the file
-
-
-def test_run_cached_refuses_results_of_other_questions(tmp_path, tiny_model):
-    _, _, questions = tiny_model
-    path = tmp_path / "results.jsonl"
-    path.write_text('{"id": "other:1", "gold": "A", "pred": "A"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="not in this evaluation"):
-        evaluate.run_cached(path, questions, lambda b: [], progress=False)

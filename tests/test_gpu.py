@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from helpers import REPO
-from medqa_zh import config, evaluate, models, rag, report, serve
+from medqa_zh import config, models, rag, report, serve
 
 T4, A100 = ("Tesla T4", (7, 5)), ("NVIDIA A100-SXM4-80GB", (8, 0))
 
@@ -115,13 +115,13 @@ def loads(monkeypatch):
 def test_in_process_evaluation_runs_on_the_gpu(project, fake_gpu, loads, card, dtype):
     fake_gpu(card)
     cfg = config.load("gpu")
-    assert evaluate.load_for_eval(cfg, "base") == ("model", "tokenizer")
+    assert models.load_for_eval(cfg, "base") == ("model", "tokenizer")
     assert loads == [{"name": cfg.base_model, "dtype": dtype, "device": "cuda"}]
 
 
 def test_in_process_evaluation_follows_model_device(project, fake_gpu, loads):
     fake_gpu(A100)
-    evaluate.load_for_eval(config.load("gpu", {"model.device": "cpu"}), "base")
+    models.load_for_eval(config.load("gpu", {"model.device": "cpu"}), "base")
     assert loads[0]["device"] == "cpu" and loads[0]["dtype"] == "bfloat16"
 
 

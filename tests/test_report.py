@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import matplotlib
 import pytest
 
-from medqa_zh import config, evaluate, report
+from medqa_zh import evaluate, report
 
 matplotlib.use("Agg")
 
@@ -37,37 +37,6 @@ def test_markdown_table():
     table = report.results_table({("base", "api"): _rows([1, 0])})
     md = report.markdown_table(table[["model", "n", "accuracy", "p_vs_base"]])
     assert md.splitlines() == ["| model | n | accuracy | p_vs_base |", "|---|---|---|---|", "| base | 2 | 0.500 |  |"]
-
-
-def test_collect_reads_what_the_evaluations_recorded_and_says_what_it_left_out(project):
-    cfg = config.load("smoke")
-    questions = [SimpleNamespace(id=f"q{i}") for i in range(4)]
-    fp = evaluate.model_fingerprint(cfg, "base")
-    answer = lambda batch: [{"id": q.id, "gold": "B", "pred": "B"} for q in batch]  # noqa: E731
-    for method in ("letter", "generate"):
-        evaluate.run_cached(evaluate.results_path(cfg, "base", method, fp), questions, answer, label=("base", method))
-    # a model that is gone, a file of a model trained since, and answers to other questions
-    evaluate.run_cached(evaluate.results_path(cfg, "merged", "letter", "0123abcd"), questions, answer,
-                        label=("merged", "letter"))
-    evaluate.run_cached(evaluate.results_path(cfg, "base", "api-x", "0123abcd", "api"), questions, answer,
-                        label=("base", "api"))
-    evaluate.run_cached(evaluate.results_path(cfg, "base", "api-x-rag", fp, "rag"), questions[:3], answer,
-                        label=("base", "api+rag bm25"))
-    index = json.loads((cfg.out / "eval" / "index.json").read_text())
-    assert index["base|letter"]["file"] == f"direct/base-letter-{fp}.jsonl"
-
-    results, skipped = report.collect(cfg, questions)
-    assert list(results) == [("base", "letter"), ("base", "generate")]
-    assert [r["id"] for r in results["base", "letter"]] == ["q0", "q1", "q2", "q3"]
-    reasons = {(s["model"], s["evaluation"]): s["reason"] for s in skipped}
-    assert "merged model is gone" in reasons["merged", "letter"]
-    assert "trained again" in reasons["base", "api"]
-    assert "answers 3 questions, not the 4" in reasons["base", "api+rag bm25"]
-    # a rerun replaces the entry: now the API answers are current
-    evaluate.run_cached(evaluate.results_path(cfg, "base", "api-x", fp, "api"), questions, answer,
-                        label=("base", "api"))
-    results, _ = report.collect(cfg, questions)
-    assert ("base", "api") in results
 
 
 def test_index_links_every_report_and_shows_results_and_figures(tmp_path):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from helpers import server_processes
-from medqa_zh import evaluate, serve
+from medqa_zh import evaluate, results, serve
 
 pytestmark = pytest.mark.slow
 
@@ -269,11 +269,11 @@ def test_failed_requests_count_as_wrong_and_are_retried_next_run(server, tiny, t
     questions = questions[:6]
     path = tmp_path / "api.jsonl"
     wrong_model = evaluate.api_scorer(server.base_url, "not-the-served-model", retries=1, backoff=0.1)
-    rows = evaluate.run_cached(path, questions, wrong_model, batch_size=3, progress=False)
+    rows = results.run_cached(path, questions, wrong_model, batch_size=3, progress=False)
     assert all(r["pred"] is None and "HTTP 404" in r["error"] and r["attempts"] == 1 for r in rows)  # no retry of a 404
     summary = evaluate.accuracy(rows)
     assert summary["n"] == 6 and summary["failed"] == 6 and summary["correct"] == 0  # kept, counted wrong
-    rows = evaluate.run_cached(path, questions, scorer(server), batch_size=3, progress=False)
+    rows = results.run_cached(path, questions, scorer(server), batch_size=3, progress=False)
     assert not any(r.get("error") for r in rows) and evaluate.accuracy(rows)["failed"] == 0
     assert len(path.read_text(encoding="utf-8").splitlines()) == 6
 
@@ -294,7 +294,7 @@ def test_api_eval_survives_a_server_killed_midway(tiny, tmp_path):
 
     try:
         with pytest.raises(evaluate.ServerDownError, match="start the server again and rerun"):
-            evaluate.run_cached(path, questions, crash_after_two_batches, batch_size=4, progress=False)
+            results.run_cached(path, questions, crash_after_two_batches, batch_size=4, progress=False)
     finally:
         first.stop()
     kept = path.read_text(encoding="utf-8").splitlines()
@@ -307,7 +307,7 @@ def test_api_eval_survives_a_server_killed_midway(tiny, tmp_path):
             asked.extend(q.id for q in batch)
             return scorer(second)(batch)
 
-        rows = evaluate.run_cached(path, questions, count, batch_size=4, progress=False)
+        rows = results.run_cached(path, questions, count, batch_size=4, progress=False)
     assert sorted(asked) == sorted(q.id for q in questions[8:])  # only the unfinished ones
     assert path.read_text(encoding="utf-8").splitlines()[:8] == kept  # finished answers kept as they were
     assert [r["id"] for r in rows] == [q.id for q in questions] and not any(r.get("error") for r in rows)

@@ -31,7 +31,7 @@ def smoke_root(tmp_path_factory):
         cfg = config.setup("smoke")
         splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
         for role, questions in splits.questions.items():
-            data.write_questions(questions, cfg.out / "data" / "questions" / f"{role}.jsonl")
+            data.write_questions(questions, data.split_path(cfg, role))
     return root
 
 
@@ -155,7 +155,7 @@ def test_one_process_trains_on_one_gpu_however_many_are_visible(smoke, monkeypat
 
 def test_training_loss_falls_and_outputs_are_written(lora_run):
     _, run, metrics = lora_run
-    log = train.read_log(run.out_dir / train.LOG_FILE)
+    log = train.read_log(run.out_dir)
     losses = [r["loss"] for r in log if "loss" in r]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert len(losses) >= 3 and losses[-1] < losses[0]
@@ -241,13 +241,13 @@ def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
         train.train(crashed, resume=False)
     assert (crashed.checkpoints / "checkpoint-4").is_dir()
     # step 5 was logged after checkpoint-4 (the crash at the end of step 6 came before its log)
-    assert max(r["step"] for r in train.read_log(crashed.out_dir / train.LOG_FILE)) == 5
+    assert max(r["step"] for r in train.read_log(crashed.out_dir)) == 5
 
     resumed = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")  # a fresh kernel
     metrics = train.train(resumed)
     assert metrics["resumed_from"].endswith("checkpoint-4")
     assert metrics["optimizer_steps"] == 10 and metrics["steps_this_session"] == 6
-    steps = [r["step"] for r in train.read_log(resumed.out_dir / train.LOG_FILE) if "loss" in r]
+    steps = [r["step"] for r in train.read_log(resumed.out_dir) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 10  # steps 5-6 were redone, not logged twice
 
     a = load_file(straight.out_dir / "adapter_model.safetensors")
@@ -414,7 +414,7 @@ def test_merged_model_equals_base_plus_adapter(lora_run, dtype):
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"):
         assert (merged_dir / name).is_file(), name
     assert not (merged_dir / "adapter_config.json").exists()
-    questions = train.read_split(cfg, "eval")[:6]
+    questions = data.load_split(cfg, "eval")[:6]
     comparison = merge.compare(cfg.base_model, run.out_dir, merged_dir, questions)
     assert comparison.dtype == dtype
     summary = merge.check(comparison)
@@ -432,7 +432,7 @@ def test_merge_check_fails_loudly_on_a_wrong_merge(lora_run):
     base.save_pretrained(not_merged)
     models.load_tokenizer(cfg.base_model).save_pretrained(not_merged)
     (not_merged / merge.INFO_FILE).write_text(json.dumps({"dtype": "float32"}))
-    comparison = merge.compare(cfg.base_model, run.out_dir, not_merged, train.read_split(cfg, "eval")[:4])
+    comparison = merge.compare(cfg.base_model, run.out_dir, not_merged, data.load_split(cfg, "eval")[:4])
     with pytest.raises(merge.MergeMismatchError, match="differs from base \\+ adapter.*Do not serve"):
         merge.check(comparison)
 
@@ -448,7 +448,7 @@ def test_cost_table_reads_run_json(lora_run):
 
 
 def _split(smoke, role="train"):
-    return train.read_split(smoke(), role)
+    return data.load_split(smoke(), role)
 
 
 def test_a_shuffled_example_keeps_the_right_answer_text_under_its_new_letter(smoke):

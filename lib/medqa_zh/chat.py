@@ -154,8 +154,8 @@ class Chat:
         parsed = prompts.parse_question(message)
         query = message if parsed is None else rag.query_text(*parsed)
         ranked = self.retrieval.rank([query], retriever, self.top_k)[0]
-        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        return rag.fit_context([self.retrieval.corpus.passages[i] for i in ranked], count, self.context_tokens)
+        return rag.fit_context([self.retrieval.corpus.passages[i] for i in ranked], rag.token_counter(tokenizer),
+                               self.context_tokens)
 
     def respond(self, message: str, model: str, retriever: str | None = None,
                 on_piece: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Reply:
@@ -351,14 +351,14 @@ class ChatPanel:
 def from_profile(cfg, endpoint: str | None = None, api_key: str | None = None, retrieval=None) -> Chat:
     """The chat over one run's models. With ``endpoint`` (an OpenAI-compatible server's
     ``/v1`` URL) every model it serves; without, every model the run has (base, lora, full, merged:
-    :func:`evaluate.available_models`), loaded in this kernel when first chosen. ``retrieval``: a
+    :func:`models.available`), loaded in this kernel when first chosen. ``retrieval``: a
     :class:`rag.Retrieval` for the passages (None: no RAG switch)."""
-    from . import evaluate, models
+    from . import models
 
-    found = evaluate.available_models(cfg)
+    found = models.available(cfg)
     max_tokens = cfg["chat.max_new_tokens"]
     if endpoint is None:
-        backends = {name: LocalBackend(lambda name=name: evaluate.load_for_eval(cfg, name), max_tokens)
+        backends = {name: LocalBackend(lambda name=name: models.load_for_eval(cfg, name), max_tokens)
                     for name in found}
     else:
         import httpx

@@ -348,6 +348,27 @@ def write_questions(questions: list[Question], path: str | Path) -> Path:
     return files.write_text(path, _jsonl(q.record() for q in questions))
 
 
+def split_path(cfg, role: str, kind: str = "questions") -> Path:
+    """Where notebook 01 writes a split: ``outputs/<profile>/data/<kind>/<role>.jsonl``; ``kind`` is
+    ``questions`` (the clean questions, with ids: what every later notebook reads) or ``sft`` (chat-format
+    training examples, for other trainers)."""
+    return cfg.out / "data" / kind / f"{role}.jsonl"
+
+
+def load_split(cfg, role: str) -> list[Question]:
+    """The clean ``train`` or ``eval`` split notebook 01 wrote (:func:`split_path`), validated again."""
+    path = split_path(cfg, role)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run notebook 01_data with profile {cfg.name!r} first")
+    questions = read_clean(path)
+    if not questions:
+        raise ValueError(
+            f"{path} has no questions: the {role} split (data.splits.{role} = {cfg['data.splits'].get(role)!r}) "
+            "is empty. Fix the split spec in the profile or the overrides, and rerun 01_data."
+        )
+    return questions
+
+
 def read_clean(path: str | Path) -> list[Question]:
     """Read back a split written by :func:`write_questions` (ids kept, validated again)."""
     path = Path(path)

@@ -9,16 +9,14 @@
 A result is one row per question: ``id``, ``gold`` (the correct letter), ``pred`` (the letter
 the model chose, or None when its answer named no valid letter) and optionally ``meta_info``.
 An invalid answer counts as wrong and is reported; it is never dropped from the denominator, and
-neither is an API request that failed (its row keeps the ``error``). :func:`run_cached` appends
-rows to a jsonl as they come, so a crash loses at most one batch.
+neither is an API request that failed (its row keeps the ``error``). Where the rows are kept, and
+how a run resumes, is :mod:`results`; which models a run has, :mod:`models`.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
-from pathlib import Path
 
 import pandas as pd
 from scipy import stats
@@ -357,221 +355,10 @@ def agreement(a, b) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- cached, resumable runs
-
-
-def read_results(path) -> list[dict]:
-    """Rows of a results jsonl; a torn last line (a crash mid-write) is dropped and reported."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    # bytes, not text: a crash can cut the last line inside a multi-byte (Chinese) character
-    rows, lines = [], path.read_bytes().splitlines()
-    for i, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            if i == len(lines):
-                print(f"{path}:{i}: incomplete last line (a crash while writing); that question is redone")
-                continue
-            raise ValueError(f"{path}:{i}: not valid JSON; delete the file to evaluate again from scratch") from None
-    return rows
-
-
-INDEX = "index.json"
-
-
-def record(path, model: str, evaluation: str) -> Path:
-    """Note in ``eval/index.json`` (beside the ``direct``/``api``/``rag`` folders) that the results
-    file ``path`` holds ``model``'s answers for ``evaluation`` ("letter", "generate", "api",
-    "api+rag bm25", ...). The report (10) reads what the index names; a later run of the same
-    model and evaluation replaces the entry."""
-    path = Path(path)
-    index = path.parent.parent / INDEX
-    entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
-    entries[f"{model}|{evaluation}"] = {"model": model, "evaluation": evaluation,
-                                        "file": path.relative_to(index.parent).as_posix()}
-    tmp = index.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, ensure_ascii=False, indent=1), encoding="utf-8")
-    tmp.replace(index)
-    return index
-
-
-def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool = True, desc: str = "evaluating",
-               label: tuple[str, str] | None = None):
-    """Evaluate ``questions`` with ``score_batch(list of questions) -> list of result rows``,
-    appending each batch's rows to the jsonl ``path`` as soon as they exist. A rerun reads the file
-    and only evaluates the questions not in it, so a crash loses at most one batch. A row with an
-    ``error`` (an API request that failed) counts as wrong in this run and is tried again in the
-    next. ``label`` (model, evaluation): :func:`record` the file for the report once every question
-    has a row. Returns all rows, in the order of ``questions``."""
-    from tqdm.auto import tqdm
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_results(path)
-    done = {row["id"]: row for row in rows if not row.get("error")}
-    if len(done) < len(rows):
-        print(f"{path.name}: {len(rows) - len(done)} failed requests of an earlier run are tried again")
-    wanted = {q.id for q in questions}
-    stale = sorted(set(done) - wanted)
-    if stale:
-        raise ValueError(f"{path} holds results for {len(stale)} questions not in this evaluation (e.g. {stale[0]!r}); "
-                         "it belongs to another split or run: delete it or use another path")
-    todo = [q for q in questions if q.id not in done]
-    if done:
-        print(f"{path.name}: {len(done)} questions already evaluated, {len(todo)} to go")
-    if len(done) < len(rows) or (path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")):
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
-    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="q", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            rows = score_batch(todo[start: start + batch_size])
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[row["id"]] = row
-            f.flush()
-            bar.update(len(rows))
-    if label is not None:
-        record(path, *label)
-    return [done[q.id] for q in questions]
-
-
-# --------------------------------------------------------------------------- the models of a run
-
-
-MODEL_NAMES = ("base", "lora", "full", "merged")
-
-
-def available_models(cfg) -> dict[str, str]:
-    """The models this profile's run has so far: the base (always) and whichever of the LoRA
-    adapter (02), the full SFT model (03) and the merged model (04) exist. name -> location."""
-    found = {"base": cfg.base_model}
-    for name, weights in (("lora", "adapter_model.safetensors"), ("full", "model.safetensors"),
-                          ("merged", "model.safetensors")):
-        folder = cfg.out / "models" / name
-        if (folder / weights).is_file():
-            found[name] = str(folder)
-    return found
-
-
-def eval_device(cfg) -> str:
-    """Where in-process evaluation runs: the profile's ``model.device`` (``auto``: the GPU when there is one)."""
-    from . import models
-
-    return models.best_device(cfg.get("model.device", "auto"))
-
-
-def eval_dtype(cfg) -> str:
-    """The profile's ``model.dtype`` as this machine runs it (bfloat16 becomes float16 on a T4 or V100)."""
-    from . import models
-
-    return models.inference_dtype(cfg["model.dtype"], eval_device(cfg))
-
-
-def load_for_eval(cfg, name: str):
-    """(model, tokenizer) for one of :func:`available_models`, on :func:`eval_device` in
-    :func:`eval_dtype`; the LoRA adapter runs unmerged on top of the base, as peft serves it."""
-    from . import models
-
-    where = available_models(cfg)
-    if name not in where:
-        raise FileNotFoundError(f"no {name!r} model in {cfg.out / 'models'}: run the notebook that trains it first "
-                                f"(available: {', '.join(where)})")
-    dtype, device = eval_dtype(cfg), eval_device(cfg)
-    origin = models.setting_origin(cfg)
-    if name == "base":
-        return (models.load_model(cfg.base_model, dtype, setting=origin, device=device),
-                models.load_tokenizer(cfg.base_model, setting=origin))
-    if name == "lora":
-        base = models.load_model(cfg.base_model, dtype, setting=origin, device=device)
-        return models.load_adapter(base, where["lora"], cfg.base_model), models.load_tokenizer(where["lora"], name)
-    return (models.load_model(where[name], dtype, setting=name, device=device),
-            models.load_tokenizer(where[name], setting=name))
-
-
-def model_fingerprint(cfg, name: str) -> str:
-    """A hash of what a model's answers depend on: its weight files (or the base's name), the
-    dtype; results cached under it are never reused for a retrained model."""
-    import hashlib
-
-    h = hashlib.sha256(f"{name}|{eval_dtype(cfg)}|{cfg.base_model}".encode())
-    where = available_models(cfg)[name]
-    folder = Path(where)
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.safetensors")):
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()[:12]
-
-
-def results_path(cfg, name: str, method: str, fingerprint: str, kind: str = "direct"):
-    """``outputs/<profile>/eval/<kind>/<model>-<method>[-t<max_new_tokens>]-<fingerprint>.jsonl``;
-    ``kind`` is ``direct`` (06) or ``api`` (07)."""
-    settings = f"-t{cfg['eval.max_new_tokens']}" if method == "generate" or method.startswith("api") else ""
-    return cfg.out / "eval" / kind / f"{name}-{method}{settings}-{fingerprint}.jsonl"
-
-
 def summary_table(results: dict) -> "pd.DataFrame":
     """One row per (model, method): n, accuracy, 95% interval, invalid answers, failed requests."""
     rows = [{"model": model, "method": method, **accuracy(rows)} for (model, method), rows in results.items()]
     return pd.DataFrame(rows)
-
-
-def generate_cached(cfg, name: str, questions, progress: bool = True) -> list[dict]:
-    """Greedy generate-and-parse results of one model (notebook 06's), read from their cache; the
-    model is loaded only when some questions are still missing."""
-    loaded = []
-
-    def score(batch):
-        if not loaded:
-            loaded.append(load_for_eval(cfg, name))
-        model, tokenizer = loaded[0]
-        return generate_answers(model, tokenizer, batch, cfg["eval.max_new_tokens"], cfg["eval.batch_size"],
-                                progress=False)
-
-    path = results_path(cfg, name, "generate", model_fingerprint(cfg, name))
-    return run_cached(path, questions, score, batch_size=cfg["eval.batch_size"], progress=progress,
-                      desc=f"{name}: generate", label=(name, "generate"))
-
-
-def api_cached(cfg, name: str, questions, progress: bool = True, conditions: dict | None = None,
-               labels: dict | None = None) -> dict:
-    """One model's answers through the HTTP API (notebooks 07, 08), per condition: ``conditions``
-    maps a tag to the retrieved passages per question id (None: no passages, the plain API
-    evaluation of 07, tag ``""``). The model is served once with the profile's ``serve`` settings
-    for every condition not yet complete in its cache, and stopped; when all are cached no server
-    starts. ``labels``: tag -> the evaluation's name in the report (default "api" for ``""``,
-    "api+<tag>" otherwise). Returns tag -> rows (just the rows when ``conditions`` is None)."""
-    from . import serve
-
-    single = conditions is None
-    conditions = {"": None} if single else conditions
-    backend = serve.pick_backend(cfg["serve.backend"])  # vLLM and transformers round differently: cached apart
-    fp = model_fingerprint(cfg, name)
-    paths = {tag: results_path(cfg, name, f"api-{backend}" + (f"-{tag}" if tag else ""), fp,
-                               kind="api" if contexts is None else "rag")
-             for tag, contexts in conditions.items()}
-
-    def complete(path):
-        done = {row["id"] for row in read_results(path) if not row.get("error")}
-        return all(q.id in done for q in questions)
-
-    labels = {tag: (labels or {}).get(tag) or ("api" if not tag else f"api+{tag}") for tag in conditions}
-    out = {tag: run_cached(path, questions, score_batch=lambda batch: [], progress=False, label=(name, labels[tag]))
-           for tag, path in paths.items() if complete(path)}
-    todo = [tag for tag in conditions if tag not in out]
-    if todo:
-        concurrency = cfg["eval.concurrency"]
-        with serve.from_profile(cfg, available_models(cfg)[name], served_name=name) as server:
-            for tag in todo:
-                score = api_scorer(server.base_url, server.model, server.api_key,
-                                   max_new_tokens=cfg["eval.max_new_tokens"], concurrency=concurrency,
-                                   timeout=cfg["eval.request_timeout"], retries=cfg["eval.retries"],
-                                   contexts=conditions[tag])
-                out[tag] = run_cached(paths[tag], questions, score, batch_size=4 * concurrency, progress=progress,
-                                      desc=f"{name}: API" + (f" + {tag}" if tag else ""), label=(name, labels[tag]))
-    return out[""] if single else {tag: out[tag] for tag in conditions}
 
 
 def latency_table(results: dict) -> "pd.DataFrame":

@@ -341,3 +341,67 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- the models of a run
+
+NAMES = ("base", "lora", "full", "merged")  # the models a run can have, in the order the series makes them
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors", "merged": "model.safetensors"}
+
+
+def folder(cfg, name: str) -> Path:
+    """Where the run keeps a trained model: ``outputs/<profile>/models/<name>/`` (lora: 02, full: 03,
+    merged: 04; the training log, checkpoints and ``run.json`` beside the weights)."""
+    return cfg.out / "models" / name
+
+
+def available(cfg) -> dict[str, str]:
+    """The models this profile's run has so far: the base (always) and whichever of the LoRA
+    adapter (02), the full SFT model (03) and the merged model (04) exist. name -> location."""
+    found = {"base": cfg.base_model}
+    for name, weights in WEIGHTS.items():
+        if (folder(cfg, name) / weights).is_file():
+            found[name] = str(folder(cfg, name))
+    return found
+
+
+def eval_device(cfg) -> str:
+    """Where in-process evaluation runs: the profile's ``model.device`` (``auto``: the GPU when there is one)."""
+    return best_device(cfg.get("model.device", "auto"))
+
+
+def eval_dtype(cfg) -> str:
+    """The profile's ``model.dtype`` as this machine runs it (bfloat16 becomes float16 on a T4 or V100)."""
+    return inference_dtype(cfg["model.dtype"], eval_device(cfg))
+
+
+def load_for_eval(cfg, name: str):
+    """(model, tokenizer) for one of :func:`available`, on :func:`eval_device` in
+    :func:`eval_dtype`; the LoRA adapter runs unmerged on top of the base, as peft serves it."""
+    where = available(cfg)
+    if name not in where:
+        raise FileNotFoundError(f"no {name!r} model in {cfg.out / 'models'}: run the notebook that trains it first "
+                                f"(available: {', '.join(where)})")
+    dtype, device = eval_dtype(cfg), eval_device(cfg)
+    origin = setting_origin(cfg)
+    if name == "base":
+        return (load_model(cfg.base_model, dtype, setting=origin, device=device),
+                load_tokenizer(cfg.base_model, setting=origin))
+    if name == "lora":
+        base = load_model(cfg.base_model, dtype, setting=origin, device=device)
+        return load_adapter(base, where["lora"], cfg.base_model), load_tokenizer(where["lora"], name)
+    return (load_model(where[name], dtype, setting=name, device=device),
+            load_tokenizer(where[name], setting=name))
+
+
+def answers_fingerprint(cfg, name: str) -> str:
+    """A hash of what a model's answers depend on: its weight files (or the base's name), the
+    dtype; results cached under it are never reused for a retrained model."""
+    h = hashlib.sha256(f"{name}|{eval_dtype(cfg)}|{cfg.base_model}".encode())
+    folder = Path(available(cfg)[name])
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]

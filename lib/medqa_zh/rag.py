@@ -451,6 +451,14 @@ def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, 
 # --------------------------------------------------------------------------- context for the prompt
 
 
+def token_counter(tokenizer):
+    """``count(text) -> tokens`` with ``tokenizer`` (no special tokens): how a passage's length is
+    measured against ``rag.context_tokens``, in the tokens of the model that reads it."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return count
+
+
 def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passage]:
     """The best passages, in rank order, while their formatted block (``prompts.format_context``)
     stays within ``budget`` tokens as ``count_tokens(text) -> int`` counts them (the served model's
@@ -466,6 +474,9 @@ def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passag
 
 
 # --------------------------------------------------------------------------- everything a profile asks for
+
+
+RETRIEVERS = ("bm25", "dense", "hybrid")  # hybrid: reciprocal rank fusion of the other two
 
 
 def profile_retrievers(cfg, key: str) -> list[str]:
@@ -494,9 +505,9 @@ class Retrieval:
         if not passages_file.is_file():  # for readers and other tools; the indexes do not need it
             save_passages(corpus, passages_file)
         wanted = set(cfg["rag.retrievers"])
-        unknown = wanted - {"bm25", "dense", "hybrid"}
+        unknown = wanted - set(RETRIEVERS)
         if unknown:
-            raise ValueError(f"rag.retrievers: unknown {', '.join(sorted(unknown))} (choose from bm25, dense, hybrid)")
+            raise ValueError(f"rag.retrievers: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RETRIEVERS)})")
         bm25 = bm25_index(corpus, cache, cfg["rag.tokenizer"], progress) if wanted & {"bm25", "hybrid"} else None
         dense = dense_index(corpus, cfg.embedder, cache, progress=progress) if wanted & {"dense", "hybrid"} else None
         return cls(corpus, bm25, dense, cfg["rag.rrf_k"])

@@ -1,14 +1,21 @@
 """Tables and plots for the notebooks (saved under ``outputs/<profile>/figures``)."""
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import html
+import json
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 from matplotlib import font_manager
 
-from . import files
+from . import debias, evaluate, files, models, results
+from .config import SMOKE_WARNING
 
 # Fonts with Simplified Chinese glyphs, most common first (Linux, macOS, Windows)
 CJK_FONTS = (
@@ -76,8 +83,6 @@ def plot_answer_letters(splits: dict[str, list]):
 def plot_question_lengths(splits: dict[str, list]):
     """Histogram of question-stem length in characters, per split."""
     use_cjk_font()
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(6, 3.2))
     bins = np.histogram_bin_edges([len(q.question) for qs in splits.values() for q in qs], bins=40)
     for role, qs in splits.items():
@@ -249,69 +254,13 @@ def plot_sections(table):
 
 # --------------------------------------------------------------------------- a run's results (notebook 10)
 
-EVALUATIONS = ("letter", "rotations", "generate", "api", "api+rag bm25", "api+rag dense", "api+rag hybrid",
-               "rotations+rag bm25", "rotations+rag dense", "rotations+rag hybrid")
-MODELS = ("base", "lora", "full", "merged")
-
-
-def _order(value: str, known: tuple) -> tuple:
-    return (known.index(value), value) if value in known else (len(known), value)
-
-
-def collect(cfg, questions) -> tuple[dict, list[dict]]:
-    """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
-    ``{(model, evaluation): rows}``, and the entries left out with the reason: a missing file, a
-    model trained again since (its weights no longer match the file's fingerprint), or answers to
-    other questions than ``questions`` (the eval split at this profile's ``eval.max_questions``;
-    for ``rotations``, 06's letter scores under every rotation of the options, and
-    ``rotations+rag <retriever>``, 08's with passages, the first ``eval.rotation_questions``)."""
-    import json
-
-    from . import evaluate
-
-    index = cfg.out / "eval" / evaluate.INDEX
-    entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
-    found = evaluate.available_models(cfg)
-    fingerprints, results, skipped = {}, {}, []
-    everything = [q.id for q in questions]
-    for entry in sorted(entries.values(), key=lambda e: (_order(e["evaluation"], EVALUATIONS),
-                                                         _order(e["model"], MODELS))):
-        path, model = index.parent / entry["file"], entry["model"]
-        why = None
-        if not path.is_file():
-            why = f"{entry['file']} is missing"
-        elif model not in found:
-            why = f"the {model} model is gone from {cfg.out / 'models'}"
-        else:
-            if model not in fingerprints:
-                fingerprints[model] = evaluate.model_fingerprint(cfg, model)
-            if not path.stem.endswith("-" + fingerprints[model]):
-                why = f"the {model} model was trained again after {entry['file']} was written: rerun its evaluation"
-        rotated = entry["evaluation"].startswith("rotations")
-        wanted = everything[: cfg.get("eval.rotation_questions")] if rotated else everything
-        if why is None:
-            rows = evaluate.read_results(path)
-            if sorted(r["id"] for r in rows) != sorted(wanted):
-                why = (f"{entry['file']} answers {len(rows)} questions, not the {len(wanted)} of this evaluation: "
-                       "rerun its notebook")
-            else:
-                order = {qid: i for i, qid in enumerate(wanted)}
-                results[model, entry["evaluation"]] = sorted(rows, key=lambda r: order[r["id"]])
-        if why:
-            skipped.append({"model": model, "evaluation": entry["evaluation"], "reason": why})
-    return results, skipped
-
-
-def results_table(results: dict, baselines=None):
+def results_table(answers: dict, baselines=None):
     """One row per (model, evaluation): n, accuracy, its 95% interval, invalid and failed answers,
     and exact McNemar p-values against the base model on the same evaluation (``p_vs_base``) and,
     for RAG rows, against the same model without passages (``p_vs_no_rag``). 06's rotations become
     evaluation ``debiased`` (:mod:`debias`: the debiased accuracy, and ``consistency``, the share
     right under every rotation), 08's ``debiased+rag <retriever>``, tested against ``debiased``.
     ``baselines`` (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
-    import pandas as pd
-
-    from . import debias, evaluate
 
     def reading(evaluation, got):  # rotations (06, 08) are read debiased
         if evaluation.startswith("rotations"):
@@ -319,7 +268,7 @@ def results_table(results: dict, baselines=None):
         return got, float("nan")
 
     rows = []
-    for (model, raw), got in results.items():
+    for (model, raw), got in answers.items():
         got, consistency = reading(raw, got)
         evaluation = raw.replace("rotations", "debiased")
         acc = evaluate.accuracy(got)
@@ -327,21 +276,39 @@ def results_table(results: dict, baselines=None):
                "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "consistency": consistency,
                "invalid_rate": acc["invalid_rate"], "failed": acc["failed"], "p_vs_base": float("nan"),
                "p_vs_no_rag": float("nan")}
-        if model != "base" and ("base", raw) in results:
-            row["p_vs_base"] = evaluate.mcnemar(reading(raw, results["base", raw])[0], got)["p_value"]
+        if model != "base" and ("base", raw) in answers:
+            row["p_vs_base"] = evaluate.mcnemar(reading(raw, answers["base", raw])[0], got)["p_value"]
         without = {"api+rag": "api", "rotations+rag": "rotations"}.get(raw.split(" ")[0])
-        if without and (model, without) in results:
-            row["p_vs_no_rag"] = evaluate.mcnemar(reading(without, results[model, without])[0], got)["p_value"]
+        if without and (model, without) in answers:
+            row["p_vs_no_rag"] = evaluate.mcnemar(reading(without, answers[model, without])[0], got)["p_value"]
         rows.append(row)
     for _, b in (baselines.iterrows() if baselines is not None else ()):
         rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
                      "ci_low": b["ci_low"], "ci_high": b["ci_high"]})
     table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency",
                                         "invalid_rate", "failed", "p_vs_base", "p_vs_no_rag"])
-    order = tuple(e.replace("rotations", "debiased") for e in EVALUATIONS)
-    key = table.apply(lambda r: (_order(r["evaluation"], order),  # baselines last, as given
-                                 _order(r["model"], MODELS) if r["evaluation"] != "baseline" else ()), axis=1)
+    order = tuple(e.replace(results.ROTATIONS, "debiased") for e in results.ORDER)
+    key = table.apply(lambda r: (results.position(r["evaluation"], order),  # baselines last, as given
+                                 results.position(r["model"], models.NAMES) if r["evaluation"] != "baseline" else ()),
+                      axis=1)
     return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
+
+
+def rag_table(answers: dict, baselines=None):
+    """08's table: per (model, condition) (``no RAG``, then each retriever) accuracy with its 95%
+    interval, invalid and failed answers, and the exact McNemar test against the same model without
+    passages: ``only_no_rag`` (right only without them), ``only_rag``, ``vs_no_rag_p``.
+    ``baselines`` (:func:`evaluate.baselines`) come last, as condition ``baseline``."""
+    summary = evaluate.summary_table(answers).rename(columns={"method": "condition"})
+    tests = []
+    for (name, condition), rows in answers.items():
+        test = evaluate.mcnemar(answers[name, "no RAG"], rows)
+        tests.append({"model": name, "condition": condition, "vs_no_rag_p": test["p_value"],
+                      "only_no_rag": test["a_only"], "only_rag": test["b_only"]})
+    summary = summary.merge(pd.DataFrame(tests), on=["model", "condition"])
+    if baselines is not None:
+        summary = pd.concat([summary, baselines.assign(condition="baseline")], ignore_index=True)
+    return summary
 
 
 def significance(table, alpha: float = 0.05) -> str:
@@ -370,14 +337,11 @@ def significance(table, alpha: float = 0.05) -> str:
     return "\n".join([head, *found])
 
 
-def letter_table(results: dict, evaluation: str = "letter"):
+def letter_table(answers: dict, evaluation: str = "letter"):
     """Share of each answer letter: the gold answers and each model's predictions on ``evaluation``
     (rows A-E and invalid; columns gold, then the models)."""
-    import pandas as pd
 
-    from . import evaluate
-
-    got = {model: rows for (model, ev), rows in results.items() if ev == evaluation}
+    got = {model: rows for (model, ev), rows in answers.items() if ev == evaluation}
     if not got:
         return pd.DataFrame()
     first = next(iter(got.values()))
@@ -386,17 +350,14 @@ def letter_table(results: dict, evaluation: str = "letter"):
     return table
 
 
-def section_table(results: dict, questions, evaluation: str = "letter", top: int = 8):
+def section_table(answers: dict, questions, evaluation: str = "letter", top: int = 8):
     """Accuracy per section (``meta_info``) for each model on ``evaluation``: the ``top`` largest
     sections of ``questions``, labelled with their sizes."""
-    import pandas as pd
-
-    from . import evaluate
 
     sections = {q.id: q.meta_info for q in questions}
     largest = Counter(sections.values()).most_common(top)  # ties: first seen first
     columns = {}
-    for (model, ev), rows in results.items():
+    for (model, ev), rows in answers.items():
         if ev == evaluation:
             t = evaluate.by_section([{**r, "meta_info": sections[r["id"]]} for r in rows]).set_index("section")
             columns[model] = t["accuracy"]
@@ -426,10 +387,6 @@ def device_line(device: dict, runtime: dict | None = None) -> str:
 def manifest_summary(cfg):
     """The run at a glance, from ``manifest.json``: profile, models, data, code version, machine,
     library versions and when each notebook last ran."""
-    import json
-
-    import pandas as pd
-
     m = json.loads((cfg.out / "manifest.json").read_text(encoding="utf-8"))
     git = m.get("git", {})
     device = m.get("torch_device", {})
@@ -473,9 +430,6 @@ figure img{max-width:520px;border:1px solid #ddd}figcaption{font-size:85%;color:
 
 def record_timing(out_dir, notebook: str, seconds: float, status: str) -> Path:
     """Keep one notebook's wall time and status (ok | failed) in ``reports/timings.json``."""
-    import datetime as dt
-    import json
-
     path = Path(out_dir) / "reports" / "timings.json"
     timings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     timings[notebook] = {"seconds": round(float(seconds), 1), "status": status,
@@ -487,11 +441,6 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
     """``reports/index.html`` of one profile's outputs: the run (manifest), every notebook of the
     series with its status, wall time and HTML report, the results table of 10 and its figures.
     Links are relative, so the folder can be copied or served as it is."""
-    import html
-    import json
-
-    import pandas as pd
-
     out = Path(out_dir)
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)
@@ -503,8 +452,6 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>MedQA-zh · {html.escape(profile)}"
              f"</title><style>{_STYLE}</style></head><body><h1>MedQA-zh · profile <code>{html.escape(profile)}</code></h1>"]
     if manifest.get("settings", {}).get("smoke", profile == "smoke"):
-        from .config import SMOKE_WARNING
-
         parts.append(f"<p class='smoke'>⚠ {html.escape(SMOKE_WARNING)}</p>")
     if manifest:
         git = manifest.get("git", {})
@@ -524,10 +471,10 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
         parts.append(f"<tr><td>{name}</td><td{css}>{status}</td><td>{'' if t is None else t['seconds']}</td>"
                      f"<td>{link}</td></tr>")
     parts.append(f"<tr><th>total</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
-    results = out / "tables" / "10_results.csv"
+    table_csv = out / "tables" / "10_results.csv"
     parts.append("<h2>Results</h2>")
-    if results.is_file():
-        table = pd.read_csv(results)
+    if table_csv.is_file():
+        table = pd.read_csv(table_csv)
         parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="", classes="results",
                                    border=0))
         parts.append("<p><a href='../tables/10_results.csv'>10_results.csv</a> · "
@@ -546,8 +493,6 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
 
 
 def main(argv=None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m medqa_zh.report",
                                 description="Write outputs/<profile>/reports/index.html (run_all.sh calls this).")
     p.add_argument("command", choices=["index"])

@@ -395,7 +395,7 @@ def serve(model_dir, **kwargs):
 def from_profile(cfg, model_dir, **kwargs) -> Server:
     """:func:`start` with the profile's ``serve`` settings, ``model.dtype`` and ``model.device``; the
     log goes to ``outputs/<profile>/logs/``. Pass ``served_name="merged"`` (a name of
-    :func:`evaluate.available_models`) to serve a run's model under its name there."""
+    :func:`models.available`) to serve a run's model under its name there."""
     settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg.get("model.device"),
                 "continuous_batching": cfg["serve.continuous_batching"],
                 "gpu_memory_utilization": cfg.get("serve.gpu_memory_utilization"),

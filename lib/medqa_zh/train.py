@@ -120,20 +120,6 @@ def padding_share(lengths: list[int], batch: int) -> float:
     return 1 - sum(lengths) / padded if padded else 0.0
 
 
-def read_split(cfg, role: str) -> list[data.Question]:
-    """The clean split notebook 01 wrote (``data/questions/<role>.jsonl``)."""
-    path = cfg.out / "data" / "questions" / f"{role}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run notebook 01_data with profile {cfg.name!r} first")
-    questions = data.read_clean(path)
-    if not questions:
-        raise ValueError(
-            f"{path} has no questions: the {role} split (data.splits.{role} = {cfg['data.splits'].get(role)!r}) "
-            "is empty. Fix the split spec in the profile or the overrides, and rerun 01_data."
-        )
-    return questions
-
-
 def token_lengths(tokenizer, examples: list[dict]) -> list[int]:
     """Length in tokens of each rendered prompt + completion (what the model trains on)."""
     return [len(_ids(tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=True))) for e in examples]
@@ -241,8 +227,13 @@ def _log_callback():
     return JsonlLog
 
 
-def read_log(path: str | Path) -> list[dict]:
-    path = Path(path)
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's ``train_log.jsonl`` (``run_dir``: the run's folder, e.g. ``models.folder(cfg, "lora")``);
+    none before training started."""
+    return _read_log_file(Path(run_dir) / LOG_FILE)
+
+
+def _read_log_file(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -386,12 +377,12 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     s = settings(cfg, mode)
     device = models.best_device(cfg.get("model.device", "auto"))
     precision = models.training_precision(s.get("precision", "auto"), device)
-    out_dir = Path(out_dir) if out_dir else cfg.out_dir("models") / mode
+    out_dir = Path(out_dir) if out_dir else models.folder(cfg, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.get("seed", 0))
 
-    train_qs = read_split(cfg, "train")
-    eval_qs = read_split(cfg, "eval")[: s.get("eval_questions")]
+    train_qs = data.load_split(cfg, "train")
+    eval_qs = data.load_split(cfg, "eval")[: s.get("eval_questions")]
     origin = models.setting_origin(cfg)
     tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
     epochs = int(s.get("epochs", 1))
@@ -540,8 +531,8 @@ def _check_resumable(run: Run, resume: bool) -> str | None:
 
 def _truncate_log(path: Path, last_step: int) -> None:
     """Keep only log rows up to the checkpoint a resumed run starts from (the rest is redone)."""
-    rows = [r for r in read_log(path) if r["step"] <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    rows = [r for r in _read_log_file(path) if r["step"] <= last_step]
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(run: Run, resume: bool | None = None) -> dict:
@@ -576,7 +567,7 @@ def train(run: Run, resume: bool | None = None) -> dict:
 def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str | None) -> dict:
     state = run.trainer.state
     steps_run = len(run.log.step_seconds)
-    log = read_log(run.out_dir / LOG_FILE)
+    log = read_log(run.out_dir)
     tokens = state.num_input_tokens_seen - run.log.tokens_at_start
     step_s = statistics.median(run.log.step_seconds) if run.log.step_seconds else None
     return {
@@ -631,8 +622,9 @@ def save(run: Run, metrics: dict | None = None) -> Path:
     return files.move_into(tmp, out, last=(*CHECKPOINT_WEIGHTS, RUN_FILE))
 
 
-def read_run(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / RUN_FILE
+def read_run(run_dir: str | Path) -> dict:
+    """A finished run's ``run.json`` (its settings and measurements)."""
+    path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the training notebook for this model has not finished")
     return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,117 @@
+"""results: each evaluation's answers on disk, resumable after a crash, indexed for the report."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from medqa_zh import config, models, results
+
+QUESTIONS = [SimpleNamespace(id=f"dev:{i}", answer_idx="A") for i in range(8)]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_run_cached_resumes_after_a_crash_and_never_repeats(tmp_path):
+    questions = QUESTIONS
+    path = tmp_path / "results.jsonl"
+    calls = []
+
+    def score(batch, fail_on=None):
+        calls.append([q.id for q in batch])
+        if fail_on is not None and len(calls) == fail_on:
+            raise Boom
+        return [{"id": q.id, "gold": q.answer_idx, "pred": "A"} for q in batch]
+
+    with pytest.raises(Boom):
+        results.run_cached(path, questions, lambda b: score(b, fail_on=3), batch_size=3, progress=False)
+    assert len(results.read(path)) == 6  # two batches were written before the crash
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"id": "torn')  # and a crash in the middle of writing a line
+    calls.clear()
+    rows = results.run_cached(path, questions, score, batch_size=3, progress=False)
+    assert [r["id"] for r in rows] == [q.id for q in questions]
+    assert sum(len(c) for c in calls) == len(questions) - 6  # only the unfinished ones
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(questions) and len({json.loads(line)["id"] for line in lines}) == len(questions)
+    calls.clear()
+    assert results.run_cached(path, questions, score, progress=False) == rows and not calls
+
+
+def test_a_results_file_torn_inside_a_chinese_character_is_named_and_that_question_redone(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    rows = [{"id": f"q:{i}", "gold": "A", "pred": "A", "answer": "答案：A"} for i in range(3)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    cut = text.rindex("答".encode("utf-8")) + 1  # one byte into a three-byte character of the last line
+    path.write_bytes(text[:cut])
+    assert results.read(path) == rows[:2]
+    assert f"{path}:3: incomplete last line" in capsys.readouterr().out
+    questions = [type("Q", (), {"id": r["id"], "answer_idx": "A"})() for r in rows]
+    redone = []
+    out = results.run_cached(path, questions, lambda batch: redone.extend(batch) or [rows[2]], progress=False)
+    assert out == rows and [q.id for q in redone] == ["q:2"]
+    assert results.read(path) == rows  # the torn line is gone from the file
+
+
+def test_run_cached_refuses_results_of_other_questions(tmp_path):
+    questions = QUESTIONS
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "other:1", "gold": "A", "pred": "A"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="not in this evaluation"):
+        results.run_cached(path, questions, lambda b: [], progress=False)
+
+
+def test_collect_reads_what_the_evaluations_recorded_and_says_what_it_left_out(project):
+    cfg = config.load("smoke")
+    questions = [SimpleNamespace(id=f"q{i}") for i in range(4)]
+    fp = models.answers_fingerprint(cfg, "base")
+    answer = lambda batch: [{"id": q.id, "gold": "B", "pred": "B"} for q in batch]  # noqa: E731
+    for method in ("letter", "generate"):
+        results.run_cached(results.path_for(cfg, "base", method, fp), questions, answer, label=("base", method))
+    # a model that is gone, a file of a model trained since, and answers to other questions
+    results.run_cached(results.path_for(cfg, "merged", "letter", "0123abcd"), questions, answer,
+                       label=("merged", "letter"))
+    results.run_cached(results.path_for(cfg, "base", "api-x", "0123abcd", "api"), questions, answer,
+                       label=("base", "api"))
+    results.run_cached(results.path_for(cfg, "base", "api-x-rag", fp, "rag"), questions[:3], answer,
+                       label=("base", "api+rag bm25"))
+    index = json.loads((cfg.out / "eval" / "index.json").read_text())
+    assert index["base|letter"]["file"] == f"direct/base-letter-{fp}.jsonl"
+
+    got, skipped = results.collect(cfg, questions)
+    assert list(got) == [("base", "letter"), ("base", "generate")]
+    assert [r["id"] for r in got["base", "letter"]] == ["q0", "q1", "q2", "q3"]
+    reasons = {(s["model"], s["evaluation"]): s["reason"] for s in skipped}
+    assert "merged model is gone" in reasons["merged", "letter"]
+    assert "trained again" in reasons["base", "api"]
+    assert "answers 3 questions, not the 4" in reasons["base", "api+rag bm25"]
+    # a rerun replaces the entry: now the API answers are current
+    results.run_cached(results.path_for(cfg, "base", "api-x", fp, "api"), questions, answer,
+                       label=("base", "api"))
+    got, _ = results.collect(cfg, questions)
+    assert ("base", "api") in got
+
+
+def test_in_process_loads_a_model_only_for_what_is_missing_and_records_each_evaluation(project, tiny_assets,
+                                                                                      monkeypatch):
+    from medqa_zh import data
+
+    cfg = config.setup("smoke", {"eval.rotation_questions": 2})
+    questions, _ = data.read_questions(tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl")
+    questions = questions[:4]
+    loads, real = [], models.load_for_eval
+    monkeypatch.setattr(models, "load_for_eval", lambda cfg, name: loads.append(name) or real(cfg, name))
+    got = results.in_process(cfg, "base", questions, progress=False)
+    assert list(got) == ["letter", "generate", "rotations"] and loads == ["base"]
+    assert [len(got[e]) for e in got] == [4, 4, 2]  # the rotations: the first eval.rotation_questions
+    assert all(r["id"] == q.id for e in ("letter", "generate") for r, q in zip(got[e], questions, strict=True))
+    index = json.loads((cfg.out / "eval" / results.INDEX).read_text())
+    assert {k for k in index} == {"base|letter", "base|generate", "base|rotations"}
+    assert results.in_process(cfg, "base", questions, progress=False) == got and loads == ["base"]  # all cached
+    more = results.in_process(cfg, "base", questions, [results.LETTER],
+                              passages={"bm25": ("rag-bm25-test", {q.id: [] for q in questions})}, progress=False)
+    assert list(more) == ["letter", "rotations+rag bm25"] and loads == ["base", "base"]
+    assert "base|rotations+rag bm25" in json.loads((cfg.out / "eval" / results.INDEX).read_text())
+    with pytest.raises(ValueError, match="unknown in-process evaluation api"):
+        results.in_process(cfg, "base", questions, ["api"])
