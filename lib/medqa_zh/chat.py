@@ -21,7 +21,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from . import prompts
+import httpx
+import ipywidgets as w
+import openai
+from IPython.display import display
+
+from . import answers, models, prompts, rag
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 DISCLAIMER = ("教学演示：这是在考试题上微调的小模型，回答可能是错的，不构成医疗建议。"
               "A teaching model trained on exam questions: its answers may be wrong and are not medical advice.")
@@ -35,15 +43,11 @@ class ApiBackend:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 256,
                  timeout: float = 120.0, tokenizer=None):
-        import openai
-
         self.model, self.max_tokens, self.tokenizer = model, max_tokens, tokenizer
         self.base_url = base_url
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
-        import openai
-
         try:
             chunks = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                          max_tokens=self.max_tokens, stream=True)
@@ -149,8 +153,6 @@ class Chat:
     def passages_for(self, message: str, retriever: str, tokenizer) -> list:
         """The top ``top_k`` passages for ``message`` that fit ``context_tokens``; a typed exam
         question is searched as 08 searches it (question + options, :func:`rag.query_text`)."""
-        from . import rag
-
         parsed = prompts.parse_question(message)
         query = message if parsed is None else rag.query_text(*parsed)
         ranked = self.retrieval.rank([query], retriever, self.top_k)[0]
@@ -204,8 +206,6 @@ class Chat:
 
 def _choice(message: str, reply: str) -> str | None:
     """For a typed exam question: the letter the reply gives and that option's text."""
-    from . import answers
-
     parsed = prompts.parse_question(message)
     letter = answers.extract_letter(reply, "".join(parsed[1])) if parsed else None
     return f"{letter}. {parsed[1][letter]}" if letter else None
@@ -251,8 +251,6 @@ class ChatPanel:
     ``send(text)`` runs it in the caller (what papermill and the tests call)."""
 
     def __init__(self, chat: Chat, model: str | None = None, retriever: str | None = None):
-        import ipywidgets as w
-
         self.chat = chat
         self.model = w.Dropdown(options=list(chat.backends), value=model or list(chat.backends)[-1],
                                 description="model")
@@ -282,8 +280,6 @@ class ChatPanel:
                               w.HBox([self.send_button, self.stop_button, self.clear_button, self.status])])
 
     def _ipython_display_(self):
-        from IPython.display import display
-
         display(self.widget)
 
     def _show_use(self) -> None:
@@ -353,16 +349,12 @@ def from_profile(cfg, endpoint: str | None = None, api_key: str | None = None, r
     ``/v1`` URL) every model it serves; without, every model the run has (base, lora, full, merged:
     :func:`models.available`), loaded in this kernel when first chosen. ``retrieval``: a
     :class:`rag.Retrieval` for the passages (None: no RAG switch)."""
-    from . import models
-
     found = models.available(cfg)
     max_tokens = cfg["chat.max_new_tokens"]
     if endpoint is None:
         backends = {name: LocalBackend(lambda name=name: models.load_for_eval(cfg, name), max_tokens)
                     for name in found}
     else:
-        import httpx
-
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
             served = [m["id"] for m in httpx.get(endpoint.rstrip("/") + "/models", headers=headers,

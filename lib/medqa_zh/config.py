@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import html
 import json
 import os
 import platform
@@ -27,8 +28,13 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
+from IPython import get_ipython
+from IPython.display import display
 
-from . import files, models
+from . import files, models, tiny
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 DEFAULT_PROFILE = "smoke"
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -259,18 +265,9 @@ def banner(cfg: Config) -> None:
              f"MedQA: {cfg.path('data.medqa_dir')}", f"outputs: {cfg.out}"]
     lines += [f"override {k} = {v['value']!r} (from {v['from']})" for k, v in cfg.overrides.items()]
     text = "\n".join(([SMOKE_WARNING] if cfg.smoke else []) + lines)
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-
-        in_kernel = get_ipython() is not None and "IPKernelApp" in get_ipython().config
-    except ImportError:
-        in_kernel = False
-    if not in_kernel:
+    if get_ipython() is None or "IPKernelApp" not in get_ipython().config:  # a console, not a notebook
         print(text, file=sys.stderr if cfg.smoke else sys.stdout)
         return
-    import html
-
     body = "<br>".join(html.escape(line) for line in lines)
     warn = (f'<div style="border:3px solid #c00;background:#fee;padding:8px;font-weight:bold;margin-bottom:6px">'
             f"⚠ {html.escape(SMOKE_WARNING)}</div>") if cfg.smoke else ""
@@ -282,8 +279,6 @@ def setup(profile: str | None = None, overrides: dict | None = None, notebook: s
     profile asks for them, write the manifest, and say which profile runs."""
     cfg = load(profile, overrides)
     if cfg.smoke:
-        from . import tiny
-
         tiny.build_assets(cfg.path("assets_dir"), seed=int(cfg.get("seed", 0)))
     write_manifest(cfg, notebook)
     banner(cfg)

@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import pandas as pd
+
 from . import files, prompts
 
 REQUIRED_FIELDS = ("question", "options", "answer", "answer_idx", "meta_info")
@@ -264,14 +266,10 @@ class Splits:
 
     def table(self):
         """One row per role: rows read, sliced, removed (and why), kept."""
-        import pandas as pd
-
         return pd.DataFrame(self.report).set_index("role")
 
     def removed(self):
         """Every removed question: role, id, reason and the id it duplicates."""
-        import pandas as pd
-
         rows = [
             {"role": role, "id": qid, "reason": "exact duplicate", "same as": first}
             for role, pairs in self.duplicates.items() for qid, first in pairs
@@ -474,8 +472,6 @@ def read_textbooks(textbooks_dir: str | Path) -> list[Book]:
 
 
 def textbook_table(books: list[Book]):
-    import pandas as pd
-
     return pd.DataFrame(
         [
             {"book": b.name, "lines": b.lines, "blank_lines": b.blank_lines, "paragraphs": len(b.paragraphs), "characters": b.characters}

@@ -20,11 +20,16 @@ The k rotated prompts share everything before the options (system turn, instruct
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pandas as pd
+from tqdm.auto import tqdm
 
-from . import prompts
+from . import evaluate, prompts
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 
 def rotate(question, shift: int):
@@ -58,8 +63,6 @@ def _split_prompt(tokenizer, question, context=None) -> tuple[list[int], list[li
 def _cache_kwarg(model) -> str:
     """The name this model's forward takes its KV cache by: transformers 5.24 renamed
     ``past_key_values`` (still what the pinned GPU set's 5.20 takes) to ``cache``."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
@@ -90,9 +93,6 @@ def rotation_scores(model, tokenizer, questions, share_prefix: bool = True, batc
     rotation of a question; they belong to the shared prefix.
     """
     import torch
-    from tqdm.auto import tqdm
-
-    from . import evaluate
 
     def whole(qs):  # each rotation a question of its own, scored exactly as 06 scores rotation 0
         rotated = [rotate(q, r) for q in qs for r in range(len(q.options))]
@@ -186,8 +186,6 @@ def summary(rows: list[dict]) -> dict:
     """Plain accuracy (rotation 0), accuracy under each rotation (min / mean / max), consistency
     (right under every rotation) and debiased accuracy, each over the same n questions, with the
     95% Wilson interval for plain and debiased."""
-    from . import evaluate
-
     if not rows:
         raise ValueError("no questions were scored")
     k = len(rows[0]["logprobs"])
@@ -208,8 +206,6 @@ def table(rotations: dict, base: str | dict = "base") -> pd.DataFrame:
     and the exact McNemar p-value of its debiased answers against the base model's
     (``debiased_p_vs_base``), on the same questions. ``base`` may also map each name to the one
     it is tested against (08: each retriever against the same model without passages)."""
-    from . import evaluate
-
     against = base if isinstance(base, dict) else {name: base for name in rotations}
     rows = []
     for name, got in rotations.items():

@@ -14,12 +14,21 @@ how a run resumes, is :mod:`results`; which models a run has, :mod:`models`.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pandas as pd
 from scipy import stats
+from tqdm.auto import tqdm
+
+from . import answers, prompts
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 CONFIDENCE = 0.95
 
@@ -143,8 +152,6 @@ def by_section(results, min_questions: int = 1) -> pd.DataFrame:
 def letter_token_ids(tokenizer, letters: str = "ABCDE") -> dict[str, int]:
     """The token id of each option letter as it follows ``答案：``; an error when a letter is not
     exactly one token there (letter scoring would then read the wrong position)."""
-    from . import prompts
-
     probe = prompts.answer_prompt(tokenizer, "问题", {letter: "选项" for letter in letters})
     base = tokenizer(probe, add_special_tokens=False)["input_ids"]
     ids = {}
@@ -177,9 +184,6 @@ def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bo
     scores the same alone or in a padded batch (tested).
     """
     import torch
-    from tqdm.auto import tqdm
-
-    from . import prompts
 
     letters = "".join(sorted({letter for q in questions for letter in q.options}))
     ids = letter_token_ids(tokenizer, letters)
@@ -220,9 +224,6 @@ def generate_answers(model, tokenizer, questions, max_new_tokens: int = 16, batc
     no valid option letter) and the raw ``text`` per question.
     """
     import torch
-    from tqdm.auto import tqdm
-
-    from . import answers, prompts
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -258,9 +259,6 @@ class ServerDownError(RuntimeError):
 def _run_coroutine(coro):
     """Run ``coro`` to completion, also from inside a running event loop (a Jupyter kernel has one):
     then in a worker thread with a loop of its own."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -285,12 +283,6 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
     ``contexts`` (RAG): question id -> retrieved passages (with ``book``, ``text``, ``id``), put in
     the prompt by :func:`prompts.build_messages`; the row records the passage ids.
     """
-    import asyncio
-
-    import openai
-
-    from . import answers, prompts
-
     async def ask(client, semaphore, q):
         passages = contexts.get(q.id, []) if contexts is not None else None
         messages = prompts.build_messages(q.question, q.options, context=context_of(contexts, q.id))

@@ -9,11 +9,17 @@ tolerance for the dtype.
 """
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from . import files, models, prompts
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 INFO_FILE = "merge_info.json"
 
@@ -115,10 +121,6 @@ def compare(base_name: str, adapter_dir: str | Path, merged_dir: str | Path, que
     the dtype they were saved in (which sets the tolerance). Computing in bfloat16 would add the
     rounding noise of every matmul, which flips the top token wherever two tokens nearly tie.
     """
-    import gc
-
-    import pandas as pd
-
     merged_dir = Path(merged_dir)
     info_path = merged_dir / INFO_FILE
     if not info_path.is_file():

@@ -7,10 +7,16 @@ A model is named by a hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a local folder 
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
 from pathlib import Path
+
+from safetensors import safe_open
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -171,8 +177,6 @@ def check_adapter(adapter_dir: str | Path, base, base_name: str) -> dict:
     in the base with matching shapes; and, when the training run recorded it, the base's
     fingerprint. Returns the adapter's ``adapter_config.json``.
     """
-    from safetensors import safe_open
-
     adapter_dir = Path(adapter_dir)
     config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not config_path.is_file() or not weights.is_file():
@@ -334,8 +338,6 @@ def free_memory() -> None:
     """Collect garbage and give PyTorch's cached GPU memory back to the driver, so that the next
     step (another model, or a vLLM server in its own process) finds it free. Drop your own
     references first (``del run``, ``del model``): memory still referenced cannot be freed."""
-    import gc
-
     import torch
 
     gc.collect()

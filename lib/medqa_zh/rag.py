@@ -16,11 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import files
+import bm25s
+import jieba
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import data, files, models, prompts
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 SENTENCE_ENDS = "。！？；!?;\n"
 CLOSERS = "”’」』）)"
@@ -124,18 +135,12 @@ class Corpus:
 
     def table(self):
         """Per book: paragraphs, passages, characters in and out."""
-        import pandas as pd
-
         return pd.DataFrame(self.stats["books"])
 
 
 def build_corpus(textbooks_dir, max_chars: int, overlap: int, progress: bool = True) -> Corpus:
     """Read every ``*.txt`` under ``textbooks_dir`` (:func:`data.read_textbooks`: UTF-8, one
     paragraph per line) and chunk every paragraph; checks that each paragraph is fully covered."""
-    from tqdm.auto import tqdm
-
-    from . import data
-
     books = data.read_textbooks(textbooks_dir)
     h = hashlib.sha256(f"chunking v1|{max_chars}|{overlap}".encode())
     passages, rows = [], []
@@ -180,9 +185,6 @@ TOKENIZERS = ("bigram", "jieba")
 def _runs(text: str):
     """Runs of Chinese characters and of ASCII letters/digits (NFKC, lowercase); the rest (spaces,
     punctuation) separates them."""
-    import re
-    import unicodedata
-
     text = unicodedata.normalize("NFKC", text).lower()
     return re.findall(r"[\u3400-\u4dbf\u4e00-\u9fff]+|[a-z0-9]+(?:\.[0-9]+)?", text)
 
@@ -206,8 +208,6 @@ def tokenize(text: str, method: str = "bigram") -> list[str]:
                 terms.extend(run[i: i + 2] for i in range(len(run) - 1))
         return terms
     if method == "jieba":
-        import jieba
-
         jieba.setLogLevel(60)  # no "Building prefix dict" chatter
         return [w for run in _runs(text) for w in jieba.lcut(run)]
     raise ValueError(f"rag.tokenizer must be one of {', '.join(TOKENIZERS)}, not {method!r}")
@@ -222,9 +222,6 @@ class BM25:
     @classmethod
     def build(cls, corpus: Corpus, tokenizer: str = "bigram", k1: float = 1.5, b: float = 0.75,
               method: str = "lucene", progress: bool = True) -> "BM25":
-        import bm25s
-        from tqdm.auto import tqdm
-
         tokens = [tokenize(p.text, tokenizer) for p in tqdm(corpus.passages, desc=f"BM25 terms ({tokenizer})",
                                                              unit="passage", disable=not progress, mininterval=2)]
         retriever = bm25s.BM25(k1=k1, b=b, method=method)
@@ -241,8 +238,6 @@ class BM25:
     @classmethod
     def load(cls, folder, corpus: Corpus) -> "BM25":
         """Load a saved index; an error when it was built from another corpus or other chunking."""
-        import bm25s
-
         folder = Path(folder)
         meta = json.loads((folder / "medqa_zh.json").read_text())
         if meta["corpus"] != corpus.fingerprint:
@@ -292,8 +287,6 @@ def query_text(question: str, options) -> str:
 
 def normalize(text: str) -> str:
     """For containment checks: NFKC, lowercase, no whitespace, punctuation or symbols."""
-    import unicodedata
-
     text = unicodedata.normalize("NFKC", text).lower()
     return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch)[0] in "PS"))
 
@@ -325,8 +318,6 @@ def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
 
     ``rankings``: retriever name -> one ranked list of passage indices per question (best first,
     at least ``max(ks)`` long); ``passages``: the corpus's passages (anything with ``.text``)."""
-    import pandas as pd
-
     rows = []
     for name, ranked in rankings.items():
         if len(ranked) != len(questions):
@@ -356,7 +347,6 @@ def load_embedder(name_or_path: str, device: str | None = None):
     two on a GPU), with an error that says what to fix."""
     from sentence_transformers import SentenceTransformer
 
-    from . import models
 
     device = models.best_device(device or "auto")
     try:
@@ -376,8 +366,6 @@ class Dense:
         self.encoder, self.embeddings, self.meta = encoder, embeddings, meta
 
     def search(self, queries: list[str], k: int = 10, batch_size: int = 64) -> list[list[tuple[int, float]]]:
-        import numpy as np
-
         q = self.encoder.encode(queries, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                                 show_progress_bar=False).astype(np.float32)
         scores = q @ np.asarray(self.embeddings).T
@@ -408,9 +396,6 @@ def dense_index(corpus: Corpus, embedder: str, cache_dir, batch_size: int = 64, 
     Passages longer than the encoder's ``max_seq_length`` (in tokens) are truncated by the encoder;
     how many is counted and kept in ``meta["truncated"]``, never silent.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
     folder = dense_folder(corpus, embedder, cache_dir)
     encoder = encoder or load_embedder(embedder)
     meta_path, emb_path = folder / "meta.json", folder / "embeddings.npy"
@@ -463,8 +448,6 @@ def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passag
     """The best passages, in rank order, while their formatted block (``prompts.format_context``)
     stays within ``budget`` tokens as ``count_tokens(text) -> int`` counts them (the served model's
     tokenizer). Stops at the first passage that does not fit, so rank order is kept; may be empty."""
-    from . import prompts
-
     chosen = []
     for p in ranked:
         if count_tokens(prompts.format_context([(q.book, q.text) for q in chosen + [p]])) > budget:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import debias, evaluate, files, models, rag
+from . import debias, evaluate, files, models, rag, serve
 
 LETTER, GENERATE, ROTATIONS, API = "letter", "generate", "rotations", "api"
 IN_PROCESS = (LETTER, GENERATE, ROTATIONS)
@@ -167,8 +167,6 @@ def api_cached(cfg, name: str, questions, passages: dict | None = None, progress
     prompt (08; ``passages``: ``{retriever: (tag, contexts)}``). The model is served once, with the
     profile's ``serve`` settings, for whatever is not yet complete in its cache, and stopped; when
     everything is cached no server starts. Returns ``{"api": rows, "api+rag <retriever>": rows, ...}``."""
-    from . import serve
-
     backend = serve.pick_backend(cfg["serve.backend"])  # vLLM and transformers round differently: cached apart
     fp = models.answers_fingerprint(cfg, name)
     runs = {API: (path_for(cfg, name, f"{API}-{backend}", fp, kind="api"), None)}

@@ -50,6 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
+import pandas as pd
+
+from . import answers, models, prompts
+
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 API_KEY_ENV = "MEDQA_SERVE_API_KEY"
@@ -121,14 +128,10 @@ class Server:
 
     def client(self, **kwargs):
         """An ``openai.OpenAI`` client for this server."""
-        import openai
-
         return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY", **kwargs)
 
     def async_client(self, **kwargs):
         """An ``openai.AsyncOpenAI`` client for this server."""
-        import openai
-
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY", **kwargs)
 
     def healthy(self, timeout: float = 2.0) -> bool:
@@ -230,8 +233,6 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
 def _check_model(model_dir) -> None:
     """A local path (:func:`models.is_hub_id` decides) that does not exist or holds no model fails here, by
     name; a hub id passes."""
-    from . import models
-
     text = str(model_dir)
     if models.is_hub_id(text):
         return
@@ -250,8 +251,6 @@ SERVED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 def served_name_for(model_dir) -> str:
     """The name a server answers to by default: a folder's own name (``merged`` for
     ``outputs/cpu/models/merged``), a hub id as it is."""
-    from . import models
-
     text = str(model_dir)
     return text if models.is_hub_id(text) else Path(text).expanduser().resolve().name
 
@@ -312,8 +311,6 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     kernel still holds a model). Call :meth:`Server.stop` when done, or use :func:`serve` as a
     ``with`` block.
     """
-    from . import models
-
     backend = pick_backend(backend)
     _check_model(model_dir)
     served_name = served_name or served_name_for(model_dir)
@@ -408,10 +405,6 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
 def measure_latency(server: Server, questions, max_tokens: int = 16):
     """Ask each question twice, one request at a time: streamed, for the time to the first token,
     and plain, for the whole answer's time and token count. A DataFrame, one row per question."""
-    import pandas as pd
-
-    from . import answers, prompts
-
     client, rows = server.client(), []
     for q in questions:
         messages = prompts.build_messages(q.question, q.options)

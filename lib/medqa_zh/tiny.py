@@ -27,6 +27,9 @@ from pathlib import Path
 
 from . import files, prompts
 
+# torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
+# imported inside the functions that use them, so importing this module stays fast.
+
 ASSETS_VERSION = 2  # bump when the generator changes, so old assets are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-0.5B-Instruct)

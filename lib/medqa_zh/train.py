@@ -7,7 +7,7 @@ Each question becomes a *prompt/completion* pair in chat form, built by ``medqa_
 
 trl renders both with the base model's own chat template (the one every evaluation uses) and
 masks the prompt tokens out of the labels; the loss then sends only the answer positions through
-the LM head (see ``_trainer_class``). Three switches decide what the model can learn:
+the LM head (see :class:`AnswerOnlySFTTrainer`). Three switches decide what the model can learn:
 
     train.shuffle_options   permute each example's option contents (seeded per question and epoch)
                             and remap its letter, so gold letters are uniform: no letter prior to learn
@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -40,7 +41,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
 from . import data, files, models, prompts
+
+# unlike the other modules, this one imports torch and the training stack at the top: it trains,
+# and only the training notebooks (02, 03), the report's loss curves (10) and bench/recipes.py import it
 
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
@@ -159,7 +172,6 @@ def peak_memory():
     (``VmHWM``), reset at the start of the block on Linux (``/proc/self/clear_refs``), so it
     includes the model already loaded. Elsewhere it is the peak since the process started.
     """
-    import torch
 
     result = {"device": "cuda" if torch.cuda.is_available() else "cpu", "peak_gib": None}
     if result["device"] == "cuda":
@@ -182,7 +194,6 @@ def _peak_rss_bytes() -> int:
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
@@ -194,37 +205,32 @@ def parameter_counts(model) -> dict:
     return {"total": total, "trainable": trainable, "trainable_share": trainable / total}
 
 
-def _log_callback():
-    from transformers import TrainerCallback
+class JsonlLog(TrainerCallback):
+    """Append every log (train loss, eval loss) to ``train_log.jsonl`` as it happens, and time each
+    optimizer step (forward + backward + update, without evaluation)."""
 
-    class JsonlLog(TrainerCallback):
-        """Append every log (train loss, eval loss) to ``train_log.jsonl`` as it happens, and time each
-        optimizer step (forward + backward + update, without evaluation)."""
+    def __init__(self, path: Path):
+        self.path = path
+        self.step_seconds: list[float] = []
+        self.tokens_at_start = 0
+        self._t0 = None
 
-        def __init__(self, path: Path):
-            self.path = path
-            self.step_seconds: list[float] = []
-            self.tokens_at_start = 0
-            self._t0 = None
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_at_start = state.num_input_tokens_seen  # > 0 when resuming
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.tokens_at_start = state.num_input_tokens_seen  # > 0 when resuming
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._t0 = time.perf_counter()
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.step_seconds.append(time.perf_counter() - self._t0)
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if self._t0 is not None:
-                self.step_seconds.append(time.perf_counter() - self._t0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or not state.is_world_process_zero:
-                return
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    return JsonlLog
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
@@ -282,7 +288,6 @@ def _sha256(path: Path) -> str:
 
 def _checkpointing_field() -> str:
     """transformers 5.x renames ``gradient_checkpointing`` to ``activation_checkpointing``."""
-    from trl import SFTConfig
 
     return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
 
@@ -296,7 +301,6 @@ def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
     through ``head`` (the LM head), under ``autocast`` (the precision the forward ran in). The
     labels are the collator's: -100 everywhere but the answer tokens.
     """
-    import torch
 
     targets = inputs["labels"][:, 1:]  # the hidden state at position t predicts token t + 1
     mask = targets != -100
@@ -309,7 +313,7 @@ def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
     return logits, targets[mask], outputs
 
 
-def _trainer_class():
+class AnswerOnlySFTTrainer(SFTTrainer):
     """trl's ``SFTTrainer`` with a loss that sends only the labelled positions through the LM head.
 
     trl 1.x computes the loss with a fused, chunked LM head that skips unlabelled positions only on
@@ -320,29 +324,23 @@ def _trainer_class():
     time on a CPU (measured), and logits of a few MB instead of GB (``bench/loss_head.py``). A
     test checks the loss and its gradients against trl's own ``compute_loss``.
     """
-    import torch
-    import torch.nn.functional as F
-    from trl import SFTTrainer
 
-    class AnswerOnlySFTTrainer(SFTTrainer):
-        def _get_train_sampler(self, train_dataset=None):
-            # the stream is already shuffled, per epoch and seeded, and sorted within each step (see stream)
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return torch.utils.data.SequentialSampler(dataset)
+    def _get_train_sampler(self, train_dataset=None):
+        # the stream is already shuffled, per epoch and seeded, and sorted within each step (see stream)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            logits, targets, outputs = answer_logits(model, inputs, head, self.accelerator.autocast)
-            count = targets.numel() if num_items_in_batch is None else num_items_in_batch
-            loss = F.cross_entropy(logits, targets, reduction="sum")
-            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
-            with torch.no_grad():
-                mode = "train" if model.training else "eval"
-                accuracy = (logits.argmax(-1) == targets).float().mean().item() if targets.numel() else 0.0
-                self._metrics[mode]["mean_token_accuracy"].append(accuracy)
-            return (loss, outputs) if return_outputs else loss
-
-    return AnswerOnlySFTTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        logits, targets, outputs = answer_logits(model, inputs, head, self.accelerator.autocast)
+        count = targets.numel() if num_items_in_batch is None else num_items_in_batch
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        with torch.no_grad():
+            mode = "train" if model.training else "eval"
+            accuracy = (logits.argmax(-1) == targets).float().mean().item() if targets.numel() else 0.0
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+        return (loss, outputs) if return_outputs else loss
 
 
 def one_device(args) -> object:
@@ -367,12 +365,6 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     Raises a clear error for a base model that cannot be loaded, a missing or empty split, or a
     ``train.max_length`` shorter than an example.
     """
-    import datasets
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig
-
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
     device = models.best_device(cfg.get("model.device", "auto"))
@@ -447,8 +439,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         dataloader_num_workers=0,
     )
     args = one_device(args)
-    log = _log_callback()(out_dir / LOG_FILE)
-    trainer = _trainer_class()(
+    log = JsonlLog(out_dir / LOG_FILE)
+    trainer = AnswerOnlySFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_ex]),
@@ -593,7 +585,6 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
 
 
 def _threads() -> int:
-    import torch
 
     return torch.get_num_threads()
 
@@ -601,7 +592,6 @@ def _threads() -> int:
 def save(run: Run, metrics: dict | None = None) -> Path:
     """Write the adapter (LoRA) or the whole model (full SFT; its float32 master weights cast to
     bfloat16 when training ran in bf16), the tokenizer, the base fingerprint and ``run.json``."""
-    import torch
 
     out = run.out_dir
     # into a folder of its own first, then file by file into the run's folder (which also holds the
@@ -632,8 +622,6 @@ def read_run(run_dir: str | Path) -> dict:
 
 def cost_table(runs: dict[str, dict]):
     """LoRA vs full side by side: parameters, step time, tokens/s, peak memory (from ``run.json``)."""
-    import pandas as pd
-
     rows = {}
     for name, m in runs.items():
         rows[name] = {
