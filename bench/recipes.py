@@ -60,12 +60,11 @@ def write_splits(cfg) -> None:
     """The clean splits where training reads them, as notebook 01 writes them (when absent)."""
     from medqa_zh import data
 
-    folder = cfg.out / "data" / "questions"
-    if all((folder / f"{role}.jsonl").is_file() for role in ("train", "eval")):
+    if all(data.split_path(cfg, role).is_file() for role in ("train", "eval")):
         return
     splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
     for role, questions in splits.questions.items():
-        data.write_questions(questions, folder / f"{role}.jsonl")
+        data.write_questions(questions, data.split_path(cfg, role))
 
 
 def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> dict:

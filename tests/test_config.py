@@ -107,3 +107,19 @@ def test_setup_of_a_real_profile_builds_nothing(project, capsys):
     assert not (project / "outputs" / "cpu" / "assets").exists()
     assert "SMOKE" not in capsys.readouterr().out
     assert os.path.isfile(cfg.out / "manifest.json")
+
+
+def test_a_profile_holds_only_its_changes_to_the_base(project):
+    profiles = project / "profiles"
+    cpu = config.load("cpu")
+    assert cpu["train.learning_rate"] == config.load("gpu")["train.learning_rate"]  # from the base
+    assert cpu["train.max_steps"] == 64 and cpu["train.full.max_steps"] == 6 and cpu["train.lora.r"] == 16
+    (profiles / "typo.yaml").write_text("train:\n  learning_rat: 1.0e-4\n")
+    with pytest.raises(KeyError, match=r"typo.yaml: 'train.learning_rat' is not a setting of profiles/base.yaml"):
+        config.load("typo")
+    (profiles / "flat.yaml").write_text("train:\n  lora: 8\n")
+    with pytest.raises(ValueError, match=r"flat.yaml: 'train.lora' is a group of settings \(r, alpha"):
+        config.load("flat")
+    with pytest.raises(FileNotFoundError, match="no profile 'base'") as e:
+        config.load("base")
+    assert "known profiles: cpu, flat, gpu, smoke, typo" in str(e.value)

@@ -93,9 +93,10 @@ def test_the_gpu_profile_steps_on_32_questions_in_batches_a_24gb_card_holds(proj
     from medqa_zh import train
 
     default = train.settings(config.load("gpu"), "lora")
-    large = train.settings(config.load("gpu", {"train.batch_size": 32, "train.grad_accum": 1}), "full")
-    assert default["batch_size"] <= 8
-    assert default["batch_size"] * default["grad_accum"] == large["batch_size"] * large["grad_accum"] == 32
+    large = train.settings(config.load("gpu", {"train.per_device_train_batch_size": 32, "train.gradient_accumulation_steps": 1}), "full")
+    assert default["per_device_train_batch_size"] <= 8
+    steps = [s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] for s in (default, large)]
+    assert steps == [32, 32]
 
 
 # --------------------------------------------------------------------------- models on the GPU

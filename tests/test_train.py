@@ -170,8 +170,8 @@ def test_training_loss_falls_and_outputs_are_written(lora_run):
 
 
 def test_all_knobs_come_from_the_profile(smoke):
-    cfg = smoke(**{"train.lora.r": 4, "train.lora.alpha": 12, "train.learning_rate": 0.02, "train.batch_size": 4,
-                   "train.grad_accum": 2, "train.max_steps": 3, "train.precision": "fp32",
+    cfg = smoke(**{"train.lora.r": 4, "train.lora.alpha": 12, "train.learning_rate": 0.02, "train.per_device_train_batch_size": 4,
+                   "train.gradient_accumulation_steps": 2, "train.max_steps": 3, "train.precision": "fp32",
                    "train.gradient_checkpointing": True})
     run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "knobs")
     args, lora = run.trainer.args, run.model.peft_config["default"]

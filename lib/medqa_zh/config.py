@@ -1,7 +1,8 @@
-"""Profiles: every knob of a run in one YAML file, plus the run manifest.
+"""Profiles: every knob of a run, plus the run manifest.
 
-``profiles/<name>.yaml`` holds every path, split spec, size and setting. On top of it, in this
-order (later wins):
+``profiles/base.yaml`` holds every path, split spec, size and setting, with what it means;
+``profiles/<name>.yaml`` holds only what that profile changes (a key the base lacks is an error).
+On top of the two, in this order (later wins):
 
 1. the environment: ``MEDQA_BASE_MODEL`` -> ``model.base`` (a hub id or a local dir),
    ``MEDQA_DIR`` -> ``data.medqa_dir`` (a folder in MedQA's ``data_clean`` layout) and
@@ -155,21 +156,50 @@ class Config:
         return hashlib.sha256(json.dumps(self.values, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+BASE_PROFILE = "base"  # profiles/base.yaml: every setting; the other profiles change some of them
+
+
+def _read_profile(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: every profile is read on top of it")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a profile is a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def _merge(values: dict, changes: dict, source: Path, prefix: str = "") -> None:
+    """Put ``changes`` (a profile) into ``values`` (the base), key by key; groups merge, other values replace."""
+    for key, value in changes.items():
+        dotted = f"{prefix}{key}"
+        if key not in values:
+            raise KeyError(f"{source}: {dotted!r} is not a setting of profiles/{BASE_PROFILE}.yaml, which names every "
+                           "setting (a typo? a new setting goes into the base first)")
+        if isinstance(values[key], dict) and isinstance(value, dict):
+            _merge(values[key], value, source, f"{dotted}.")
+        elif isinstance(values[key], dict):
+            raise ValueError(f"{source}: {dotted!r} is a group of settings ({', '.join(values[key])}); set one of them")
+        else:
+            values[key] = copy.deepcopy(value)
+
+
 def load(profile: str | None = None, overrides: dict | None = None, environ: dict | None = None) -> Config:
-    """Load ``profiles/<profile>.yaml`` (default: ``$MEDQA_PROFILE`` or ``smoke``), then apply
-    the environment overrides and ``overrides`` (dotted keys). Unknown keys are errors."""
+    """Load ``profiles/base.yaml`` and the changes of ``profiles/<profile>.yaml`` (default:
+    ``$MEDQA_PROFILE`` or ``smoke``), then apply the environment overrides and ``overrides``
+    (dotted keys). Unknown keys are errors."""
     environ = os.environ if environ is None else environ
     root = project_root()
     name = profile or environ.get("MEDQA_PROFILE") or DEFAULT_PROFILE
     source = root / "profiles" / f"{name}.yaml"
-    if not source.is_file():
-        known = ", ".join(sorted(p.stem for p in (root / "profiles").glob("*.yaml")))
+    if name == BASE_PROFILE or not source.is_file():
+        known = ", ".join(sorted(p.stem for p in (root / "profiles").glob("*.yaml") if p.stem != BASE_PROFILE))
         raise FileNotFoundError(f"no profile {name!r} ({source} is missing); known profiles: {known}")
-    try:
-        values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{source}: not valid YAML: {e}") from None
-    cfg = Config(name, copy.deepcopy(values), root, source)
+    values = _read_profile(root / "profiles" / f"{BASE_PROFILE}.yaml")
+    _merge(values, _read_profile(source), source)
+    cfg = Config(name, values, root, source)
 
     layers = [({k: environ[e] for e, k in ENV_OVERRIDES.items() if environ.get(e)}, "environment")]
     layers.append((overrides or {}, "papermill parameter 'overrides'"))

@@ -15,7 +15,7 @@ the LM head (see :class:`AnswerOnlySFTTrainer`). Three switches decide what the 
                             letter scoring and answer parsing read the same position either way
     train.loss_on           completion (the answer only) | all (the prompt too)
 
-The training stream is built here (:func:`stream`): ``epochs`` passes over the split, each in its
+The training stream is built here (:func:`stream`): ``num_train_epochs`` passes over the split, each in its
 own seeded order, read in that order; inside each optimizer step the examples are sorted by
 length, so each micro-batch pads less and the step's gradient is unchanged. Every knob comes from
 the profile's ``train`` section (``train.full`` overrides it for full SFT). A run writes, under
@@ -75,7 +75,8 @@ def settings(cfg, mode: str) -> dict:
         s.update({k: v for k, v in (cfg.get("train.full") or {}).items() if v is not None})
     else:
         s["lora"] = dict(cfg["train.lora"])
-    missing = [k for k in ("max_length", "batch_size", "grad_accum", "learning_rate") if s.get(k) is None]
+    missing = [k for k in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")
+               if s.get(k) is None]
     if missing:
         raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
     s.setdefault("shuffle_options", False)
@@ -84,8 +85,9 @@ def settings(cfg, mode: str) -> dict:
     for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False))):
         if s[key] not in allowed:
             raise ValueError(f"{cfg.source.name}: train.{key} is {s[key]!r}; it must be one of {list(allowed)}")
-    if int(s.get("epochs", 1)) != s.get("epochs", 1):
-        raise ValueError(f"{cfg.source.name}: train.epochs must be a whole number (use train.max_steps to stop earlier)")
+    if int(s.get("num_train_epochs", 1)) != s.get("num_train_epochs", 1):
+        raise ValueError(f"{cfg.source.name}: train.num_train_epochs must be a whole number (use train.max_steps to stop "
+                         "earlier)")
     return s
 
 
@@ -288,7 +290,6 @@ def _sha256(path: Path) -> str:
 
 def _checkpointing_field() -> str:
     """transformers 5.x renames ``gradient_checkpointing`` to ``activation_checkpointing``."""
-
     return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
 
 
@@ -377,16 +378,16 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     eval_qs = data.load_split(cfg, "eval")[: s.get("eval_questions")]
     origin = models.setting_origin(cfg)
     tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
-    epochs = int(s.get("epochs", 1))
+    epochs = int(s.get("num_train_epochs", 1))
     train_ex = to_examples(stream(train_qs, epochs, seed, s["shuffle_options"]), s["completion"])
     eval_ex = to_examples(eval_qs, s["completion"])  # eval loss: the options as the evaluations show them
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
-    step_size = s["batch_size"] * s["grad_accum"]
-    padding = {"random order": padding_share(lengths["train"], s["batch_size"])}
+    step_size = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    padding = {"random order": padding_share(lengths["train"], s["per_device_train_batch_size"])}
     train_ex = group_by_length(train_ex, lengths["train"], step_size)
     lengths["train"] = group_by_length(lengths["train"], lengths["train"], step_size)
-    padding["sorted within each step"] = padding_share(lengths["train"], s["batch_size"])
+    padding["sorted within each step"] = padding_share(lengths["train"], s["per_device_train_batch_size"])
 
     # LoRA freezes the base, so its weights can stay in bf16 / fp16 (peft keeps the adapter in fp32);
     # full SFT keeps fp32 master weights and computes in bf16 / fp16 under autocast (half-precision
@@ -409,11 +410,11 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=1,  # one pass over the stream, which holds the epochs
         max_steps=s.get("max_steps") or -1,
-        per_device_train_batch_size=s["batch_size"],
-        per_device_eval_batch_size=s.get("eval_batch_size") or s["batch_size"],
-        gradient_accumulation_steps=s["grad_accum"],
+        per_device_train_batch_size=s["per_device_train_batch_size"],
+        per_device_eval_batch_size=s.get("eval_batch_size") or s["per_device_train_batch_size"],
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],
         learning_rate=float(s["learning_rate"]),
-        lr_scheduler_type=s.get("lr_scheduler", "cosine"),
+        lr_scheduler_type=s.get("lr_scheduler_type", "cosine"),
         warmup_steps=float(s.get("warmup_ratio", 0.0)),  # < 1: a fraction of the steps
         weight_decay=float(s.get("weight_decay", 0.0)),
         max_grad_norm=float(s.get("max_grad_norm", 1.0)),
@@ -569,9 +570,9 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "examples": {k: len(v) for k, v in run.lengths.items()},
         "tokens_per_example": {k: {"mean": statistics.fmean(v), "max": max(v)} for k, v in run.lengths.items()},
         "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
-        "epochs": state.epoch * int(run.settings.get("epochs", 1)), "wall_seconds": wall,
+        "epochs": state.epoch * int(run.settings.get("num_train_epochs", 1)), "wall_seconds": wall,
         "median_step_seconds": step_s,
-        "examples_per_step": run.settings["batch_size"] * run.settings["grad_accum"],
+        "examples_per_step": run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"],
         "padding_share": run.padding,
         "tokens_this_session": tokens,
         "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
@@ -585,7 +586,6 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
 
 
 def _threads() -> int:
-
     return torch.get_num_threads()
 
 
