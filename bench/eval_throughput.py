@@ -1,4 +1,4 @@
-"""How fast can a model be evaluated? Letter scoring vs the seed's method vs generate-and-parse,
+"""How fast can a model be evaluated? Letter scoring vs the original workflow's method vs generate-and-parse,
 and the HTTP API at several concurrencies, side by side on the same questions.
 
     python bench/eval_throughput.py MODEL_DIR QUESTIONS_JSONL [--start 2900] [--n 50] [--dtype bfloat16]
@@ -12,9 +12,9 @@ Methods, each on the same ``--n`` questions of ``QUESTIONS_JSONL`` (MedQA format
   ``letter`` (batched), or the part before the options run once per question and its KV cache
   shared by its k rotations (the table's accuracy is rotation 0's; the debiased accuracy and the
   largest score difference between the two are printed below it);
-- ``seed``: what the seed project did: a raw prompt (question and options, no chat template),
+- ``original``: what the original LLaMA-Factory workflow (which this project replaces) did: a raw prompt (question and options, no chat template),
   *sampled* generation (temperature 0.1), up to 512 new tokens, one question at a time;
-  ``--seed-n`` limits it to the first questions when time is short (its questions/s is then over
+  ``--original-n`` limits it to the first questions when time is short (its questions/s is then over
   those);
 - ``generate``: :func:`medqa_zh.evaluate.generate_answers`, greedy, batched, ``--max-new-tokens``;
 - ``api-cN``: :func:`medqa_zh.evaluate.api_scorer` against ``transformers serve`` (``--backend``) with
@@ -35,15 +35,15 @@ import time
 from functools import partial
 
 
-def seed_method(model, tokenizer, questions, max_new_tokens: int = 512) -> list[dict]:
-    """The seed's evaluation, reproduced: raw prompt, sampling at temperature 0.1, batch 1."""
+def original_method(model, tokenizer, questions, max_new_tokens: int = 512) -> list[dict]:
+    """The original workflow's evaluation, reproduced: raw prompt, sampling at temperature 0.1, batch 1."""
     import torch
     from tqdm.auto import tqdm
 
     from medqa_zh import answers, prompts
 
     rows = []
-    for q in tqdm(questions, desc="seed method", unit="q"):
+    for q in tqdm(questions, desc="original method", unit="q"):
         text = f"{q.question}\n{prompts.format_options(q.options)}\n答案："
         enc = tokenizer(text, return_tensors="pt").to(model.device)
         with torch.inference_mode():
@@ -68,7 +68,8 @@ def main() -> None:
     p.add_argument("questions", help="a MedQA-format jsonl, e.g. ../shared/medqa/questions/Mainland/dev.jsonl")
     p.add_argument("--start", type=int, default=2900)
     p.add_argument("--n", type=int, default=50)
-    p.add_argument("--seed-n", type=int, default=None, help="questions for the seed's method (default: all --n)")
+    p.add_argument("--original-n", type=int, default=None,
+                   help="questions for the original workflow's method (default: all --n)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
@@ -102,8 +103,8 @@ def main() -> None:
         results[name] = debias.results(rows, "plain"), seconds
     results["generate"] = timed("generate", lambda: evaluate.generate_answers(
         model, tokenizer, questions, a.max_new_tokens, a.batch, progress=False))
-    seed_questions = questions[: a.seed_n or len(questions)]
-    results["seed"] = timed("seed", lambda: seed_method(model, tokenizer, seed_questions))
+    original_questions = questions[: a.original_n or len(questions)]
+    results["original"] = timed("original", partial(original_method, model, tokenizer, original_questions))
     for cb in (False, True) if a.backend == "transformers" else (False,):
         with serve.serve(a.model_dir, backend=a.backend, dtype=a.dtype, continuous_batching=cb, quiet=True) as server:
             evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens)(questions[:2])  # warm-up
@@ -113,7 +114,7 @@ def main() -> None:
                                             concurrency=c)
                 results[name] = timed(name, partial(score, questions))
 
-    seed_rate = len(seed_questions) / results["seed"][1]
+    original_rate = len(original_questions) / results["original"][1]
     reference = {r["id"]: r["pred"] for r in results["generate"][0]}
     table = []
     for name, (rows, seconds) in results.items():
@@ -121,18 +122,18 @@ def main() -> None:
         agree = sum(r["pred"] == reference[r["id"]] for r in rows) / len(rows)
         table.append({"method": name, "questions": len(rows), "seconds": round(seconds, 2),
                       "questions_per_s": round(len(rows) / seconds, 3),
-                      "vs_seed": round(len(rows) / seconds / seed_rate, 1),
+                      "vs_original": round(len(rows) / seconds / original_rate, 1),
                       "accuracy": round(acc["accuracy"], 3), "invalid": acc["invalid"], "failed": acc["failed"],
                       "agree": round(agree, 3)})
-    seed_tokens = [r["new_tokens"] for r in results["seed"][0]]
-    print(f"\nseed method: {sum(seed_tokens) / len(seed_tokens):.0f} new tokens per question on average "
-          f"(max {max(seed_tokens)}), {sum(seed_tokens) / results['seed'][1]:.1f} tokens/s")
+    original_tokens = [r["new_tokens"] for r in results["original"][0]]
+    print(f"\noriginal method: {sum(original_tokens) / len(original_tokens):.0f} new tokens per question on average "
+          f"(max {max(original_tokens)}), {sum(original_tokens) / results['original'][1]:.1f} tokens/s")
     header = list(table[0])
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in table:
         print("| " + " | ".join(str(row[k]) for k in header) + " |")
     letter = next(r for r in table if r["method"] == "letter")
-    print(f"\nletter scoring vs the seed's method: {letter['vs_seed']}x (goal: >= 20x)")
+    print(f"\nletter scoring vs the original workflow's method: {letter['vs_original']}x (goal: >= 20x)")
     k = len(questions[0].options)
     for name in rotations:
         print(f"{name}: {k} rotations take {results[name][1] / results['letter'][1]:.2f}x one plain letter-scoring pass"

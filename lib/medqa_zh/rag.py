@@ -280,8 +280,8 @@ def reciprocal_rank_fusion(rankings: list[list[int]], k: int = 60) -> list[tuple
 
 
 def query_text(question: str, options) -> str:
-    """The retrieval query: the question and every option's text (the seed searched with the
-    question alone, missing the words that tell the options apart)."""
+    """The retrieval query: the question and every option's text (the original LLaMA-Factory
+    workflow searched with the question alone, missing the words that tell the options apart)."""
     return question.strip() + "\n" + "\n".join(options[letter] for letter in sorted(options))
 
 
