@@ -1,13 +1,20 @@
-"""medqa_zh: the thin library behind the notebooks (one module per concern).
+"""medqa_zh: the thin library behind the notebooks (one module per concern; docs/ARCHITECTURE.md).
 
-config   load a profile, resolve paths, write the run manifest
-data     read and validate MedQA, build splits, export SFT / LLaMA-Factory files, read textbooks
-prompts  the one prompt format shared by training and every evaluation path
-models   load the base model, tokenizer and adapters with clear errors; training precision
-train    LoRA / full SFT with trl's SFTTrainer + peft: resumable, logged, measured
-merge    merge a LoRA adapter into its base and prove merged == base + adapter
-answers  read the chosen option letter out of a free-text answer
-tiny     build the tiny smoke model and synthetic MedQA-format data
-report   tables and plots for the notebooks
+config    load a profile (profiles/base.yaml + the profile's changes), resolve paths, write the manifest
+files     write files and folders atomically
+data      read and validate MedQA, build splits, the run's split files, SFT / LLaMA-Factory export, textbooks
+prompts   the one prompt format shared by training and every evaluation path
+answers   read the chosen option letter out of a free-text answer
+models    load base models, tokenizers and adapters with clear errors; devices, precisions; the run's models
+train     LoRA / full SFT with trl's SFTTrainer + peft: resumable, logged, measured
+merge     merge a LoRA adapter into its base and prove merged == base + adapter
+serve     start and stop an OpenAI-compatible server (vLLM or transformers serve)
+evaluate  letter scoring, generate-and-parse, the API client; metrics, intervals, paired tests
+debias    every cyclic rotation of the options: debiased accuracy, consistency, letter prior
+results   each evaluation's answers on disk: resumable caches, the index, collecting them for the report
+rag       passages, BM25 / dense / hybrid retrieval, the passages of a prompt
+chat      the ipywidgets chat and its backends
+report    tables and plots for the notebooks, reports/index.html
+tiny      build the tiny smoke model and synthetic MedQA-format data
 """
 __version__ = "0.1.0"
