@@ -453,7 +453,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     run_key = {  # what makes two runs the same run: resuming across a change would mix them
         "mode": mode, "settings": {k: v for k, v in s.items() if k != "resume"}, "precision": precision, "base_model": cfg.base_model,
         "base_fingerprint": models.fingerprint(model), "seed": seed,
-        "train_sha256": _sha256(cfg.out / "data" / "questions" / "train.jsonl"),
+        "train_sha256": _sha256(data.split_path(cfg, "train")),
         "eval_questions": [q.id for q in eval_qs],
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
