@@ -1,5 +1,6 @@
 """results: each evaluation's answers on disk, resumable after a crash, indexed for the report."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -115,3 +116,21 @@ def test_in_process_loads_a_model_only_for_what_is_missing_and_records_each_eval
     assert "base|rotations+rag bm25" in json.loads((cfg.out / "eval" / results.INDEX).read_text())
     with pytest.raises(ValueError, match="unknown in-process evaluation api"):
         results.in_process(cfg, "base", questions, ["api"])
+
+
+def test_a_crash_while_dropping_a_torn_line_keeps_every_finished_answer(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    rows = [{"id": q.id, "gold": "A", "pred": "A"} for q in QUESTIONS[:4]]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text + '{"id": "torn')  # a crash mid-line: the next run rewrites the file without it
+
+    def crash_halfway(self, data, *args, **kwargs):  # and that rewrite is killed half-way through
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", crash_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        results.run_cached(path, QUESTIONS, lambda batch: [], progress=False)
+    monkeypatch.undo()
+    assert path.read_text().startswith(text)  # the four finished answers are all still there

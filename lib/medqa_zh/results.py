@@ -97,7 +97,7 @@ def run_cached(path, questions, score_batch, batch_size: int = 8, progress: bool
     if done:
         print(f"{path.name}: {len(done)} questions already evaluated, {len(todo)} to go")
     if len(done) < len(rows) or (path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")):
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+        files.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))  # never half of it
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="q", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             rows = score_batch(todo[start: start + batch_size])

@@ -518,7 +518,7 @@ def _check_resumable(run: Run, resume: bool) -> str | None:
                 f"them), or delete {run.checkpoints}."
             )
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    recorded_path.write_text(json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+    files.write_text(recorded_path, json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False))
     return checkpoint
 
 
