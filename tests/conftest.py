@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, at_root
+from medqa_zh import config, data
 
 SHARED_MEDQA = Path(os.environ.get("MEDQA_SHARED_DIR", REPO.parent / "shared" / "medqa"))
 
@@ -38,3 +39,24 @@ def shared_medqa():
     if not (SHARED_MEDQA / "questions" / "Mainland" / "dev.jsonl").is_file():
         pytest.skip(f"real MedQA not found at {SHARED_MEDQA} (set MEDQA_SHARED_DIR to run this test)")
     return SHARED_MEDQA
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """A project with the smoke assets built and the clean splits written, as notebook 01 leaves it."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "profiles", root / "profiles")
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    with at_root(root):
+        cfg = config.setup("smoke")
+        splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
+        for role, questions in splits.questions.items():
+            data.write_questions(questions, data.split_path(cfg, role))
+    return root
+
+
+@pytest.fixture
+def smoke(smoke_root, monkeypatch):
+    """``smoke(**overrides)`` -> the smoke Config of the module's project."""
+    monkeypatch.setenv("MEDQA_ROOT", str(smoke_root))
+    return lambda **overrides: config.load("smoke", overrides)

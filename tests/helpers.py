@@ -1,7 +1,10 @@
 """Small builders shared by the tests."""
+import contextlib
 import json
 import os
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,3 +46,28 @@ def server_processes() -> list[int]:
             if b"_transformers_main" in cmdline and int(proc.name) != os.getpid():
                 pids.append(int(proc.name))
     return pids
+
+
+def processes_of(root) -> list[int]:
+    """Pids of every Python process that runs with ``MEDQA_ROOT=root``: a launcher and the processes it started
+    (torch's launcher starts each in a session of its own, out of reach of a kill of the launcher's group)."""
+    marker = f"MEDQA_ROOT={root}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@contextlib.contextmanager
+def at_root(root):
+    """Run with ``root`` as the project root and no MEDQA_* settings from the shell (outside a test's own monkeypatch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT"):
+            mp.delenv(var, raising=False)
+        mp.setenv("MEDQA_ROOT", str(root))
+        yield

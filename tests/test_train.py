@@ -1,51 +1,17 @@
 """Training, adapters and merging on the tiny smoke model (seconds each, no network)."""
-import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import at_root
 from medqa_zh import config, data, merge, models, prompts, tiny, train
-
-ENV = ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_PROFILE", "MEDQA_ROOT")
-
-
-@contextlib.contextmanager
-def _root(root):
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ENV:
-            mp.delenv(var, raising=False)
-        mp.setenv("MEDQA_ROOT", str(root))
-        yield
-
-
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory):
-    """A project with the smoke assets built and the clean splits written, as notebook 01 leaves it."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(REPO / "profiles", root / "profiles")
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    with _root(root):
-        cfg = config.setup("smoke")
-        splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
-        for role, questions in splits.questions.items():
-            data.write_questions(questions, data.split_path(cfg, role))
-    return root
-
-
-@pytest.fixture
-def smoke(smoke_root, monkeypatch):
-    """``smoke(**overrides)`` -> the smoke Config of the module's project."""
-    monkeypatch.setenv("MEDQA_ROOT", str(smoke_root))
-    return lambda **overrides: config.load("smoke", overrides)
 
 
 @pytest.fixture(scope="module")
 def lora_run(smoke_root):
     """One LoRA run of the smoke profile, shared by the tests that only read its outputs."""
-    with _root(smoke_root):
+    with at_root(smoke_root):
         cfg = config.load("smoke")
         run = train.prepare(cfg, "lora")
         metrics = train.train(run, resume=False)

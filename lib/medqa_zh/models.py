@@ -164,9 +164,11 @@ def fingerprint(model) -> str:
 
 
 def write_fingerprint(model, name: str, out_dir: str | Path) -> Path:
-    """Record which base a run trained on next to its adapter or checkpoint."""
+    """Record which base a run trained on next to its adapter or checkpoint (``model``: the base, or
+    its :func:`fingerprint` taken before training)."""
     path = Path(out_dir) / FINGERPRINT_FILE
-    path.write_text(json.dumps({"base_model": name, "fingerprint": fingerprint(model)}, indent=2), encoding="utf-8")
+    value = model if isinstance(model, str) else fingerprint(model)
+    path.write_text(json.dumps({"base_model": name, "fingerprint": value}, indent=2), encoding="utf-8")
     return path
 
 

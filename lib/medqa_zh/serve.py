@@ -271,13 +271,14 @@ def _libc():
         return None
 
 
-_LIBC = _libc()
+LIBC = _libc()
 
 
-def _die_with_parent():
+def die_with_parent():
     """Runs in the child between fork and exec: SIGTERM it when the parent dies (Linux
-    ``PR_SET_PDEATHSIG``), so a killed kernel leaves no server behind. No imports or locks here."""
-    _LIBC.prctl(1, signal.SIGTERM)
+    ``PR_SET_PDEATHSIG``), so a killed kernel leaves no server (or launched training) behind. No imports
+    or locks here."""
+    LIBC.prctl(1, signal.SIGTERM)
 
 
 def _check_vllm() -> None:
@@ -350,7 +351,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     log.flush()
     server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                       start_new_session=True,
-                                      preexec_fn=_die_with_parent if _LIBC is not None else None)
+                                      preexec_fn=die_with_parent if LIBC is not None else None)
     log.close()
     _RUNNING.add(server)
     try:

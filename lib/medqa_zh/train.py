@@ -28,14 +28,20 @@ the profile's ``train`` section (``train.full`` overrides it for full SFT). A ru
 """
 from __future__ import annotations
 
+import argparse
+import codecs
 import contextlib
+import copy
 import hashlib
 import json
 import math
+import os
 import random
 import resource
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,12 +51,14 @@ import datasets
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
+from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import data, files, models, prompts
+from . import config, data, files, models, prompts, serve
 
 # unlike the other modules, this one imports torch and the training stack at the top: it trains,
 # and only the training notebooks (02, 03), the report's loss curves (10) and bench/recipes.py import it
@@ -70,9 +78,13 @@ def settings(cfg, mode: str) -> dict:
     (where its values are not null)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    s = {k: v for k, v in cfg["train"].items() if k not in ("lora", "full")}
-    if mode == "full":  # a null in train.full means: as for LoRA
-        s.update({k: v for k, v in (cfg.get("train.full") or {}).items() if v is not None})
+    s = copy.deepcopy({k: v for k, v in cfg["train"].items() if k not in ("lora", "full")})
+    if mode == "full":  # a null in train.full means: as for LoRA (in a group, key by key)
+        for k, v in (cfg.get("train.full") or {}).items():
+            if isinstance(v, dict):
+                s.setdefault(k, {}).update({kk: vv for kk, vv in v.items() if vv is not None})
+            elif v is not None:
+                s[k] = v
     else:
         s["lora"] = dict(cfg["train.lora"])
     missing = [k for k in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")
@@ -89,6 +101,89 @@ def settings(cfg, mode: str) -> dict:
         raise ValueError(f"{cfg.source.name}: train.num_train_epochs must be a whole number (use train.max_steps to stop "
                          "earlier)")
     return s
+
+
+# --------------------------------------------------------------------------- more than one process
+
+
+def processes(s: dict) -> int:
+    """How many processes train: ``train.launch.num_processes`` (``auto``: one per visible GPU, at least one)."""
+    n = (s.get("launch") or {}).get("num_processes", 1)
+    if n == "auto":
+        return max(torch.cuda.device_count(), 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"train.launch.num_processes is {n!r}; it must be a whole number >= 1 or auto")
+    return n
+
+
+def world_size() -> int:
+    """Processes in this run: a launcher (``accelerate launch``, ``torchrun``) sets ``WORLD_SIZE``; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+LAUNCHED = "MEDQA_TRAIN_LAUNCHED"  # set in the processes :func:`launch` starts: they never launch again
+
+
+def to_launch(s: dict) -> bool:
+    """Whether this process should start ``train.launch.num_processes`` processes rather than train itself."""
+    if world_size() > 1 or processes(s) == 1:
+        return False
+    if os.environ.get(LAUNCHED):
+        raise RuntimeError(f"this process was started to train in {os.environ[LAUNCHED]} processes, but it is alone "
+                           "(no WORLD_SIZE from the launcher): the launcher started no process group. Check the "
+                           "accelerate config (train.launch.config) or start it with torchrun.")
+    return True
+
+
+def launch_command(cfg, mode: str) -> list[str]:
+    """The ``accelerate launch`` command line that trains ``mode`` with ``train.launch`` of ``cfg``:
+    this module's entry point, the profile, and the overrides that did not come from the environment
+    (the environment reaches the processes as it is)."""
+    s = settings(cfg, mode)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes(s))]
+    config_file = (s.get("launch") or {}).get("config")
+    if config_file:
+        path = Path(config_file).expanduser()
+        path = path if path.is_absolute() else cfg.root / path
+        if not path.is_file():
+            raise FileNotFoundError(f"train.launch.config = {config_file!r}: {path} is missing "
+                                    "(the shipped accelerate configs are in profiles/accelerate/)")
+        cmd += ["--config_file", str(path)]
+    else:
+        # plain data parallel through torch.distributed (one process per GPU; on a CPU, gloo: accelerate's
+        # own --cpu would need MPI); precision is the Trainer's (train.precision), not accelerate's
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "medqa_zh.train", "--profile", cfg.name, "--mode", mode]
+    cmd += [f"{key}={json.dumps(o['value'], ensure_ascii=False)}" for key, o in cfg.overrides.items()
+            if o["from"] != "environment"]
+    return cmd
+
+
+def launch(command: list[str], out_dir: Path, cwd: Path | None = None) -> dict:
+    """Run ``command`` (see :func:`launch_command`), stream its output here as it comes (the progress
+    bars too) and into ``<out_dir>/launch.log``, and return the ``run.json`` it wrote."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "launch.log"
+    print("$ " + " ".join(command), flush=True)
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED: command[command.index("--num_processes") + 1]}
+    with open(log_path, "wb") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                       cwd=cwd, env=env, start_new_session=True,
+                                                       preexec_fn=serve.die_with_parent if serve.LIBC is not None else None) as proc:
+        try:
+            while chunk := proc.stdout.read1(1 << 16):
+                log.write(chunk)
+                sys.stdout.write(decode.decode(chunk))
+                sys.stdout.flush()
+            proc.wait()
+        except BaseException:  # an interrupted cell stops every process of the run, not only the launcher
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            raise
+    if proc.returncode:
+        raise RuntimeError(f"the launched training stopped with exit code {proc.returncode}: its output is above and "
+                           f"in {log_path}. A rerun resumes from its last checkpoint.")
+    return read_run(out_dir)
 
 
 def to_examples(questions: list[data.Question], completion: str = "letter") -> list[dict]:
@@ -278,6 +373,7 @@ class Run:
     run_key: dict = field(default_factory=dict)
     padding: dict = field(default_factory=dict)  # share of padding in the micro-batches: random order vs sorted
     examples: dict = field(default_factory=dict)  # role -> the prompt/completion examples, in training order
+    launch: list | None = None  # the command that trains it in train.launch.num_processes processes (None: here)
 
     @property
     def checkpoints(self) -> Path:
@@ -337,6 +433,10 @@ class AnswerOnlySFTTrainer(SFTTrainer):
         count = targets.numel() if num_items_in_batch is None else num_items_in_batch
         loss = F.cross_entropy(logits, targets, reduction="sum")
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the count is the whole step's, over every process, and data parallelism averages the
+            # processes' gradients: each process's share of the sum is scaled back up, as the Trainer does
+            loss = loss * self.accelerator.num_processes
         with torch.no_grad():
             mode = "train" if model.training else "eval"
             accuracy = (logits.argmax(-1) == targets).float().mean().item() if targets.numel() else 0.0
@@ -363,12 +463,19 @@ def one_device(args) -> object:
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     """Load the base model and the splits, check them, and build the ``SFTTrainer``.
 
-    Raises a clear error for a base model that cannot be loaded, a missing or empty split, or a
-    ``train.max_length`` shorter than an example.
+    With ``train.launch.num_processes`` above 1, started outside a launcher (a notebook's kernel),
+    the run is built on the CPU for a look at its data and parameters only, and :func:`train`
+    starts the launched processes that train it. Raises a clear error for a base model that
+    cannot be loaded, a missing or empty split, or a ``train.max_length`` shorter than an example.
     """
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
     device = models.best_device(cfg.get("model.device", "auto"))
+    launched = to_launch(s)
+    command = launch_command(cfg, mode) if launched else None
+    if launched:
+        device = "cpu"  # a preview: the launched processes train, and the GPUs stay free for them
+    world = processes(s) if launched else world_size()
     precision = models.training_precision(s.get("precision", "auto"), device)
     out_dir = Path(out_dir) if out_dir else models.folder(cfg, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +490,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     eval_ex = to_examples(eval_qs, s["completion"])  # eval loss: the options as the evaluations show them
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
-    step_size = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    # one optimizer step's examples, across all processes: each process reads every world-th micro-batch
+    step_size = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] * world
     padding = {"random order": padding_share(lengths["train"], s["per_device_train_batch_size"])}
     train_ex = group_by_length(train_ex, lengths["train"], step_size)
     lengths["train"] = group_by_length(lengths["train"], lengths["train"], step_size)
@@ -435,6 +543,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         seed=seed,
         data_seed=seed,
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,
@@ -450,15 +559,20 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         peft_config=peft_config,
         callbacks=[log],
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and trainer.accelerator.distributed_type.value != "FSDP":
+        if trainer.accelerator.is_main_process:
+            print(f"the accelerate config asks for FSDP, but accelerate shards models on GPUs only: these "
+                  f"{world} processes train data-parallel ({trainer.accelerator.distributed_type.value}), each with "
+                  "the whole model")
     run_key = {  # what makes two runs the same run: resuming across a change would mix them
-        "mode": mode, "settings": {k: v for k, v in s.items() if k != "resume"}, "precision": precision, "base_model": cfg.base_model,
-        "base_fingerprint": models.fingerprint(model), "seed": seed,
+        "mode": mode, "settings": {k: v for k, v in s.items() if k not in ("resume", "launch")}, "precision": precision,
+        "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "seed": seed, "world_size": world,
         "train_sha256": _sha256(data.split_path(cfg, "train")),
         "eval_questions": [q.id for q in eval_qs],
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
     return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key, padding,
-               {"train": train_ex, "eval": eval_ex})
+               {"train": train_ex, "eval": eval_ex}, command)
 
 
 def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
@@ -484,42 +598,68 @@ def checkpoint_missing(folder: Path) -> list[str]:
     return missing
 
 
-def _last_checkpoint(run: Run) -> str | None:
-    """The newest complete checkpoint. Newer ones that a crash left half-written are named and removed
-    (they cannot be resumed from, and the Trainer would pick them)."""
+def _complete_checkpoints(run: Run) -> tuple[str | None, list[tuple[Path, list[str]]]]:
+    """The newest complete checkpoint, and the newer ones a crash left half-written (with what they lack)."""
     if not run.checkpoints.is_dir():
-        return None
+        return None, []
     found = sorted((p for p in run.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
                    key=lambda p: int(p.name[11:]), reverse=True)
+    broken = []
     for folder in found:
         missing = checkpoint_missing(folder)
         if not missing:
-            return str(folder)
+            return str(folder), broken
+        broken.append((folder, missing))
+    return None, broken
+
+
+def _resume_point(run: Run, resume: bool) -> str | None:
+    """The checkpoint to resume from, after checking it belongs to a run with these settings and as
+    many processes. Reads only: every process of a launched run calls it and must agree."""
+    if not resume:
+        return None
+    checkpoint, _ = _complete_checkpoints(run)
+    if not checkpoint:
+        return None
+    recorded_path = run.checkpoints / SETTINGS_FILE
+    recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else {}
+    fix = f"set train.resume to false (starts over and deletes them), or delete {run.checkpoints}"
+    was, now = recorded.get("world_size", 1), run.run_key["world_size"]
+    if was != now:
+        step = run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"]
+        raise RuntimeError(
+            f"{checkpoint} was written by a run in {was} process(es) ({step * was} examples per optimizer step); this run "
+            f"has {now} ({step * now} per step). Resuming would skip the wrong examples and change the batch mid-run. "
+            f"Fix: train with {was} process(es) again (train.launch.num_processes, or the launcher's), or {fix}."
+        )
+    if recorded != run.run_key:
+        changed = sorted(k for k in run.run_key if recorded.get(k) != run.run_key[k])
+        raise RuntimeError(
+            f"{run.checkpoints} holds checkpoints of a run with other settings (changed: {', '.join(changed)}), "
+            f"so resuming would mix two runs. Fix: {fix}."
+        )
+    return checkpoint
+
+
+def _tidy(run: Run, resume: bool, checkpoint: str | None) -> None:
+    """Make the run folder fit the checkpoint resumed from (one process writes this): drop half-written
+    checkpoints (or all of them when not resuming), record the settings, cut the log back to the checkpoint."""
+    if not resume and run.checkpoints.exists():
+        shutil.rmtree(run.checkpoints)
+    for folder, missing in _complete_checkpoints(run)[1]:
         print(f"{folder} is incomplete (no {', '.join(missing)}: a crash while saving it); removed, "
               "resuming from the one before")
         shutil.rmtree(folder)
-    return None
-
-
-def _check_resumable(run: Run, resume: bool) -> str | None:
-    """The checkpoint to resume from, after checking it belongs to a run with these settings."""
-    recorded_path = run.checkpoints / SETTINGS_FILE
-    checkpoint = _last_checkpoint(run)
-    if not resume and run.checkpoints.exists():
-        shutil.rmtree(run.checkpoints)
-        checkpoint = None
-    if checkpoint:
-        recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else None
-        if recorded != run.run_key:
-            changed = sorted(k for k in run.run_key if (recorded or {}).get(k) != run.run_key[k])
-            raise RuntimeError(
-                f"{run.checkpoints} holds checkpoints of a run with other settings (changed: {', '.join(changed)}), "
-                "so resuming would mix two runs. Fix: set train.resume to false (starts over and deletes "
-                f"them), or delete {run.checkpoints}."
-            )
+    (run.out_dir / RUN_FILE).unlink(missing_ok=True)  # a folder whose run is training holds no finished run
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    files.write_text(recorded_path, json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False))
-    return checkpoint
+    files.write_text(run.checkpoints / SETTINGS_FILE, json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False))
+    log_path = run.out_dir / LOG_FILE
+    if checkpoint:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        _truncate_log(log_path, state["global_step"])
+        print(f"resuming from {checkpoint} (step {state['global_step']})")
+    else:
+        log_path.unlink(missing_ok=True)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -530,7 +670,15 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def train(run: Run, resume: bool | None = None) -> dict:
     """Train (resuming from the last checkpoint of the same run when there is one), save the
-    adapter or model with the tokenizer, and return the measurements written to ``run.json``."""
+    adapter or model with the tokenizer, and return the measurements written to ``run.json``.
+
+    A run that :func:`prepare` planned for several processes is started here with ``accelerate
+    launch`` (its output streams in), after the preview's model is freed."""
+    if run.launch:
+        command, out_dir = run.launch, run.out_dir
+        run.model = run.trainer = None
+        models.free_memory()
+        return launch(command, out_dir, cwd=config.project_root())
     resume = bool(run.settings.get("resume", True)) if resume is None else resume
     done = run.out_dir / RUN_FILE
     if resume and done.is_file():
@@ -539,14 +687,12 @@ def train(run: Run, resume: bool | None = None) -> dict:
             print(f"{run.out_dir} already holds this run, finished; returning its measurements "
                   "(set train.resume to false to train again)")
             return previous
-    checkpoint = _check_resumable(run, resume)
-    log_path = run.out_dir / LOG_FILE
-    if checkpoint:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-        _truncate_log(log_path, state["global_step"])
-        print(f"resuming from {checkpoint} (step {state['global_step']})")
-    else:
-        log_path.unlink(missing_ok=True)
+    accelerator = run.trainer.accelerator
+    checkpoint = _resume_point(run, resume)  # every process, before any of them changes the folder
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _tidy(run, resume, checkpoint)
+    accelerator.wait_for_everyone()
     run.trainer.args.eval_on_start = checkpoint is None  # the base model's eval loss is the curve's step 0
     start = time.perf_counter()
     with peak_memory() as memory:
@@ -572,7 +718,10 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
         "epochs": state.epoch * int(run.settings.get("num_train_epochs", 1)), "wall_seconds": wall,
         "median_step_seconds": step_s,
-        "examples_per_step": run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"],
+        "world_size": run.run_key["world_size"],
+        "parallelism": run.trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU (DDP), FSDP, DEEPSPEED
+        "examples_per_step": (run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"]
+                              * run.run_key["world_size"]),  # the global batch: all processes together
         "padding_share": run.padding,
         "tokens_this_session": tokens,
         "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
@@ -591,25 +740,36 @@ def _threads() -> int:
 
 def save(run: Run, metrics: dict | None = None) -> Path:
     """Write the adapter (LoRA) or the whole model (full SFT; its float32 master weights cast to
-    bfloat16 when training ran in bf16), the tokenizer, the base fingerprint and ``run.json``."""
+    bfloat16 when training ran in bf16), the tokenizer, the base fingerprint and ``run.json``.
+
+    Every process of a launched run calls it (a sharded model's weights are gathered from all of
+    them); only the main process writes."""
 
     out = run.out_dir
-    # into a folder of its own first, then file by file into the run's folder (which also holds the
-    # log and checkpoints), the weights and run.json last: whoever finds the weights finds a whole model
-    tmp = out.with_name(out.name + ".saving")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving
-    if run.mode == "lora":
-        run.trainer.model.save_pretrained(tmp)
-    else:
-        model = run.trainer.model
-        if run.precision == "bf16":
-            model = model.to(torch.bfloat16)
-        model.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
-    models.write_fingerprint(run.model, run.base_model, tmp)
-    if metrics is not None:
-        (tmp / RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-    return files.move_into(tmp, out, last=(*CHECKPOINT_WEIGHTS, RUN_FILE))
+    accelerator = run.trainer.accelerator
+    state = accelerator.get_state_dict(run.trainer.model_wrapped)  # FSDP / ZeRO-3: gathered from every shard
+    if accelerator.is_main_process:
+        # into a folder of its own first, then file by file into the run's folder (which also holds the
+        # log and checkpoints), the weights and run.json last: whoever finds the weights finds a whole model
+        tmp = out.with_name(out.name + ".saving")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving
+        model = accelerator.unwrap_model(run.trainer.model_wrapped)
+        if run.mode == "lora":
+            model.save_pretrained(tmp)  # the adapter only; its weights are not sharded (data parallel)
+        else:
+            # a tied weight (Qwen2.5-0.5B's lm_head is its embedding) is saved once, under its first name, as the base has it
+            names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+            state = {k: v for k, v in state.items() if k in names}
+            if run.precision == "bf16":
+                state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+            model.save_pretrained(tmp, state_dict=state)
+        run.tokenizer.save_pretrained(tmp)
+        models.write_fingerprint(run.run_key["base_fingerprint"], run.base_model, tmp)
+        if metrics is not None:
+            (tmp / RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+        files.move_into(tmp, out, last=(*CHECKPOINT_WEIGHTS, RUN_FILE))
+    accelerator.wait_for_everyone()
+    return out
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -637,3 +797,48 @@ def cost_table(runs: dict[str, dict]):
             "last eval loss": round(m["last_eval_loss"], 3) if m["last_eval_loss"] is not None else math.nan,
         }
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the entry point a launcher starts
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an override: write key=value, e.g. train.max_steps=20")
+    return key, yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m medqa_zh.train --profile P --mode lora|full [key=value ...]``: what notebooks 02 and 03 run.
+
+    Started by ``accelerate launch`` or ``torchrun``, every process runs this and they train data-parallel;
+    started plainly, it trains here, or launches ``train.launch.num_processes`` processes when that is above 1.
+    """
+    parser = argparse.ArgumentParser(prog="python -m medqa_zh.train", description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default=None, help="profiles/<profile>.yaml (default: $MEDQA_PROFILE or smoke)")
+    parser.add_argument("--mode", choices=MODES, default="lora")
+    parser.add_argument("overrides", nargs="*", type=_override, metavar="key=value",
+                        help="settings by dotted key, values in YAML, e.g. train.max_steps=20 train.launch.num_processes=2")
+    opts = parser.parse_args(argv)
+    overrides = dict(opts.overrides)
+    if world_size() == 1:
+        cfg = config.setup(opts.profile, overrides, notebook=f"python -m medqa_zh.train --mode {opts.mode}")
+        if to_launch(settings(cfg, opts.mode)):  # launch the processes, with no model loaded here
+            return launch(launch_command(cfg, opts.mode), models.folder(cfg, opts.mode), cwd=cfg.root)
+    else:
+        cfg = config.load(opts.profile, overrides)
+        # joins the process group the launcher set up (gloo on a CPU, which accelerate picks only when told)
+        state = PartialState(cpu=models.best_device(cfg.get("model.device", "auto")) == "cpu")
+        if state.is_main_process:  # the manifest and the smoke assets: written once
+            config.setup(opts.profile, overrides, notebook=f"python -m medqa_zh.train --mode {opts.mode}")
+        state.wait_for_everyone()
+    metrics = train(prepare(cfg, opts.mode))
+    if metrics.get("out_dir") and (world_size() == 1 or int(os.environ.get("RANK", "0")) == 0):
+        print(f"{opts.mode}: {metrics['optimizer_steps']} optimizer steps of {metrics['examples_per_step']} examples "
+              f"({metrics.get('world_size', 1)} process(es)); wrote {metrics['out_dir']}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

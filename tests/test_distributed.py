@@ -1,0 +1,219 @@
+"""Training in two processes on the CPU (data parallel over gloo), through ``python -m medqa_zh.train``.
+
+Each run is a real launch (``accelerate launch`` of the entry point, two Python processes) on the
+tiny smoke model: seconds of training, about 10 s of process start-up each.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from helpers import REPO, at_root, processes_of
+from medqa_zh import config, models, train
+
+# 6 steps of per_device_train_batch_size 8 (the smoke profile's): evaluation at steps 0 and 5 (eval_steps 5)
+STEPS = ("train.max_steps=6", "train.eval_steps=5", "train.logging_steps=1", "train.resume=false")
+
+
+def _env(root) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    env["MEDQA_ROOT"] = str(root)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "lib"), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _train(root, mode: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m medqa_zh.train`` as a user types it; it launches processes when train.launch asks for more than one."""
+    cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", "smoke", "--mode", mode, *overrides]
+    done = subprocess.run(cmd, env=_env(root), cwd=root, capture_output=True, text=True, timeout=timeout)
+    return done
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _folder(root, mode):
+    with at_root(root):
+        return models.folder(config.load("smoke"), mode)
+
+
+def _first_step(folder) -> dict:
+    return next(r for r in train.read_log(folder) if r["step"] == 1 and "loss" in r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_two_processes_train_like_one_process_with_twice_the_accumulation(smoke_root, mode):
+    """Two processes x 1 micro-batch per step and one process x 2 micro-batches read the same 16 examples
+    in each optimizer step, in the same micro-batches (the stream is sorted per global step, and the
+    launched processes take alternate micro-batches). Before the first update the two computations differ
+    only in float32 summation order (the all-reduce adds two halves that gradient accumulation adds in
+    turn), so the first step's loss and gradient norm agree to 1e-5 relative; a gradient averaged
+    wrongly across processes (the loss not scaled back up by the world size) halves the norm."""
+    folder = _folder(smoke_root, mode)
+    out = _ok(_train(smoke_root, mode, *STEPS, "train.launch.num_processes=2"))
+    assert "-m accelerate.commands.launch --num_processes 2" in out  # the command, shown before it runs
+    two = train.read_run(folder)
+    assert (two["world_size"], two["parallelism"]) == (2, "MULTI_CPU")
+    assert two["examples_per_step"] == 2 * 8 * 1  # the global batch: per device x accumulation x processes
+    assert two["optimizer_steps"] == 6
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert weights == (["adapter_model.safetensors"] if mode == "lora" else ["model.safetensors"])
+    assert not folder.with_name(folder.name + ".saving").exists()
+    assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*/rng_state*.pth")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]  # one per process: a resume restores each one's randomness
+    two_first, two_log = _first_step(folder), train.read_log(folder)
+
+    _ok(_train(smoke_root, mode, *STEPS, "train.gradient_accumulation_steps=2"))
+    one = train.read_run(folder)
+    assert (one["world_size"], one["examples_per_step"], one["parallelism"]) == (1, 16, "NO")
+    one_first = _first_step(folder)
+    assert two_first["num_input_tokens_seen"] == one_first["num_input_tokens_seen"]  # the same examples
+    for key in ("loss", "grad_norm"):
+        assert two_first[key] == pytest.approx(one_first[key], rel=1e-5), key
+    evals = {r["step"]: r["eval_loss"] for r in two_log if "eval_loss" in r}
+    assert evals[0] == pytest.approx(train.read_log(folder)[0]["eval_loss"], rel=1e-5)
+
+    # what two processes write loads as any run does (notebooks 04 and 06): the adapter onto its base
+    # (base_model.json's fingerprint checked), the full model with the base's tensor names
+    _ok(_train(smoke_root, mode, *STEPS, "train.launch.num_processes=2"))
+    base_dir = smoke_root / "outputs" / "smoke" / "assets" / "tiny-qwen2"
+    if mode == "lora":
+        models.load_adapter(models.load_model(str(base_dir)), folder, str(base_dir))
+    else:
+        with safe_open(folder / "model.safetensors", "pt") as saved, safe_open(base_dir / "model.safetensors", "pt") as base:
+            assert sorted(saved.keys()) == sorted(base.keys())
+        models.load_model(str(folder))
+
+
+def _complete(checkpoint) -> bool:
+    return not train.checkpoint_missing(checkpoint) and len(list(checkpoint.glob("rng_state_*.pth"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, mode):
+    folder = _folder(smoke_root, mode)
+    overrides = {"train.max_steps": 60, "train.save_steps": 5, "train.eval_steps": 30, "train.logging_steps": 1,
+                 "train.launch.num_processes": 2}
+    with at_root(smoke_root):
+        cfg = config.load("smoke", {**overrides, "train.resume": False})
+        command = train.launch_command(cfg, mode)  # what a notebook with train.launch.num_processes 2 starts
+    proc = subprocess.Popen(command, env=_env(smoke_root), cwd=smoke_root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(_complete(c) for c in (folder / "checkpoints").glob("checkpoint-*")):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        for pid in processes_of(smoke_root):  # the launcher and both processes, at once, as a crash would
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.5)
+    assert not processes_of(smoke_root)
+    assert not (folder / train.RUN_FILE).exists(), "killed after it finished: the test proved nothing"
+    args = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+    # one process cannot continue what two began: the steps would hold other examples
+    refused = _train(smoke_root, mode, *args, "train.launch.num_processes=1")
+    assert refused.returncode != 0
+    assert "written by a run in 2 process(es)" in refused.stderr and "train with 2 process(es) again" in refused.stderr
+
+    out = _ok(_train(smoke_root, mode, *args))
+    metrics = train.read_run(folder)
+    assert "resuming from" in out and metrics["resumed_from"]
+    assert metrics["optimizer_steps"] == 60 and metrics["world_size"] == 2
+    steps = [r["step"] for r in train.read_log(folder) if "loss" in r]
+    assert steps == list(range(1, 61))  # each step logged once: the log was cut back to the checkpoint
+
+
+@pytest.mark.slow
+def test_a_launched_process_that_finds_itself_alone_does_not_launch_again(smoke_root):
+    """A launcher that starts no process group (accelerate's --cpu without MPI does that) must not make each
+    process start the launch again, which would never end."""
+    env = {**_env(smoke_root), train.LAUNCHED: "2"}
+    cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", "smoke", "train.launch.num_processes=2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "the launcher started no process group" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml"])
+def test_the_shipped_accelerate_configs_are_valid_for_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = REPO / "profiles" / "accelerate" / name
+    loaded = load_config_from_file(str(path))
+    assert loaded.distributed_type.value == yaml.safe_load(path.read_text())["distributed_type"]
+    if name == "fsdp.yaml":
+        assert loaded.fsdp_config["fsdp_version"] == 2
+        assert loaded.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        from transformers.models.qwen2 import modeling_qwen2
+
+        assert hasattr(modeling_qwen2, loaded.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+
+
+@pytest.mark.slow
+def test_a_notebook_asking_for_two_processes_previews_on_the_cpu_then_launches_and_streams(smoke_root, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.setenv("PYTHONPATH", _env(smoke_root)["PYTHONPATH"])  # the launched processes import this lib
+    with at_root(smoke_root):
+        cfg = config.load("smoke", {"train.launch.num_processes": 2, "train.max_steps": 4, "train.resume": False})
+        run = train.prepare(cfg, "lora")  # what 02 runs: its tables and the label view come from this run
+        assert run.launch[run.launch.index("--num_processes") + 1] == "2"
+        assert {p.device.type for p in run.model.parameters()} == {"cpu"}  # the GPUs stay free for the processes
+        assert any(counted for _, counted in train.label_view(run, 0))
+        metrics = train.train(run)
+    streamed = capsys.readouterr().out
+    assert "4/4" in streamed and "4/4" in (run.out_dir / "launch.log").read_text()  # the progress bar came through
+    assert (metrics["world_size"], metrics["optimizer_steps"]) == (2, 4)
+    assert metrics == train.read_run(run.out_dir)
+    assert run.model is None and run.trainer is None  # the preview's model was freed before the launch
+
+
+def test_the_launch_command_carries_the_profile_the_mode_and_the_overrides(smoke):
+    cfg = smoke(**{"train.launch.num_processes": 4, "train.max_steps": 20, "train.lora": {"r": 4}})
+    cfg.overrides["model.base"] = {"value": "/elsewhere", "from": "environment"}  # reaches the processes by itself
+    command = train.launch_command(cfg, "lora")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4", "--multi_gpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    assert command == launcher + ["-m", "medqa_zh.train", "--profile", "smoke", "--mode", "lora",
+                                  "train.launch.num_processes=4", "train.max_steps=20", 'train.lora={"r": 4}']
+    parsed = dict(train._override(a) for a in command[command.index("--mode") + 2:])
+    assert parsed == {k: v["value"] for k, v in cfg.overrides.items() if v["from"] != "environment"}
+
+
+def test_full_sft_launches_with_its_own_accelerate_config(smoke):
+    cfg = smoke(**{"train.launch": {"num_processes": 2, "config": "profiles/accelerate/ddp.yaml"},
+                   "train.full.launch": {"num_processes": None, "config": "profiles/accelerate/fsdp.yaml"}})
+    config_of = {mode: train.launch_command(cfg, mode) for mode in train.MODES}
+    for mode, name in (("lora", "ddp.yaml"), ("full", "fsdp.yaml")):
+        command = config_of[mode]
+        assert command[command.index("--config_file") + 1] == str(cfg.root / "profiles" / "accelerate" / name)
+        assert command[command.index("--num_processes") + 1] == "2"  # train.full.launch: null keeps LoRA's
+        assert "--multi_gpu" not in command  # the config file says how
+
+
+def test_a_missing_accelerate_config_or_a_bad_process_count_is_named(smoke):
+    with pytest.raises(FileNotFoundError, match=r"train.launch.config = 'profiles/accelerate/nope.yaml'.*missing"):
+        train.launch_command(smoke(**{"train.launch.num_processes": 2,
+                                      "train.launch.config": "profiles/accelerate/nope.yaml"}), "lora")
+    for bad in (0, "two", 1.5, True):
+        with pytest.raises(ValueError, match="train.launch.num_processes is"):
+            train.processes(train.settings(smoke(**{"train.launch.num_processes": bad}), "lora"))
+    assert train.processes(train.settings(smoke(**{"train.launch.num_processes": "auto"}), "lora")) >= 1
+
+
+@pytest.mark.parametrize("text", ["train.max_steps", "=3", "max_steps 3"])
+def test_an_override_without_key_and_value_is_refused(text):
+    with pytest.raises(SystemExit):
+        train.main(["--profile", "smoke", text])
