@@ -217,3 +217,19 @@ def test_a_missing_accelerate_config_or_a_bad_process_count_is_named(smoke):
 def test_an_override_without_key_and_value_is_refused(text):
     with pytest.raises(SystemExit):
         train.main(["--profile", "smoke", text])
+
+
+def test_an_fsdp_checkpoint_is_complete_only_once_its_shards_are_all_written(tmp_path):
+    """FSDP checkpoints hold the weights and the optimizer as torch.distributed.checkpoint folders, whose
+    .metadata is written after every shard: without it the folder is half-written, with it complete (a
+    resume must neither delete a good FSDP checkpoint nor trust a broken one)."""
+    folder = tmp_path / "checkpoint-10"
+    for name in ("pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp", "optimizer_0/__0_0.distcp",
+                 "trainer_state.json", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    missing = train.checkpoint_missing(folder)
+    assert len(missing) == 2 and missing[0].startswith("the weights") and missing[1] == "optimizer.pt"
+    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (folder / shards / ".metadata").write_bytes(b"x")
+    assert train.checkpoint_missing(folder) == []

@@ -256,3 +256,70 @@ def test_a_malformed_lock_line_is_named(tmp_path):
     bad.write_text("# comment\nvllm==0.33.0\ntorch>=2\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"lock.txt:3: expected NAME==VERSION"):
         _lock().read_lock(bad)
+
+
+# --------------------------------------------------------------------------- several GPUs
+
+
+def test_the_vllm_command_carries_the_profiles_parallel_and_memory_settings(project, fake_gpu, monkeypatch, tmp_path):
+    fake_gpu(A100, count=4)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    monkeypatch.setattr(serve.subprocess, "Popen", _Exited)
+    (tmp_path / "config.json").write_text("{}")
+    cfg = config.load("gpu-multi", {"serve.tensor_parallel_size": 2, "serve.max_num_seqs": 128,
+                                    "serve.max_model_len": 4096})
+    with pytest.raises(serve.ServerError, match="exited with code 1"):
+        serve.from_profile(cfg, str(tmp_path), quiet=True)
+    cmd = _Exited.command
+    flags = cmd[cmd.index("--dtype") + 2:]
+    flags = flags[flags.index("--tensor-parallel-size"):]
+    assert flags == ["--tensor-parallel-size", "2", "--data-parallel-size", "2", "--gpu-memory-utilization", "0.3",
+                     "--max-num-seqs", "128", "--max-model-len", "4096"]
+    # the gpu profile leaves vLLM's defaults alone, but for the memory share and single copies
+    assert serve.vllm_scaling({k: config.load("gpu")[f"serve.{k}"] for k in serve.VLLM_SCALING}) == [
+        "--tensor-parallel-size", "1", "--data-parallel-size", "1", "--gpu-memory-utilization", "0.3"]
+
+
+def test_the_transformers_backend_refuses_a_parallel_size_it_cannot_honour(tmp_path):
+    cmd = serve._command("transformers", str(tmp_path), "127.0.0.1", 8000, "float32", "cpu", False, None, None, (),
+                         gpu_memory_utilization=0.3, scaling={"tensor_parallel_size": 1, "data_parallel_size": 1,
+                                                              "max_num_seqs": 8})
+    assert not any(a.startswith("--") and "parallel" in a for a in cmd)  # one copy on one device: nothing to pass
+    with pytest.raises(ValueError, match=r"serve.data_parallel_size = 2 is for vLLM"):
+        serve._command("transformers", str(tmp_path), "127.0.0.1", 8000, "float32", "cpu", False, None, None, (),
+                       scaling={"data_parallel_size": 2})
+    with pytest.raises(ValueError, match="unknown vLLM setting 'pipeline_parallel_size'"):
+        serve.vllm_scaling({"pipeline_parallel_size": 2})
+
+
+def test_vllms_own_parser_reads_the_command_built_for_it(tmp_path):
+    """The flags' names and values as vLLM itself parses them. vLLM is not installed on the CPU machines
+    that run this suite (it is too big for them), so there it is skipped and only the GPU set runs it."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here: its parser cannot be asked (the GPU set has it)")
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser
+    cmd = serve._command("vllm", str(tmp_path), "127.0.0.1", 8000, "bfloat16", None, False, None, "merged", (),
+                         gpu_memory_utilization=0.3,
+                         scaling={"tensor_parallel_size": 2, "data_parallel_size": 2, "max_num_seqs": 64,
+                                  "max_model_len": 2048})
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", *cmd[4:]])
+    assert (args.model, args.tensor_parallel_size, args.data_parallel_size, args.gpu_memory_utilization,
+            args.max_num_seqs, args.max_model_len) == (str(tmp_path), 2, 2, 0.3, 64, 2048)
+
+
+def test_the_gpu_multi_profile_launches_one_process_per_gpu_ddp_for_lora_and_fsdp_for_full_sft(project, fake_gpu):
+    from medqa_zh import train
+
+    fake_gpu(A100, count=4)
+    cfg = config.load("gpu-multi")
+    for mode, accelerate_config in (("lora", "ddp.yaml"), ("full", "fsdp.yaml")):
+        command = train.launch_command(cfg, mode)
+        assert command[command.index("--num_processes") + 1] == "4"
+        assert command[command.index("--config_file") + 1] == str(project / "profiles" / "accelerate" / accelerate_config)
+        s = train.settings(cfg, mode)
+        assert s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] * train.processes(s) == 32
+    assert config.load("gpu")["train.launch.num_processes"] == 1  # the gpu profile trains in the kernel

@@ -203,9 +203,29 @@ def lora_rank(adapters: dict) -> int:
     return fits[0]
 
 
+# vLLM's engine settings a profile's serve section passes on (null: vLLM's default), as `vllm serve` flags
+VLLM_SCALING = {
+    "tensor_parallel_size": "--tensor-parallel-size",      # GPUs that split every layer: a model too big for one GPU
+    "data_parallel_size": "--data-parallel-size",          # copies of the model, each on its own GPU(s), sharing requests
+    "gpu_memory_utilization": "--gpu-memory-utilization",  # share of each GPU's memory vLLM may take
+    "max_num_seqs": "--max-num-seqs",                      # requests batched together at most
+    "max_model_len": "--max-model-len",                    # longest prompt + answer, in tokens
+}
+
+
+def vllm_scaling(settings: dict) -> list[str]:
+    """``vllm serve`` flags for the :data:`VLLM_SCALING` keys of ``settings`` that are set."""
+    unknown = sorted(set(settings) - set(VLLM_SCALING))
+    if unknown:
+        raise ValueError(f"unknown vLLM setting {unknown[0]!r}; known: {', '.join(VLLM_SCALING)}")
+    return [arg for key, flag in VLLM_SCALING.items() if settings.get(key) is not None
+            for arg in (flag, str(settings[key]))]
+
+
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
              continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
-             gpu_memory_utilization: float | None = None, public: bool = False) -> list[str]:
+             gpu_memory_utilization: float | None = None, public: bool = False, scaling: dict | None = None) -> list[str]:
+    scaling = {**(scaling or {}), "gpu_memory_utilization": gpu_memory_utilization or None}
     if backend == "vllm":
         # through this interpreter, not a `vllm` found on PATH: a kernel or `.venv/bin/python -m ...`
         # started without activating the environment has the package but not its bin/ on PATH
@@ -213,8 +233,7 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
                "--dtype", dtype, "--seed", "0", "--served-model-name", served_name or model_dir]
         if public:  # vLLM's key check leaves its docs open: off on a server others can reach
             cmd += ["--disable-fastapi-docs"]
-        if gpu_memory_utilization:
-            cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
+        cmd += vllm_scaling(scaling)
         if lora:
             rank = lora.get("max_rank") or lora_rank(lora["adapters"])
             cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
@@ -223,6 +242,11 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
         if lora:
             raise ValueError("the transformers backend serves one model dir and no adapter on top of it: "
                              "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
+        parallel = {k: v for k, v in scaling.items() if k.endswith("parallel_size") and (v or 1) > 1}
+        if parallel:
+            key, value = next(iter(parallel.items()))
+            raise ValueError(f"serve.{key} = {value} is for vLLM: the transformers backend serves one copy of the model "
+                             "on one device. Set serve.backend to vllm (on GPUs), or the parallel sizes to 1")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
                 "device": device, "continuous_batching": continuous_batching}
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve as s; s._transformers_main(sys.argv[1])",
@@ -298,7 +322,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
           api_key: str | None = None, dtype: str = "auto", device: str | None = None,
           continuous_batching: bool = False, lora: dict | None = None, served_name: str | None = None,
           startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False,
-          gpu_memory_utilization: float | None = None) -> Server:
+          gpu_memory_utilization: float | None = None, **scaling) -> Server:
     """Start a server for ``model_dir`` (a local dir or a hub id) and wait until ``/health`` answers.
 
     The server answers to ``served_name`` (default :func:`served_name_for`: the folder's name, e.g.
@@ -309,7 +333,8 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     adapters' own rank (``"max_rank"`` overrides it). ``dtype`` bfloat16 is served as float16 on
     a GPU without native bf16 (T4, V100), which vLLM would refuse. ``gpu_memory_utilization``
     (vllm): the share of the GPU's memory vLLM may take (its default 0.9 fails while a notebook
-    kernel still holds a model). Call :meth:`Server.stop` when done, or use :func:`serve` as a
+    kernel still holds a model); ``scaling``: the other :data:`VLLM_SCALING` settings (vllm; a parallel size
+    above 1 is an error on the transformers backend). Call :meth:`Server.stop` when done, or use :func:`serve` as a
     ``with`` block.
     """
     backend = pick_backend(backend)
@@ -339,7 +364,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = _command(backend, str(model_dir), host, port, served_dtype, on, continuous_batching, lora, served_name,
-                   extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS)
+                   extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS, scaling=scaling)
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     env.pop("VLLM_API_KEY", None)
@@ -396,7 +421,7 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
     :func:`models.available`) to serve a run's model under its name there."""
     settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg.get("model.device"),
                 "continuous_batching": cfg["serve.continuous_batching"],
-                "gpu_memory_utilization": cfg.get("serve.gpu_memory_utilization"),
+                **{key: cfg.get(f"serve.{key}") for key in VLLM_SCALING},
                 "startup_timeout": cfg["serve.startup_timeout"]}
     name = kwargs.get("served_name") or Path(str(model_dir)).name
     settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -593,6 +618,13 @@ def main(argv=None) -> None:
                    help="vllm only: also serve this adapter on top of MODEL_DIR as model id NAME (repeatable)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="SHARE",
                    help="vllm only: share of the GPU's memory vLLM may take (vLLM's default: 0.9; a 0.5B model needs ~0.3)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="vllm only: split every layer over N GPUs (a model too big for one)")
+    p.add_argument("--data-parallel-size", type=int, default=None, metavar="N",
+                   help="vllm only: N copies of the model, each on its own GPU(s), sharing the requests")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help="vllm only: requests batched together at most")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                   help="vllm only: longest prompt + answer (less than the model's own saves KV-cache memory)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     a = p.parse_args(argv)
     # Ctrl-C and `kill` both stop the server cleanly, even when this process was started with SIGINT
@@ -609,7 +641,9 @@ def main(argv=None) -> None:
         server = start(a.model_dir, backend=a.backend, host=a.host, port=a.port or None, api_key=a.api_key,
                        dtype=a.dtype, continuous_batching=a.continuous_batching, lora=lora,
                        served_name=a.served_model_name, startup_timeout=a.startup_timeout,
-                       gpu_memory_utilization=a.gpu_memory_utilization)
+                       gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
+                       data_parallel_size=a.data_parallel_size, max_num_seqs=a.max_num_seqs,
+                       max_model_len=a.max_model_len)
     except (ServerError, ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     key = f"  api key: {server.api_key}\n" if server.api_key else ""

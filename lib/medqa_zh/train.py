@@ -584,15 +584,25 @@ def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str
     return [(run.tokenizer.decode([i]), label != -100) for i, label in zip(ids, labels, strict=True)]
 
 
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # besides the weights and the RNG state
+CHECKPOINT_FILES = ("trainer_state.json", "scheduler.pt")  # besides the weights, the optimizer and the RNG state
 CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+# FSDP writes the weights and the optimizer state as torch.distributed.checkpoint folders (one shard per
+# process, .metadata written last) or as .bin files, under accelerate's names
+FSDP_WEIGHTS, FSDP_OPTIMIZER = "pytorch_model_fsdp", "optimizer"
+
+
+def _fsdp_saved(folder: Path, name: str) -> bool:
+    return any((p / ".metadata").is_file() if p.is_dir() else p.suffix == ".bin" for p in folder.glob(f"{name}_*")) or \
+        (folder / f"{name}.bin").is_file()
 
 
 def checkpoint_missing(folder: Path) -> list[str]:
     """What a checkpoint folder lacks to resume exactly (a crash while it was being saved leaves some out)."""
     missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS):
-        missing.append("the weights (" + " or ".join(CHECKPOINT_WEIGHTS[:2]) + ")")
+    if not any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS) and not _fsdp_saved(folder, FSDP_WEIGHTS):
+        missing.append("the weights (" + " or ".join(CHECKPOINT_WEIGHTS[:2]) + f", or FSDP's {FSDP_WEIGHTS}_0)")
+    if not (folder / "optimizer.pt").is_file() and not _fsdp_saved(folder, FSDP_OPTIMIZER):
+        missing.append("optimizer.pt")
     if not any(folder.glob("rng_state*.pth")):
         missing.append("rng_state.pth")
     return missing
