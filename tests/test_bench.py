@@ -135,3 +135,18 @@ def test_the_lm_eval_task_asks_and_reads_as_the_api_evaluation_does(tiny_assets,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "questions in both: 2" in run.stdout and "same raw text: 1/2" in run.stdout and "same letter: 1/2" in run.stdout
+
+
+def test_train_scaling_compares_one_and_two_processes_on_the_same_global_batch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    out = subprocess.run([sys.executable, REPO / "bench" / "train_scaling.py", "--profile", "smoke", "--steps", "3",
+                          "--per-device", "2", "--work", tmp_path / "work"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| ")]
+    header, *runs = rows
+    table = [dict(zip(header, r, strict=True)) for r in runs]
+    assert [(r["processes"], r["per device x accumulation"], r["parallelism"]) for r in table] == \
+        [("1", "2 x 2", "NO"), ("2", "2 x 1", "MULTI_CPU")]
+    assert "2 vs 1 process(es): examples/s x" in out.stdout
+    assert (tmp_path / "work" / "outputs" / "smoke" / "models" / "lora" / "run.json").is_file()  # its own project

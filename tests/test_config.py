@@ -69,7 +69,7 @@ def test_unknown_setting_is_an_error_listing_known_ones(project):
 
 
 def test_unknown_profile_lists_the_known_ones(project):
-    with pytest.raises(FileNotFoundError, match="known profiles: cpu, gpu, smoke"):
+    with pytest.raises(FileNotFoundError, match="known profiles: cpu, gpu, gpu-multi, smoke"):
         config.load("gpus")
 
 
@@ -122,4 +122,4 @@ def test_a_profile_holds_only_its_changes_to_the_base(project):
         config.load("flat")
     with pytest.raises(FileNotFoundError, match="no profile 'base'") as e:
         config.load("base")
-    assert "known profiles: cpu, flat, gpu, smoke, typo" in str(e.value)
+    assert "known profiles: cpu, flat, gpu, gpu-multi, smoke, typo" in str(e.value)

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 
@@ -184,7 +185,9 @@ def test_the_launch_command_carries_the_profile_the_mode_and_the_overrides(smoke
     cfg = smoke(**{"train.launch.num_processes": 4, "train.max_steps": 20, "train.lora": {"r": 4}})
     cfg.overrides["model.base"] = {"value": "/elsewhere", "from": "environment"}  # reaches the processes by itself
     command = train.launch_command(cfg, "lora")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4", "--multi_gpu",
+    threads = str(max(1, torch.get_num_threads() // 4))  # this machine's cores, shared by the 4 processes
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4",
+                "--num_cpu_threads_per_process", threads, "--multi_gpu",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     assert command == launcher + ["-m", "medqa_zh.train", "--profile", "smoke", "--mode", "lora",
                                   "train.launch.num_processes=4", "train.max_steps=20", 'train.lora={"r": 4}']

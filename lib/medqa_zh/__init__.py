@@ -6,7 +6,7 @@ data      read and validate MedQA, build splits, the run's split files, SFT / LL
 prompts   the one prompt format shared by training and every evaluation path
 answers   read the chosen option letter out of a free-text answer
 models    load base models, tokenizers and adapters with clear errors; devices, precisions; the run's models
-train     LoRA / full SFT with trl's SFTTrainer + peft: resumable, logged, measured
+train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one process or many (accelerate)
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
 serve     start and stop an OpenAI-compatible server (vLLM or transformers serve)
 evaluate  letter scoring, generate-and-parse, the API client; metrics, intervals, paired tests

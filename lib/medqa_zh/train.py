@@ -25,6 +25,11 @@ the profile's ``train`` section (``train.full`` overrides it for full SFT). A ru
     tokenizer files, base_model.json (which base it trained on), run.json (settings, measurements)
     train_log.jsonl     one line per logging / evaluation step, appended as training goes
     checkpoints/        Trainer checkpoints; a rerun resumes from the last one
+
+One process or many: ``python -m medqa_zh.train --profile P --mode lora|full [key=value ...]`` (:func:`main`)
+runs what the notebooks run. Started by ``accelerate launch`` or ``torchrun``, every process runs it and they
+train data-parallel (each reads every N-th micro-batch of the same stream; only the main process writes);
+with ``train.launch.num_processes`` above 1 a notebook or a plain ``python -m`` starts that launch itself.
 """
 from __future__ import annotations
 
@@ -140,7 +145,10 @@ def launch_command(cfg, mode: str) -> list[str]:
     this module's entry point, the profile, and the overrides that did not come from the environment
     (the environment reaches the processes as it is)."""
     s = settings(cfg, mode)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes(s))]
+    n = processes(s)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+    if models.best_device(cfg.get("model.device", "auto")) == "cpu":  # the cores shared out (accelerate's default: 1 each)
+        cmd += ["--num_cpu_threads_per_process", str(max(1, torch.get_num_threads() // n))]
     config_file = (s.get("launch") or {}).get("config")
     if config_file:
         path = Path(config_file).expanduser()
