@@ -631,6 +631,12 @@ def _complete_checkpoints(run: Run) -> tuple[str | None, list[tuple[Path, list[s
     return None, broken
 
 
+def same_run(recorded: dict | None, run_key: dict) -> bool:
+    """Whether a recorded run key (``run.json``, the checkpoints' settings) is ``run_key``'s run. Keys
+    recorded before runs could span processes have no ``world_size``: they ran in one."""
+    return recorded is not None and {"world_size": 1, **recorded} == run_key
+
+
 def _resume_point(run: Run, resume: bool) -> str | None:
     """The checkpoint to resume from, after checking it belongs to a run with these settings and as
     many processes. Reads only: every process of a launched run calls it and must agree."""
@@ -650,8 +656,8 @@ def _resume_point(run: Run, resume: bool) -> str | None:
             f"has {now} ({step * now} per step). Resuming would skip the wrong examples and change the batch mid-run. "
             f"Fix: train with {was} process(es) again (train.launch.num_processes, or the launcher's), or {fix}."
         )
-    if recorded != run.run_key:
-        changed = sorted(k for k in run.run_key if recorded.get(k) != run.run_key[k])
+    if not same_run(recorded, run.run_key):
+        changed = sorted(k for k in run.run_key if {"world_size": 1, **recorded}.get(k) != run.run_key[k])
         raise RuntimeError(
             f"{run.checkpoints} holds checkpoints of a run with other settings (changed: {', '.join(changed)}), "
             f"so resuming would mix two runs. Fix: {fix}."
@@ -693,7 +699,7 @@ def train(run: Run, resume: bool | None = None) -> dict:
     A run that :func:`prepare` planned for several processes is started here with ``accelerate
     launch`` (its output streams in), after the preview's model is freed."""
     if run.launch:
-        command, out_dir = run.launch, run.out_dir
+        command, out_dir = run.launch + ([f"train.resume={json.dumps(resume)}"] if resume is not None else []), run.out_dir
         run.model = run.trainer = None
         models.free_memory()
         return launch(command, out_dir, cwd=config.project_root())
@@ -701,7 +707,7 @@ def train(run: Run, resume: bool | None = None) -> dict:
     done = run.out_dir / RUN_FILE
     if resume and done.is_file():
         previous = json.loads(done.read_text(encoding="utf-8"))
-        if previous.get("run_key") == run.run_key:
+        if same_run(previous.get("run_key"), run.run_key):
             print(f"{run.out_dir} already holds this run, finished; returning its measurements "
                   "(set train.resume to false to train again)")
             return previous
