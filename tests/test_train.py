@@ -75,6 +75,19 @@ def test_answer_only_loss_equals_trls_loss_and_gradients(smoke):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_under_fsdp_the_loss_is_trls_own(smoke, monkeypatch):
+    """FSDP holds the LM head's weight in shards outside the model's forward: there the head must not be
+    called on its own (the answer-only projection), and the loss is trl's."""
+    run = train.prepare(smoke(**{"train.precision": "fp32"}), "lora", out_dir=smoke().out / "models" / "fsdp-check")
+    trainer = run.trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    monkeypatch.setattr(train, "answer_logits", lambda *a, **k: pytest.fail("the LM head was called outside the forward"))
+    fsdp = trainer.compute_loss(trainer.model, dict(batch))
+    assert fsdp.item() == pytest.approx(ours.item(), rel=1e-4)
+
+
 def test_the_lm_head_projects_only_each_rows_labelled_tokens(smoke):
     """Rows of different lengths have their answers at different positions; projecting the union of
     those positions for every row costs batch-size times too much (GBs of logits on a GPU)."""

@@ -436,6 +436,10 @@ class AnswerOnlySFTTrainer(SFTTrainer):
         return torch.utils.data.SequentialSampler(dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.is_fsdp_enabled:
+            # FSDP gathers the LM head's weight shards only inside the model's forward, so the head stays
+            # there: trl's own loss (the same value, as the test of this class checks, at more memory)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         logits, targets, outputs = answer_logits(model, inputs, head, self.accelerator.autocast)
         count = targets.numel() if num_items_in_batch is None else num_items_in_batch
