@@ -5,6 +5,7 @@ tiny smoke model: seconds of training, about 10 s of process start-up each.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def _complete(checkpoint) -> bool:
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, mode):
     folder = _folder(smoke_root, mode)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier test's finished run: any checkpoint found is this run's
     overrides = {"train.max_steps": 60, "train.save_steps": 5, "train.eval_steps": 30, "train.logging_steps": 1,
                  "train.launch.num_processes": 2}
     with at_root(smoke_root):
