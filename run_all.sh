@@ -180,7 +180,7 @@ else
 fi
 
 if [ $cmd = run ] && [ ! -f "profiles/$profile.yaml" ]; then
-    die "no profile '$profile': choose one of $(ls profiles | sed 's/\.yaml$//' | tr '\n' ' ')"
+    die "no profile '$profile': choose one of $(cd profiles && ls -- *.yaml | sed 's/\.yaml$//' | grep -vx base | tr '\n' ' ')"
 fi
 if [ -n "$from" ] && [ -n "$only" ]; then die "--from and --only do not go together"; fi
 setup

@@ -97,6 +97,9 @@ def test_unknown_profile_and_argument_are_refused(fake_project):
     env = {**os.environ, "MEDQA_USE_VENV": "1", "MEDQA_SKIP_SETUP": "1"}
     proc = subprocess.run(["./run_all.sh", "--profile", "nope"], cwd=fake_project, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "no profile 'nope'" in proc.stderr
+    choices = proc.stderr.split("choose one of ")[1].split()
+    assert sorted(choices) == ["cpu", "gpu", "gpu-multi", "smoke"]
+    # not base.yaml (not runnable) nor profiles/accelerate/ (accelerate's configs)
     proc = subprocess.run(["./run_all.sh", "--bogus"], cwd=fake_project, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown argument '--bogus'" in proc.stderr
 
