@@ -337,7 +337,9 @@ def test_a_hub_id_without_the_hub_fails_clearly(smoke, monkeypatch):
     # what an unreachable hub looks like, without waiting ~45 s for its retries (read at import, so patched)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("MEDQA_BASE_MODEL", "no-such-owner/no-such-model")
-    with pytest.raises(models.ModelNotFoundError, match=r"(?s)MEDQA_BASE_MODEL = 'no-such-owner/no-such-model'.*Fix: .*local folder"):
+    with pytest.raises(models.ModelNotFoundError, match=r"(?s)MEDQA_BASE_MODEL = 'no-such-owner/no-such-model' \(source tried: "
+                       r"https://huggingface.co\).*Fix, one of: .*HF_ENDPOINT=https://hf-mirror.com.*"
+                       r"modelscope:no-such-owner/no-such-model.*a local folder"):
         train.prepare(smoke(), "lora")
 
 

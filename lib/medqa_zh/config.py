@@ -133,15 +133,19 @@ class Config:
 
     @property
     def base_model(self) -> str:
-        """A hub id, or an absolute local dir."""
-        value = str(self["model.base"])
-        return value if models.is_hub_id(value, self.root) else str(self.path("model.base"))
+        """A hub id, a ModelScope id (``modelscope:owner/name``), or an absolute local dir."""
+        return self._model("model.base")
 
     @property
     def embedder(self) -> str:
-        """The sentence-transformers model for dense retrieval: a hub id, or an absolute local dir."""
-        value = str(self["rag.embedder"])
-        return value if models.is_hub_id(value, self.root) else str(self.path("rag.embedder"))
+        """The sentence-transformers model for dense retrieval: a hub id, a ModelScope id, or an absolute local dir."""
+        return self._model("rag.embedder")
+
+    def _model(self, key: str) -> str:
+        value = str(self[key])
+        if models.modelscope_id(value) or models.is_hub_id(value, self.root):
+            return value
+        return str(self.path(key))
 
     @property
     def questions_dir(self) -> Path:

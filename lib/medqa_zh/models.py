@@ -2,15 +2,19 @@
 
 Training, merging and every evaluation load models through here, so a missing model, an adapter
 trained on another base, or an unsupported precision fails the same clear way everywhere.
-A model is named by a hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a local folder written by
-``save_pretrained``; nothing is downloaded unless the profile names a hub id.
+A model is named by a hub id (``Qwen/Qwen2.5-0.5B-Instruct``; downloads go to ``HF_ENDPOINT``, a
+mirror, when it is set), a ModelScope id (``modelscope:Qwen/Qwen2.5-0.5B-Instruct``: downloaded once
+into a local folder, see :func:`fetch`) or a local folder written by ``save_pretrained``; nothing is
+downloaded unless the profile names a hub or ModelScope id.
 """
 from __future__ import annotations
 
 import gc
 import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -31,15 +35,79 @@ class AdapterMismatchError(ValueError):
     """A LoRA adapter was trained on a different base model than the one given."""
 
 
-def how_to_get(name: str) -> str:
-    example = name if "/" in name and is_hub_id(name) else "Qwen/Qwen2.5-0.5B-Instruct"
+MODELSCOPE = "modelscope:"  # MEDQA_BASE_MODEL=modelscope:Qwen/Qwen2.5-0.5B-Instruct: from ModelScope, not the hub
+
+
+def hub_endpoint() -> str:
+    """Where Hugging Face downloads go: ``HF_ENDPOINT`` (a mirror, e.g. https://hf-mirror.com) or the hub."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def how_to_get(name: str, variable: str = "MEDQA_BASE_MODEL") -> str:
+    """The ways to get model ``name``: the hub (or a mirror), ModelScope, a local folder."""
+    example = modelscope_id(name) or (name if "/" in name and is_hub_id(name) else "Qwen/Qwen2.5-0.5B-Instruct")
     local = "models/" + example.rsplit("/", 1)[-1]
     return (
-        "Fix: set MEDQA_BASE_MODEL (or model.base in the profile) to a hub id on a machine that can reach the "
-        f"Hugging Face hub, or to a local folder holding config.json, the *.safetensors weights and the tokenizer "
-        f"files. To make one, run `hf download {example} --local-dir {local}` where there is network, copy the "
-        f"folder here, and run e.g. `MEDQA_BASE_MODEL={local} ./run_all.sh --profile cpu`."
+        f"Fix, one of: (1) a hub id where {hub_endpoint()} can be reached, or a mirror of it: "
+        f"`HF_ENDPOINT=https://hf-mirror.com {variable}={example}`; (2) ModelScope: `pip install modelscope`, then "
+        f"`{variable}={MODELSCOPE}{example}` (downloaded once into {modelscope_dir(example)}); (3) a local folder "
+        f"holding config.json, the *.safetensors weights and the tokenizer files, made with "
+        f"`hf download {example} --local-dir {local}` (or `modelscope download --model {example} --local_dir {local}`) "
+        f"where there is network: `{variable}={local} ./run_all.sh --profile cpu`."
     )
+
+
+def modelscope_id(name) -> str | None:
+    """``Qwen/Qwen2.5-0.5B-Instruct`` for ``modelscope:Qwen/Qwen2.5-0.5B-Instruct``; None for anything else.
+    An id that is not ``owner/name`` is an error."""
+    text = str(name)
+    if not text.startswith(MODELSCOPE):
+        return None
+    model_id = text[len(MODELSCOPE):]
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
+        raise ValueError(f"{text!r}: a ModelScope id is {MODELSCOPE}owner/name, e.g. {MODELSCOPE}Qwen/Qwen2.5-0.5B-Instruct")
+    return model_id
+
+
+def modelscope_dir(model_id: str) -> Path:
+    """The local folder a ModelScope model is downloaded into once: ``$MEDQA_MODELSCOPE_CACHE`` (default
+    ``~/.cache/medqa-zh/modelscope``) ``/<owner>/<name>``."""
+    root = os.environ.get("MEDQA_MODELSCOPE_CACHE") or Path.home() / ".cache" / "medqa-zh" / "modelscope"
+    return Path(root).expanduser() / model_id
+
+
+def fetch(name, setting: str = "model.base", variable: str = "MEDQA_BASE_MODEL", download: bool = True) -> str:
+    """``name`` as ``from_pretrained`` takes it: a hub id or a folder as it is; a ModelScope id
+    (``modelscope:owner/name``) becomes its local folder, downloaded the first time with the
+    ``modelscope`` package (the folder appears only once the download is whole; a folder already
+    there is used with no network call). ``download=False``: an error instead of a download."""
+    model_id = modelscope_id(name)
+    if model_id is None:
+        return str(name)
+    folder = modelscope_dir(model_id)
+    if folder.is_dir():
+        return str(folder)
+    if not download:
+        raise ModelNotFoundError(f"{setting} = {name!r} is not downloaded yet (no {folder})")
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise ModelNotFoundError(
+            f"{setting} = {name!r} needs the modelscope package, which is not installed: "
+            f"`pip install modelscope` (or `pip install -e '.[modelscope]'`). {how_to_get(model_id, variable)}"
+        ) from None
+    partial = folder.with_name(folder.name + ".partial")
+    print(f"downloading {model_id} from ModelScope into {folder} (once)")
+    try:
+        snapshot_download(model_id, local_dir=str(partial))
+    except Exception as e:  # no network, no such model, a broken download
+        raise ModelNotFoundError(
+            f"cannot download {model_id!r} from ModelScope ({setting} = {name!r}): {type(e).__name__}: {e}. "
+            f"{how_to_get(model_id, variable)}"
+        ) from None
+    partial.rename(folder)
+    shutil.rmtree(partial, ignore_errors=True)
+    return str(folder)
 
 
 # a first folder that makes ``x/y`` a path even where it does not exist: the folders this project writes and
@@ -66,13 +134,22 @@ def is_hub_id(name, root: str | Path | None = None) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None
 
 
+def _tried(name: str) -> str:
+    """Where a hub id was looked for: the hub, or the mirror HF_ENDPOINT names."""
+    return f" (source tried: {hub_endpoint()})" if is_hub_id(name) else ""
+
+
 def _fix(name: str, setting: str) -> str:
     if "model.base" in setting or "MEDQA_BASE_MODEL" in setting:
         return how_to_get(name)
+    if "rag.embedder" in setting or "MEDQA_EMBEDDER" in setting:
+        return how_to_get(name, "MEDQA_EMBEDDER")
     return "Fix: run the notebook that writes this folder, or point to one that holds a model saved with save_pretrained."
 
 
-def _check_source(name: str, setting: str, needs: str = "config.json") -> None:
+def _check_source(name: str, setting: str, needs: str = "config.json", download: bool = True) -> str:
+    """``name`` as from_pretrained takes it (:func:`fetch`), after checking a local folder holds ``needs``."""
+    name = fetch(name, setting, download=download)
     if not is_hub_id(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -82,6 +159,7 @@ def _check_source(name: str, setting: str, needs: str = "config.json") -> None:
                 f"{setting} = {name!r}: this folder has no {needs}, so it is not a model or tokenizer saved with "
                 f"save_pretrained. {_fix(name, setting)}"
             )
+    return name
 
 
 def torch_dtype(name: str):
@@ -102,11 +180,12 @@ def load_tokenizer(name: str, setting: str = "model.base", local_only: bool = Fa
     ``local_only``: never download (a hub id must already be in the local cache)."""
     from transformers import AutoTokenizer
 
-    _check_source(name, setting, needs="tokenizer_config.json")
+    name = _check_source(name, setting, needs="tokenizer_config.json", download=not local_only)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"cannot load the tokenizer of {setting} = {name!r}: {e}\n{_fix(name, setting)}") from None
+        raise ModelNotFoundError(f"cannot load the tokenizer of {setting} = {name!r}{_tried(name)}: {e}\n"
+                                 f"{_fix(name, setting)}") from None
     if tokenizer.chat_template is None:
         raise ValueError(f"{setting} = {name!r} has no chat template; use an instruction-tuned (chat) model")
     if tokenizer.pad_token is None:
@@ -128,11 +207,11 @@ def load_model(name: str, dtype: str = "float32", setting: str = "model.base", d
     """A causal LM in ``dtype`` (float32 / bfloat16 / float16), in eval mode, on ``device`` (default CPU)."""
     from transformers import AutoModelForCausalLM
 
-    _check_source(name, setting)
+    name = _check_source(name, setting)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"cannot load the model {setting} = {name!r}: {e}\n{_fix(name, setting)}") from None
+        raise ModelNotFoundError(f"cannot load the model {setting} = {name!r}{_tried(name)}: {e}\n{_fix(name, setting)}") from None
     if device:
         model.to(device)
     return model.eval()

@@ -350,12 +350,17 @@ def load_embedder(name_or_path: str, device: str | None = None):
 
     device = models.best_device(device or "auto")
     try:
-        return SentenceTransformer(str(name_or_path), device=device)
+        local = models.fetch(name_or_path, "rag.embedder", "MEDQA_EMBEDDER")  # a ModelScope id: its folder
+    except models.ModelNotFoundError as e:
+        raise EmbedderNotFoundError(str(e)) from None
+    try:
+        return SentenceTransformer(local, device=device)
     except Exception as e:  # hub unreachable, no such folder, not a sentence-transformers model
+        where = f" from {models.hub_endpoint()}" if models.is_hub_id(local) else ""
         raise EmbedderNotFoundError(
-            f"cannot load the embedder {name_or_path!r} (setting rag.embedder): {type(e).__name__}: {e}. "
-            "Give a local sentence-transformers folder, or a hub id on a machine that can reach the hub "
-            "(`hf download BAAI/bge-small-zh-v1.5`)") from None
+            f"cannot load the embedder {name_or_path!r}{where} (setting rag.embedder): {type(e).__name__}: {e}. "
+            f"It must be a sentence-transformers model. {models.how_to_get(str(name_or_path), 'MEDQA_EMBEDDER')}"
+        ) from None
 
 
 class Dense:

@@ -338,6 +338,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     ``with`` block.
     """
     backend = pick_backend(backend)
+    model_dir = models.fetch(model_dir, "the served model")  # a ModelScope id: its local folder
     _check_model(model_dir)
     served_name = served_name or served_name_for(model_dir)
     _check_served_name(served_name)
