@@ -146,3 +146,68 @@ def test_significance_names_each_difference_below_alpha_and_only_those():
     assert report.significance(report.results_table({("base", "letter"): base, ("full", "letter"): same})).startswith(
         "None of the 1 paired differences")
     assert report.significance(report.results_table({("base", "letter"): base})).startswith("No paired test yet")
+
+
+# --------------------------------------------------------------------------- Chinese in the figures
+
+LABEL = "内科学 · 外科学 · 病理生理学：诊断与治疗"
+
+
+@pytest.fixture
+def fonts(monkeypatch):
+    """matplotlib's font list and settings, restored after the test (use_cjk_font changes both)."""
+    from matplotlib import font_manager
+
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    with matplotlib.rc_context():
+        yield font_manager
+
+
+def _draw(label):
+    import io
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_title(label)
+    ax.bar([label[:3], label[6:9]], [1, 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)
+    return [str(w.message) for w in caught]
+
+
+def _covers(font_manager, label) -> bool:
+    from matplotlib.ft2font import FT2Font
+
+    path = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]), fallback_to_default=False)
+    charmap = FT2Font(path).get_charmap()
+    return all(ord(c) in charmap for c in label if not c.isspace())
+
+
+def test_chinese_labels_draw_with_every_glyph(fonts):
+    """What the figures of 01, 06 and 10 do: a font with every character of the label, no 'Glyph missing'."""
+    name = report.use_cjk_font()
+    assert name is not None
+    assert not [m for m in _draw(LABEL) if "missing from font" in m]
+    assert _covers(fonts, LABEL)
+
+
+def test_a_machine_with_no_cjk_font_draws_chinese_with_the_packaged_one(fonts):
+    fonts.fontManager.ttflist = [f for f in fonts.fontManager.ttflist if f.name not in report.CJK_FONTS]
+    assert [m for m in _draw(LABEL) if "missing from font" in m]  # what a fresh machine showed: boxes
+    path = report.packaged_cjk_font()
+    assert path is not None and path.name == "NotoSansCJKsc-Regular.otf"  # SIL OFL 1.1, from mplfonts
+    assert report.use_cjk_font() == "Noto Sans CJK SC"
+    assert fonts.findfont(fonts.FontProperties(family=["sans-serif"]), fallback_to_default=False) == str(path)
+    assert not [m for m in _draw(LABEL) if "missing from font" in m] and _covers(fonts, LABEL)
+
+
+def test_a_system_cjk_font_wins_over_the_packaged_one(fonts):
+    system = next(f for f in fonts.fontManager.ttflist if f.name == "DejaVu Sans")
+    stand_in = fonts.FontEntry(fname=system.fname, name="WenQuanYi Micro Hei")  # as if the system had it
+    fonts.fontManager.ttflist = [f for f in fonts.fontManager.ttflist if f.name not in report.CJK_FONTS] + [stand_in]
+    assert report.use_cjk_font() == "WenQuanYi Micro Hei"
+    assert not any(f.fname == str(report.packaged_cjk_font()) for f in fonts.fontManager.ttflist)

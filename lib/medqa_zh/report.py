@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
+import importlib.util
 import json
 import warnings
 from collections import Counter
@@ -17,33 +18,51 @@ from matplotlib import font_manager
 from . import debias, evaluate, files, models, results
 from .config import SMOKE_WARNING
 
-# Fonts with Simplified Chinese glyphs, most common first (Linux, macOS, Windows)
+# Fonts with Simplified Chinese glyphs, most common first (Linux, macOS, Windows); one installed on the system wins
 CJK_FONTS = (
     "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Micro Hei",
     "WenQuanYi Zen Hei", "PingFang SC", "Heiti SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei",
     "AR PL UMing CN", "Noto Sans CJK JP",
 )
+# else the one pip installs with this project: Noto Sans CJK SC (SIL Open Font License 1.1), from the mplfonts
+# package (it also ships SimHei, whose licence does not allow redistribution: not used here)
+PACKAGED_CJK_FONT = ("mplfonts", "fonts/NotoSansCJKsc-Regular.otf")
 _font_checked = False
 
 
-def use_cjk_font() -> str | None:
-    """Make matplotlib draw Chinese: put the first installed CJK font first in ``font.sans-serif``.
+def packaged_cjk_font() -> Path | None:
+    """The CJK font file a pip install brings (:data:`PACKAGED_CJK_FONT`), or None without the package."""
+    package, relative = PACKAGED_CJK_FONT
+    spec = importlib.util.find_spec(package)  # its location only: importing mplfonts is not needed
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / relative).is_file():
+            return Path(location) / relative
+    return None
 
-    Returns the font's name, or None (with one warning saying how to install one) when the
-    machine has none; labels then show empty boxes but nothing fails.
+
+def use_cjk_font() -> str | None:
+    """Make matplotlib draw Chinese: put a CJK font first in ``font.sans-serif``.
+
+    The first of :data:`CJK_FONTS` installed on the system, else the packaged Noto Sans CJK SC
+    (:func:`packaged_cjk_font`, registered with matplotlib here: no root, no font cache to rebuild).
+    Returns the font's name, or None (with one warning saying how to get one) when there is neither;
+    labels then show empty boxes but nothing fails.
     """
     global _font_checked
     installed = {f.name for f in font_manager.fontManager.ttflist}
-    for name in CJK_FONTS:
-        if name in installed:
-            plt.rcParams["font.sans-serif"] = [name, *(f for f in plt.rcParams["font.sans-serif"] if f != name)]
-            plt.rcParams["axes.unicode_minus"] = False
-            return name
+    name = next((n for n in CJK_FONTS if n in installed), None)
+    if name is None and (path := packaged_cjk_font()) is not None:
+        font_manager.fontManager.addfont(str(path))
+        name = font_manager.FontProperties(fname=str(path)).get_name()
+    if name is not None:
+        plt.rcParams["font.sans-serif"] = [name, *(f for f in plt.rcParams["font.sans-serif"] if f != name)]
+        plt.rcParams["axes.unicode_minus"] = False
+        return name
     if not _font_checked:
         warnings.warn(
-            "no Chinese font found, so Chinese labels in plots show as boxes. Install one, e.g. "
-            "`apt install fonts-noto-cjk` (Debian/Ubuntu) or `brew install --cask font-noto-sans-cjk-sc` "
-            "(macOS), then restart the kernel.",
+            "no Chinese font found, so Chinese labels in plots show as boxes. `pip install mplfonts` (a dependency "
+            "of this project: reinstall it) brings Noto Sans CJK SC; or install a system font, e.g. "
+            "`apt install fonts-noto-cjk` (Debian/Ubuntu), then restart the kernel.",
             stacklevel=2,
         )
     _font_checked = True
