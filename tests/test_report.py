@@ -1,6 +1,7 @@
 """medqa_zh.report: the run's results table (10) and reports/index.html (run_all.sh)."""
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import matplotlib
@@ -57,6 +58,10 @@ def test_index_links_every_report_and_shows_results_and_figures(tmp_path):
     assert "<a href='01_data.html'>" in page and "02_lora_sft.html" not in page  # no link to a missing report
     assert "class='failed'>failed" in page and "<td>not run</td>" in page and "<td>12.3</td>" in page
     assert "<img src='../figures/10_accuracy.png'" in page and "0.667" in page  # the results table
+    # every heading in English and Chinese, the Chinese marked as such
+    headings = re.findall(r"<h[12]>(.*?)</h[12]>", page)
+    assert len(headings) == 4 and all("<span lang='zh-CN'>" in h for h in headings)
+    assert [re.search(r"<span lang='zh-CN'>(.*?)</span>", h).group(1) for h in headings] == ["配置", "笔记本", "结果", "图"]
     # the command line run_all.sh uses
     report.main([ "index", str(out), "--notebooks", str(tmp_path / "none"), "--timing", "10_report", "1.5", "ok"])
     assert json.loads((out / "reports" / "timings.json").read_text())["10_report"]["seconds"] == 1.5

@@ -456,10 +456,15 @@ def record_timing(out_dir, notebook: str, seconds: float, status: str) -> Path:
     return files.write_text(path, json.dumps(timings, indent=1))
 
 
+def _both(english: str, chinese: str) -> str:
+    """A heading in both languages: English, then Chinese (marked as such, so browsers pick a Chinese font)."""
+    return f"{english} · <span lang='zh-CN'>{chinese}</span>"
+
+
 def write_index(out_dir, notebooks: list[str]) -> Path:
     """``reports/index.html`` of one profile's outputs: the run (manifest), every notebook of the
     series with its status, wall time and HTML report, the results table of 10 and its figures.
-    Links are relative, so the folder can be copied or served as it is."""
+    Headings are in English and Chinese. Links are relative, so the folder can be copied or served as it is."""
     out = Path(out_dir)
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)
@@ -469,7 +474,8 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     profile = manifest.get("profile", out.name)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>MedQA-zh · {html.escape(profile)}"
-             f"</title><style>{_STYLE}</style></head><body><h1>MedQA-zh · profile <code>{html.escape(profile)}</code></h1>"]
+             f"</title><style>{_STYLE}</style></head><body><h1>MedQA-zh · {_both('profile', '配置')} "
+             f"<code>{html.escape(profile)}</code></h1>"]
     if manifest.get("settings", {}).get("smoke", profile == "smoke"):
         parts.append(f"<p class='smoke'>⚠ {html.escape(SMOKE_WARNING)}</p>")
     if manifest:
@@ -479,8 +485,9 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
                      f"<code>{html.escape(commit)}</code> · last notebook started {html.escape(manifest.get('time', ''))}"
                      f" · <a href='../manifest.json'>manifest.json</a></p>")
     total = sum(t["seconds"] for name, t in timings.items() if name in notebooks)
-    parts.append("<h2>Notebooks</h2><table><tr><th>notebook</th><th>status</th><th>wall time (s)</th>"
-                 "<th>report</th></tr>")
+    parts.append(f"<h2>{_both('Notebooks', '笔记本')}</h2><table><tr><th>{_both('notebook', '笔记本')}</th>"
+                 f"<th>{_both('status', '状态')}</th><th>{_both('wall time (s)', '用时（秒）')}</th>"
+                 f"<th>{_both('report', '报告')}</th></tr>")
     for name in notebooks:
         t = timings.get(name)
         report = reports / f"{name}.html"
@@ -489,9 +496,9 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
         css = " class='failed'" if status == "failed" else ""
         parts.append(f"<tr><td>{name}</td><td{css}>{status}</td><td>{'' if t is None else t['seconds']}</td>"
                      f"<td>{link}</td></tr>")
-    parts.append(f"<tr><th>total</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
+    parts.append(f"<tr><th>{_both('total', '合计')}</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
     table_csv = out / "tables" / "10_results.csv"
-    parts.append("<h2>Results</h2>")
+    parts.append(f"<h2>{_both('Results', '结果')}</h2>")
     if table_csv.is_file():
         table = pd.read_csv(table_csv)
         parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="", classes="results",
@@ -499,16 +506,14 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
         parts.append("<p><a href='../tables/10_results.csv'>10_results.csv</a> · "
                      "<a href='../tables/10_results.md'>10_results.md</a></p>")
     else:
-        parts.append("<p>No results table yet: it is written by 10_report.</p>")
+        parts.append(f"<p>{_both('No results table yet: it is written by 10_report.', '还没有结果表：由 10_report 生成。')}</p>")
     figures = sorted((out / "figures").glob("10_*.png"))
     if figures:
-        parts.append("<h2>Figures</h2>")
+        parts.append(f"<h2>{_both('Figures', '图')}</h2>")
         parts += [f"<figure><a href='../figures/{f.name}'><img src='../figures/{f.name}' alt='{f.stem}'></a>"
                   f"<figcaption>{f.stem}</figcaption></figure>" for f in figures]
     parts.append("</body></html>")
-    path = reports / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return files.write_text(reports / "index.html", "\n".join(parts))
 
 
 def main(argv=None) -> None:
