@@ -122,3 +122,37 @@ def test_a_gpu_that_pytorch_cannot_see_stops_the_run(fake_project, tmp_path):
     proc = subprocess.run(["./run_all.sh", "--only", "01"], cwd=fake_project, env={**env, "MEDQA_ALLOW_CPU": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_setup_leaves_pips_own_configuration_alone(tmp_path):
+    """Behind a mirror (PIP_INDEX_URL, pip.conf) run_all.sh's installs go where pip is told: the script never
+    names an index itself, and it still pins the CPU build of torch. A fake interpreter records each call."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    for name in ("run_all.sh", "pyproject.toml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "profiles", root / "profiles")
+    bin_dir, env_bin = tmp_path / "bin", root / ".venv" / "bin"
+    bin_dir.mkdir()
+    env_bin.mkdir(parents=True)
+    calls = tmp_path / "calls.log"
+    (env_bin / "python").write_text(
+        '#!/bin/sh\necho "$* | index=${PIP_INDEX_URL:-} config=${PIP_CONFIG_FILE:-}" >> "$CALLS"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")  # no GPU here, whatever the test machine has
+    (bin_dir / "chromium").write_text("#!/bin/sh\nexit 0\n")  # the browser test's check, not an apt-get install
+    for f in (env_bin / "python", bin_dir / "nvidia-smi", bin_dir / "chromium"):
+        f.chmod(0o755)
+    mirror, conf = "https://mirrors.example.cn/pypi/simple", str(tmp_path / "pip.conf")
+    env = {**os.environ, "MEDQA_USE_VENV": "1", "CALLS": str(calls), "PIP_INDEX_URL": mirror, "PIP_CONFIG_FILE": conf,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("MEDQA_SKIP_SETUP", None)
+    proc = subprocess.run(["./run_all.sh", "test", "-q"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    pip = [line for line in lines if line.startswith("-m pip ")]
+    assert [line.split(" | ")[0] for line in pip] == [
+        "-m pip install --quiet --upgrade pip", "-m pip install --quiet torch==2.13.0", "-m pip install --quiet -e .[dev]"]
+    assert all(line.endswith(f"| index={mirror} config={conf}") for line in pip)  # pip's own settings, unchanged
+    assert not [line for line in pip if any(flag in line.split(" | ")[0].split() for flag in
+                                            ("-i", "--index-url", "--extra-index-url", "--trusted-host"))]
+    assert lines[-1].startswith("-m pytest -q")  # then the tests ran
