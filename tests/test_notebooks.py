@@ -3,6 +3,7 @@ the project, each notebook in a fresh kernel under papermill, exported to HTML, 
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,10 +68,10 @@ def series(tmp_path_factory):
 
 def test_01_data_runs_on_the_smoke_profile(series):
     project, nb = series("01_data")
-    assert "parameters" in nb["cells"][1]["metadata"]["tags"]
-    # the smoke warning is the first output the report shows (after the title, the parameters and
-    # papermill's injected parameters)
-    assert "SMOKE PROFILE" in _outputs_text(nb, 3)
+    assert "parameters" in nb["cells"][2]["metadata"]["tags"]
+    # the smoke warning is the first output the report shows (after the title, the Chinese summary, the
+    # parameters and papermill's injected parameters)
+    assert "SMOKE PROFILE" in _outputs_text(nb, 4)
 
     run = project / "outputs" / "smoke"
     with open(run / "tables" / "01_splits.csv", encoding="utf-8") as f:
@@ -318,9 +319,16 @@ def test_index_and_report_render_in_a_real_browser(series):
 def test_notebooks_are_committed_without_outputs():
     for path in sorted((REPO / "notebooks").glob("*.ipynb")):
         nb = json.loads(path.read_text(encoding="utf-8"))
-        first, second = nb["cells"][:2]  # the title and what it teaches, then papermill's parameters
+        # the title and what it teaches, a Chinese summary, then papermill's parameters
+        first, summary, parameters = nb["cells"][:3]
         assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith(f"# {path.name[:2]} · "), \
             f"{path.name}: the first cell must be the title"
-        assert "parameters" in second["metadata"].get("tags", []), f"{path.name}: the second cell must be the parameters cell"
+        text = "".join(summary["source"])
+        assert summary["cell_type"] == "markdown" and text.startswith("**中文摘要**"), \
+            f"{path.name}: the second cell must be the Chinese summary"
+        for part in ("**本节目标**：", "**输入**：", "**输出**：", "**运行时间**："):
+            assert part in text, f"{path.name}: the Chinese summary has no {part}"
+        assert re.search(r"运行时间\*\*：cpu 配置（2 核 CPU，实测）[\d.]+ 分钟.*smoke 配置（实测）\d+ 秒", text), path.name
+        assert "parameters" in parameters["metadata"].get("tags", []), f"{path.name}: the third cell must be the parameters cell"
         for cell in nb["cells"]:
             assert not cell.get("outputs") and not cell.get("execution_count"), f"{path.name} has outputs"
