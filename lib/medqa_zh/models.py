@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -105,8 +104,7 @@ def fetch(name, setting: str = "model.base", variable: str = "MEDQA_BASE_MODEL",
             f"cannot download {model_id!r} from ModelScope ({setting} = {name!r}): {type(e).__name__}: {e}. "
             f"{how_to_get(model_id, variable)}"
         ) from None
-    partial.rename(folder)
-    shutil.rmtree(partial, ignore_errors=True)
+    partial.rename(folder)  # whole now: from here on the folder is the model
     return str(folder)
 
 
