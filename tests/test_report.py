@@ -160,12 +160,19 @@ LABEL = "内科学 · 外科学 · 病理生理学：诊断与治疗"
 
 @pytest.fixture
 def fonts(monkeypatch):
-    """matplotlib's font list and settings, restored after the test (use_cjk_font changes both)."""
+    """matplotlib as on a fresh machine with no CJK font (default settings; the system's CJK fonts, and the
+    packaged one an earlier test may have registered, left out); ``fonts.add(entry)`` adds one. Restored after."""
     from matplotlib import font_manager
 
-    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    manager = font_manager.fontManager
+    packaged = str(report.packaged_cjk_font())
+    fresh = [f for f in manager.ttflist if f.name not in report.CJK_FONTS and f.fname != packaged]
+    monkeypatch.setattr(manager, "ttflist", fresh)
+    manager._findfont_cached.cache_clear()  # what matplotlib's own addfont does after changing the list
     with matplotlib.rc_context():
+        matplotlib.rcdefaults()
         yield font_manager
+    manager._findfont_cached.cache_clear()
 
 
 def _draw(label):
@@ -201,7 +208,6 @@ def test_chinese_labels_draw_with_every_glyph(fonts):
 
 
 def test_a_machine_with_no_cjk_font_draws_chinese_with_the_packaged_one(fonts):
-    fonts.fontManager.ttflist = [f for f in fonts.fontManager.ttflist if f.name not in report.CJK_FONTS]
     assert [m for m in _draw(LABEL) if "missing from font" in m]  # what a fresh machine showed: boxes
     path = report.packaged_cjk_font()
     assert path is not None and path.name == "NotoSansCJKsc-Regular.otf"  # SIL OFL 1.1, from mplfonts
@@ -213,6 +219,6 @@ def test_a_machine_with_no_cjk_font_draws_chinese_with_the_packaged_one(fonts):
 def test_a_system_cjk_font_wins_over_the_packaged_one(fonts):
     system = next(f for f in fonts.fontManager.ttflist if f.name == "DejaVu Sans")
     stand_in = fonts.FontEntry(fname=system.fname, name="WenQuanYi Micro Hei")  # as if the system had it
-    fonts.fontManager.ttflist = [f for f in fonts.fontManager.ttflist if f.name not in report.CJK_FONTS] + [stand_in]
+    fonts.fontManager.ttflist.append(stand_in)
     assert report.use_cjk_font() == "WenQuanYi Micro Hei"
     assert not any(f.fname == str(report.packaged_cjk_font()) for f in fonts.fontManager.ttflist)
