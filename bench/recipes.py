@@ -56,23 +56,12 @@ def overrides(variant: str) -> dict:
     return {**REFERENCE, **VARIANTS[variant]}
 
 
-def write_splits(cfg) -> None:
-    """The clean splits where training reads them, as notebook 01 writes them (when absent)."""
-    from medqa_zh import data
-
-    if all(data.split_path(cfg, role).is_file() for role in ("train", "eval")):
-        return
-    splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
-    for role, questions in splits.questions.items():
-        data.write_questions(questions, data.split_path(cfg, role))
-
-
 def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> dict:
     """Train one variant (unless ``base``) and score its rotations; writes and returns the summary."""
     from medqa_zh import config, data, debias, models, results, train
 
     cfg = config.setup(profile, overrides(variant) if VARIANTS[variant] is not None else None)
-    write_splits(cfg)
+    data.ensure_splits(cfg)
     measured = {}
     if VARIANTS[variant] is not None:
         folder = out / _slug(variant)

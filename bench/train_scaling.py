@@ -38,11 +38,7 @@ def prepare_project(work: Path, profile: str) -> Path:
         shutil.copytree(REPO / "profiles", work / "profiles")
         shutil.copy(REPO / "pyproject.toml", work / "pyproject.toml")
     os.environ["MEDQA_ROOT"] = str(work)
-    cfg = config.setup(profile)
-    if not all(data.split_path(cfg, role).is_file() for role in ("train", "eval")):
-        splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
-        for role, questions in splits.questions.items():
-            data.write_questions(questions, data.split_path(cfg, role))
+    data.ensure_splits(config.setup(profile))
     return work
 
 

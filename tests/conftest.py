@@ -48,10 +48,7 @@ def smoke_root(tmp_path_factory):
     shutil.copytree(REPO / "profiles", root / "profiles")
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
     with at_root(root):
-        cfg = config.setup("smoke")
-        splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
-        for role, questions in splits.questions.items():
-            data.write_questions(questions, data.split_path(cfg, role))
+        data.ensure_splits(config.setup("smoke"))
     return root
 
 

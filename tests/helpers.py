@@ -34,33 +34,29 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def server_processes() -> list[int]:
-    """Pids of transformers-backend servers started by medqa_zh.serve, whoever started them."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if b"_transformers_main" in cmdline and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-    return pids
-
-
-def processes_of(root) -> list[int]:
-    """Pids of every Python process that runs with ``MEDQA_ROOT=root``: a launcher and the processes it started
-    (torch's launcher starts each in a session of its own, out of reach of a kill of the launcher's group)."""
-    marker = f"MEDQA_ROOT={root}".encode()
+def _pids(file: str, wanted) -> list[int]:
+    """Pids of the other processes whose ``/proc/<pid>/<file>`` (its NUL-separated fields) ``wanted`` accepts."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if marker in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
+                fields = (proc / file).read_bytes().split(b"\0")
             except OSError:
                 continue
+            if wanted(fields):
+                pids.append(int(proc.name))
     return pids
+
+
+def server_processes() -> list[int]:
+    """Pids of transformers-backend servers started by medqa_zh.serve, whoever started them."""
+    return _pids("cmdline", lambda args: b"_transformers_main" in b" ".join(args))
+
+
+def processes_of(root) -> list[int]:
+    """Pids of every process that runs with ``MEDQA_ROOT=root``: a launcher and the processes it started
+    (torch's launcher starts each in a session of its own, out of reach of a kill of the launcher's group)."""
+    return _pids("environ", lambda env: f"MEDQA_ROOT={root}".encode() in env)
 
 
 @contextlib.contextmanager

@@ -302,3 +302,17 @@ def test_plots_draw_from_splits_and_books(tmp_path):
 
     fonts = plt.rcParams["font.sans-serif"]
     assert len(fonts) == len(set(fonts))
+
+
+def test_ensure_splits_writes_what_01_writes_and_keeps_what_is_there(project, tiny_assets):
+    from medqa_zh import config
+
+    cfg = config.load("smoke", {"data.medqa_dir": str(tiny_assets["medqa"])})
+    data.ensure_splits(cfg)
+    splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
+    for role, questions in splits.questions.items():
+        assert data.load_split(cfg, role) == questions  # what notebook 01 writes and later notebooks read
+    kept = data.split_path(cfg, "eval")
+    data.write_questions(splits.questions["eval"][:3], kept)
+    data.ensure_splits(cfg)
+    assert len(data.load_split(cfg, "eval")) == 3  # not rewritten

@@ -33,8 +33,7 @@ def _env(root) -> dict:
 def _train(root, mode: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m medqa_zh.train`` as a user types it; it launches processes when train.launch asks for more than one."""
     cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", "smoke", "--mode", mode, *overrides]
-    done = subprocess.run(cmd, env=_env(root), cwd=root, capture_output=True, text=True, timeout=timeout)
-    return done
+    return subprocess.run(cmd, env=_env(root), cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(done: subprocess.CompletedProcess) -> str:

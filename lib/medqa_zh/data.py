@@ -353,6 +353,15 @@ def split_path(cfg, role: str, kind: str = "questions") -> Path:
     return cfg.out / "data" / kind / f"{role}.jsonl"
 
 
+def ensure_splits(cfg) -> None:
+    """The clean split files where training and the evaluations read them, written as notebook 01 writes
+    them when any is missing: for a script or test that trains without running 01 (files there are kept)."""
+    if all(split_path(cfg, role).is_file() for role in cfg["data.splits"]):
+        return
+    for role, questions in load_splits(cfg.questions_dir, cfg["data.splits"]).questions.items():
+        write_questions(questions, split_path(cfg, role))
+
+
 def load_split(cfg, role: str) -> list[Question]:
     """The clean ``train`` or ``eval`` split notebook 01 wrote (:func:`split_path`), validated again."""
     path = split_path(cfg, role)
