@@ -152,15 +152,38 @@ def test_load_splits_counts_add_up(tmp_path):
     splits = data.load_splits(qdir, {"train": "dev[:8]", "eval": "dev[8:]"})
     report = {r["role"]: r for r in splits.report}
     assert report["train"]["rows_in_slice"] == 8 and report["train"]["duplicates_removed"] == 1
-    assert report["eval"]["rows_in_slice"] == 4 and report["eval"]["overlap_with_train_removed"] == 1
+    assert report["eval"]["rows_in_slice"] == 4 and report["eval"]["overlap_removed"] == 1
     assert [len(splits["train"]), len(splits["eval"])] == [7, 3]
-    assert splits.overlaps["eval"] == ["dev:12"]
+    assert splits.overlaps["eval"] == [("dev:12", "train")]
     train_ids = {q.id for q in splits["train"]}
     assert not train_ids & {q.id for q in splits["eval"]}
     assert list(splits.table().index) == ["train", "eval"]
     removed = splits.removed()
     assert list(removed["reason"]) == ["exact duplicate", "also in train"]
     assert list(removed["id"]) == ["dev:4", "dev:12"]
+
+
+def test_three_roles_share_no_question(tmp_path):
+    """train, validation and eval: a question in two roles stays only in the first of them
+    (train, then validation), whatever order the profile lists them in."""
+    qdir = tmp_path / "questions"
+    rows = [row(question=f"题{i}") for i in range(12)]
+    rows += [rows[1], rows[5], rows[2]]  # dev:13 copies train, dev:14 copies validation, dev:15 copies train
+    write_jsonl(qdir / "dev.jsonl", rows)
+    rows[7] = rows[0]
+    write_jsonl(qdir / "dev.jsonl", rows)  # dev:8, in validation, copies a train question
+    splits = data.load_splits(qdir, {"eval": "dev[9:]", "validation": "dev[4:9]", "train": "dev[:4]"})
+    ids = {role: {q.id for q in splits[role]} for role in ("train", "validation", "eval")}
+    keys = {role: {q.content_key for q in splits[role]} for role in ids}
+    for a, b in (("train", "validation"), ("train", "eval"), ("validation", "eval")):
+        assert not ids[a] & ids[b] and not keys[a] & keys[b], (a, b)
+    assert splits.overlaps == {"train": [], "validation": [("dev:8", "train")],
+                               "eval": [("dev:13", "train"), ("dev:15", "train"), ("dev:14", "validation")]}
+    assert sorted(ids["eval"]) == ["dev:10", "dev:11", "dev:12"] and len(ids["validation"]) == 4
+    table = splits.table()
+    assert list(table.index) == ["train", "validation", "eval"]
+    assert list(table["overlap_removed"]) == [0, 1, 3]
+    assert set(splits.removed()["reason"]) == {"also in train", "also in validation"}
 
 
 @pytest.mark.parametrize("spec", ["dev[5:2]", "dev[10:]", "dev[-1:-3]"])
@@ -172,7 +195,7 @@ def test_a_slice_that_selects_nothing_names_the_spec_and_the_fix(spec):
 def test_an_eval_split_emptied_by_the_overlap_with_train_names_both_specs(tmp_path):
     qdir = tmp_path / "questions"
     write_jsonl(qdir / "dev.jsonl", [row(question=f"题{i}") for i in range(10)])
-    with pytest.raises(ValueError, match=r"split eval = dev\[:4\] is empty .* train \(dev\[:8\]\): 4 of its 4 rows"):
+    with pytest.raises(ValueError, match=r"split eval = dev\[:4\] is empty .* in train \(dev\[:8\]\): 4 of its 4 rows"):
         data.load_splits(qdir, {"train": "dev[:8]", "eval": "dev[:4]"})
 
 

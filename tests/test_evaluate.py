@@ -68,6 +68,56 @@ def test_pairwise_mcnemar_covers_every_pair():
     models = {name: _results([True, False, True, True]) for name in ("base", "lora", "merged")}
     table = evaluate.pairwise_mcnemar(models)
     assert list(zip(table["model_a"], table["model_b"], strict=True)) == [("base", "lora"), ("base", "merged"), ("lora", "merged")]
+    assert {"difference", "diff_ci_low", "diff_ci_high", "p_value"} <= set(table.columns)
+
+
+def test_the_paired_difference_interval_matches_the_textbook():
+    """Newcombe's square-and-add interval for paired proportions, on the worked example of Fagerland,
+    Lydersen & Laake, *Statistical Analysis of Contingency Tables* (2017), ch. 8 (Cavo et al. 2012,
+    complete response before and after consolidation therapy: 59 / 6 / 16 / 80): -0.0621 (-0.1186 to -0.0046)."""
+    low, high = evaluate.paired_difference_ci(both=59, b_only=6, a_only=16, neither=80)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
+    # the same table as results of two models: the difference is b - a, with that interval
+    flags = [(True, True)] * 59 + [(False, True)] * 6 + [(True, False)] * 16 + [(False, False)] * 80
+    r = evaluate.mcnemar(_results([a for a, _ in flags]), _results([b for _, b in flags]))
+    assert round(r["difference"], 4) == -0.0621 and (r["diff_ci_low"], r["diff_ci_high"]) == (low, high)
+    assert r["diff_ci_low"] < r["difference"] < r["diff_ci_high"]
+    assert r["p_value"] == pytest.approx(0.0525, abs=1e-4)  # exact, 6 of 22 discordant: just above 0.05 here
+
+
+def test_the_paired_interval_is_symmetric_and_stays_within_bounds():
+    low, high = evaluate.paired_difference_ci(30, 10, 20, 40)
+    low2, high2 = evaluate.paired_difference_ci(30, 20, 10, 40)  # the two models swapped
+    assert (low, high) == pytest.approx((-high2, -low2))
+    assert evaluate.paired_difference_ci(0, 10, 0, 0) == pytest.approx((evaluate.paired_difference_ci(0, 10, 0, 0)[0], 1.0))
+    agree = evaluate.paired_difference_ci(50, 0, 0, 50)
+    assert agree[0] < 0 < agree[1]  # no discordant question: 0 inside, and not a point
+
+
+def test_the_detectable_difference_is_what_the_exact_test_finds_80_percent_of_the_time():
+    """Connor's formula, checked by simulation: with n paired questions, a share psi discordant and
+    a true difference of the detectable size, the exact McNemar test rejects at 0.05 about 80% of
+    the time (the exact test is a little conservative), and a difference half that size far less."""
+    import numpy as np
+    from scipy import stats
+
+    n, psi = 525, 0.3
+    d = evaluate.detectable_difference(n, round(psi * n))
+    assert 0.04 < d < 0.1
+    rng = np.random.default_rng(0)
+
+    def power(diff, trials=2000):
+        p_b_only, p_a_only = (psi + diff) / 2, (psi - diff) / 2
+        counts = rng.multinomial(n, [p_b_only, p_a_only, 1 - psi], size=trials)
+        hits = 0
+        for b_only, a_only, _ in counts:
+            hits += stats.binomtest(int(a_only), int(a_only + b_only), 0.5).pvalue < 0.05
+        return hits / trials
+
+    assert 0.74 < power(d) < 0.86
+    assert power(d / 2) < 0.4
+    assert math.isnan(evaluate.detectable_difference(525, 0))  # two models that never disagree: nothing to say
+    assert evaluate.detectable_difference(2000, 600) < d  # more questions, smaller effects
 
 
 def test_letter_distribution_shows_position_bias_and_invalid():

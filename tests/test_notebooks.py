@@ -77,7 +77,7 @@ def test_01_data_runs_on_the_smoke_profile(series):
     with open(run / "tables" / "01_splits.csv", encoding="utf-8") as f:
         table = {r["role"]: r for r in csv.DictReader(f)}
     assert int(table["train"]["duplicates_removed"]) == tiny.PLANTED["train_duplicates"]
-    assert int(table["eval"]["overlap_with_train_removed"]) == tiny.PLANTED["test_in_train"]
+    assert int(table["eval"]["overlap_removed"]) == tiny.PLANTED["test_in_train"]
     for role in ("train", "eval"):
         n = sum(1 for _ in open(run / "data" / "sft" / f"{role}.jsonl", encoding="utf-8"))
         assert n == int(table[role]["questions"])

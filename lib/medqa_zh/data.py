@@ -8,7 +8,7 @@ MedQA's ``data_clean`` layout::
 
 Every question gets a stable id ``<file stem>:<line number>`` (``dev:1747``), so any result can
 be traced back to its line. Bad input raises :class:`MedQAFormatError` naming the file, the line,
-what is wrong and how to fix it. Exact duplicates and train/eval overlaps are removed, counted and
+what is wrong and how to fix it. Exact duplicates and overlaps between roles are removed, counted and
 reported; nothing else is dropped.
 """
 from __future__ import annotations
@@ -244,21 +244,28 @@ def conflicting_labels(questions: list[Question]) -> list[list[str]]:
 
 
 def remove_overlap(questions: list[Question], reference: list[Question]) -> tuple[list[Question], list[str]]:
-    """Drop questions whose stem and options also appear in ``reference`` (the training split)."""
+    """Drop questions whose stem and options also appear in ``reference`` (an earlier role's split)."""
     seen = {q.content_key for q in reference}
     kept = [q for q in questions if q.content_key not in seen]
     removed = [q.id for q in questions if q.content_key in seen]
     return kept, removed
 
 
+# the roles a profile names, in the order they claim a question that appears in more than one: a question
+# of validation that is also in train is dropped from validation, one of eval that is in either is dropped
+# from eval. Validation is where anything is chosen (eval loss, the recipe, the debiasing prior); eval is
+# only reported.
+ROLES = ("train", "validation", "eval")
+
+
 @dataclass
 class Splits:
-    """The questions of each role (``train``, ``eval``, ...) and how they were made."""
+    """The questions of each role (``train``, ``validation``, ``eval``) and how they were made."""
 
     questions: dict[str, list[Question]]
     report: list[dict] = field(default_factory=list)  # one row per role, for a table
     duplicates: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    overlaps: dict[str, list[str]] = field(default_factory=dict)
+    overlaps: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # role -> (removed id, earlier role)
     conflicts: dict[str, list[list[str]]] = field(default_factory=dict)
 
     def __getitem__(self, role: str) -> list[Question]:
@@ -274,25 +281,30 @@ class Splits:
             {"role": role, "id": qid, "reason": "exact duplicate", "same as": first}
             for role, pairs in self.duplicates.items() for qid, first in pairs
         ] + [
-            {"role": role, "id": qid, "reason": "also in train", "same as": ""}
-            for role, ids in self.overlaps.items() for qid in ids
+            {"role": role, "id": qid, "reason": f"also in {earlier}", "same as": ""}
+            for role, pairs in self.overlaps.items() for qid, earlier in pairs
         ]
         return pd.DataFrame(rows, columns=["role", "id", "reason", "same as"])
 
 
 def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: str = "train") -> Splits:
-    """Build every role's split from its spec, e.g. ``{"train": "dev[:2900]", "eval": "dev[2900:]"}``.
+    """Build every role's split from its spec, e.g. ``{"train": "dev[:2400]", "validation":
+    "dev[2400:2900]", "eval": "dev[2900:]"}``.
 
-    Per role: read and validate the file, slice it, drop exact duplicates; then drop from every
-    other role the questions that also appear in the training role. All counts are reported.
+    Per role: read and validate the file, slice it, drop exact duplicates; then drop from each role
+    the questions that also appear in a role before it (``train`` first, then the order of
+    :data:`ROLES`, then any other role in the order given), so no question is in two roles. All
+    counts are reported.
     """
     questions_dir = Path(questions_dir)
     if train_role not in specs:
         raise ValueError(f"the splits {sorted(specs)} name no {train_role!r} role; add one in the profile (data.splits)")
     files: dict[str, tuple[list[Question], ReadReport]] = {}
     out = Splits(questions={})
-    for role, raw_spec in specs.items():
-        spec = SplitSpec.parse(raw_spec)
+    order = [train_role] + [r for r in ROLES if r in specs and r != train_role] + \
+        [r for r in specs if r not in ROLES and r != train_role]
+    for role in order:
+        spec = SplitSpec.parse(specs[role])
         if spec.name not in files:
             files[spec.name] = read_questions(questions_dir / f"{spec.name}.jsonl")
         rows, read = files[spec.name]
@@ -309,28 +321,28 @@ def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: st
                 "blank_lines": read.blank_lines,
                 "rows_in_slice": len(sliced),
                 "duplicates_removed": len(removed),
-                "overlap_with_train_removed": 0,
+                "overlap_removed": 0,
                 "conflicting_labels": len(out.conflicts[role]),
                 "questions": len(kept),
             }
         )
-    train = out.questions[train_role]
+    for i, row in enumerate(out.report):
+        role, overlaps = row["role"], []
+        for earlier in order[:i]:
+            kept, removed = remove_overlap(out.questions[role], out.questions[earlier])
+            out.questions[role] = kept
+            overlaps += [(qid, earlier) for qid in removed]
+        out.overlaps[role] = overlaps
+        row["overlap_removed"] = len(overlaps)
+        row["questions"] = len(out.questions[role])
     for row in out.report:
-        role = row["role"]
-        if role == train_role:
-            continue
-        kept, removed = remove_overlap(out.questions[role], train)
-        out.questions[role] = kept
-        out.overlaps[role] = removed
-        row["overlap_with_train_removed"] = len(removed)
-        row["questions"] = len(kept)
-    for row in out.report:
-        assert row["questions"] == row["rows_in_slice"] - row["duplicates_removed"] - row["overlap_with_train_removed"]
+        assert row["questions"] == row["rows_in_slice"] - row["duplicates_removed"] - row["overlap_removed"]
         if not row["questions"]:
+            earlier = ", ".join(f"{r} ({specs[r]})" for r in order[: order.index(row["role"])])
             raise ValueError(f"split {row['role']} = {row['spec']} is empty after removing the questions that are also "
-                             f"in {train_role} ({specs[train_role]}): {row['overlap_with_train_removed']} of its "
-                             f"{row['rows_in_slice']} rows overlap. Give the two roles rows that do not overlap in "
-                             "the profile (data.splits), e.g. train: dev[:2900] and eval: dev[2900:]")
+                             f"in {earlier}: {row['overlap_removed']} of its {row['rows_in_slice']} rows overlap. Give the "
+                             "roles rows that do not overlap in the profile (data.splits), e.g. train: dev[:2400], "
+                             "validation: dev[2400:2900] and eval: dev[2900:]")
     return out
 
 

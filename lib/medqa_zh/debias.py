@@ -17,6 +17,13 @@ reports the model's **letter prior** (its mean probability per letter, over all 
 
 The k rotated prompts share everything before the options (system turn, instruction, stem):
 :func:`rotation_scores` runs that prefix once and reuses its KV cache for the k option blocks.
+
+All k rotations of every question cost ~2.2 letter-scoring passes. PriDe's own point is that they
+are not needed for every question: the model's letter prior is estimated once, from a small
+*calibration* sample scored under every rotation (:func:`estimate_prior`; it needs no gold
+answers), and every other question is debiased from its **single** plain pass by dividing that prior
+out (:func:`pride_results`). Both debiased readings are reported where both exist, with how often
+they pick the same option (:func:`compare_debiasing`).
 """
 from __future__ import annotations
 
@@ -170,6 +177,63 @@ def results(rows: list[dict], method: str = "plain") -> list[dict]:
     return [{"id": r["id"], "gold": r["gold"], "pred": pick(r)} for r in rows]
 
 
+def question_prior(row: dict) -> dict:
+    """One calibration question's letter prior (PriDe): each letter's log-probability averaged over
+    the k rotations, then normalized over the letters. Every content visits every letter once, so the
+    contents add the same amount to each letter's average and only the position preference is left."""
+    letters, k = row["letters"], len(row["logprobs"])
+    if k != len(letters):
+        raise ValueError(f"question {row['id']}: {k} rotations for {len(letters)} options; the prior needs all of them")
+    mean = {letter: sum(_normalized(scores)[letter] for scores in row["logprobs"]) / k for letter in letters}
+    return {letter: math.exp(lp) for letter, lp in _normalized(mean).items()}
+
+
+def estimate_prior(rows: list[dict]) -> dict:
+    """The model's letter prior, PriDe's way: :func:`question_prior` averaged over the calibration
+    questions (:func:`rotation_scores` rows). Gold answers play no part. Letters sum to 1."""
+    if not rows:
+        raise ValueError("no calibration questions: PriDe's prior needs some questions scored under every rotation "
+                         "(eval.calibration_questions)")
+    totals, counts = {}, {}
+    for row in rows:
+        for letter, p in question_prior(row).items():
+            totals[letter] = totals.get(letter, 0.0) + p
+            counts[letter] = counts.get(letter, 0) + 1
+    mean = {letter: totals[letter] / counts[letter] for letter in sorted(totals)}
+    z = sum(mean.values())
+    return {letter: v / z for letter, v in mean.items()}
+
+
+def pride_choice(scores: dict, prior: dict) -> str:
+    """The letter whose probability, divided by the prior (renormalized over this question's
+    letters), is highest: PriDe's debiased prediction from one plain pass."""
+    missing = set(scores) - set(prior)
+    if missing:
+        raise ValueError(f"the prior has no estimate for letter(s) {', '.join(sorted(missing))}: calibrate on questions "
+                         "with the same options")
+    log_z = math.log(sum(prior[letter] for letter in scores))
+    debiased = {letter: lp - (math.log(prior[letter]) - log_z) for letter, lp in _normalized(scores).items()}
+    return max(debiased, key=debiased.get)
+
+
+def pride_results(rows: list[dict], prior: dict) -> list[dict]:
+    """Result rows (``id``, ``gold``, ``pred``) of the single-pass debiased reading: ``rows`` are
+    letter-scoring rows (:func:`evaluate.letter_scores`, ``logprobs`` a ``{letter: log-probability}``)
+    or rotation rows (their rotation 0 is that pass), ``prior`` from :func:`estimate_prior`."""
+    def plain_scores(row):
+        return row["logprobs"][0] if isinstance(row["logprobs"], list) else row["logprobs"]
+    return [{"id": r["id"], "gold": r["gold"], "pred": pride_choice(plain_scores(r), prior)} for r in rows]
+
+
+def compare_debiasing(rotations: list[dict], prior: dict) -> dict:
+    """On the questions scored under every rotation: the full cyclic debiased accuracy, PriDe's
+    single-pass accuracy (rotation 0 with ``prior``), and how often the two pick the same option."""
+    full, single = results(rotations, "debiased"), pride_results(rotations, prior)
+    same = sum(a["pred"] == b["pred"] for a, b in zip(full, single, strict=True))
+    return {"n": len(rotations), "cyclic": evaluate.accuracy(full)["accuracy"],
+            "pride": evaluate.accuracy(single)["accuracy"], "same_choice": same / len(rotations) if rotations else math.nan}
+
+
 def letter_prior(rows: list[dict]) -> pd.Series:
     """The model's mean probability per letter over every question and rotation: with contents
     spread evenly over the letters, a model without a position preference gives each 1/k."""
@@ -218,13 +282,16 @@ def table(rotations: dict, base: str | dict = "base") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def prior_table(rotations: dict) -> pd.DataFrame:
-    """Per letter: the gold share (rotation 0) and, per model, its letter prior (:func:`letter_prior`)
+def prior_table(rotations: dict, estimated: dict | None = None) -> pd.DataFrame:
+    """Per letter: the gold share (rotation 0) and, per model, its letter prior (:func:`letter_prior`),
+    PriDe's estimate from the calibration questions where ``estimated`` has one (name -> :func:`estimate_prior`)
     and the share of its plain predictions; 1 / k for every letter is no preference."""
     first = next(iter(rotations.values()))
     columns = {"gold": pd.Series([r["gold"] for r in first]).value_counts(normalize=True)}
     for name, got in rotations.items():
         columns[f"{name} prior"] = letter_prior(got)
+        if estimated and name in estimated:
+            columns[f"{name} PriDe prior"] = pd.Series(estimated[name])
         columns[f"{name} predicted"] = pd.Series([p["pred"] for p in results(got, "plain")]).value_counts(normalize=True)
     letters = sorted(set().union(*(r["letters"] for r in first)))
     return pd.DataFrame(columns).reindex(letters).fillna(0.0)

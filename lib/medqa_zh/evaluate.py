@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
 from tqdm.auto import tqdm
 
 from . import answers, prompts
@@ -68,12 +68,38 @@ def accuracy(results) -> dict:
     }
 
 
-def mcnemar(a, b) -> dict:
-    """Exact McNemar test of two models on the same questions (results of each).
+def paired_difference_ci(both: int, b_only: int, a_only: int, neither: int,
+                         confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """95% interval for the difference of two paired proportions, ``p_b - p_a``: Newcombe's
+    square-and-add interval from the two Wilson intervals, with the correlation of the paired
+    answers (Newcombe 1998, *Stat Med* 17:2635, method 10; Fagerland, Lydersen & Laake,
+    *Statistical Analysis of Contingency Tables*, ch. 8). Counts: questions both got right, only b,
+    only a, neither. Neither scipy nor statsmodels has this interval."""
+    n = both + b_only + a_only + neither
+    if n == 0:
+        return math.nan, math.nan
+    p1, p2 = (both + b_only) / n, (both + a_only) / n   # b's accuracy, a's accuracy
+    l1, u1 = wilson(both + b_only, n, confidence)
+    l2, u2 = wilson(both + a_only, n, confidence)
+    margins = (both + b_only) * (a_only + neither) * (both + a_only) * (b_only + neither)
+    phi = 0.0
+    if margins > 0:
+        cross = both * neither - b_only * a_only
+        corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+        phi = corrected / math.sqrt(margins)
+    d = p1 - p2
+    low = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    high = d + math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    return max(low, -1.0), min(high, 1.0)
 
-    Only the discordant questions matter: ``a_only`` (a right, b wrong) and ``b_only``. Under the
-    null hypothesis of equal accuracy each discordant question is a fair coin, so the two-sided
-    p-value is the binomial test of ``a_only`` out of ``a_only + b_only`` at 1/2.
+
+def mcnemar(a, b) -> dict:
+    """Two models on the same questions (results of each): the exact McNemar test and the
+    difference in accuracy, ``b - a``, with its 95% interval (:func:`paired_difference_ci`).
+
+    Only the discordant questions matter for the test: ``a_only`` (a right, b wrong) and ``b_only``.
+    Under the null hypothesis of equal accuracy each discordant question is a fair coin, so the
+    two-sided p-value is the binomial test of ``a_only`` out of ``a_only + b_only`` at 1/2.
     """
     fa, fb = _frame(a).set_index("id"), _frame(b).set_index("id")
     if set(fa.index) != set(fb.index):
@@ -85,17 +111,37 @@ def mcnemar(a, b) -> dict:
     fb = fb.loc[fa.index]
     a_only = int((fa["correct"] & ~fb["correct"]).sum())
     b_only = int((~fa["correct"] & fb["correct"]).sum())
+    both = int((fa["correct"] & fb["correct"]).sum())
     discordant = a_only + b_only
     p = 1.0 if discordant == 0 else float(stats.binomtest(a_only, discordant, 0.5).pvalue)
-    return {"n": len(fa), "a_only": a_only, "b_only": b_only, "p_value": p}
+    n = len(fa)
+    low, high = paired_difference_ci(both, b_only, a_only, n - both - discordant)
+    return {"n": n, "a_only": a_only, "b_only": b_only, "p_value": p,
+            "difference": (b_only - a_only) / n if n else math.nan, "diff_ci_low": low, "diff_ci_high": high}
+
+
+def detectable_difference(n: int, discordant: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest difference in accuracy that a two-sided McNemar test at ``alpha`` finds with
+    probability ``power`` on ``n`` paired questions, when a share ``discordant / n`` of them is
+    answered right by exactly one of the two models (Connor 1987, *Biometrics* 43:207:
+    ``n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2``, solved for d). NaN when no question is discordant."""
+    if n <= 0 or discordant <= 0:
+        return math.nan
+    psi = discordant / n
+    z_a, z_b = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
+    gap = lambda d: z_a * math.sqrt(psi) + z_b * math.sqrt(max(psi - d * d, 0.0)) - d * math.sqrt(n)  # noqa: E731
+    if gap(math.sqrt(psi)) > 0:  # too few questions: even all discordant ones on one side would not do
+        return math.nan
+    return float(optimize.brentq(gap, 1e-12, math.sqrt(psi)))
 
 
 def pairwise_mcnemar(results_by_model: dict) -> pd.DataFrame:
-    """Exact McNemar between every pair of models: one row per pair."""
+    """Exact McNemar and the difference ``b - a`` with its 95% interval between every pair of models: one row per pair."""
     rows = []
     for (name_a, a), (name_b, b) in itertools.combinations(results_by_model.items(), 2):
         rows.append({"model_a": name_a, "model_b": name_b, **mcnemar(a, b)})
-    return pd.DataFrame(rows, columns=["model_a", "model_b", "n", "a_only", "b_only", "p_value"])
+    return pd.DataFrame(rows, columns=["model_a", "model_b", "n", "a_only", "b_only", "difference", "diff_ci_low",
+                                       "diff_ci_high", "p_value"])
 
 
 def letter_distribution(results, letters: str = "ABCDE") -> pd.DataFrame:

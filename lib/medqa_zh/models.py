@@ -475,11 +475,12 @@ def load_for_eval(cfg, name: str):
             load_tokenizer(where[name], setting=name))
 
 
-def answers_fingerprint(cfg, name: str) -> str:
+def answers_fingerprint(cfg, name: str, folder: str | Path | None = None) -> str:
     """A hash of what a model's answers depend on: its weight files (or the base's name), the
-    dtype; results cached under it are never reused for a retrained model."""
+    dtype; results cached under it are never reused for a retrained model. ``folder``: another
+    folder of weights for ``name`` (a training checkpoint)."""
     h = hashlib.sha256(f"{name}|{eval_dtype(cfg)}|{cfg.base_model}".encode())
-    folder = Path(available(cfg)[name])
+    folder = Path(folder or available(cfg)[name])
     if folder.is_dir():
         for path in sorted(folder.glob("*.safetensors")):
             with open(path, "rb") as f:

@@ -157,6 +157,22 @@ def plot_loss_curves(logs: dict[str, list[dict]]):
     return fig
 
 
+def plot_learning_curve(curve):
+    """02's learning curve: plain and PriDe-debiased accuracy on the validation questions (95%
+    intervals as bands) against the optimizer step, step 0 being the base model."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for j, reading in enumerate(("plain", "pride")):
+        ax.plot(curve["step"], curve[reading], marker="o", color=f"C{j}",
+                label="PriDe debiased" if reading == "pride" else "plain (letter scoring)")
+        ax.fill_between(curve["step"], curve[f"{reading}_ci_low"], curve[f"{reading}_ci_high"], color=f"C{j}", alpha=0.15)
+    ax.set_xlabel("optimizer step (0: the base model)")
+    ax.set_ylabel(f"validation accuracy, n = {int(curve['n'].iloc[0])}")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_retrieval_quality(table):
     """From :func:`medqa_zh.rag.retrieval_quality`: per retriever, how often the top k contain the
     correct option (solid) and one wrong option on average (dashed), against k."""
@@ -273,39 +289,57 @@ def plot_sections(table):
 
 # --------------------------------------------------------------------------- a run's results (notebook 10)
 
-def results_table(answers: dict, baselines=None):
-    """One row per (model, evaluation): n, accuracy, its 95% interval, invalid and failed answers,
-    and exact McNemar p-values against the base model on the same evaluation (``p_vs_base``) and,
-    for RAG rows, against the same model without passages (``p_vs_no_rag``). 06's rotations become
-    evaluation ``debiased`` (:mod:`debias`: the debiased accuracy, and ``consistency``, the share
-    right under every rotation), 08's ``debiased+rag <retriever>``, tested against ``debiased``.
-    ``baselines`` (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
-
-    def reading(evaluation, got):  # rotations (06, 08) are read debiased
-        if evaluation.startswith("rotations"):
-            return debias.results(got, "debiased"), debias.summary(got)["consistency"]
-        return got, float("nan")
-
-    rows = []
+def readings(answers: dict) -> dict:
+    """The answers as the report reads them: ``{(model, evaluation): (result rows, consistency)}``.
+    Letter scores, generated and API answers as they are; every rotation (06, 08) read debiased
+    (``debiased``, ``debiased+rag <retriever>``; ``consistency``: the share right under every
+    rotation); letter scores also read with PriDe's prior from the same model's calibration with the
+    same passages (``pride``, ``pride+rag <retriever>``). The calibration itself (validation
+    questions) is no row."""
+    out = {}
     for (model, raw), got in answers.items():
-        got, consistency = reading(raw, got)
-        evaluation = raw.replace("rotations", "debiased")
+        kind, plus, rest = raw.partition("+")
+        if kind == results.CALIBRATION:
+            continue
+        if kind == results.ROTATIONS:
+            out[model, raw.replace(results.ROTATIONS, "debiased", 1)] = (debias.results(got, "debiased"),
+                                                                         debias.summary(got)["consistency"])
+            continue
+        out[model, raw] = (got, float("nan"))
+        calibration = answers.get((model, results.CALIBRATION + plus + rest))
+        if kind == results.LETTER and calibration:
+            out[model, results.PRIDE + plus + rest] = (debias.pride_results(got, debias.estimate_prior(calibration)),
+                                                       float("nan"))
+    return out
+
+
+def results_table(answers: dict, baselines=None):
+    """One row per (model, reading) of :func:`readings`: n, accuracy, its 95% interval, invalid and
+    failed answers, and two paired comparisons on the same questions, each the difference in
+    accuracy with its 95% interval (:func:`evaluate.paired_difference_ci`), the exact McNemar p and
+    the smallest difference those questions could detect (80% power, alpha 0.05,
+    :func:`evaluate.detectable_difference`): against the base model on the same reading
+    (``vs_base``) and, for RAG rows, against the same model without passages (``vs_no_rag``).
+    ``baselines`` (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
+    read = readings(answers)
+    rows = []
+    for (model, evaluation), (got, consistency) in read.items():
         acc = evaluate.accuracy(got)
         row = {"model": model, "evaluation": evaluation, "n": acc["n"], "accuracy": acc["accuracy"],
                "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "consistency": consistency,
-               "invalid_rate": acc["invalid_rate"], "failed": acc["failed"], "p_vs_base": float("nan"),
-               "p_vs_no_rag": float("nan")}
-        if model != "base" and ("base", raw) in answers:
-            row["p_vs_base"] = evaluate.mcnemar(reading(raw, answers["base", raw])[0], got)["p_value"]
-        without = {"api+rag": "api", "rotations+rag": "rotations"}.get(raw.split(" ")[0])
-        if without and (model, without) in answers:
-            row["p_vs_no_rag"] = evaluate.mcnemar(reading(without, answers[model, without])[0], got)["p_value"]
+               "invalid_rate": acc["invalid_rate"], "failed": acc["failed"]}
+        without = evaluation.split("+rag")[0] if "+rag" in evaluation else None
+        for suffix, other in (("vs_base", ("base", evaluation) if model != "base" else None),
+                              ("vs_no_rag", (model, without) if without else None)):
+            test = evaluate.mcnemar(read[other][0], got) if other in read else None
+            row.update(_comparison(suffix, test))
         rows.append(row)
     for _, b in (baselines.iterrows() if baselines is not None else ()):
         rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
                      "ci_low": b["ci_low"], "ci_high": b["ci_high"]})
-    table = pd.DataFrame(rows, columns=["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency",
-                                        "invalid_rate", "failed", "p_vs_base", "p_vs_no_rag"])
+    columns = ["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency", "invalid_rate", "failed"]
+    columns += [c for suffix in ("vs_base", "vs_no_rag") for c in _comparison(suffix, None)]
+    table = pd.DataFrame(rows, columns=columns)
     order = tuple(e.replace(results.ROTATIONS, "debiased") for e in results.ORDER)
     key = table.apply(lambda r: (results.position(r["evaluation"], order),  # baselines last, as given
                                  results.position(r["model"], models.NAMES) if r["evaluation"] != "baseline" else ()),
@@ -313,17 +347,31 @@ def results_table(answers: dict, baselines=None):
     return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
 
 
+def _comparison(suffix: str, test: dict | None) -> dict:
+    """The columns of one paired comparison (``diff_<suffix>`` with its interval, ``p_<suffix>``,
+    ``detectable_<suffix>``), NaN where there is nothing to compare."""
+    nan = float("nan")
+    if test is None:
+        return {f"diff_{suffix}": nan, f"diff_{suffix}_low": nan, f"diff_{suffix}_high": nan, f"p_{suffix}": nan,
+                f"detectable_{suffix}": nan}
+    return {f"diff_{suffix}": test["difference"], f"diff_{suffix}_low": test["diff_ci_low"],
+            f"diff_{suffix}_high": test["diff_ci_high"], f"p_{suffix}": test["p_value"],
+            f"detectable_{suffix}": evaluate.detectable_difference(test["n"], test["a_only"] + test["b_only"])}
+
+
 def rag_table(answers: dict, baselines=None):
     """08's table: per (model, condition) (``no RAG``, then each retriever) accuracy with its 95%
-    interval, invalid and failed answers, and the exact McNemar test against the same model without
-    passages: ``only_no_rag`` (right only without them), ``only_rag``, ``vs_no_rag_p``.
+    interval, invalid and failed answers, and the comparison with the same model without passages:
+    ``only_no_rag`` (right only without them), ``only_rag``, the difference with its 95% interval
+    (``diff_vs_no_rag``, ``_low``, ``_high``) and the exact McNemar p (``vs_no_rag_p``).
     ``baselines`` (:func:`evaluate.baselines`) come last, as condition ``baseline``."""
     summary = evaluate.summary_table(answers).rename(columns={"method": "condition"})
     tests = []
     for (name, condition), rows in answers.items():
         test = evaluate.mcnemar(answers[name, "no RAG"], rows)
-        tests.append({"model": name, "condition": condition, "vs_no_rag_p": test["p_value"],
-                      "only_no_rag": test["a_only"], "only_rag": test["b_only"]})
+        tests.append({"model": name, "condition": condition, "only_no_rag": test["a_only"], "only_rag": test["b_only"],
+                      "diff_vs_no_rag": test["difference"], "diff_vs_no_rag_low": test["diff_ci_low"],
+                      "diff_vs_no_rag_high": test["diff_ci_high"], "vs_no_rag_p": test["p_value"]})
     summary = summary.merge(pd.DataFrame(tests), on=["model", "condition"])
     if baselines is not None:
         summary = pd.concat([summary, baselines.assign(condition="baseline")], ignore_index=True)
@@ -331,29 +379,36 @@ def rag_table(answers: dict, baselines=None):
 
 
 def significance(table, alpha: float = 0.05) -> str:
-    """What :func:`results_table` says, in words: every difference with an exact McNemar p below
-    ``alpha`` (against the base model, or against the same model without passages), larger p-values
-    summed up as not significant. Markdown."""
-    acc = {(r["model"], r["evaluation"]): r["accuracy"] for _, r in table.iterrows()}
-    found, tested = [], 0
+    """What :func:`results_table` says, in words, one line per paired comparison: a difference with
+    p below ``alpha`` as a finding with its size and 95% interval; any other as what it rules out
+    (the interval's bounds: "a gain larger than Y points is ruled out at 95%"), with the smallest
+    difference those questions could have detected. Markdown."""
+    lines, found, tested = [], 0, 0
     for _, r in table.iterrows():
-        for column, (model, evaluation), what in (
-                ("p_vs_base", ("base", r["evaluation"]), "the base model"),
-                ("p_vs_no_rag", (r["model"], r["evaluation"].split("+rag")[0]), "no passages")):
-            p = r.get(column)
+        for suffix, against in (("vs_base", "the base model"), ("vs_no_rag", "the same model without passages")):
+            p = r.get(f"p_{suffix}")
             if p is None or p != p:
                 continue
             tested += 1
+            d, low, high = (100 * r[f"diff_{suffix}{end}"] for end in ("", "_low", "_high"))
+            what = f"**{r['model']} / {r['evaluation']}** against {against} (n = {int(r['n'])})"
+            size = f"{d:+.1f} points [95% CI {low:+.1f}, {high:+.1f}], p = {p:.3g}"
             if p < alpha:
-                other = acc.get((model, evaluation), float("nan"))
-                found.append(f"- **{r['model']} / {r['evaluation']}**: {r['accuracy']:.1%} vs {other:.1%} with {what} "
-                             f"(p = {p:.3g})")
+                found += 1
+                lines.append(f"- {what}: a significant {'gain' if d > 0 else 'loss'} of {size}.")
+            else:
+                if low < 0 < high:
+                    bound = f"a gain larger than {high:.1f} points, and a loss larger than {-low:.1f}, are ruled out at 95%"
+                else:  # the interval misses 0 while the exact test, more conservative, stays above alpha
+                    bound = "the interval excludes no change, but the exact test does not reach the threshold: borderline"
+                detectable = r.get(f"detectable_{suffix}")
+                power = ("" if detectable is None or detectable != detectable else
+                         f"; these questions detect {100 * detectable:.1f} points with 80% power")
+                lines.append(f"- {what}: no significant difference, {size}: {bound}{power}.")
     if not tested:
         return "No paired test yet: it needs the base model and another model (or a RAG run) on the same questions."
-    head = (f"{len(found)} of {tested} paired differences have p < {alpha}:" if found else
-            f"None of the {tested} paired differences has p < {alpha}: every gap in the table is within what "
-            "chance produces on these questions.")
-    return "\n".join([head, *found])
+    head = f"{found} of {tested} paired differences have p < {alpha}. Each difference, with what it shows:"
+    return "\n".join([head, *lines])
 
 
 def letter_table(answers: dict, evaluation: str = "letter"):

@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 from tqdm.auto import tqdm
 
-from . import debias, evaluate, files, models, rag, serve
+from . import data, debias, evaluate, files, models, rag, serve
 
 LETTER, GENERATE, ROTATIONS, API = "letter", "generate", "rotations", "api"
-IN_PROCESS = (LETTER, GENERATE, ROTATIONS)
+CALIBRATION = "calibration"  # rotations of the first eval.calibration_questions *validation* questions: PriDe's prior
+PRIDE = "pride"              # a reading, not a file: letter scores debiased with the calibration's prior (debias)
+IN_PROCESS = (LETTER, GENERATE, ROTATIONS, CALIBRATION)
 INDEX = "index.json"
 
 
@@ -32,9 +35,27 @@ def with_passages(evaluation: str, retriever: str) -> str:
     return f"{evaluation}+rag {retriever}"
 
 
-# every evaluation a run can record, in the order of the series (the report's row order)
-ORDER = (LETTER, ROTATIONS, GENERATE, API, *(with_passages(API, r) for r in rag.RETRIEVERS),
-         *(with_passages(ROTATIONS, r) for r in rag.RETRIEVERS))
+# every evaluation a run can record, and the readings the report derives, in the order of the series
+# (the report's row order)
+ORDER = (LETTER, PRIDE, ROTATIONS, GENERATE, API, *(with_passages(API, r) for r in rag.RETRIEVERS),
+         *(with_passages(e, r) for e in (LETTER, PRIDE, ROTATIONS) for r in rag.RETRIEVERS), CALIBRATION,
+         *(with_passages(CALIBRATION, r) for r in rag.RETRIEVERS))
+
+
+def questions_for(cfg, evaluation: str, questions):
+    """The questions ``evaluation`` answers, given the eval questions of the run (``questions``, the
+    first ``eval.max_questions``): the first ``eval.generate_questions`` of them for generated
+    answers (06's generate, 07 and 08's API), the first ``eval.rotation_questions`` for every rotation,
+    all of them for letter scores, and the first ``eval.calibration_questions`` of the *validation*
+    split for PriDe's calibration (never eval questions)."""
+    kind = evaluation.split("+")[0]
+    if kind == CALIBRATION:
+        return data.load_split(cfg, "validation")[: cfg["eval.calibration_questions"]]
+    if kind == ROTATIONS:
+        return questions[: cfg["eval.rotation_questions"]]
+    if kind in (GENERATE, API):
+        return questions[: cfg["eval.generate_questions"]]
+    return questions
 
 
 def path_for(cfg, name: str, evaluation: str, fingerprint: str, kind: str = "direct") -> Path:
@@ -122,15 +143,16 @@ def in_process(cfg, name: str, questions, evaluations=IN_PROCESS, passages: dict
     are missing; the model is loaded once, only if something is missing, and freed at the end.
 
     ``evaluations``: any of ``letter`` and ``generate`` (06; ``eval.batch_size``,
-    ``eval.max_new_tokens``) and ``rotations`` (06, section 5: the first ``eval.rotation_questions``).
-    ``passages``: ``{retriever: (tag, contexts)}`` (:meth:`rag.Retrieval.tag`, ``contexts``): the
-    rotations again with that retriever's passages in the prompt (08), evaluation
-    ``rotations+rag <retriever>``. Returns evaluation name -> rows, in the order of the questions."""
+    ``eval.max_new_tokens``), ``rotations`` and ``calibration`` (06, section 5), each on the questions
+    :func:`questions_for` gives it. ``passages``: ``{retriever: (tag, contexts)}``
+    (:meth:`rag.Retrieval.tag`, ``contexts`` for the eval and the calibration questions): letter
+    scores, calibration and rotations again with that retriever's passages in the prompt (08),
+    evaluations ``letter+rag <retriever>`` and so on. Returns evaluation name -> rows, in the order
+    of its questions."""
     unknown = set(evaluations) - set(IN_PROCESS)
     if unknown:
         raise ValueError(f"unknown in-process evaluation {', '.join(sorted(unknown))} (choose from {', '.join(IN_PROCESS)})")
-    batch_size, fp = cfg["eval.batch_size"], models.answers_fingerprint(cfg, name)
-    rotated = questions[: cfg["eval.rotation_questions"]]
+    fp = models.answers_fingerprint(cfg, name)
     loaded = []
 
     def model():
@@ -138,28 +160,102 @@ def in_process(cfg, name: str, questions, evaluations=IN_PROCESS, passages: dict
             loaded.append(models.load_for_eval(cfg, name))
         return loaded[0]
 
-    def scorer(evaluation, contexts=None):
-        def score(batch):
-            m, tokenizer = model()
-            if evaluation == LETTER:
-                return evaluate.letter_scores(m, tokenizer, batch, batch_size, progress=False)
-            if evaluation == GENERATE:
-                return evaluate.generate_answers(m, tokenizer, batch, cfg["eval.max_new_tokens"], batch_size,
-                                                 progress=False)
-            return debias.rotation_scores(m, tokenizer, batch, progress=False, contexts=contexts)
-        return score
-
-    runs = {e: (path_for(cfg, name, e, fp), rotated if e == ROTATIONS else questions, scorer(e)) for e in evaluations}
+    runs = {e: (path_for(cfg, name, e, fp), questions_for(cfg, e, questions), e, None) for e in evaluations}
     for retriever, (tag, contexts) in (passages or {}).items():
-        runs[with_passages(ROTATIONS, retriever)] = (path_for(cfg, name, f"{ROTATIONS}-{tag}", fp, kind="rag"),
-                                                     rotated, scorer(ROTATIONS, contexts))
+        for e in (LETTER, CALIBRATION, ROTATIONS):
+            runs[with_passages(e, retriever)] = (path_for(cfg, name, f"{e}-{tag}", fp, kind="rag"),
+                                                 questions_for(cfg, e, questions), e, contexts)
     try:
-        return {evaluation: run_cached(path, qs, score, batch_size=batch_size, progress=progress,
-                                       desc=f"{name}: {evaluation}", label=(name, evaluation))
-                for evaluation, (path, qs, score) in runs.items()}
+        return {evaluation: run_cached(path, qs, scorer(cfg, model, kind, contexts), batch_size=cfg["eval.batch_size"],
+                                       progress=progress, desc=f"{name}: {evaluation}", label=(name, evaluation))
+                for evaluation, (path, qs, kind, contexts) in runs.items()}
     finally:
         loaded.clear()
         models.free_memory()  # before the next model loads (GPU memory too)
+
+
+def scorer(cfg, model, evaluation: str, contexts: dict | None = None):
+    """``score(batch) -> rows`` for one in-process evaluation (``letter``, ``generate``, ``rotations``
+    or ``calibration``) of ``model()`` (called when a batch needs it: ``(model, tokenizer)``)."""
+    batch_size = cfg["eval.batch_size"]
+
+    def score(batch):
+        m, tokenizer = model()
+        if evaluation == LETTER:
+            return evaluate.letter_scores(m, tokenizer, batch, batch_size, progress=False, contexts=contexts)
+        if evaluation == GENERATE:
+            return evaluate.generate_answers(m, tokenizer, batch, cfg["eval.max_new_tokens"], batch_size, progress=False)
+        return debias.rotation_scores(m, tokenizer, batch, progress=False, contexts=contexts)
+    return score
+
+
+def checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """(step, folder) of each LoRA checkpoint a run kept (``checkpoints/checkpoint-N`` with its
+    adapter weights), by step."""
+    found = []
+    for folder in (Path(run_dir) / "checkpoints").glob("checkpoint-*"):
+        if folder.name[11:].isdigit() and (folder / models.WEIGHTS["lora"]).is_file():
+            found.append((int(folder.name[11:]), folder))
+    return sorted(found)
+
+
+def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
+    """Debiased accuracy on the validation split at the start of LoRA training (the base model,
+    step 0), at each checkpoint the run kept, and at its end: does accuracy still rise at the last
+    step? Per point: PriDe's prior from the rotations of the first ``eval.calibration_questions``
+    validation questions, then the single-pass debiased reading of the first ``train.curve_questions``
+    (their letter scores; a calibration question's is its rotation 0). Validation, not eval: a curve
+    is read to choose how long to train. Cached per point under ``eval/curve/`` (resumable), keyed
+    by the checkpoint's weights. One row per point: step, n, plain and PriDe accuracy with intervals."""
+    run_dir = models.folder(cfg, "lora")
+    wanted = cfg["train.curve_questions"]
+    if not wanted:
+        return pd.DataFrame()
+    validation = data.load_split(cfg, "validation")[:wanted]
+    calibration = questions_for(cfg, CALIBRATION, validation)
+    points = [(0, None)] + checkpoints(run_dir)
+    if "lora" in models.available(cfg):  # the finished adapter, unless a checkpoint holds its last step
+        from . import train  # torch and the trainer: only when there is a run to read
+
+        last = train.read_run(run_dir)["optimizer_steps"]
+        if last not in {step for step, _ in points}:
+            points.append((last, run_dir))
+    dtype, device, origin = models.eval_dtype(cfg), models.eval_device(cfg), models.setting_origin(cfg)
+    rows = []
+    for step, folder in points:
+        name = "base" if folder is None else "lora"
+        fp = models.answers_fingerprint(cfg, name, folder)
+        loaded = []
+
+        def model(folder=folder, loaded=loaded):
+            if not loaded:  # merged in memory: the same function as base + adapter (04), half the time on a CPU
+                m = models.load_model(cfg.base_model, dtype, setting=origin, device=device)
+                if folder is not None:
+                    m = models.load_adapter(m, folder, cfg.base_model).merge_and_unload()
+                loaded.append((m, models.load_tokenizer(cfg.base_model, setting=origin)))
+            return loaded[0]
+
+        where = lambda e, fp=fp, step=step: cfg.out / "eval" / "curve" / f"lora-step{step}-{e}-{fp}.jsonl"  # noqa: E731
+        try:
+            rotated = run_cached(where(CALIBRATION), calibration, scorer(cfg, model, CALIBRATION),
+                                 batch_size=cfg["eval.batch_size"], progress=progress, desc=f"step {step}: calibration")
+            done = {r["id"] for r in rotated}
+            letters = run_cached(where(LETTER), [q for q in validation if q.id not in done], scorer(cfg, model, LETTER),
+                                 batch_size=cfg["eval.batch_size"], progress=progress, desc=f"step {step}: letter")
+        finally:
+            loaded.clear()
+            models.free_memory()
+        first = {r["id"]: {"id": r["id"], "gold": r["gold"], "logprobs": r["logprobs"][0]} for r in rotated}
+        by_id = {r["id"]: r for r in letters}
+        scored = [first.get(q.id) or by_id[q.id] for q in validation]  # one plain pass per question
+        plain = evaluate.accuracy([{"id": r["id"], "gold": r["gold"], "pred": max(r["logprobs"], key=r["logprobs"].get)}
+                                   for r in scored])
+        pride = evaluate.accuracy(debias.pride_results(scored, debias.estimate_prior(rotated)))
+        rows.append({"step": step, "checkpoint": "base" if folder is None else ("final" if folder == run_dir else folder.name), "n": pride["n"],
+                     "calibration_n": len(rotated), "plain": plain["accuracy"], "plain_ci_low": plain["ci_low"],
+                     "plain_ci_high": plain["ci_high"], "pride": pride["accuracy"], "pride_ci_low": pride["ci_low"],
+                     "pride_ci_high": pride["ci_high"]})
+    return pd.DataFrame(rows)
 
 
 def api_cached(cfg, name: str, questions, passages: dict | None = None, progress: bool = True) -> dict[str, list[dict]]:
@@ -172,6 +268,7 @@ def api_cached(cfg, name: str, questions, passages: dict | None = None, progress
     runs = {API: (path_for(cfg, name, f"{API}-{backend}", fp, kind="api"), None)}
     for retriever, (tag, contexts) in (passages or {}).items():
         runs[with_passages(API, retriever)] = (path_for(cfg, name, f"{API}-{backend}-{tag}", fp, kind="rag"), contexts)
+    questions = questions_for(cfg, API, questions)  # generated answers: the first eval.generate_questions
     out = {evaluation: run_cached(path, questions, score_batch=lambda batch: [], progress=False, label=(name, evaluation))
            for evaluation, (path, _) in runs.items() if _complete(path, questions)}
     todo = [evaluation for evaluation in runs if evaluation not in out]
@@ -198,13 +295,12 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
     """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
     ``{(model, evaluation): rows}`` in series and model order, and the entries left out with the
     reason: a missing file, a model trained again since (its weights no longer match the file's
-    fingerprint), or answers to other questions than ``questions`` (the eval split at this
-    profile's ``eval.max_questions``; for the rotations, the first ``eval.rotation_questions``)."""
+    fingerprint), or answers to other questions than :func:`questions_for` gives the evaluation
+    (``questions``: the eval split at this profile's ``eval.max_questions``)."""
     index = cfg.out / "eval" / INDEX
     entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
     found = models.available(cfg)
-    fingerprints, got, skipped = {}, {}, []
-    everything = [q.id for q in questions]
+    fingerprints, got, skipped, wanted_ids = {}, {}, [], {}
     for entry in sorted(entries.values(), key=lambda e: (position(e["evaluation"], ORDER), position(e["model"], models.NAMES))):
         path, model = index.parent / entry["file"], entry["model"]
         why = None
@@ -217,8 +313,9 @@ def collect(cfg, questions) -> tuple[dict, list[dict]]:
                 fingerprints[model] = models.answers_fingerprint(cfg, model)
             if not path.stem.endswith("-" + fingerprints[model]):
                 why = f"the {model} model was trained again after {entry['file']} was written: rerun its evaluation"
-        rotated = entry["evaluation"].startswith(ROTATIONS)
-        wanted = everything[: cfg.get("eval.rotation_questions")] if rotated else everything
+        if entry["evaluation"] not in wanted_ids:
+            wanted_ids[entry["evaluation"]] = [q.id for q in questions_for(cfg, entry["evaluation"], questions)]
+        wanted = wanted_ids[entry["evaluation"]]
         if why is None:
             rows = read(path)
             if sorted(r["id"] for r in rows) != sorted(wanted):

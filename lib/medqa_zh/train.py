@@ -24,7 +24,8 @@ the profile's ``train`` section (``train.full`` overrides it for full SFT). A ru
     adapter_model.safetensors + adapter_config.json   (LoRA)  or  model.safetensors (full)
     tokenizer files, base_model.json (which base it trained on), run.json (settings, measurements)
     train_log.jsonl     one line per logging / evaluation step, appended as training goes
-    checkpoints/        Trainer checkpoints; a rerun resumes from the last one
+    checkpoints/        Trainer checkpoints; a rerun resumes from the last one, and 02's learning
+                        curve scores each one kept (``train.save_total_limit``)
 
 One process or many: ``python -m medqa_zh.train --profile P --mode lora|full [key=value ...]`` (:func:`main`)
 runs what the notebooks run. Started by ``accelerate launch`` or ``torchrun``, every process runs it and they
@@ -70,6 +71,8 @@ from . import config, data, files, models, prompts, serve
 
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
+# settings that change what is kept or scored after training, not the training: a change never restarts a run
+NOT_THE_RUN = ("resume", "launch", "save_total_limit", "curve_questions")
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 SETTINGS_FILE = "run_settings.json"
@@ -494,12 +497,12 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     seed = int(cfg.get("seed", 0))
 
     train_qs = data.load_split(cfg, "train")
-    eval_qs = data.load_split(cfg, "eval")[: s.get("eval_questions")]
+    eval_qs = data.load_split(cfg, "validation")[: s.get("eval_questions")]  # never the eval split
     origin = models.setting_origin(cfg)
     tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
     epochs = int(s.get("num_train_epochs", 1))
     train_ex = to_examples(stream(train_qs, epochs, seed, s["shuffle_options"]), s["completion"])
-    eval_ex = to_examples(eval_qs, s["completion"])  # eval loss: the options as the evaluations show them
+    eval_ex = to_examples(eval_qs, s["completion"])  # eval loss on validation: the options as the evaluations show them
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
     # one optimizer step's examples, across all processes: each process reads every world-th micro-batch
@@ -551,7 +554,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         logging_first_step=True,
         save_strategy="steps",
         save_steps=s.get("save_steps") or eval_steps,
-        save_total_limit=s.get("save_total_limit", 2),
+        save_total_limit=s["save_total_limit"],
         seed=seed,
         data_seed=seed,
         include_num_input_tokens_seen="non_padding",
@@ -577,7 +580,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
                   f"{world} processes train data-parallel ({trainer.accelerator.distributed_type.value}), each with "
                   "the whole model")
     run_key = {  # what makes two runs the same run: resuming across a change would mix them
-        "mode": mode, "settings": {k: v for k, v in s.items() if k not in ("resume", "launch")}, "precision": precision,
+        "mode": mode, "settings": {k: v for k, v in s.items() if k not in NOT_THE_RUN}, "precision": precision,
         "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "seed": seed, "world_size": world,
         "train_sha256": _sha256(data.split_path(cfg, "train")),
         "eval_questions": [q.id for q in eval_qs],
