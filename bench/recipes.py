@@ -7,13 +7,15 @@ Each variant is the ``cpu`` profile's LoRA run with a few ``train`` settings cha
 every variant pins the settings it does not change to the study's reference, ``REFERENCE``, so a
 later change of the profile's defaults does not change what a row means). Per variant, in a fresh
 process: train (``medqa_zh.train``, as notebook 02 does), then merge the adapter in memory and score
-the first ``--questions`` questions of the eval split under every cyclic rotation of their options
-(``medqa_zh.debias.rotation_scores``). ``base`` is the untrained model, scored the same way.
+the first ``--questions`` questions of the **validation** split under every cyclic rotation of their
+options (``medqa_zh.debias.rotation_scores``). ``base`` is the untrained model, scored the same way.
+The study chooses a recipe, so it never looks at the eval split: the numbers the series reports come
+from questions that took no part in the choice.
 
 One table, one row per variant: training wall time (evaluation-loss passes included) and the
 median optimizer step, examples seen, plain and debiased accuracy
-with 95% Wilson intervals, consistency (right under every rotation), the exact McNemar p of the
-debiased answers against the base's, and the *letter spread*: the largest gap, over the letters,
+with 95% Wilson intervals, consistency (right under every rotation), the difference of the debiased
+accuracy from the base's with its 95% paired interval and exact McNemar p, and the *letter spread*: the largest gap, over the letters,
 between the share of plain predictions on a letter and the share of gold answers on it (0: the
 predictions spread like the answers; 0.8: everything on one letter).
 
@@ -75,14 +77,14 @@ def run_one(variant: str, questions: int, out: Path, profile: str = "cpu") -> di
         # unmerged adapter on every linear layer doubles the scoring time on a CPU
         model = models.load_adapter(model, out / _slug(variant), cfg.base_model).merge_and_unload()
     tokenizer = models.load_tokenizer(cfg.base_model, setting="MEDQA_BASE_MODEL")
-    qs = data.load_split(cfg, "eval")[:questions]
+    qs = data.load_split(cfg, "validation")[:questions]  # choosing: never the eval split
     t0 = time.perf_counter()
     score = lambda batch: debias.rotation_scores(model, tokenizer, batch, progress=False)  # noqa: E731
     rows = results.run_cached(out / f"{_slug(variant)}-rotations.jsonl", qs, score,  # a rerun resumes
                                batch_size=int(cfg["eval.batch_size"]), desc=f"{variant}: rotations")
     scoring = time.perf_counter() - t0
     result = {
-        "variant": variant, "overrides": VARIANTS[variant], "summary": debias.summary(rows),
+        "variant": variant, "overrides": VARIANTS[variant], "split": "validation", "summary": debias.summary(rows),
         "scoring_seconds": scoring, "train_seconds": measured.get("wall_seconds"),
         "examples_seen": measured.get("optimizer_steps", 0) * measured.get("examples_per_step", 0),
         "padding_share": measured.get("padding_share"), "last_eval_loss": measured.get("last_eval_loss"),
@@ -122,8 +124,8 @@ def table(out: Path, variants: list[str]):
     for v, got in rotations.items():
         meta = json.loads((out / f"{_slug(v)}.json").read_text(encoding="utf-8"))
         s = meta["summary"]
-        p = (evaluate.mcnemar(debias.results(rotations["base"], "debiased"), debias.results(got, "debiased"))["p_value"]
-             if "base" in rotations and v != "base" else float("nan"))
+        test = (evaluate.mcnemar(debias.results(rotations["base"], "debiased"), debias.results(got, "debiased"))
+                if "base" in rotations and v != "base" else None)
         rows.append({
             "variant": v,
             "train (min)": f"{meta['train_seconds'] / 60:.1f}" if meta["train_seconds"] else "—",
@@ -132,7 +134,9 @@ def table(out: Path, variants: list[str]):
             "plain": f"{s['plain']:.1%} [{s['plain_ci_low']:.1%}, {s['plain_ci_high']:.1%}]",
             "debiased": f"{s['debiased']:.1%} [{s['debiased_ci_low']:.1%}, {s['debiased_ci_high']:.1%}]",
             "consistency": f"{s['consistency']:.1%}",
-            "McNemar p (debiased vs base)": "—" if p != p else f"{p:.3f}",
+            "Δ debiased vs base [95% CI]": "—" if test is None else
+            f"{test['difference']:+.1%} [{test['diff_ci_low']:+.1%}, {test['diff_ci_high']:+.1%}]",
+            "McNemar p (debiased vs base)": "—" if test is None else f"{test['p_value']:.3f}",
             "letter spread (plain)": f"{spread(got, 'plain'):.2f}",
             "letter spread (debiased)": f"{spread(got, 'debiased'):.2f}",
             "n": s["n"],
@@ -142,7 +146,7 @@ def table(out: Path, variants: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--questions", type=int, default=200, help="eval questions scored under every rotation")
+    parser.add_argument("--questions", type=int, default=200, help="validation questions scored under every rotation")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("outputs/recipes"))
     parser.add_argument("--profile", default="cpu", help="the profile whose data, model and train settings it starts from")

@@ -27,19 +27,23 @@ def test_eval_throughput_compares_every_method_on_the_same_questions(tiny_assets
     questions = tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl"
     out = subprocess.run(
         [sys.executable, REPO / "bench" / "eval_throughput.py", tiny_assets["model"], questions, "--start", "0",
-         "--n", "6", "--dtype", "float32", "--concurrency", "1", "2"],
+         "--n", "6", "--dtype", "float32", "--concurrency", "1", "2", "--calibration-start", "10", "--calibration", "4"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")}
-    methods = ("letter", "rotations-whole", "rotations-shared", "generate", "original", "api-c1", "api-c2", "api-cb-c1",
-               "api-cb-c2")
+    methods = ("letter", "rotations-whole", "rotations-shared", "pride", "generate", "original", "api-c1", "api-c2",
+               "api-cb-c1", "api-cb-c2")
     assert set(rows) >= set(methods)
     assert all(int(rows[m][2]) == 6 for m in methods)  # the same questions for every method
     assert "letter scoring vs the original workflow's method: " in out.stdout
     assert "rotations-shared: 5 rotations take " in out.stdout
     difference = float(out.stdout.split("largest log-probability difference ")[1].split(";")[0])
     assert difference < 1e-3  # float32: the shared prefix changes no score
+    cyclic = float(out.stdout.split("every rotation (cyclic, shared prefix): ")[1].split("x")[0])
+    pride = float(out.stdout.split("PriDe, prior from 4 calibration questions + one pass each: ")[1].split("x")[0])
+    assert cyclic > 0 and pride >= 1.0  # a ratio to one plain pass, measured: PriDe is that pass plus its calibration
+    assert "same option" in out.stdout
 
 
 def test_rag_latency_measures_every_retriever(tiny_assets):
@@ -92,6 +96,14 @@ def test_recipes_trains_each_variant_and_tests_it_against_the_base(tmp_path):
     p = header.index("McNemar p (debiased vs base)")
     assert rows["base"][p].strip() == "—" and 0 <= float(rows["reference"][p]) <= 1
     assert int(rows["shuffle+text"][header.index("n")]) == 8
+    assert rows["reference"][header.index("Δ debiased vs base [95% CI]")].strip().count("%") == 3
+    # it chooses a recipe, so it scores validation questions, never eval ones
+    from medqa_zh import results as cached
+
+    split = lambda role: [json.loads(line)["id"] for line in  # noqa: E731
+                          (project / "outputs" / "smoke" / "data" / "questions" / f"{role}.jsonl").read_text().splitlines()]
+    scored = [r["id"] for r in cached.read(out / "reference-rotations.jsonl")]
+    assert scored == split("validation")[:8] and not set(scored) & set(split("eval"))
     shuffled = json.loads((out / "shuffle+text" / "run.json").read_text(encoding="utf-8"))
     assert shuffled["settings"]["shuffle_options"] is True and shuffled["settings"]["completion"] == "letter_text"
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "MEDQA_ROOT": str(project)})

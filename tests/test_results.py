@@ -98,24 +98,55 @@ def test_in_process_loads_a_model_only_for_what_is_missing_and_records_each_eval
                                                                                       monkeypatch):
     from medqa_zh import data
 
-    cfg = config.setup("smoke", {"eval.rotation_questions": 2})
-    questions, _ = data.read_questions(tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl")
-    questions = questions[:4]
+    cfg = config.setup("smoke", {"eval.rotation_questions": 2, "eval.generate_questions": 3,
+                                 "eval.calibration_questions": 5})
+    data.ensure_splits(cfg)
+    questions = data.load_split(cfg, "eval")[:4]
+    validation = data.load_split(cfg, "validation")
     loads, real = [], models.load_for_eval
     monkeypatch.setattr(models, "load_for_eval", lambda cfg, name: loads.append(name) or real(cfg, name))
     got = results.in_process(cfg, "base", questions, progress=False)
-    assert list(got) == ["letter", "generate", "rotations"] and loads == ["base"]
-    assert [len(got[e]) for e in got] == [4, 4, 2]  # the rotations: the first eval.rotation_questions
-    assert all(r["id"] == q.id for e in ("letter", "generate") for r, q in zip(got[e], questions, strict=True))
+    assert list(got) == ["letter", "generate", "rotations", "calibration"] and loads == ["base"]
+    assert [len(got[e]) for e in got] == [4, 3, 2, 5]  # each on its own questions (results.questions_for)
+    assert all(r["id"] == q.id for e in ("letter", "generate") for r, q in zip(got[e], questions[: len(got[e])], strict=True))
+    assert [r["id"] for r in got["calibration"]] == [q.id for q in validation[:5]]  # validation, never eval
     index = json.loads((cfg.out / "eval" / results.INDEX).read_text())
-    assert {k for k in index} == {"base|letter", "base|generate", "base|rotations"}
+    assert {k for k in index} == {"base|letter", "base|generate", "base|rotations", "base|calibration"}
     assert results.in_process(cfg, "base", questions, progress=False) == got and loads == ["base"]  # all cached
     more = results.in_process(cfg, "base", questions, [results.LETTER],
                               passages={"bm25": ("rag-bm25-test", {q.id: [] for q in questions})}, progress=False)
-    assert list(more) == ["letter", "rotations+rag bm25"] and loads == ["base", "base"]
-    assert "base|rotations+rag bm25" in json.loads((cfg.out / "eval" / results.INDEX).read_text())
+    assert list(more) == ["letter", "letter+rag bm25", "calibration+rag bm25", "rotations+rag bm25"]
+    assert loads == ["base", "base"]
+    assert "base|calibration+rag bm25" in json.loads((cfg.out / "eval" / results.INDEX).read_text())
+    answers, skipped = results.collect(cfg, questions)  # each evaluation checked against its own questions
+    assert not skipped and len(answers["base", "calibration"]) == 5 and len(answers["base", "generate"]) == 3
     with pytest.raises(ValueError, match="unknown in-process evaluation api"):
         results.in_process(cfg, "base", questions, ["api"])
+
+
+@pytest.mark.parametrize(("kept", "steps"), [(None, [0, 2, 4]), (1, [0, 4])])
+def test_the_learning_curve_reads_the_checkpoints_a_run_kept(smoke, kept, steps, monkeypatch):
+    from medqa_zh import data, train
+
+    cfg = smoke(**{"train.max_steps": 4, "train.save_steps": 2, "train.eval_steps": 2, "train.save_total_limit": kept,
+                   "train.precision": "fp32", "train.curve_questions": 6, "eval.calibration_questions": 4})
+    monkeypatch.setattr(models, "folder", lambda cfg, name, real=models.folder: real(cfg, name).with_name(f"{name}-{kept}"))
+    run = train.prepare(cfg, "lora")
+    train.train(run)
+    del run
+    kept_steps = [step for step, _ in results.checkpoints(models.folder(cfg, "lora"))]
+    assert kept_steps == steps[1:]
+    curve = results.learning_curve(cfg, progress=False)
+    assert list(curve["step"]) == steps and list(curve["checkpoint"]) == ["base"] + [f"checkpoint-{s}" for s in steps[1:]]
+    assert set(curve["n"]) == {6} and set(curve["calibration_n"]) == {4}
+    assert curve["pride"].between(0, 1).all() and (curve["pride_ci_low"] <= curve["pride"]).all()
+    scored = {p.name.split("-")[1] for p in (cfg.out / "eval" / "curve").glob("lora-*.jsonl")}
+    assert {f"step{s}" for s in steps} <= scored
+    validation = {q.id for q in data.load_split(cfg, "validation")}
+    for path in (cfg.out / "eval" / "curve").glob("lora-*-calibration-*.jsonl"):
+        assert {r["id"] for r in results.read(path)} <= validation  # validation questions only
+    none = results.learning_curve(smoke(**{"train.curve_questions": 0}), progress=False)
+    assert none.empty
 
 
 def test_a_crash_while_dropping_a_torn_line_keeps_every_finished_answer(tmp_path, monkeypatch):
