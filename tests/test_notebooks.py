@@ -78,9 +78,13 @@ def test_01_data_runs_on_the_smoke_profile(series):
         table = {r["role"]: r for r in csv.DictReader(f)}
     assert int(table["train"]["duplicates_removed"]) == tiny.PLANTED["train_duplicates"]
     assert int(table["eval"]["overlap_removed"]) == tiny.PLANTED["test_in_train"]
-    for role in ("train", "eval"):
+    ids = {}
+    for role in ("train", "validation", "eval"):
         n = sum(1 for _ in open(run / "data" / "sft" / f"{role}.jsonl", encoding="utf-8"))
         assert n == int(table[role]["questions"])
+        lines = (run / "data" / "questions" / f"{role}.jsonl").read_text(encoding="utf-8").splitlines()
+        ids[role] = {json.loads(line)["id"] for line in lines}
+    assert not ids["train"] & ids["validation"] and not ids["train"] & ids["eval"] and not ids["validation"] & ids["eval"]
     assert (run / "data" / "llamafactory" / "dataset_info.json").is_file()
     for fig in ("01_answer_letters", "01_question_lengths", "01_top_sections", "01_textbook_sizes"):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 1000
@@ -100,6 +104,15 @@ def test_02_lora_sft_loss_falls(series):
     assert (project / "outputs" / "smoke" / "figures" / "02_loss_curve.png").stat().st_size > 1000
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "5 of them in the loss: '答案：" in text  # the label mask, shown
+    # the learning curve: the base, then every checkpoint the run kept (smoke: every 20 of 60 steps), on validation
+    with open(project / "outputs" / "smoke" / "tables" / "02_learning_curve.csv", encoding="utf-8") as f:
+        curve = list(csv.DictReader(f))
+    n_validation = sum(1 for _ in open(project / "outputs" / "smoke" / "data" / "questions" / "validation.jsonl",
+                                       encoding="utf-8"))
+    assert [int(r["step"]) for r in curve] == [0, 20, 40, 60] and curve[0]["checkpoint"] == "base"
+    assert all(int(r["n"]) == n_validation for r in curve)
+    assert all(float(r["pride_ci_low"]) <= float(r["pride"]) <= float(r["pride_ci_high"]) for r in curve)
+    assert (project / "outputs" / "smoke" / "figures" / "02_learning_curve.png").stat().st_size > 5000
 
 
 def test_03_full_sft_reports_its_cost_next_to_lora(series):
@@ -145,26 +158,40 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     merged = {r["method"]: r["accuracy"] for r in rows if r["model"] == "merged"}
     lora = {r["method"]: r["accuracy"] for r in rows if r["model"] == "lora"}
     assert merged == lora  # the merge changed nothing that decides an answer
-    results = sorted(p for p in (out / "eval" / "direct").glob("*.jsonl") if "-rotations-" not in p.name)
+    results = sorted(p for p in (out / "eval" / "direct").glob("*.jsonl") if "-rotations-" not in p.name
+                     and "-calibration-" not in p.name)
     assert len(results) == 8 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
     with open(out / "tables" / "06_mcnemar.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 2 * 6  # every pair of four models, both methods
-    # section 5: every model under every rotation of the options (the smoke profile: all eval questions)
+    # section 5: debiased two ways, every model: PriDe on every question, every rotation (smoke: all of them too)
     with open(out / "tables" / "06_debiased.csv", encoding="utf-8") as f:
-        debiased = {r["model"]: r for r in csv.DictReader(f)}
-    assert list(debiased) == ["base", "lora", "full", "merged"]
+        debiased = {(r["model"], r["evaluation"]): r for r in csv.DictReader(f)}
+    assert list(debiased) == [(m, e) for e in ("letter", "pride", "debiased") for m in ("base", "lora", "full", "merged")]
     letter = {r["model"]: float(r["accuracy"]) for r in rows if r["method"] == "letter"}
-    for name, r in debiased.items():
-        assert int(r["n"]) == n_eval and int(r["rotations"]) == 5
-        assert float(r["plain"]) == pytest.approx(letter[name], abs=1.01 / n_eval)  # rotation 0 is letter scoring
-        assert float(r["consistency"]) <= float(r["rotation_min"]) <= float(r["rotation_mean"]) <= float(r["rotation_max"])
-        assert float(r["debiased_ci_low"]) <= float(r["debiased"]) <= float(r["debiased_ci_high"])
-        assert (r["debiased_p_vs_base"] == "") == (name == "base")
+    for (name, evaluation), r in debiased.items():
+        assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        assert (r["p_vs_base"] == "") == (name == "base")
+        if name != "base":  # every difference with its interval beside its p
+            assert float(r["diff_vs_base_low"]) <= float(r["diff_vs_base"]) <= float(r["diff_vs_base_high"])
+            assert 0 <= float(r["p_vs_base"]) <= 1
+        if evaluation == "letter":
+            assert float(r["accuracy"]) == letter[name]
+        assert (r["consistency"] == "") == (evaluation != "debiased")
+    with open(out / "tables" / "06_pride_vs_cyclic.csv", encoding="utf-8") as f:
+        compared = {r[""]: r for r in csv.DictReader(f)}
+    assert list(compared) == ["base", "lora", "full", "merged"]
+    assert all(int(float(r["n"])) == n_eval and 0 <= float(r["same_choice"]) <= 1 for r in compared.values())
     with open(out / "tables" / "06_letter_prior.csv", encoding="utf-8") as f:
         prior = list(csv.DictReader(f))
     assert [r[""] for r in prior] == list("ABCDE") and sum(float(r["base prior"]) for r in prior) == pytest.approx(1)
-    assert (out / "figures" / "06_debiased.png").stat().st_size > 5000
+    assert sum(float(r["merged PriDe prior"]) for r in prior) == pytest.approx(1)
+    for fig in ("06_debiased", "06_cyclic"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
     assert len(list((out / "eval" / "direct").glob("*-rotations-*.jsonl"))) == 4
+    validation = (out / "data" / "questions" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
+    for path in (out / "eval" / "direct").glob("*-calibration-*.jsonl"):  # PriDe's prior: validation questions only
+        assert [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()] == [
+            json.loads(line)["id"] for line in validation]
 
 
 def test_05_serves_a_model_and_answers_plain_and_streamed(series):
@@ -218,17 +245,20 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
     for r in rows:
         assert int(r["n"]) == n_eval and int(r["failed"]) == 0 and 0 <= float(r["vs_no_rag_p"]) <= 1
     rag_results = list((out / "eval" / "rag").glob("*.jsonl"))
-    assert len(rag_results) == 2 * 3 + 2 * 1  # API per retriever; rotations with bm25 (rag.rotation_retrievers)
+    assert len(rag_results) == 2 * 3 + 2 * 3  # API per retriever; letter, calibration, rotations with bm25
     for path in rag_results:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         assert all(row["passages"] for row in rows), path.name  # every prompt carried passages, recorded by id
     # section 5: debiased accuracy with and without passages, in-process, on the same questions
     with open(out / "tables" / "08_rag_debiased.csv", encoding="utf-8") as f:
-        debiased = {r["model"]: r for r in csv.DictReader(f)}
-    assert set(debiased) == {f"{m} · {c}" for m in ("base", "merged") for c in ("no RAG", "bm25")}
-    for name, r in debiased.items():
-        assert int(r["n"]) == n_eval and float(r["debiased_ci_low"]) <= float(r["debiased"]) <= float(r["debiased_ci_high"])
-        assert (r["debiased_p_vs_no_rag"] == "") == name.endswith("no RAG")
+        debiased = {(r["model"], r["evaluation"]): r for r in csv.DictReader(f)}
+    assert set(debiased) == {(m, e) for m in ("base", "merged")
+                             for e in ("pride", "debiased", "pride+rag bm25", "debiased+rag bm25")}
+    for (_, evaluation), r in debiased.items():
+        assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        assert (r["p_vs_no_rag"] == "") == ("+rag" not in evaluation)
+        if "+rag" in evaluation:
+            assert float(r["diff_vs_no_rag_low"]) <= float(r["diff_vs_no_rag"]) <= float(r["diff_vs_no_rag_high"])
     assert (out / "figures" / "08_rag_debiased.png").stat().st_size > 5000
     assert list((out / "rag").glob("passages-*.jsonl")) and list((out / "rag").glob("dense-*/embeddings.npy"))
     assert (out / "figures" / "08_retrieval_quality.png").is_file() and (out / "figures" / "08_rag_accuracy.png").is_file()
@@ -260,17 +290,21 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     models = ("base", "lora", "full", "merged")
     expected = {(m, e) for m in models for e in ("letter", "generate")}
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
-    expected |= {(m, "debiased") for m in models}  # 06's rotations
-    expected |= {(m, "debiased+rag bm25") for m in ("base", "merged")}  # 08's, with passages
+    expected |= {(m, e) for m in models for e in ("pride", "debiased")}  # 06's debiased readings
+    expected |= {(m, f"{e}+rag bm25") for m in ("base", "merged") for e in ("letter", "pride", "debiased")}  # 08's
     assert set(rows) == expected
     for (model, evaluation), r in rows.items():
         assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
         assert (r["consistency"] == "") == (not evaluation.startswith("debiased"))
         assert (r["p_vs_base"] == "") == (model == "base")
         assert (r["p_vs_no_rag"] == "") == ("+rag" not in evaluation)
+        if model != "base":
+            assert float(r["diff_vs_base_low"]) <= float(r["diff_vs_base"]) <= float(r["diff_vs_base_high"])
+            assert r["detectable_vs_base"] == "" or float(r["detectable_vs_base"]) > 0  # "": the two never disagree
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "left out" not in text and "SMOKE PROFILE" in text
-    for fig in ("accuracy", "loss_curves", "letters", "sections", "rag_ablation", "retrieval_quality"):
+    assert "What the table shows." in text and "95% CI" in text  # the verdict, in words
+    for fig in ("accuracy", "loss_curves", "learning_curve", "letters", "sections", "rag_ablation", "retrieval_quality"):
         assert (out / "figures" / f"10_{fig}.png").stat().st_size > 5000, fig
 
 

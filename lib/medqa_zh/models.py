@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 from safetensors import safe_open
@@ -303,7 +304,9 @@ def load_adapter(base, adapter_dir: str | Path, base_name: str):
     from peft import PeftModel
 
     check_adapter(adapter_dir, base, base_name)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with warnings.catch_warnings():  # peft asks the model a property transformers 5 renamed: noise, not a fault
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
 # --------------------------------------------------------------------------- device and precision
