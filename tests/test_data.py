@@ -4,7 +4,7 @@ import re
 import pytest
 
 from helpers import row, write_jsonl
-from medqa_zh import data, prompts
+from medqa_zh import config, data, prompts
 from medqa_zh.data import MedQAFormatError, SplitSpec
 
 # --------------------------------------------------------------------------- validation
@@ -293,12 +293,16 @@ def test_real_medqa_dev_and_textbooks(shared_medqa):
 
 
 @pytest.mark.shared
-def test_real_dev_slices_are_disjoint_after_overlap_removal(shared_medqa):
-    splits = data.load_splits(shared_medqa / "questions" / "Mainland", {"train": "dev[:2900]", "eval": "dev[2900:]"})
-    train_keys = {q.content_key for q in splits["train"]}
-    assert not any(q.content_key in train_keys for q in splits["eval"])
+def test_the_cpu_profiles_three_roles_of_real_dev_share_no_question(shared_medqa):
+    specs = config.load("cpu")["data.splits"]
+    assert list(specs) == ["train", "validation", "eval"]
+    splits = data.load_splits(shared_medqa / "questions" / "Mainland", specs)
+    keys = {role: {q.content_key for q in splits[role]} for role in specs}
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["eval"]
+    assert not keys["validation"] & keys["eval"]
     report = {r["role"]: r for r in splits.report}
-    assert report["train"]["rows_in_slice"] + report["eval"]["rows_in_slice"] == 3425
+    assert sum(report[role]["rows_in_slice"] for role in specs) == 3425  # the three slices tile dev
+    assert all(report[role]["questions"] >= 0.95 * report[role]["rows_in_slice"] for role in specs)
 
 
 def test_plots_draw_from_splits_and_books(tmp_path):

@@ -330,8 +330,8 @@ def test_index_and_report_render_in_a_real_browser(series):
         page.goto((reports / "index.html").as_uri(), wait_until="load")
         assert not failed, f"index.html: requests that failed: {failed}"
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
-        assert len(images) == 6 and all(ok for _, ok in images), images
-        assert page.locator("table.results tr").count() == 1 + 22 + 2  # header, every result, chance and always-X
+        assert len(images) == 7 and all(ok for _, ok in images), images
+        assert page.locator("table.results tr").count() == 1 + 30 + 2  # header, every result, chance and always-X
         assert page.locator(".smoke").is_visible()
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

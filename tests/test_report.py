@@ -147,9 +147,17 @@ def test_significance_names_each_difference_below_alpha_and_only_those():
     table = report.results_table({("base", "letter"): base, ("lora", "letter"): better, ("full", "letter"): same})
     text = report.significance(table)
     assert text.startswith("1 of 2 paired differences have p < 0.05")
-    assert "**lora / letter**: 100.0% vs 0.0% with the base model" in text and "full" not in text
+    lines = {line.split("**")[1]: line for line in text.splitlines()[1:]}
+    assert set(lines) == {"lora / letter", "full / letter"}  # every difference, said in words
+    assert "a significant gain of +100.0 points [95% CI" in lines["lora / letter"]
+    # not significant: how large a gain the data still allow, and what these questions could detect
+    low, high = (100 * v for v in evaluate.paired_difference_ci(0, 1, 0, 11))
+    assert f"no significant difference, +8.3 points [95% CI {low:+.1f}, {high:+.1f}]" in lines["full / letter"]
+    detectable = 100 * evaluate.detectable_difference(12, 1)
+    assert f"a gain larger than {high:.1f} points" in lines["full / letter"]
+    assert f"these questions detect {detectable:.1f} points with 80% power" in lines["full / letter"]
     assert report.significance(report.results_table({("base", "letter"): base, ("full", "letter"): same})).startswith(
-        "None of the 1 paired differences")
+        "0 of 1 paired differences")
     assert report.significance(report.results_table({("base", "letter"): base})).startswith("No paired test yet")
 
 

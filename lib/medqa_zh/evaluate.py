@@ -251,7 +251,10 @@ def letter_scores(model, tokenizer, questions, batch_size: int = 8, progress: bo
             logprobs = torch.log_softmax(logits, dim=-1)
             for q, row in zip(batch, logprobs, strict=True):
                 scores = {letter: float(row[ids[letter]]) for letter in sorted(q.options)}
-                out.append({"id": q.id, "gold": q.answer_idx, "pred": max(scores, key=scores.get), "logprobs": scores})
+                row = {"id": q.id, "gold": q.answer_idx, "pred": max(scores, key=scores.get), "logprobs": scores}
+                if contexts is not None:  # with passages, the row records which (as 08's API rows do)
+                    row["passages"] = [p.id for p in contexts.get(q.id, [])]
+                out.append(row)
     finally:
         tokenizer.padding_side = side
     return out

@@ -469,7 +469,9 @@ def manifest_summary(cfg):
         "base model": m.get("base_model"),
         "MedQA data": cfg["data.medqa_dir"],
         "embedder (RAG)": cfg.embedder,
-        "eval questions": f"{cfg['data.splits.eval']}, first {cfg['eval.max_questions'] or 'all'}",
+        "splits": ", ".join(f"{role} {spec}" for role, spec in cfg["data.splits"].items()),
+        "eval questions": f"{cfg['data.splits.eval']}, first {cfg['eval.max_questions'] or 'all'} (generated answers: "
+                          f"first {cfg['eval.generate_questions'] or 'all'})",
         "git commit": f"{(git.get('commit') or 'unknown')[:12]}{' + uncommitted changes' if git.get('dirty') else ''}",
         "device": device_line(device, m.get("runtime", {})),
         "settings overridden": ", ".join(f"{k} (from {v['from']})" for k, v in m.get("overrides", {}).items())
