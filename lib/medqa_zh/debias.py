@@ -18,7 +18,7 @@ reports the model's **letter prior** (its mean probability per letter, over all 
 The k rotated prompts share everything before the options (system turn, instruction, stem):
 :func:`rotation_scores` runs that prefix once and reuses its KV cache for the k option blocks.
 
-All k rotations of every question cost ~2.2 letter-scoring passes. PriDe's own point is that they
+All k rotations of every question cost 1.7 letter-scoring passes (measured, bench/eval_throughput.py). PriDe's point is that they
 are not needed for every question: the model's letter prior is estimated once, from a small
 *calibration* sample scored under every rotation (:func:`estimate_prior`; it needs no gold
 answers), and every other question is debiased from its **single** plain pass by dividing that prior
