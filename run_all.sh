@@ -103,7 +103,7 @@ check_gpu() {
   torch built for CUDA 13.x needs NVIDIA driver >= 580; CUDA 12.x builds need >= 525.
   Fix: update the driver to >= 580 (what this project's pinned vllm==0.33.0 / torch set needs), or install a torch
   built for your driver into this environment, e.g. $PY -m pip install torch --index-url https://download.pytorch.org/whl/cu126
-  (then vLLM 0.33 will not run: serve with --backend transformers). See README, Running on a GPU.
+  (then vLLM 0.33 will not run: serve with --backend transformers). See docs/gpu.md, Running on a GPU.
   MEDQA_ALLOW_CPU=1 runs on the CPU anyway."
 }
 

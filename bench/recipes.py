@@ -106,8 +106,10 @@ def _step_seconds(out: Path, variant: str, meta: dict) -> float | None:
     """Median optimizer-step time: from the summary, else from the variant's run.json."""
     if meta.get("median_step_seconds") or VARIANTS[variant] is None:
         return meta.get("median_step_seconds")
-    run = out / _slug(variant) / "run.json"
-    return json.loads(run.read_text(encoding="utf-8")).get("median_step_seconds") if run.is_file() else None
+    from medqa_zh import runs
+
+    folder = out / _slug(variant)
+    return runs.read_run(folder).get("median_step_seconds") if (folder / runs.RUN_FILE).is_file() else None
 
 
 def table(out: Path, variants: list[str]):

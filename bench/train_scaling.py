@@ -56,7 +56,9 @@ def run_one(work: Path, profile: str, mode: str, processes: int, accumulation: i
     wall = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{processes} process(es) failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    run = json.loads((work / "outputs" / profile / "models" / mode / "run.json").read_text(encoding="utf-8"))
+    from medqa_zh import runs
+
+    run = runs.read_run(work / "outputs" / profile / "models" / mode)
     step = run["median_step_seconds"]
     return {"processes": processes, "per_device": per_device, "accumulation": accumulation,
             "examples_per_step": run["examples_per_step"], "threads": run["torch_threads"], "step_s": step,

@@ -17,7 +17,7 @@ import yaml
 from safetensors import safe_open
 
 from helpers import REPO, at_root, processes_of
-from medqa_zh import config, models, train
+from medqa_zh import config, models, runs, train
 
 # 6 steps of per_device_train_batch_size 8 (the smoke profile's): evaluation at steps 0 and 5 (eval_steps 5)
 STEPS = ("train.max_steps=6", "train.eval_steps=5", "train.logging_steps=1", "train.resume=false")
@@ -47,7 +47,7 @@ def _folder(root, mode):
 
 
 def _first_step(folder) -> dict:
-    return next(r for r in train.read_log(folder) if r["step"] == 1 and "loss" in r)
+    return next(r for r in runs.read_log(folder) if r["step"] == 1 and "loss" in r)
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(smoke_
     folder = _folder(smoke_root, mode)
     out = _ok(_train(smoke_root, mode, *STEPS, "train.launch.num_processes=2"))
     assert "-m accelerate.commands.launch --num_processes 2" in out  # the command, shown before it runs
-    two = train.read_run(folder)
+    two = runs.read_run(folder)
     assert (two["world_size"], two["parallelism"]) == (2, "MULTI_CPU")
     assert two["examples_per_step"] == 2 * 8 * 1  # the global batch: per device x accumulation x processes
     assert two["optimizer_steps"] == 6
@@ -71,17 +71,17 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(smoke_
     assert not folder.with_name(folder.name + ".saving").exists()
     assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*/rng_state*.pth")) == \
         ["rng_state_0.pth", "rng_state_1.pth"]  # one per process: a resume restores each one's randomness
-    two_first, two_log = _first_step(folder), train.read_log(folder)
+    two_first, two_log = _first_step(folder), runs.read_log(folder)
 
     _ok(_train(smoke_root, mode, *STEPS, "train.gradient_accumulation_steps=2"))
-    one = train.read_run(folder)
+    one = runs.read_run(folder)
     assert (one["world_size"], one["examples_per_step"], one["parallelism"]) == (1, 16, "NO")
     one_first = _first_step(folder)
     assert two_first["num_input_tokens_seen"] == one_first["num_input_tokens_seen"]  # the same examples
     for key in ("loss", "grad_norm"):
         assert two_first[key] == pytest.approx(one_first[key], rel=1e-5), key
     evals = {r["step"]: r["eval_loss"] for r in two_log if "eval_loss" in r}
-    assert evals[0] == pytest.approx(train.read_log(folder)[0]["eval_loss"], rel=1e-5)
+    assert evals[0] == pytest.approx(runs.read_log(folder)[0]["eval_loss"], rel=1e-5)
 
     # what two processes write loads as any run does (notebooks 04 and 06): the adapter onto its base
     # (base_model.json's fingerprint checked), the full model with the base's tensor names
@@ -123,7 +123,7 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, m
         proc.wait()
     time.sleep(0.5)
     assert not processes_of(smoke_root)
-    assert not (folder / train.RUN_FILE).exists(), "killed after it finished: the test proved nothing"
+    assert not (folder / runs.RUN_FILE).exists(), "killed after it finished: the test proved nothing"
     args = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
 
     # one process cannot continue what two began: the steps would hold other examples
@@ -132,10 +132,10 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, m
     assert "written by a run in 2 process(es)" in refused.stderr and "train with 2 process(es) again" in refused.stderr
 
     out = _ok(_train(smoke_root, mode, *args))
-    metrics = train.read_run(folder)
+    metrics = runs.read_run(folder)
     assert "resuming from" in out and metrics["resumed_from"]
     assert metrics["optimizer_steps"] == 60 and metrics["world_size"] == 2
-    steps = [r["step"] for r in train.read_log(folder) if "loss" in r]
+    steps = [r["step"] for r in runs.read_log(folder) if "loss" in r]
     assert steps == list(range(1, 61))  # each step logged once: the log was cut back to the checkpoint
 
 
@@ -178,7 +178,7 @@ def test_a_notebook_asking_for_two_processes_previews_on_the_cpu_then_launches_a
     streamed = capsys.readouterr().out
     assert "4/4" in streamed and "4/4" in (run.out_dir / "launch.log").read_text()  # the progress bar came through
     assert (metrics["world_size"], metrics["optimizer_steps"]) == (2, 4)
-    assert metrics == train.read_run(run.out_dir)
+    assert metrics == runs.read_run(run.out_dir)
     assert run.model is None and run.trainer is None  # the preview's model was freed before the launch
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from helpers import server_processes
-from medqa_zh import evaluate, results, serve
+from medqa_zh import evaluate, results, serve, serve_child
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_a_non_local_address_requires_an_api_key(tiny, tmp_path):
         # (POST /load_model loads any folder on disk), which stays refused even with the key
         with_key = {"/v1/models": 200, "/docs": 200, "/openapi.json": 200, "/load_model": 403, "/reset": 403}
         for path, status in with_key.items():
-            method = "POST" if path in serve.REFUSED_PATHS else "GET"
+            method = "POST" if path in serve_child.REFUSED_PATHS else "GET"
             body = {"model": str(tmp_path)} if path == "/load_model" else None
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": s.api_key}):
                 r = httpx.request(method, s.url + path, headers=headers, json=body)
@@ -137,7 +137,7 @@ def test_a_non_local_address_requires_an_api_key(tiny, tmp_path):
 
 
 def test_model_management_is_refused_on_localhost_too(server, tmp_path):
-    for path in serve.REFUSED_PATHS:
+    for path in serve_child.REFUSED_PATHS:
         r = httpx.post(server.url + path, json={"model": str(tmp_path)})
         assert r.status_code == 403 and "one model" in r.json()["error"]["message"]
 

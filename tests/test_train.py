@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from helpers import at_root
-from medqa_zh import config, data, merge, models, prompts, tiny, train
+from medqa_zh import config, data, merge, models, prompts, runs, tiny, train
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_one_process_trains_on_one_gpu_however_many_are_visible(smoke, monkeypat
 
 def test_training_loss_falls_and_outputs_are_written(lora_run):
     _, run, metrics = lora_run
-    log = train.read_log(run.out_dir)
+    log = runs.read_log(run.out_dir)
     losses = [r["loss"] for r in log if "loss" in r]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert len(losses) >= 3 and losses[-1] < losses[0]
@@ -143,9 +143,9 @@ def test_training_loss_falls_and_outputs_are_written(lora_run):
     assert metrics["optimizer_steps"] == len(run.log.step_seconds) > 0
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_gib"] > 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
-                 models.FINGERPRINT_FILE, train.RUN_FILE):
+                 models.FINGERPRINT_FILE, runs.RUN_FILE):
         assert (run.out_dir / name).is_file(), name
-    assert train.read_run(run.out_dir)["optimizer_steps"] == metrics["optimizer_steps"]
+    assert runs.read_run(run.out_dir)["optimizer_steps"] == metrics["optimizer_steps"]
 
 
 def test_all_knobs_come_from_the_profile(smoke):
@@ -220,13 +220,13 @@ def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
         train.train(crashed, resume=False)
     assert (crashed.checkpoints / "checkpoint-4").is_dir()
     # step 5 was logged after checkpoint-4 (the crash at the end of step 6 came before its log)
-    assert max(r["step"] for r in train.read_log(crashed.out_dir)) == 5
+    assert max(r["step"] for r in runs.read_log(crashed.out_dir)) == 5
 
     resumed = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")  # a fresh kernel
     metrics = train.train(resumed)
     assert metrics["resumed_from"].endswith("checkpoint-4")
     assert metrics["optimizer_steps"] == 10 and metrics["steps_this_session"] == 6
-    steps = [r["step"] for r in train.read_log(resumed.out_dir) if "loss" in r]
+    steps = [r["step"] for r in runs.read_log(resumed.out_dir) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 10  # steps 5-6 were redone, not logged twice
 
     a = load_file(straight.out_dir / "adapter_model.safetensors")
@@ -236,7 +236,7 @@ def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
     again = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")
-    assert train.train(again) == train.read_run(resumed.out_dir)  # finished: not trained twice
+    assert train.train(again) == runs.read_run(resumed.out_dir)  # finished: not trained twice
 
 
 @pytest.mark.parametrize("lost", ["trainer_state.json", "rng_state.pth"])
@@ -264,7 +264,7 @@ def test_resuming_with_other_settings_is_refused(smoke):
     with pytest.raises(RuntimeError, match=r"other settings \(changed: settings\).*train.resume"):
         train.train(other)
     train.train(other, resume=False)  # starting over is allowed, and deletes the old checkpoints
-    assert train.read_run(other.out_dir)["settings"]["learning_rate"] == 0.01
+    assert runs.read_run(other.out_dir)["settings"]["learning_rate"] == 0.01
 
 
 # --------------------------------------------------------------------------- errors
@@ -420,7 +420,7 @@ def test_merge_check_fails_loudly_on_a_wrong_merge(lora_run):
 
 def test_cost_table_reads_run_json(lora_run):
     _, run, metrics = lora_run
-    table = train.cost_table({"LoRA": json.loads((run.out_dir / train.RUN_FILE).read_text())})
+    table = runs.cost_table({"LoRA": json.loads((run.out_dir / runs.RUN_FILE).read_text())})
     assert table.loc["trainable parameters", "LoRA"] == metrics["parameters"]["trainable"]
     assert table.loc["saved weights (MiB)", "LoRA"] > 0
 

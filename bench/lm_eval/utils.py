@@ -1,7 +1,7 @@
 """Hooks of the ``medqa_zh`` lm-evaluation-harness task (``medqa_zh.yaml``): the questions from a
 clean split that notebook 01 wrote, the user turn from ``medqa_zh.prompts`` and the letter from
 ``medqa_zh.answers``, so the harness asks and reads exactly as notebook 07 does. The system turn
-is passed on lm_eval's command line (``--system_instruction``, see the README)."""
+is passed on lm_eval's command line (``--system_instruction``, see docs/serving.md)."""
 import json
 import sys
 from pathlib import Path

@@ -6,10 +6,13 @@ data      read and validate MedQA, build splits, the run's split files, SFT / LL
 prompts   the one prompt format shared by training and every evaluation path
 answers   read the chosen option letter out of a free-text answer
 models    load base models, tokenizers and adapters with clear errors; devices, precisions; the run's models
+runs      read a training run's folder (run.json, train_log.jsonl, costs) without the training stack
+children  child processes that die with the notebook: start in a process group, stop the group
 train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one process or many (accelerate)
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
 serve     start and stop an OpenAI-compatible server (vLLM or transformers serve)
-evaluate  letter scoring, generate-and-parse, the API client; metrics, intervals, paired tests
+serve_child  what runs inside the transformers server's process: key guard, OpenAI errors, refusals
+evaluate  letter scoring, generate-and-parse, the API client, latency; metrics, intervals, paired tests
 debias    every cyclic rotation of the options: debiased accuracy, consistency, letter prior
 results   each evaluation's answers on disk: resumable caches, the index, collecting them for the report
 rag       passages, BM25 / dense / hybrid retrieval, the passages of a prompt

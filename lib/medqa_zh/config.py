@@ -118,7 +118,7 @@ class Config:
 
     @property
     def smoke(self) -> bool:
-        return bool(self.get("smoke", False))
+        return bool(self["smoke"])
 
     @property
     def out(self) -> Path:
@@ -313,7 +313,7 @@ def setup(profile: str | None = None, overrides: dict | None = None, notebook: s
     profile asks for them, write the manifest, and say which profile runs."""
     cfg = load(profile, overrides)
     if cfg.smoke:
-        tiny.build_assets(cfg.path("assets_dir"), seed=int(cfg.get("seed", 0)))
+        tiny.build_assets(cfg.path("assets_dir"), seed=int(cfg["seed"]))
     write_manifest(cfg, notebook)
     banner(cfg)
     return cfg

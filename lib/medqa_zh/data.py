@@ -375,7 +375,7 @@ def ensure_splits(cfg) -> None:
 
 
 def load_split(cfg, role: str) -> list[Question]:
-    """The clean ``train`` or ``eval`` split notebook 01 wrote (:func:`split_path`), validated again."""
+    """The clean split of ``role`` (train, validation, eval) notebook 01 wrote (:func:`split_path`), validated again."""
     path = split_path(cfg, role)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run notebook 01_data with profile {cfg.name!r} first")
@@ -386,6 +386,12 @@ def load_split(cfg, role: str) -> list[Question]:
             "is empty. Fix the split spec in the profile or the overrides, and rerun 01_data."
         )
     return questions
+
+
+def eval_questions(cfg) -> list[Question]:
+    """The questions the evaluations answer (06, 07, 08, 10): the eval split, its first ``eval.max_questions``
+    (null: all of it)."""
+    return load_split(cfg, "eval")[: cfg["eval.max_questions"]]
 
 
 def read_clean(path: str | Path) -> list[Question]:

@@ -380,6 +380,28 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
     return score_batch
 
 
+def measure_latency(server, questions, max_tokens: int = 16):
+    """Through a running ``serve.Server``, ask each question twice, one request at a time: streamed, for the time to the first token,
+    and plain, for the whole answer's time and token count. A DataFrame, one row per question."""
+    client, rows = server.client(), []
+    for q in questions:
+        messages = prompts.build_messages(q.question, q.options)
+        start, first = time.perf_counter(), None
+        for chunk in client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                                    max_tokens=max_tokens, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        start = time.perf_counter()
+        reply = client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                               max_tokens=max_tokens)
+        total = time.perf_counter() - start
+        text, tokens = reply.choices[0].message.content or "", reply.usage.completion_tokens
+        rows.append({"id": q.id, "first_token_s": first, "total_s": total, "completion_tokens": tokens,
+                     "tokens_per_s": tokens / total, "answer": text, "pred": answers.extract_letter(text, "".join(q.options)),
+                     "gold": q.answer_idx})
+    return pd.DataFrame(rows)
+
+
 def agreement(a, b) -> dict:
     """How often two result sets of the same questions chose the same letter (two invalid answers
     agree) and produced the same text (leading and trailing whitespace aside: servers strip it),

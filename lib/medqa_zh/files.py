@@ -38,6 +38,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def write_table(table, path: str | Path, index: bool = False) -> Path:
+    """Write a pandas DataFrame to ``path`` as CSV, atomically (``index``: keep the row labels)."""
+    with replacing(path) as tmp:
+        table.to_csv(tmp, index=index)
+    return Path(path)
+
+
 def move_into(src: str | Path, dst: str | Path, last: tuple[str, ...] = ()) -> Path:
     """Move every file of the folder ``src`` into the folder ``dst`` (one atomic rename each,
     replacing files of the same name), the names in ``last`` after all others, then remove

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from . import runs
+
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
 
@@ -258,7 +260,7 @@ def check_adapter(adapter_dir: str | Path, base, base_name: str) -> dict:
     fingerprint. Returns the adapter's ``adapter_config.json``.
     """
     adapter_dir = Path(adapter_dir)
-    config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    config_path, weights = adapter_dir / runs.ADAPTER_CONFIG, adapter_dir / runs.ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights.is_file():
         raise ModelNotFoundError(
             f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors); "
@@ -334,7 +336,7 @@ def best_device(requested: str = "auto") -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"model.device = {requested!r} but PyTorch sees no GPU (torch {torch.__version__}, "
                            f"built for CUDA {torch.version.cuda}). Fix: set model.device to auto or cpu, or see "
-                           "README, Running on a GPU (driver and torch build)")
+                           "docs/gpu.md, Running on a GPU (driver and torch build)")
     return requested
 
 
@@ -402,11 +404,11 @@ def runtime(cfg) -> dict:
     models are evaluated and served in (recorded in the manifest)."""
     import torch
 
-    device = best_device(cfg.get("model.device", "auto"))
+    device = best_device(cfg["model.device"])
     out = {"device": device, "model_dtype": cfg["model.dtype"],
            "eval_dtype": inference_dtype(cfg["model.dtype"], device)}
     try:
-        out["train_precision"] = training_precision(cfg.get("train.precision", "auto"), device)
+        out["train_precision"] = training_precision(cfg["train.precision"], device)
     except ValueError as e:  # fp16 on a CPU: training says so when it starts; other notebooks run
         out["train_precision"] = f"not possible here: {e}"
     if device.startswith("cuda"):
@@ -430,7 +432,7 @@ def free_memory() -> None:
 # --------------------------------------------------------------------------- the models of a run
 
 NAMES = ("base", "lora", "full", "merged")  # the models a run can have, in the order the series makes them
-WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors", "merged": "model.safetensors"}
+WEIGHTS = {"lora": runs.ADAPTER_WEIGHTS, "full": runs.MODEL_WEIGHTS, "merged": runs.MODEL_WEIGHTS}
 
 
 def folder(cfg, name: str) -> Path:
@@ -451,7 +453,7 @@ def available(cfg) -> dict[str, str]:
 
 def eval_device(cfg) -> str:
     """Where in-process evaluation runs: the profile's ``model.device`` (``auto``: the GPU when there is one)."""
-    return best_device(cfg.get("model.device", "auto"))
+    return best_device(cfg["model.device"])
 
 
 def eval_dtype(cfg) -> str:

@@ -305,6 +305,9 @@ def option_hits(context: str, options, answer: str) -> dict:
             "wrong_per_option": sum(wrong) / len(wrong) if wrong else 0.0}
 
 
+QUALITY_TABLE = "08_retrieval_quality.csv"  # retrieval_quality's table, as 08 writes it (10 reads it back)
+
+
 def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
     """Per retriever and k: the share of questions whose top-k passages contain the correct
     option's text, the share that contain a wrong option's text, and the difference. Without

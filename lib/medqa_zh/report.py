@@ -518,6 +518,9 @@ def _both(english: str, chinese: str) -> str:
     return f"{english} · <span lang='zh-CN'>{chinese}</span>"
 
 
+RESULTS_TABLE = "10_results"  # results_table as 10 writes it: .csv and .md (the index shows it)
+
+
 def write_index(out_dir, notebooks: list[str]) -> Path:
     """``reports/index.html`` of one profile's outputs: the run (manifest), every notebook of the
     series with its status, wall time and HTML report, the results table of 10 and its figures.
@@ -554,14 +557,14 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
         parts.append(f"<tr><td>{name}</td><td{css}>{status}</td><td>{'' if t is None else t['seconds']}</td>"
                      f"<td>{link}</td></tr>")
     parts.append(f"<tr><th>{_both('total', '合计')}</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
-    table_csv = out / "tables" / "10_results.csv"
+    table_csv = out / "tables" / f"{RESULTS_TABLE}.csv"
     parts.append(f"<h2>{_both('Results', '结果')}</h2>")
     if table_csv.is_file():
         table = pd.read_csv(table_csv)
         parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="", classes="results",
                                    border=0))
-        parts.append("<p><a href='../tables/10_results.csv'>10_results.csv</a> · "
-                     "<a href='../tables/10_results.md'>10_results.md</a></p>")
+        parts.append(f"<p><a href='../tables/{RESULTS_TABLE}.csv'>{RESULTS_TABLE}.csv</a> · "
+                     f"<a href='../tables/{RESULTS_TABLE}.md'>{RESULTS_TABLE}.md</a></p>")
     else:
         parts.append(f"<p>{_both('No results table yet: it is written by 10_report.', '还没有结果表：由 10_report 生成。')}</p>")
     figures = sorted((out / "figures").glob("10_*.png"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import data, debias, evaluate, files, models, rag, serve
+from . import data, debias, evaluate, files, models, rag, runs, serve
 
 LETTER, GENERATE, ROTATIONS, API = "letter", "generate", "rotations", "api"
 CALIBRATION = "calibration"  # rotations of the first eval.calibration_questions *validation* questions: PriDe's prior
@@ -199,6 +199,9 @@ def checkpoints(run_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+CURVE_TABLE = "02_learning_curve.csv"  # learning_curve's table, as 02 writes it (10 reads it back)
+
+
 def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
     """Debiased accuracy on the validation split at the start of LoRA training (the base model,
     step 0), at each checkpoint the run kept, and at its end: does accuracy still rise at the last
@@ -215,9 +218,7 @@ def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
     calibration = questions_for(cfg, CALIBRATION, validation)
     points = [(0, None)] + checkpoints(run_dir)
     if "lora" in models.available(cfg):  # the finished adapter, unless a checkpoint holds its last step
-        from . import train  # torch and the trainer: only when there is a run to read
-
-        last = train.read_run(run_dir)["optimizer_steps"]
+        last = runs.read_run(run_dir)["optimizer_steps"]
         if last not in {step for step, _ in points}:
             points.append((last, run_dir))
     dtype, device, origin = models.eval_dtype(cfg), models.eval_device(cfg), models.setting_origin(cfg)

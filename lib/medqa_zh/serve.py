@@ -51,15 +51,14 @@ from pathlib import Path
 
 import httpx
 import openai
-import pandas as pd
 
-from . import answers, models, prompts
+from . import children, models, runs
+from .serve_child import API_KEY_ENV
 
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-API_KEY_ENV = "MEDQA_SERVE_API_KEY"
 _RUNNING: set["Server"] = set()
 
 
@@ -81,6 +80,11 @@ def pick_backend(backend: str = "auto") -> str:
     import torch
 
     return "vllm" if torch.cuda.is_available() and vllm_installed() else "transformers"
+
+
+def local_address(host: str) -> str:
+    """Where this machine reaches a server bound to ``host``: a wildcard (0.0.0.0, ::) is reached at 127.0.0.1."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -115,7 +119,7 @@ class Server:
     @property
     def url(self) -> str:
         """The server's root, e.g. ``http://127.0.0.1:8000``."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        host = local_address(self.host)
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
@@ -157,19 +161,7 @@ class Server:
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server's whole process group: SIGTERM, then SIGKILL after ``timeout`` seconds."""
         _RUNNING.discard(self)
-        if self.process is None or self.process.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # the group may still hold children (vllm's engine workers) after the leader exits
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        children.stop(self.process, timeout)
 
     def __enter__(self):
         return self
@@ -192,7 +184,7 @@ def lora_rank(adapters: dict) -> int:
     it, so a larger value only wastes GPU memory."""
     ranks = {}
     for name, folder in adapters.items():
-        path = Path(folder) / "adapter_config.json"
+        path = Path(folder) / runs.ADAPTER_CONFIG
         if not path.is_file():
             raise FileNotFoundError(f"adapter {name!r}: no {path}; train it first (notebook 02) or fix the path")
         ranks[name] = int(json.loads(path.read_text(encoding="utf-8"))["r"])
@@ -249,7 +241,7 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
                              "on one device. Set serve.backend to vllm (on GPUs), or the parallel sizes to 1")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
                 "device": device, "continuous_batching": continuous_batching}
-        cmd = [sys.executable, "-c", "import sys, medqa_zh.serve as s; s._transformers_main(sys.argv[1])",
+        cmd = [sys.executable, "-c", "import sys, medqa_zh.serve_child as s; s.main(sys.argv[1])",
                json.dumps(args)]
     return cmd + list(extra_args)
 
@@ -284,27 +276,6 @@ def _check_served_name(name: str) -> None:
         raise ValueError(f"served model name {name!r}: use letters, digits and _ . - (at most one /), e.g. merged")
 
 
-def _libc():
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-LIBC = _libc()
-
-
-def die_with_parent():
-    """Runs in the child between fork and exec: SIGTERM it when the parent dies (Linux
-    ``PR_SET_PDEATHSIG``), so a killed kernel leaves no server (or launched training) behind. No imports
-    or locks here."""
-    LIBC.prctl(1, signal.SIGTERM)
-
-
 def _check_vllm() -> None:
     """vLLM importable by this interpreter, on a machine with a GPU; else a clear error."""
     import torch
@@ -315,7 +286,7 @@ def _check_vllm() -> None:
                           "when nvidia-smi works), or set serve.backend: transformers")
     if not torch.cuda.is_available():
         raise ServerError("serve.backend is vllm but PyTorch sees no GPU: set serve.backend to transformers (or auto), "
-                          "or see README, Running on a GPU (driver and torch build)")
+                          "or see docs/gpu.md, Running on a GPU (driver and torch build)")
 
 
 def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
@@ -355,7 +326,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         api_key = secrets.token_urlsafe(24)
         print(f"binding {host} makes the server reachable from the network, so it needs an API key; "
               f"generated one: {api_key}")
-    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    probe_host = local_address(host)
     if port and not _port_is_free(probe_host, port):  # else another server's /health could pass for ours
         raise ServerError(f"port {port} on {host} is already in use (another server?): stop it, pick another "
                           "--port, or leave the port out to get a free one")
@@ -375,9 +346,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     log = open(log_path, "w", encoding="utf-8")
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                      start_new_session=True,
-                                      preexec_fn=die_with_parent if LIBC is not None else None)
+    server.process = children.start(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     log.close()
     _RUNNING.add(server)
     try:
@@ -420,179 +389,19 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
     """:func:`start` with the profile's ``serve`` settings, ``model.dtype`` and ``model.device``; the
     log goes to ``outputs/<profile>/logs/``. Pass ``served_name="merged"`` (a name of
     :func:`models.available`) to serve a run's model under its name there."""
-    settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg.get("model.device"),
+    settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg["model.device"],
                 "continuous_batching": cfg["serve.continuous_batching"],
-                **{key: cfg.get(f"serve.{key}") for key in VLLM_SCALING},
+                **{key: cfg[f"serve.{key}"] for key in VLLM_SCALING},
                 "startup_timeout": cfg["serve.startup_timeout"]}
     name = kwargs.get("served_name") or Path(str(model_dir)).name
     settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     return start(model_dir, **{**settings, **kwargs})
 
 
-def measure_latency(server: Server, questions, max_tokens: int = 16):
-    """Ask each question twice, one request at a time: streamed, for the time to the first token,
-    and plain, for the whole answer's time and token count. A DataFrame, one row per question."""
-    client, rows = server.client(), []
-    for q in questions:
-        messages = prompts.build_messages(q.question, q.options)
-        start, first = time.perf_counter(), None
-        for chunk in client.chat.completions.create(model=server.model, messages=messages, temperature=0,
-                                                    max_tokens=max_tokens, stream=True):
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter() - start
-        start = time.perf_counter()
-        reply = client.chat.completions.create(model=server.model, messages=messages, temperature=0,
-                                               max_tokens=max_tokens)
-        total = time.perf_counter() - start
-        text, tokens = reply.choices[0].message.content or "", reply.usage.completion_tokens
-        rows.append({"id": q.id, "first_token_s": first, "total_s": total, "completion_tokens": tokens,
-                     "tokens_per_s": tokens / total, "answer": text, "pred": answers.extract_letter(text, "".join(q.options)),
-                     "gold": q.answer_idx})
-    return pd.DataFrame(rows)
-
-
 @atexit.register
 def _stop_all():
     for server in list(_RUNNING):
         server.stop(timeout=5)
-
-
-# --------------------------------------------------------------------------- the transformers child
-
-
-OPEN_PATHS = ("/health",)                 # answered without the key, as vLLM does
-REFUSED_PATHS = ("/load_model", "/reset")  # transformers serve's model management: this server serves one model
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 422: "UnprocessableEntityError"}
-
-
-def openai_error(status: int, message: str) -> dict:
-    """An error body in the OpenAI API's shape (as vLLM sends it), which OpenAI clients read."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "APIError"), "param": None, "code": status}}
-
-
-def unsupported(body: dict) -> list[str]:
-    """The request fields the transformers backend would silently ignore although they change the reply:
-    ``n`` > 1, ``logprobs``/``top_logprobs``, ``presence_penalty``, a ``response_format`` other than text."""
-    checks = {"n": lambda v: v not in (None, 1), "logprobs": bool, "top_logprobs": bool,
-              "presence_penalty": lambda v: v not in (None, 0), "response_format": lambda v: v not in (None, {"type": "text"})}
-    return [key for key, bad in checks.items() if key in body and bad(body[key])]
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` up to the first of the ``stops`` (which OpenAI's API leaves out), and whether one was found."""
-    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(ends)], True) if ends else (text, False)
-
-
-def _name_by_link(model: str, name: str) -> str:
-    """transformers serve answers to the name it loaded its model by. To answer to ``name``, load the
-    folder through a link called ``name`` in a fresh working folder (only this child process moves there)."""
-    if name == model:
-        return model
-    work = Path(tempfile.mkdtemp(prefix="medqa-serve-name-"))
-    link = work / name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(Path(model).expanduser().resolve(), target_is_directory=True)
-    os.chdir(work)
-    return name
-
-
-def _openai_handlers(name: str) -> None:
-    """What transformers serve's chat endpoint does differently from the OpenAI API, mended in place: another
-    model name gets a 404, fields it would ignore get a 400 (:func:`unsupported`), ``temperature`` > 0 samples,
-    a ``stop`` string is left out of a (non-streamed) reply, and a stream ends with ``data: [DONE]``."""
-    from fastapi import HTTPException
-    from fastapi.responses import JSONResponse
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
-    from transformers.cli.serving.utils import BaseHandler
-
-    build_config = BaseHandler._build_generation_config
-
-    def build_generation_config(self, body, *args, **kwargs):
-        config = build_config(self, body, *args, **kwargs)
-        if body.get("temperature") is not None and float(body["temperature"]) > 0:
-            config.do_sample = True  # else a model whose generation config lacks do_sample stays greedy
-        return config
-
-    handle = ChatCompletionHandler.handle_request
-
-    async def handle_request(self, body, request_id):
-        if body.get("model") not in (None, name):
-            raise HTTPException(404, f"The model `{body['model']}` does not exist; this server serves `{name}`.")
-        # one list of non-empty strings; none at all (lm-evaluation-harness sends []) would fail transformers' setup
-        stops = [s for s in ([body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []) if s]
-        body.pop("stop", None)
-        if stops:
-            body["stop"] = stops
-        ignored = unsupported(body)
-        if ignored:
-            raise HTTPException(400, f"not supported by this server (transformers backend): {', '.join(ignored)}; "
-                                     "leave them out, or serve with vLLM on a GPU")
-        response = await handle(self, body, request_id)
-        if body.get("stream"):
-            response.body_iterator = _then_done(response.body_iterator)
-        elif body.get("stop") and isinstance(response, JSONResponse):
-            reply = json.loads(response.body)
-            for choice in reply.get("choices", []):
-                text, found = cut_at_stop(choice["message"].get("content") or "", body["stop"])
-                choice["message"]["content"] = text
-                if found:
-                    choice["finish_reason"] = "stop"
-            response = JSONResponse(reply, status_code=response.status_code)
-        return response
-
-    BaseHandler._build_generation_config = build_generation_config
-    ChatCompletionHandler.handle_request = handle_request
-
-
-async def _then_done(chunks):
-    try:
-        async for chunk in chunks:
-            yield chunk
-        yield "data: [DONE]\n\n"
-    finally:
-        if hasattr(chunks, "aclose"):
-            await chunks.aclose()  # a client that hung up stops the generation
-
-
-def _guarded(app, key: str | None):
-    """The app with every path but ``/health`` behind the key (when one is set), the model-management
-    endpoints refused, and errors in the OpenAI API's shape."""
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
-    @app.middleware("http")
-    async def check_key(request, call_next):
-        path = request.url.path
-        given = request.headers.get("authorization", "")
-        if key and path not in OPEN_PATHS and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            return JSONResponse(openai_error(401, "missing or wrong API key"), status_code=401)
-        if path in REFUSED_PATHS:
-            return JSONResponse(openai_error(403, f"{path} is turned off: this server serves one model"), status_code=403)
-        return await call_next(request)
-
-    @app.exception_handler(HTTPException)
-    async def as_openai_error(request, exc):
-        return JSONResponse(openai_error(exc.status_code, str(exc.detail)), status_code=exc.status_code)
-
-    return app
-
-
-def _transformers_main(args_json: str) -> None:
-    """Runs in the child: ``transformers serve``'s own server (``transformers.cli.serve.Serve``), pinned
-    to one model under its served name, with the key check, refusals and fixes above."""
-    args = json.loads(args_json)
-    key = os.environ.pop(API_KEY_ENV, None)
-    from transformers.cli import serve as cli_serve
-    from transformers.cli.serving import server as serving
-
-    name = _name_by_link(args["model"], args.get("served_name") or args["model"])
-    build = serving.build_server
-    serving.build_server = lambda *a, **kw: _guarded(build(*a, **kw), key)
-    _openai_handlers(name)
-    cli_serve.Serve(force_model=name, host=args["host"], port=args["port"], device=args["device"],
-                    dtype=args["dtype"], continuous_batching=args["continuous_batching"], log_level="info")
 
 
 # --------------------------------------------------------------------------- command line

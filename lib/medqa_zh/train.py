@@ -40,12 +40,10 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
@@ -64,7 +61,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import config, data, files, models, prompts, serve
+from . import children, config, data, files, models, prompts, runs
 
 # unlike the other modules, this one imports torch and the training stack at the top: it trains,
 # and only the training notebooks (02, 03), the report's loss curves (10) and bench/recipes.py import it
@@ -73,9 +70,6 @@ MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
 # settings that change what is kept or scored after training, not the training: a change never restarts a run
 NOT_THE_RUN = ("resume", "launch", "save_total_limit", "curve_questions")
-RUN_FILE = "run.json"
-LOG_FILE = "train_log.jsonl"
-SETTINGS_FILE = "run_settings.json"
 
 
 # --------------------------------------------------------------------------- settings
@@ -88,7 +82,7 @@ def settings(cfg, mode: str) -> dict:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     s = copy.deepcopy({k: v for k, v in cfg["train"].items() if k not in ("lora", "full")})
     if mode == "full":  # a null in train.full means: as for LoRA (in a group, key by key)
-        for k, v in (cfg.get("train.full") or {}).items():
+        for k, v in cfg["train.full"].items():
             if isinstance(v, dict):
                 s.setdefault(k, {}).update({kk: vv for kk, vv in v.items() if vv is not None})
             elif v is not None:
@@ -99,13 +93,10 @@ def settings(cfg, mode: str) -> dict:
                if s.get(k) is None]
     if missing:
         raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
-    s.setdefault("shuffle_options", False)
-    s.setdefault("completion", "letter")
-    s.setdefault("loss_on", "completion")
     for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False))):
         if s[key] not in allowed:
             raise ValueError(f"{cfg.source.name}: train.{key} is {s[key]!r}; it must be one of {list(allowed)}")
-    if int(s.get("num_train_epochs", 1)) != s.get("num_train_epochs", 1):
+    if int(s["num_train_epochs"]) != s["num_train_epochs"]:
         raise ValueError(f"{cfg.source.name}: train.num_train_epochs must be a whole number (use train.max_steps to stop "
                          "earlier)")
     return s
@@ -116,7 +107,7 @@ def settings(cfg, mode: str) -> dict:
 
 def processes(s: dict) -> int:
     """How many processes train: ``train.launch.num_processes`` (``auto``: one per visible GPU, at least one)."""
-    n = (s.get("launch") or {}).get("num_processes", 1)
+    n = s["launch"]["num_processes"]
     if n == "auto":
         return max(torch.cuda.device_count(), 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -150,9 +141,9 @@ def launch_command(cfg, mode: str) -> list[str]:
     s = settings(cfg, mode)
     n = processes(s)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
-    if models.best_device(cfg.get("model.device", "auto")) == "cpu":  # the cores shared out (accelerate's default: 1 each)
+    if models.best_device(cfg["model.device"]) == "cpu":  # the cores shared out (accelerate's default: 1 each)
         cmd += ["--num_cpu_threads_per_process", str(max(1, torch.get_num_threads() // n))]
-    config_file = (s.get("launch") or {}).get("config")
+    config_file = s["launch"]["config"]
     if config_file:
         path = Path(config_file).expanduser()
         path = path if path.is_absolute() else cfg.root / path
@@ -178,9 +169,8 @@ def launch(command: list[str], out_dir: Path, cwd: Path | None = None) -> dict:
     print("$ " + " ".join(command), flush=True)
     decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED: command[command.index("--num_processes") + 1]}
-    with open(log_path, "wb") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                       cwd=cwd, env=env, start_new_session=True,
-                                                       preexec_fn=serve.die_with_parent if serve.LIBC is not None else None) as proc:
+    with open(log_path, "wb") as log, children.start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     cwd=cwd, env=env) as proc:
         try:
             while chunk := proc.stdout.read1(1 << 16):
                 log.write(chunk)
@@ -188,13 +178,12 @@ def launch(command: list[str], out_dir: Path, cwd: Path | None = None) -> dict:
                 sys.stdout.flush()
             proc.wait()
         except BaseException:  # an interrupted cell stops every process of the run, not only the launcher
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            children.stop(proc)
             raise
     if proc.returncode:
         raise RuntimeError(f"the launched training stopped with exit code {proc.returncode}: its output is above and "
                            f"in {log_path}. A rerun resumes from its last checkpoint.")
-    return read_run(out_dir)
+    return runs.read_run(out_dir)
 
 
 def to_examples(questions: list[data.Question], completion: str = "letter") -> list[dict]:
@@ -341,29 +330,6 @@ class JsonlLog(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-def read_log(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's ``train_log.jsonl`` (``run_dir``: the run's folder, e.g. ``models.folder(cfg, "lora")``);
-    none before training started."""
-    return _read_log_file(Path(run_dir) / LOG_FILE)
-
-
-def _read_log_file(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def loss_summary(log: list[dict]) -> dict:
-    """First and last logged training loss, and the eval losses, from ``train_log.jsonl`` rows."""
-    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-    return {
-        "first_train_loss": train[0][1] if train else None, "last_train_loss": train[-1][1] if train else None,
-        "first_eval_loss": evals[0][1] if evals else None, "last_eval_loss": evals[-1][1] if evals else None,
-        "train_points": len(train), "eval_points": len(evals),
-    }
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -485,28 +451,28 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     """
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
-    device = models.best_device(cfg.get("model.device", "auto"))
+    device = models.best_device(cfg["model.device"])
     launched = to_launch(s)
     command = launch_command(cfg, mode) if launched else None
     if launched:
         device = "cpu"  # a preview: the launched processes train, and the GPUs stay free for them
     world = processes(s) if launched else world_size()
-    precision = models.training_precision(s.get("precision", "auto"), device)
+    precision = models.training_precision(s["precision"], device)
     out_dir = Path(out_dir) if out_dir else models.folder(cfg, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg.get("seed", 0))
+    seed = int(cfg["seed"])
 
     train_qs = data.load_split(cfg, "train")
-    eval_qs = data.load_split(cfg, "validation")[: s.get("eval_questions")]  # never the eval split
+    eval_qs = data.load_split(cfg, "validation")[: s["eval_questions"]]  # never the eval split
     origin = models.setting_origin(cfg)
     tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
-    epochs = int(s.get("num_train_epochs", 1))
+    epochs = int(s["num_train_epochs"])
     train_ex = to_examples(stream(train_qs, epochs, seed, s["shuffle_options"]), s["completion"])
     eval_ex = to_examples(eval_qs, s["completion"])  # eval loss on validation: the options as the evaluations show them
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
     # one optimizer step's examples, across all processes: each process reads every world-th micro-batch
-    step_size = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] * world
+    step_size = runs.examples_per_step(s, world)
     padding = {"random order": padding_share(lengths["train"], s["per_device_train_batch_size"])}
     train_ex = group_by_length(train_ex, lengths["train"], step_size)
     lengths["train"] = group_by_length(lengths["train"], lengths["train"], step_size)
@@ -528,32 +494,31 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
             r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
             target_modules=lora["target_modules"], task_type="CAUSAL_LM",
         )
-    eval_steps = s.get("eval_steps") or 50
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=1,  # one pass over the stream, which holds the epochs
-        max_steps=s.get("max_steps") or -1,
+        max_steps=s["max_steps"] or -1,  # null: the epochs decide
         per_device_train_batch_size=s["per_device_train_batch_size"],
-        per_device_eval_batch_size=s.get("eval_batch_size") or s["per_device_train_batch_size"],
+        per_device_eval_batch_size=s["eval_batch_size"] or s["per_device_train_batch_size"],
         gradient_accumulation_steps=s["gradient_accumulation_steps"],
         learning_rate=float(s["learning_rate"]),
-        lr_scheduler_type=s.get("lr_scheduler_type", "cosine"),
-        warmup_steps=float(s.get("warmup_ratio", 0.0)),  # < 1: a fraction of the steps
-        weight_decay=float(s.get("weight_decay", 0.0)),
-        max_grad_norm=float(s.get("max_grad_norm", 1.0)),
+        lr_scheduler_type=s["lr_scheduler_type"],
+        warmup_steps=float(s["warmup_ratio"]),  # < 1: a fraction of the steps
+        weight_decay=float(s["weight_decay"]),
+        max_grad_norm=float(s["max_grad_norm"]),
         max_length=s["max_length"],
         packing=False,
         completion_only_loss=s["loss_on"] == "completion",
-        **{_checkpointing_field(): bool(s.get("gradient_checkpointing", False))},
+        **{_checkpointing_field(): bool(s["gradient_checkpointing"])},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         eval_strategy="steps",
-        eval_steps=eval_steps,
-        logging_steps=s.get("logging_steps") or 10,
+        eval_steps=s["eval_steps"],
+        logging_steps=s["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=s.get("save_steps") or eval_steps,
+        save_steps=s["save_steps"],
         save_total_limit=s["save_total_limit"],
         seed=seed,
         data_seed=seed,
@@ -564,7 +529,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         dataloader_num_workers=0,
     )
     args = one_device(args)
-    log = JsonlLog(out_dir / LOG_FILE)
+    log = JsonlLog(out_dir / runs.LOG_FILE)
     trainer = AnswerOnlySFTTrainer(
         model=model,
         args=args,
@@ -600,7 +565,7 @@ def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "scheduler.pt")  # besides the weights, the optimizer and the RNG state
-CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+CHECKPOINT_WEIGHTS = (runs.ADAPTER_WEIGHTS, runs.MODEL_WEIGHTS, runs.MODEL_INDEX)
 # FSDP writes the weights and the optimizer state as torch.distributed.checkpoint folders (one shard per
 # process, .metadata written last) or as .bin files, under accelerate's names
 FSDP_WEIGHTS, FSDP_OPTIMIZER = "pytorch_model_fsdp", "optimizer"
@@ -652,12 +617,12 @@ def _resume_point(run: Run, resume: bool) -> str | None:
     checkpoint, _ = _complete_checkpoints(run)
     if not checkpoint:
         return None
-    recorded_path = run.checkpoints / SETTINGS_FILE
+    recorded_path = run.checkpoints / runs.SETTINGS_FILE
     recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else {}
     fix = f"set train.resume to false (starts over and deletes them), or delete {run.checkpoints}"
     was, now = recorded.get("world_size", 1), run.run_key["world_size"]
     if was != now:
-        step = run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"]
+        step = runs.examples_per_step(run.settings)
         raise RuntimeError(
             f"{checkpoint} was written by a run in {was} process(es) ({step * was} examples per optimizer step); this run "
             f"has {now} ({step * now} per step). Resuming would skip the wrong examples and change the batch mid-run. "
@@ -681,10 +646,10 @@ def _tidy(run: Run, resume: bool, checkpoint: str | None) -> None:
         print(f"{folder} is incomplete (no {', '.join(missing)}: a crash while saving it); removed, "
               "resuming from the one before")
         shutil.rmtree(folder)
-    (run.out_dir / RUN_FILE).unlink(missing_ok=True)  # a folder whose run is training holds no finished run
+    (run.out_dir / runs.RUN_FILE).unlink(missing_ok=True)  # a folder whose run is training holds no finished run
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    files.write_text(run.checkpoints / SETTINGS_FILE, json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False))
-    log_path = run.out_dir / LOG_FILE
+    files.write_text(run.checkpoints / runs.SETTINGS_FILE, json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False))
+    log_path = run.out_dir / runs.LOG_FILE
     if checkpoint:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
         _truncate_log(log_path, state["global_step"])
@@ -695,7 +660,7 @@ def _tidy(run: Run, resume: bool, checkpoint: str | None) -> None:
 
 def _truncate_log(path: Path, last_step: int) -> None:
     """Keep only log rows up to the checkpoint a resumed run starts from (the rest is redone)."""
-    rows = [r for r in _read_log_file(path) if r["step"] <= last_step]
+    rows = [r for r in runs.read_log_file(path) if r["step"] <= last_step]
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -710,8 +675,8 @@ def train(run: Run, resume: bool | None = None) -> dict:
         run.model = run.trainer = None
         models.free_memory()
         return launch(command, out_dir, cwd=config.project_root())
-    resume = bool(run.settings.get("resume", True)) if resume is None else resume
-    done = run.out_dir / RUN_FILE
+    resume = bool(run.settings["resume"]) if resume is None else resume
+    done = run.out_dir / runs.RUN_FILE
     if resume and done.is_file():
         previous = json.loads(done.read_text(encoding="utf-8"))
         if same_run(previous.get("run_key"), run.run_key):
@@ -737,7 +702,7 @@ def train(run: Run, resume: bool | None = None) -> dict:
 def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str | None) -> dict:
     state = run.trainer.state
     steps_run = len(run.log.step_seconds)
-    log = read_log(run.out_dir)
+    log = runs.read_log(run.out_dir)
     tokens = state.num_input_tokens_seen - run.log.tokens_at_start
     step_s = statistics.median(run.log.step_seconds) if run.log.step_seconds else None
     return {
@@ -747,18 +712,17 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "examples": {k: len(v) for k, v in run.lengths.items()},
         "tokens_per_example": {k: {"mean": statistics.fmean(v), "max": max(v)} for k, v in run.lengths.items()},
         "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
-        "epochs": state.epoch * int(run.settings.get("num_train_epochs", 1)), "wall_seconds": wall,
+        "epochs": state.epoch * int(run.settings["num_train_epochs"]), "wall_seconds": wall,
         "median_step_seconds": step_s,
         "world_size": run.run_key["world_size"],
         "parallelism": run.trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU (DDP), FSDP, DEEPSPEED
-        "examples_per_step": (run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"]
-                              * run.run_key["world_size"]),  # the global batch: all processes together
+        "examples_per_step": runs.examples_per_step(run.settings, run.run_key["world_size"]),  # all processes together
         "padding_share": run.padding,
         "tokens_this_session": tokens,
         "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
         "peak_memory_gib": memory["peak_gib"],
         "train_loss_mean": result.training_loss if steps_run else None,
-        **loss_summary(log),
+        **runs.loss_summary(log),
         "settings": run.settings,
         "out_dir": str(run.out_dir),
         "run_key": run.run_key,
@@ -797,37 +761,10 @@ def save(run: Run, metrics: dict | None = None) -> Path:
         run.tokenizer.save_pretrained(tmp)
         models.write_fingerprint(run.run_key["base_fingerprint"], run.base_model, tmp)
         if metrics is not None:
-            (tmp / RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-        files.move_into(tmp, out, last=(*CHECKPOINT_WEIGHTS, RUN_FILE))
+            (tmp / runs.RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+        files.move_into(tmp, out, last=(*CHECKPOINT_WEIGHTS, runs.RUN_FILE))
     accelerator.wait_for_everyone()
     return out
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """A finished run's ``run.json`` (its settings and measurements)."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the training notebook for this model has not finished")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def cost_table(runs: dict[str, dict]):
-    """LoRA vs full side by side: parameters, step time, tokens/s, peak memory (from ``run.json``)."""
-    rows = {}
-    for name, m in runs.items():
-        rows[name] = {
-            "trainable parameters": m["parameters"]["trainable"],
-            "trainable share": f"{m['parameters']['trainable_share']:.2%}",
-            "precision": m["precision"],
-            "optimizer steps": m["optimizer_steps"],
-            "median step (s)": round(m["median_step_seconds"], 3) if m["median_step_seconds"] else math.nan,
-            "tokens/s": round(m["tokens_per_second"]) if m.get("tokens_per_second") else math.nan,
-            "peak memory (GiB)": round(m["peak_memory_gib"], 2),
-            "saved weights (MiB)": round(sum(p.stat().st_size for p in Path(m["out_dir"]).glob("*.safetensors")) / 2**20, 1),
-            "first → last train loss": f"{m['first_train_loss']:.3f} → {m['last_train_loss']:.3f}",
-            "last eval loss": round(m["last_eval_loss"], 3) if m["last_eval_loss"] is not None else math.nan,
-        }
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- the entry point a launcher starts
@@ -860,7 +797,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cfg = config.load(opts.profile, overrides)
         # joins the process group the launcher set up (gloo on a CPU, which accelerate picks only when told)
-        state = PartialState(cpu=models.best_device(cfg.get("model.device", "auto")) == "cpu")
+        state = PartialState(cpu=models.best_device(cfg["model.device"]) == "cpu")
         if state.is_main_process:  # the manifest and the smoke assets: written once
             config.setup(opts.profile, overrides, notebook=f"python -m medqa_zh.train --mode {opts.mode}")
         state.wait_for_everyone()

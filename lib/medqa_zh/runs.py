@@ -1,0 +1,84 @@
+"""Reading a training run's folder, without the training stack: what ``train`` writes and later steps read.
+
+A run folder (``outputs/<profile>/models/<mode>/``, see ``models.folder``) holds::
+
+    run.json              the settings and measurements of the finished run (:func:`read_run`)
+    train_log.jsonl       one line per logging / evaluation step, appended during training (:func:`read_log`)
+    adapter_model.safetensors + adapter_config.json (LoRA)  or  model.safetensors (full SFT)
+    checkpoints/          Trainer checkpoints, and run_settings.json: the run they belong to
+
+Notebooks 03 and 10, ``results`` and the bench scripts read runs through this module; it imports no
+torch, so reading a finished run's numbers costs no model stack.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+RUN_FILE = "run.json"
+LOG_FILE = "train_log.jsonl"
+SETTINGS_FILE = "run_settings.json"  # in checkpoints/: the run key of the run that wrote them
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"  # a model saved in shards
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A finished run's ``run.json`` (its settings and measurements)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the training notebook for this model has not finished")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's ``train_log.jsonl`` (``run_dir``: the run's folder, e.g. ``models.folder(cfg, "lora")``);
+    none before training started."""
+    return read_log_file(Path(run_dir) / LOG_FILE)
+
+
+def read_log_file(path: Path) -> list[dict]:
+    """The rows of one ``train_log.jsonl``; none when it does not exist."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def loss_summary(log: list[dict]) -> dict:
+    """First and last logged training loss, and the eval losses, from ``train_log.jsonl`` rows."""
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    return {
+        "first_train_loss": train[0][1] if train else None, "last_train_loss": train[-1][1] if train else None,
+        "first_eval_loss": evals[0][1] if evals else None, "last_eval_loss": evals[-1][1] if evals else None,
+        "train_points": len(train), "eval_points": len(evals),
+    }
+
+
+def examples_per_step(settings: dict, processes: int = 1) -> int:
+    """The global batch: examples in one optimizer step over all ``processes`` (``settings``: a run's ``train``
+    settings, ``per_device_train_batch_size`` x ``gradient_accumulation_steps`` x processes)."""
+    return settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] * processes
+
+
+def cost_table(runs: dict[str, dict]) -> pd.DataFrame:
+    """Runs side by side (name -> ``run.json``): parameters, step time, tokens/s, peak memory, losses."""
+    rows = {}
+    for name, m in runs.items():
+        rows[name] = {
+            "trainable parameters": m["parameters"]["trainable"],
+            "trainable share": f"{m['parameters']['trainable_share']:.2%}",
+            "precision": m["precision"],
+            "optimizer steps": m["optimizer_steps"],
+            "median step (s)": round(m["median_step_seconds"], 3) if m["median_step_seconds"] else math.nan,
+            "tokens/s": round(m["tokens_per_second"]) if m.get("tokens_per_second") else math.nan,
+            "peak memory (GiB)": round(m["peak_memory_gib"], 2),
+            "saved weights (MiB)": round(sum(p.stat().st_size for p in Path(m["out_dir"]).glob("*.safetensors")) / 2**20, 1),
+            "first → last train loss": f"{m['first_train_loss']:.3f} → {m['last_train_loss']:.3f}",
+            "last eval loss": round(m["last_eval_loss"], 3) if m["last_eval_loss"] is not None else math.nan,
+        }
+    return pd.DataFrame(rows)
