@@ -162,3 +162,15 @@ def test_train_scaling_compares_one_and_two_processes_on_the_same_global_batch(t
         [("1", "2 x 2", "NO"), ("2", "2 x 1", "MULTI_CPU")]
     assert "2 vs 1 process(es): examples/s x" in out.stdout
     assert (tmp_path / "work" / "outputs" / "smoke" / "models" / "lora" / "run.json").is_file()  # its own project
+
+
+def test_serve_load_runs_clients_against_a_server_it_starts_and_reports_it_alive(tiny_assets):
+    out = subprocess.run(
+        [sys.executable, REPO / "bench" / "serve_load.py", tiny_assets["model"], "--clients", "6", "--seconds", "3",
+         "--max-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    tally = json.loads(out.stdout.strip().splitlines()[-1])
+    assert tally["answered"] > 6 and tally["failed"] == {} and tally["alive"]
+    assert "server alive at the end: yes" in out.stdout

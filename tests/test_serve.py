@@ -338,3 +338,116 @@ def test_api_scorer_puts_retrieved_passages_in_the_prompt_and_records_them(serve
     assert with_rag[0]["passages"] == ["内科学:3:0"] and with_rag[1]["passages"] == []
     assert with_rag[0]["prompt_tokens"] > plain[0]["prompt_tokens"] + 20  # the passage went into the prompt
     assert with_rag[1]["prompt_tokens"] == plain[1]["prompt_tokens"]  # no passage: the plain prompt
+
+
+# --------------------------------------------------------------------------- requests checked as vLLM checks them
+
+
+def _post(server, body=None, raw=None):
+    return httpx.post(f"{server.base_url}/chat/completions", content=raw if raw is not None else json.dumps(body),
+                      headers={"content-type": "application/json", **server.headers()}, timeout=120)
+
+
+def test_malformed_requests_get_a_400_naming_the_field_on_the_live_server(server):
+    ok = {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [({**ok, "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+             ({**ok, "temperature": "hot"}, "temperature"), ({**ok, "top_p": 0}, "top_p"),
+             ({**ok, "max_tokens": 0}, "max_tokens"), ({**ok, "stop": 7}, "stop"), ({**ok, "max_token": 2}, "max_token"),
+             ({k: v for k, v in ok.items() if k != "messages"}, "messages")]
+    for body, param in cases:
+        r = _post(server, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    for raw in (b"{not json", b"", b"[1, 2]", b"\xff\xfe"):
+        r = _post(server, raw=raw)
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, (raw, r.text)
+    assert _post(server, ok).status_code == 200  # and the server goes on
+
+
+def test_the_openai_client_raises_bad_request_for_a_bad_parameter(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(server, temperature=5)
+    assert e.value.status_code == 400 and e.value.param == "temperature"
+
+
+def test_an_over_long_prompt_is_refused_before_anything_is_generated(server):
+    start = time.perf_counter()
+    r = _post(server, {"model": server.model, "messages": [{"role": "user", "content": "病" * 20000}]})
+    seconds = time.perf_counter() - start
+    assert r.status_code == 400 and "maximum context length is 4096 tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages" and seconds < 1.0, seconds
+    too_much = _post(server, {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000})
+    assert too_much.status_code == 400 and too_much.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_missing_max_tokens_is_capped_to_what_fits(tiny, tmp_path):
+    from medqa_zh import models, prompts
+
+    messages = prompts.build_messages(**QUESTION)
+    tokenizer = models.load_tokenizer(tiny[0])
+    prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+                 ["input_ids"])
+    with serve.serve(tiny[0], backend="transformers", log_path=tmp_path / "s.log", quiet=True,
+                     max_model_len=prompt + 6) as s:
+        reply = s.client().chat.completions.create(model=s.model, messages=messages, temperature=0)
+        assert reply.usage.prompt_tokens == prompt and reply.usage.completion_tokens <= 6
+        assert _post(s, {"model": s.model, "messages": messages, "max_tokens": 7}).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def queued(tiny, tmp_path_factory):
+    with serve.serve(tiny[0], backend="transformers", dtype="float32", max_queue=1, request_timeout=2,
+                     log_path=tmp_path_factory.mktemp("logs") / "queued.log", quiet=True) as s:
+        yield s
+
+
+def test_beyond_the_queue_a_429_a_long_wait_a_503_and_then_the_server_answers(queued):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": queued.model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_post, queued, {**body, "max_tokens": 3800})  # seconds of generating on the tiny model
+        time.sleep(0.5)
+        waiting = pool.submit(_post, queued, {**body, "max_tokens": 2})
+        time.sleep(0.5)
+        refused = _post(queued, {**body, "max_tokens": 2})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
+        assert refused.json()["error"]["type"] == "RateLimitError"
+        late = waiting.result()
+        assert late.status_code == 503 and "serve.request_timeout" in late.json()["error"]["message"], late.text
+        assert long.result().status_code == 200
+    assert _post(queued, {**body, "max_tokens": 2}).status_code == 200
+
+
+def test_a_streamed_reply_stops_before_its_stop_string_and_ends_with_done(server):
+    from medqa_zh import prompts
+
+    sampled = dict(temperature=1.0, seed=0, max_tokens=24)
+    text = ask(server, **sampled).choices[0].message.content
+    stop = text.strip("\ufffd")[4:6]
+    assert len(stop) == 2, text
+    body = {"model": server.model, "messages": prompts.build_messages(**QUESTION), "stream": True, "stop": [stop],
+            **sampled}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert stop not in streamed and streamed.strip() == text[:text.find(stop)].strip()
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_server(server):
+    from medqa_zh import prompts
+
+    body = {"model": server.model, "messages": prompts.build_messages(**QUESTION), "temperature": 0, "max_tokens": 3800}
+    start = time.perf_counter()
+    assert _post(server, body).json()["usage"]["completion_tokens"] == 3800
+    whole = time.perf_counter() - start  # what the generation takes when nobody stops it
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json={**body, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # and hang up
+    start = time.perf_counter()
+    assert ask(server, max_tokens=2).usage.completion_tokens == 2
+    assert time.perf_counter() - start < whole / 2, (time.perf_counter() - start, whole)

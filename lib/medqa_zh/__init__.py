@@ -11,7 +11,7 @@ children  child processes that die with the notebook: start in a process group, 
 train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one process or many (accelerate)
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
 serve     start and stop an OpenAI-compatible server (vLLM or transformers serve)
-serve_child  what runs inside the transformers server's process: key guard, OpenAI errors, refusals
+serve_child  inside the transformers server: requests validated, context, queue, streams, OpenAI errors
 evaluate  letter scoring, generate-and-parse, the API client, latency; metrics, intervals, paired tests
 debias    every cyclic rotation of the options: debiased accuracy, consistency, letter prior
 results   each evaluation's answers on disk: resumable caches, the index, collecting them for the report

@@ -216,7 +216,8 @@ def vllm_scaling(settings: dict) -> list[str]:
 
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
              continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
-             gpu_memory_utilization: float | None = None, public: bool = False, scaling: dict | None = None) -> list[str]:
+             gpu_memory_utilization: float | None = None, public: bool = False, scaling: dict | None = None,
+             queue: dict | None = None) -> list[str]:
     scaling = {**(scaling or {}), "gpu_memory_utilization": gpu_memory_utilization or None}
     if backend == "vllm":
         # through this interpreter, not a `vllm` found on PATH: a kernel or `.venv/bin/python -m ...`
@@ -240,7 +241,8 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
             raise ValueError(f"serve.{key} = {value} is for vLLM: the transformers backend serves one copy of the model "
                              "on one device. Set serve.backend to vllm (on GPUs), or the parallel sizes to 1")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
-                "device": device, "continuous_batching": continuous_batching}
+                "device": device, "continuous_batching": continuous_batching,
+                "max_model_len": scaling.get("max_model_len"), **(queue or {})}
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve_child as s; s.main(sys.argv[1])",
                json.dumps(args)]
     return cmd + list(extra_args)
@@ -293,7 +295,8 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
           api_key: str | None = None, dtype: str = "auto", device: str | None = None,
           continuous_batching: bool = False, lora: dict | None = None, served_name: str | None = None,
           startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False,
-          gpu_memory_utilization: float | None = None, **scaling) -> Server:
+          gpu_memory_utilization: float | None = None, max_queue: int | None = None,
+          request_timeout: float | None = None, **scaling) -> Server:
     """Start a server for ``model_dir`` (a local dir or a hub id) and wait until ``/health`` answers.
 
     The server answers to ``served_name`` (default :func:`served_name_for`: the folder's name, e.g.
@@ -305,8 +308,10 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     a GPU without native bf16 (T4, V100), which vLLM would refuse. ``gpu_memory_utilization``
     (vllm): the share of the GPU's memory vLLM may take (its default 0.9 fails while a notebook
     kernel still holds a model); ``scaling``: the other :data:`VLLM_SCALING` settings (vllm; a parallel size
-    above 1 is an error on the transformers backend). Call :meth:`Server.stop` when done, or use :func:`serve` as a
-    ``with`` block.
+    above 1 is an error on the transformers backend, whose requests must fit ``max_model_len`` too). The
+    transformers backend lets at most ``max_queue`` requests wait (beyond: 429), each for at most
+    ``request_timeout`` seconds (then: 503); None: no limit (``medqa_zh.serve_child``). Call :meth:`Server.stop`
+    when done, or use :func:`serve` as a ``with`` block.
     """
     backend = pick_backend(backend)
     model_dir = models.fetch(model_dir, "the served model")  # a ModelScope id: its local folder
@@ -336,7 +341,8 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = _command(backend, str(model_dir), host, port, served_dtype, on, continuous_batching, lora, served_name,
-                   extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS, scaling=scaling)
+                   extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS, scaling=scaling,
+                   queue={"max_queue": max_queue, "request_timeout": request_timeout})
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     env.pop("VLLM_API_KEY", None)
@@ -392,7 +398,8 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
     settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg["model.device"],
                 "continuous_batching": cfg["serve.continuous_batching"],
                 **{key: cfg[f"serve.{key}"] for key in VLLM_SCALING},
-                "startup_timeout": cfg["serve.startup_timeout"]}
+                "startup_timeout": cfg["serve.startup_timeout"], "max_queue": cfg["serve.max_queue"],
+                "request_timeout": cfg["serve.request_timeout"]}
     name = kwargs.get("served_name") or Path(str(model_dir)).name
     settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     return start(model_dir, **{**settings, **kwargs})
@@ -434,9 +441,25 @@ def main(argv=None) -> None:
                    help="vllm only: N copies of the model, each on its own GPU(s), sharing the requests")
     p.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help="vllm only: requests batched together at most")
     p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
-                   help="vllm only: longest prompt + answer (less than the model's own saves KV-cache memory)")
-    p.add_argument("--startup-timeout", type=float, default=600.0)
+                   help="longest prompt + answer (default: the profile's serve.max_model_len, else the model's own); "
+                        "vllm: less saves KV-cache memory; transformers: a longer request is refused (400)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="transformers only: requests that may wait for the model; beyond, 429 (default: the profile's "
+                        "serve.max_queue)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="transformers only: how long a request may wait for the model, then 503 (default: the "
+                        "profile's serve.request_timeout)")
+    p.add_argument("--startup-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for /health (default: the profile's serve.startup_timeout)")
+    p.add_argument("--profile", default=None, help="where the defaults above come from: profiles/<profile>.yaml "
+                   "(default: $MEDQA_PROFILE or smoke)")
     a = p.parse_args(argv)
+    from . import config  # the defaults' one home: the profile's serve section (profiles/base.yaml)
+
+    profile = config.load(a.profile)
+    for flag in ("max_model_len", "max_queue", "request_timeout", "startup_timeout"):
+        if getattr(a, flag) is None:
+            setattr(a, flag, profile[f"serve.{flag}"])
     # Ctrl-C and `kill` both stop the server cleanly, even when this process was started with SIGINT
     # ignored (as a shell's background job is)
     signal.signal(signal.SIGINT, _interrupt)
@@ -453,7 +476,7 @@ def main(argv=None) -> None:
                        served_name=a.served_model_name, startup_timeout=a.startup_timeout,
                        gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
                        data_parallel_size=a.data_parallel_size, max_num_seqs=a.max_num_seqs,
-                       max_model_len=a.max_model_len)
+                       max_model_len=a.max_model_len, max_queue=a.max_queue, request_timeout=a.request_timeout)
     except (ServerError, ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     key = f"  api key: {server.api_key}\n" if server.api_key else ""

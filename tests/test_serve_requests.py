@@ -1,0 +1,250 @@
+"""The CPU server's request checks, without a server: the validated request model, the context check, the
+queue, the stream mender and the error shape (medqa_zh.serve_child). test_serve.py checks them on a live server."""
+import asyncio
+import json
+
+import pytest
+
+from medqa_zh import serve_child as child
+
+OK = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+
+
+def refused(body):
+    with pytest.raises(child.ApiError) as e:
+        child.check_request(body, "m")
+    return e.value
+
+
+MALFORMED = [  # (what, body, status, param)
+    ("a list, not an object", [OK], 400, None),
+    ("no messages", {"model": "m"}, 400, "messages"),
+    ("empty messages", {**OK, "messages": []}, 400, "messages"),
+    ("messages not a list", {**OK, "messages": "hi"}, 400, "messages"),
+    ("a message not an object", {**OK, "messages": ["hi"]}, 400, "messages[0]"),
+    ("an unknown role", {**OK, "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role"),
+    ("no role", {**OK, "messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    ("no content", {**OK, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("content a number", {**OK, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("an image part", {**OK, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+     400, "messages[0].content[0].type"),
+    ("a text part without text", {**OK, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     400, "messages[0].content[0].text"),
+    ("a tool message without its call id", {**OK, "messages": [{"role": "tool", "content": "x"}]},
+     400, "messages[0].tool_call_id"),
+    ("an unknown message field", {**OK, "messages": [{"role": "user", "content": "x", "mood": 1}]},
+     400, "messages[0].mood"),
+    ("max_tokens 0", {**OK, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens a string", {**OK, "max_tokens": "16"}, 400, "max_tokens"),
+    ("max_tokens a float", {**OK, "max_tokens": 1.5}, 400, "max_tokens"),
+    ("max_completion_tokens negative", {**OK, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ("temperature below 0", {**OK, "temperature": -0.1}, 400, "temperature"),
+    ("temperature above 2", {**OK, "temperature": 2.5}, 400, "temperature"),
+    ("temperature a string", {**OK, "temperature": "0"}, 400, "temperature"),
+    ("top_p 0", {**OK, "top_p": 0}, 400, "top_p"),
+    ("top_p above 1", {**OK, "top_p": 1.5}, 400, "top_p"),
+    ("stop a number", {**OK, "stop": 3}, 400, "stop"),
+    ("stop a list of numbers", {**OK, "stop": [1]}, 400, "stop[0]"),
+    ("stream a string", {**OK, "stream": "yes"}, 400, "stream"),
+    ("seed a string", {**OK, "seed": "0"}, 400, "seed"),
+    ("n 0", {**OK, "n": 0}, 400, "n"),
+    ("presence_penalty out of range", {**OK, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("frequency_penalty out of range", {**OK, "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    ("top_logprobs above 20", {**OK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("logit_bias with a word for a key", {**OK, "logit_bias": {"hello": 1}}, 400, "logit_bias"),
+    ("logit_bias out of range", {**OK, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("response_format of an unknown type", {**OK, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ("a field the API does not have", {**OK, "max_token": 16}, 400, "max_token"),
+    ("transformers' own generation_config", {**OK, "generation_config": "{}"}, 400, "generation_config"),
+    ("model not a string", {**OK, "model": 3}, 400, "model"),
+    ("another model", {**OK, "model": "gpt-4o"}, 404, "model"),
+    # accepted by the schema, but this backend would ignore them: refused too
+    ("n above 1", {**OK, "n": 2}, 400, "n"),
+    ("logprobs", {**OK, "logprobs": True}, 400, "logprobs"),
+    ("presence_penalty", {**OK, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("frequency_penalty that makes no repetition penalty", {**OK, "frequency_penalty": -1.5}, 400, "frequency_penalty"),
+    ("JSON mode", {**OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("tool_choice none", {**OK, "tool_choice": "none"}, 400, "tool_choice"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, param", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_a_malformed_body_is_refused_naming_the_field(what, body, status, param):
+    error = refused(body)
+    assert (error.status, error.param) == (status, param), error.message
+    shaped = child.openai_error(error.status, error.message, error.param)["error"]
+    assert set(shaped) == {"message", "type", "param", "code"} and shaped["param"] == param
+
+
+def test_a_good_body_passes_as_the_handler_takes_it():
+    body = {**OK, "temperature": 0, "top_p": 1, "max_tokens": 8, "stop": ["\n", ""], "stream": True, "seed": 1,
+            "n": 1, "presence_penalty": 0, "frequency_penalty": 0.5, "logit_bias": {"12": -100},
+            "response_format": {"type": "text"}, "user": "u", "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                         {"role": "assistant", "content": "a"}, {"role": "user", "content": "again"}]}
+    out = child.check_request(body, "m")
+    assert out["stop"] == ["\n"] and out["frequency_penalty"] == 0.5 and out["logit_bias"] == {"12": -100}
+    assert not {"n", "user", "stream_options", "presence_penalty", "response_format"} & set(out)
+    assert "stop" not in child.check_request({**OK, "stop": []}, "m")  # lm-evaluation-harness sends []
+    assert child.check_request({**OK, "stop": "x"}, "m")["stop"] == ["x"]
+    assert "model" in child.check_request(OK, "m") and child.check_request({"messages": OK["messages"]}, "m")
+
+
+def test_the_context_is_enforced_and_a_missing_max_tokens_capped_to_what_fits():
+    assert child.context_check({**OK, "max_tokens": 10}, 90, 100, 1024)["max_tokens"] == 10
+    assert child.context_check(OK, 90, 100, 1024)["max_tokens"] == 10  # the room left
+    assert child.context_check(OK, 10, 100_000, 1024)["max_tokens"] == 1024  # the handler's default, when it fits
+    with pytest.raises(child.ApiError, match=r"maximum context length is 100 tokens.*101 tokens \(90 in the "
+                                             r"messages, 11 in the completion\)") as e:
+        child.context_check({**OK, "max_tokens": 11}, 90, 100, 1024)
+    assert (e.value.status, e.value.param) == (400, "max_tokens")
+    with pytest.raises(child.ApiError) as e:
+        child.context_check({**OK, "max_completion_tokens": 5}, 120, 100, 1024)
+    assert e.value.param == "messages"  # the prompt alone does not fit
+    with pytest.raises(child.ApiError, match="your messages resulted in 100 tokens") as e:
+        child.context_check(OK, 100, 100, 1024)
+    assert e.value.param == "messages"
+    assert child.context_check(OK, 10**6, None, 1024) == OK  # no known context: nothing to check
+
+
+def test_the_gate_refuses_beyond_the_queue_and_times_out_a_long_wait():
+    async def scenario():
+        gate = child.Gate(slots=1, max_queue=1, timeout=1.0)
+        never = asyncio.Event()
+
+        async def connected():
+            return never.is_set()
+
+        first = await gate.enter(connected)  # generating
+        waiting = asyncio.create_task(gate.enter(connected))
+        await asyncio.sleep(0.05)
+        with pytest.raises(child.ApiError) as full:
+            await gate.enter(connected)
+        assert full.value.status == 429 and int(full.value.headers["Retry-After"]) >= 1
+        with pytest.raises(child.ApiError) as late:
+            await waiting  # the slot stays taken past the timeout
+        assert late.value.status == 503 and "serve.request_timeout" in late.value.message
+        gate.leave(first)
+        gate.leave(await gate.enter(connected))  # free again: the next one goes straight in
+        assert gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_gate_drops_a_request_whose_client_hung_up_while_waiting():
+    async def scenario():
+        gate = child.Gate(slots=1, max_queue=4, timeout=None)
+        first = await gate.enter(lambda: asyncio.sleep(0, False))
+
+        async def gone():
+            return True
+
+        with pytest.raises(ConnectionAbortedError):
+            await gate.enter(gone)
+        assert gate.waiting == 0
+        gate.leave(first)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("pieces, stops, sent, found", [
+    (["ab", "cd", "ef"], ["cd"], "ab", True),
+    (["ab", "c", "def"], ["cde"], "ab", True),  # the stop string split over pieces
+    (["abc", "dx", "y"], ["cde"], "abcdxy", False),  # a held-back start that was no stop string after all
+    (["答案：", "B", "\n解析"], ["\n"], "答案：B", True),
+])
+def test_a_streamed_reply_stops_before_its_stop_string(pieces, stops, sent, found):
+    cutter, out, hit = child.StopCutter(stops), "", False
+    for piece in pieces:
+        text, hit = cutter.feed(piece)
+        out += text
+        if hit:
+            break
+    out += "" if hit else cutter.flush()
+    assert (out, hit) == (sent, found)
+
+
+def _chunk(content=None, finish=None):
+    choice = {"index": 0, "delta": {} if content is None else {"content": content}}
+    if finish:
+        choice["finish_reason"] = finish
+    return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+
+
+def _read(upstream, stops):
+    released = []
+
+    async def scenario():
+        events = [e async for e in child.stream_events(upstream(), stops, lambda: released.append(True))]
+        await asyncio.sleep(0.01)  # the pump's cleanup
+        return events
+
+    events = asyncio.run(scenario())
+    data = [e.removeprefix("data: ").strip() for e in events]
+    return data, released
+
+
+def test_the_stream_mender_cuts_at_the_stop_string_and_ends_with_done():
+    async def upstream():
+        for piece in (_chunk(""), _chunk("答案"), _chunk("：B"), _chunk("\n解析"), _chunk(None, "stop")):
+            yield piece
+
+    data, released = _read(upstream, ["\n"])
+    chunks = [json.loads(d) for d in data[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "答案：B" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert data[-1] == "[DONE]" and released == [True]
+
+
+def test_held_back_text_is_sent_before_the_last_chunk():
+    async def upstream():
+        for piece in (_chunk("ab"), _chunk("c"), _chunk(None, "length")):
+            yield piece
+
+    data, _ = _read(upstream, ["cd"])
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "abc"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and data[-1] == "[DONE]"
+
+
+def test_an_error_after_the_stream_started_is_an_error_event():
+    async def upstream():
+        yield _chunk("ab")
+        raise RuntimeError("the model fell over")
+
+    data, released = _read(upstream, [])
+    assert json.loads(data[0])["choices"][0]["delta"]["content"] == "ab"
+    error = json.loads(data[1])["error"]
+    assert error["code"] == 500 and "fell over" in error["message"] and data[-1] == "[DONE]" and released == [True]
+
+
+def test_transformers_own_error_event_takes_the_openai_shape():
+    async def upstream():
+        yield 'data: {"error": "CUDA out of memory"}\n\n'
+
+    data, _ = _read(upstream, [])
+    assert json.loads(data[0])["error"]["message"] == "CUDA out of memory" and data[-1] == "[DONE]"
+
+
+def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_app_goes_on():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+
+    @app.get("/boom")
+    def boom():
+        raise KeyError("something the server did not expect")
+
+    @app.get("/fine")
+    def fine():
+        return {"ok": True}
+
+    client = TestClient(child._guarded(app, key="k"), raise_server_exceptions=False)
+    assert client.get("/fine").status_code == 401  # no key
+    headers = {"Authorization": "Bearer k"}
+    r = client.get("/boom", headers=headers)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
+    assert "KeyError" in r.json()["error"]["message"]
+    assert client.get("/fine", headers=headers).json() == {"ok": True}
+    assert client.post("/v1/completions", headers=headers, json={}).json()["error"]["code"] == 404
