@@ -64,7 +64,7 @@ from trl import SFTConfig, SFTTrainer
 from . import children, config, data, files, models, prompts, runs
 
 # unlike the other modules, this one imports torch and the training stack at the top: it trains,
-# and only the training notebooks (02, 03), the report's loss curves (10) and bench/recipes.py import it
+# and only the training notebooks (02, 03) and bench/recipes.py import it (a finished run is read with `runs`)
 
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
