@@ -452,8 +452,14 @@ def _prompt_tokens(handler, body: dict) -> tuple[int, object]:
     modality = handler.model_manager.get_model_modality(model, processor=processor)
     messages = handler.get_processor_inputs_from_messages(body["messages"], modality)
     kwargs = {**handler.chat_template_kwargs, **body.get("chat_template_kwargs", {})}
-    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tools=body.get("tools"), tokenize=True,
-                                        return_dict=True, **kwargs)["input_ids"]
+    from jinja2 import TemplateError
+
+    try:
+        ids = processor.apply_chat_template(messages, add_generation_prompt=True, tools=body.get("tools"),
+                                            tokenize=True, return_dict=True, **kwargs)["input_ids"]
+    except TemplateError as e:  # what the request put in the template (a malformed tool, say), not a server fault
+        raise ApiError(400, f"the model's chat template cannot render this request: {e}",
+                       "tools" if body.get("tools") else "messages") from None
     return len(ids), model
 
 
