@@ -248,3 +248,31 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_app_goes_on():
     assert "KeyError" in r.json()["error"]["message"]
     assert client.get("/fine", headers=headers).json() == {"ok": True}
     assert client.post("/v1/completions", headers=headers, json={}).json()["error"]["code"] == 404
+
+
+def test_the_gate_serves_the_waiting_in_the_order_they_came():
+    async def scenario():
+        gate = child.Gate(slots=1, max_queue=10, timeout=None)
+
+        async def connected():
+            return False
+
+        first = await gate.enter(connected)
+        order = []
+
+        async def client(i):
+            since = await gate.enter(connected)
+            order.append(i)
+            await asyncio.sleep(0.01)
+            gate.leave(since)
+
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(client(i)))
+            await asyncio.sleep(0.3)  # each waits across the gate's 1-second checks on its client
+        await asyncio.sleep(1.5)
+        gate.leave(first)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3, 4]

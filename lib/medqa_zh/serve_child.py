@@ -266,18 +266,26 @@ class Gate:
                            headers={"Retry-After": str(self.retry_after())})
         self.waiting += 1
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        # one acquire, kept while its client is checked on: it keeps its place in the semaphore's line (first come,
+        # first served); cancelling and acquiring again each second would send it to the back every time
+        acquire = asyncio.ensure_future(self._free.acquire())
         try:
             while True:
-                try:
-                    await asyncio.wait_for(self._free.acquire(), timeout=1.0)
+                done, _ = await asyncio.wait({acquire}, timeout=1.0)
+                if done:
                     return time.monotonic()
-                except asyncio.TimeoutError:
-                    if await disconnected():
-                        raise ConnectionAbortedError("the client hung up while waiting") from None
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise ApiError(503, f"the request waited {self.timeout:.0f} s for the model "
-                                            f"(serve.request_timeout) behind {self.waiting - 1} others; retry later",
-                                       headers={"Retry-After": str(self.retry_after())}) from None
+                if await disconnected():
+                    raise ConnectionAbortedError("the client hung up while waiting")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ApiError(503, f"the request waited {self.timeout:.0f} s for the model "
+                                        f"(serve.request_timeout) behind {self.waiting - 1} others; retry later",
+                                   headers={"Retry-After": str(self.retry_after())})
+        except BaseException:
+            if acquire.done() and not acquire.cancelled():
+                self._free.release()  # the slot came as this request gave up: pass it on
+            else:
+                acquire.cancel()
+            raise
         finally:
             self.waiting -= 1
 
