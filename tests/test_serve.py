@@ -444,10 +444,10 @@ def test_a_client_that_hangs_up_mid_stream_frees_the_server(server):
     start = time.perf_counter()
     assert _post(server, body).json()["usage"]["completion_tokens"] == 3800
     whole = time.perf_counter() - start  # what the generation takes when nobody stops it
-    with httpx.stream("POST", f"{server.base_url}/chat/completions", json={**body, "stream": True}) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 4:
-                break  # and hang up
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # the first event (the tiny model's text may arrive only at the end), and hang up
     start = time.perf_counter()
     assert ask(server, max_tokens=2).usage.completion_tokens == 2
     assert time.perf_counter() - start < whole / 2, (time.perf_counter() - start, whole)
