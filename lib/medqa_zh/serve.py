@@ -242,7 +242,8 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
                              "on one device. Set serve.backend to vllm (on GPUs), or the parallel sizes to 1")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
                 "device": device, "continuous_batching": continuous_batching,
-                "max_model_len": scaling.get("max_model_len"), **(queue or {})}
+                "max_model_len": scaling.get("max_model_len"), "max_queue": None, "request_timeout": None,
+                **(queue or {})}  # None: no limit (serve_child)
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve_child as s; s.main(sys.argv[1])",
                json.dumps(args)]
     return cmd + list(extra_args)
