@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from medqa_zh import config
 
@@ -113,7 +114,9 @@ def test_a_profile_holds_only_its_changes_to_the_base(project):
     profiles = project / "profiles"
     cpu = config.load("cpu")
     assert cpu["train.learning_rate"] == config.load("gpu")["train.learning_rate"]  # from the base
-    assert cpu["train.max_steps"] == 64 and cpu["train.full.max_steps"] == 6 and cpu["train.lora.r"] == 16
+    written = yaml.safe_load((profiles / "cpu.yaml").read_text(encoding="utf-8"))["train"]
+    assert cpu["train.max_steps"] == written["max_steps"] != config.load("gpu")["train.max_steps"]  # the profile's own
+    assert cpu["train.full.max_steps"] == 6 and cpu["train.lora.r"] == 16
     (profiles / "typo.yaml").write_text("train:\n  learning_rat: 1.0e-4\n")
     with pytest.raises(KeyError, match=r"typo.yaml: 'train.learning_rat' is not a setting of profiles/base.yaml"):
         config.load("typo")
