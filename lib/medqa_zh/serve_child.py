@@ -342,8 +342,6 @@ def stream_events(upstream, stops: list[str], release):
             async for piece in upstream:
                 await pieces.put(piece)
             await pieces.put(None)
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # noqa: BLE001 - sent to the client as an error event, and logged
             log.exception("the stream failed after it started")
             await pieces.put(e)
