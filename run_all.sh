@@ -40,8 +40,8 @@ die() { printf '\033[1;31m[run_all] error:\033[0m %s\n' "$*" >&2; exit 1; }
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 setup() {
-    local t0=$SECONDS extras="dev" env_dir stamp want constraints=()
-    if has_cuda; then extras="dev,gpu"; fi
+    local t0=$SECONDS extras="dev,gguf" env_dir stamp want constraints=()
+    if has_cuda; then extras="dev,gguf,gpu"; fi
     if command -v conda >/dev/null 2>&1 && [ "${MEDQA_USE_VENV:-0}" != 1 ]; then env_dir="$ROOT/.conda"; else env_dir="$ROOT/.venv"; fi
     PY="$env_dir/bin/python"
     export PATH="$env_dir/bin:$PATH"
@@ -75,13 +75,17 @@ setup() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    log "installing the project and its dependencies into $env_dir (extras: $extras)"
+    # the gguf extra builds llama.cpp from source (llama-cpp-python): it needs a C++ compiler (cmake comes from PyPI)
+    command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 \
+        || die "no C++ compiler on PATH: the gguf extra builds llama.cpp from source. Install one (Debian/Ubuntu: sudo apt install g++ cmake; conda: conda install -c conda-forge cxx-compiler)"
+    log "installing the project and its dependencies into $env_dir (extras: $extras; building llama.cpp takes a few minutes the first time)"
     "$PY" -m pip install --quiet --upgrade pip
     if ! has_cuda; then
         # the CPU build; a plain `torch` requirement would pull GBs of CUDA wheels
         "$PY" -m pip install --quiet "torch==2.13.0"
     fi
     "$PY" -m pip install --quiet -e ".[$extras]" ${constraints[@]+"${constraints[@]}"}
+    "$PY" -m medqa_zh.export install-tools  # llama.cpp's converter, from the same release's source (04)
     "$PY" -m ipykernel install --sys-prefix --name medqa-zh --display-name "Python (medqa-zh)" >/dev/null
     echo "$want" > "$stamp"
     log "setup done in $((SECONDS - t0)) s"

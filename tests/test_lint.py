@@ -49,6 +49,7 @@ MUST_NOT_IMPORT = {
     "serve": ("medqa_zh.evaluate", "medqa_zh.answers", "medqa_zh.results", "trl"),  # serving does not score answers
     "serve_child": ("medqa_zh.",),  # runs in the server's process: nothing of the notebook side
     "files": ("medqa_zh.",),
+    "export": ("medqa_zh.train", "medqa_zh.serve"),  # makes and checks files; serving them is serve's
 }
 
 

@@ -10,8 +10,9 @@ runs      read a training run's folder (run.json, train_log.jsonl, costs) withou
 children  child processes that die with the notebook: start in a process group, stop the group
 train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one process or many (accelerate)
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
-serve     start and stop an OpenAI-compatible server (vLLM or transformers serve)
-serve_child  inside the transformers server: requests validated, context, queue, streams, OpenAI errors
+export    GGUF files (f16, q8_0, Q4_K_M) with llama.cpp's converter and quantizer; the template proof; Modelfiles
+serve     start and stop an OpenAI-compatible server (vLLM, transformers serve or llama.cpp)
+serve_child  inside the transformers / llama.cpp server: requests validated, context, queue, streams, OpenAI errors
 evaluate  letter scoring, generate-and-parse, the API client, latency; metrics, intervals, paired tests
 debias    every cyclic rotation of the options: debiased accuracy, consistency, letter prior
 results   each evaluation's answers on disk: resumable caches, the index, collecting them for the report

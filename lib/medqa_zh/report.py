@@ -359,6 +359,29 @@ def _comparison(suffix: str, test: dict | None) -> dict:
             f"detectable_{suffix}": evaluate.detectable_difference(test["n"], test["a_only"] + test["b_only"])}
 
 
+def quantization_table(reference: dict, quantized: dict, name: str = "merged"):
+    """What quantization costs (04): one row per file and reading (``letter``: plain; ``pride``: debiased with the
+    file's own calibration prior), with its accuracy and 95% interval, how often it chooses the model's option,
+    and the paired comparison with the model itself on the same reading (difference with its 95% interval, exact
+    McNemar p, the smallest difference these questions could detect). ``reference``: the model's
+    ``{"letter": rows, "calibration": rows}``; ``quantized``: ``{quantization: the same}`` (``results.gguf_cached``)."""
+    def read(got):
+        prior = debias.estimate_prior(got[results.CALIBRATION])
+        return {results.LETTER: got[results.LETTER], results.PRIDE: debias.pride_results(got[results.LETTER], prior)}
+
+    base = read(reference)
+    rows = []
+    for label, got in [(name, reference), *((f"{name} {q}", g) for q, g in quantized.items())]:
+        for reading, rows_ in read(got).items():
+            acc = evaluate.accuracy(rows_)
+            same = sum(a["pred"] == b["pred"] for a, b in zip(base[reading], rows_, strict=True)) / len(rows_)
+            test = evaluate.mcnemar(base[reading], rows_) if label != name else None
+            rows.append({"model": label, "evaluation": reading, "n": acc["n"], "accuracy": acc["accuracy"],
+                         "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "same choice as the model": same,
+                         **_comparison("vs_model", test)})
+    return pd.DataFrame(rows)
+
+
 def rag_table(answers: dict, baselines=None):
     """08's table: per (model, condition) (``no RAG``, then each retriever) accuracy with its 95%
     interval, invalid and failed answers, and the comparison with the same model without passages:

@@ -21,13 +21,19 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import data, debias, evaluate, files, models, rag, runs, serve
+from . import data, debias, evaluate, export, files, models, rag, runs, serve
 
 LETTER, GENERATE, ROTATIONS, API = "letter", "generate", "rotations", "api"
 CALIBRATION = "calibration"  # rotations of the first eval.calibration_questions *validation* questions: PriDe's prior
 PRIDE = "pride"              # a reading, not a file: letter scores debiased with the calibration's prior (debias)
 IN_PROCESS = (LETTER, GENERATE, ROTATIONS, CALIBRATION)
 INDEX = "index.json"
+
+
+def through(evaluation: str, backend: str) -> str:
+    """The name of the API evaluation through another server than the profile's ``serve.backend``:
+    ``api@llamacpp-q8_0`` (07 asks the GGUF through llama.cpp's server too)."""
+    return f"{evaluation}@{backend}"
 
 
 def with_passages(evaluation: str, retriever: str) -> str:
@@ -48,7 +54,7 @@ def questions_for(cfg, evaluation: str, questions):
     answers (06's generate, 07 and 08's API), the first ``eval.rotation_questions`` for every rotation,
     all of them for letter scores, and the first ``eval.calibration_questions`` of the *validation*
     split for PriDe's calibration (never eval questions)."""
-    kind = evaluation.split("+")[0]
+    kind = evaluation.split("+")[0].split("@")[0]
     if kind == CALIBRATION:
         return data.load_split(cfg, "validation")[: cfg["eval.calibration_questions"]]
     if kind == ROTATIONS:
@@ -174,6 +180,35 @@ def in_process(cfg, name: str, questions, evaluations=IN_PROCESS, passages: dict
         models.free_memory()  # before the next model loads (GPU memory too)
 
 
+def gguf_cached(cfg, name: str, quantization: str, questions, progress: bool = True) -> dict[str, list[dict]]:
+    """A model's GGUF (04's export, ``quantization``) scored through llama.cpp in this process: letter scores on
+    the eval questions and PriDe's calibration on the validation ones (:func:`questions_for`), cached and resumed
+    as :func:`in_process` caches a model's (``eval/gguf/<model>-<quantization>-<evaluation>-<fingerprint>.jsonl``,
+    the fingerprint the model's own). The file is loaded only if something is missing. Returns
+    ``{"letter": rows, "calibration": rows}``."""
+    fp = models.answers_fingerprint(cfg, name)
+    file = export.gguf_path(export.folder(cfg), name, quantization)
+    loaded = []
+
+    def score_with(kind):
+        def score(batch):
+            if not loaded:
+                loaded.append((export.load(file, cfg["gguf.n_ctx"], cfg["gguf.extra_buffers"]),
+                               models.load_tokenizer(models.available(cfg)[name], setting=name)))
+            llm, tokenizer = loaded[0]
+            return (export.letter_scores if kind == LETTER else export.rotation_scores)(llm, tokenizer, batch,
+                                                                                      progress=False)
+        return score
+
+    try:
+        return {e: run_cached(path_for(cfg, f"{name}-{quantization}", e, fp, kind="gguf"), questions_for(cfg, e, questions),
+                              score_with(e), batch_size=cfg["eval.batch_size"], progress=progress,
+                              desc=f"{name} {quantization}: {e}")
+                for e in (LETTER, CALIBRATION)}
+    finally:
+        loaded.clear()
+
+
 def scorer(cfg, model, evaluation: str, contexts: dict | None = None):
     """``score(batch) -> rows`` for one in-process evaluation (``letter``, ``generate``, ``rotations``
     or ``calibration``) of ``model()`` (called when a batch needs it: ``(model, tokenizer)``)."""
@@ -259,23 +294,28 @@ def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def api_cached(cfg, name: str, questions, passages: dict | None = None, progress: bool = True) -> dict[str, list[dict]]:
+def api_cached(cfg, name: str, questions, passages: dict | None = None, progress: bool = True,
+               backend: str | None = None) -> dict[str, list[dict]]:
     """One model's answers through the HTTP API (07), and with each retriever's passages in the
     prompt (08; ``passages``: ``{retriever: (tag, contexts)}``). The model is served once, with the
     profile's ``serve`` settings, for whatever is not yet complete in its cache, and stopped; when
-    everything is cached no server starts. Returns ``{"api": rows, "api+rag <retriever>": rows, ...}``."""
-    backend = serve.pick_backend(cfg["serve.backend"])  # vLLM and transformers round differently: cached apart
+    everything is cached no server starts. ``backend``: another server than ``serve.backend``
+    (``llamacpp``: the model's ``gguf.serve`` file); its evaluation is then named :func:`through` it.
+    Returns ``{"api": rows, "api+rag <retriever>": rows, ...}``."""
+    tag = serve.backend_tag(cfg, backend)  # vLLM, transformers and each GGUF answer a little differently: cached apart
+    api = API if backend is None else through(API, tag)
     fp = models.answers_fingerprint(cfg, name)
-    runs = {API: (path_for(cfg, name, f"{API}-{backend}", fp, kind="api"), None)}
-    for retriever, (tag, contexts) in (passages or {}).items():
-        runs[with_passages(API, retriever)] = (path_for(cfg, name, f"{API}-{backend}-{tag}", fp, kind="rag"), contexts)
+    runs = {api: (path_for(cfg, name, f"{API}-{tag}", fp, kind="api"), None)}
+    for retriever, (rtag, contexts) in (passages or {}).items():
+        runs[with_passages(api, retriever)] = (path_for(cfg, name, f"{API}-{tag}-{rtag}", fp, kind="rag"), contexts)
     questions = questions_for(cfg, API, questions)  # generated answers: the first eval.generate_questions
     out = {evaluation: run_cached(path, questions, score_batch=lambda batch: [], progress=False, label=(name, evaluation))
            for evaluation, (path, _) in runs.items() if _complete(path, questions)}
     todo = [evaluation for evaluation in runs if evaluation not in out]
     if todo:
         concurrency = cfg["eval.concurrency"]
-        with serve.from_profile(cfg, models.available(cfg)[name], served_name=name) as server:
+        with serve.from_profile(cfg, models.available(cfg)[name], served_name=name,
+                                **({"backend": backend} if backend else {})) as server:
             for evaluation in todo:
                 path, contexts = runs[evaluation]
                 score = evaluate.api_scorer(server.base_url, server.model, server.api_key,
@@ -284,7 +324,7 @@ def api_cached(cfg, name: str, questions, passages: dict | None = None, progress
                                             contexts=contexts)
                 out[evaluation] = run_cached(path, questions, score, batch_size=4 * concurrency, progress=progress,
                                              desc=f"{name}: {evaluation}", label=(name, evaluation))
-    return {evaluation: out[evaluation] for evaluation in runs}
+    return {evaluation.replace(api, API, 1): out[evaluation] for evaluation in runs}
 
 
 def position(value: str, known: tuple) -> tuple:

@@ -11,6 +11,10 @@ Two backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/complet
   path but ``/health``, its model-management endpoints turned off, errors in the OpenAI shape, and
   request fields it would silently ignore refused.
 
+- ``llamacpp``: llama-cpp-python's OpenAI-compatible server for a GGUF file (notebook 04's export) on a
+  CPU, in a child process with the same mending as the transformers child (``serve_child.llamacpp_main``).
+  ``from_profile`` serves a run's model as its ``gguf.serve`` file (``models/gguf/merged-q8_0.gguf``).
+
 Either answers to a served model name (``served_name``; default the folder's name, ``merged``).
 
 ``auto`` picks vllm when CUDA and vllm are both present, else transformers.
@@ -71,10 +75,14 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+BACKENDS = ("auto", "vllm", "transformers", "llamacpp")
+
+
 def pick_backend(backend: str = "auto") -> str:
-    """``vllm`` or ``transformers``; ``auto`` is vllm when CUDA and the vllm package are present."""
-    if backend not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"serve backend must be auto, vllm or transformers, not {backend!r} (profile key serve.backend)")
+    """``vllm``, ``transformers`` or ``llamacpp``; ``auto`` is vllm when CUDA and the vllm package are present,
+    else transformers (llamacpp only when asked for: it serves a GGUF file, not a model folder)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"serve backend must be one of {', '.join(BACKENDS)}, not {backend!r} (profile key serve.backend)")
     if backend != "auto":
         return backend
     import torch
@@ -217,7 +225,7 @@ def vllm_scaling(settings: dict) -> list[str]:
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
              continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
              gpu_memory_utilization: float | None = None, public: bool = False, scaling: dict | None = None,
-             queue: dict | None = None) -> list[str]:
+             queue: dict | None = None, llama: dict | None = None) -> list[str]:
     scaling = {**(scaling or {}), "gpu_memory_utilization": gpu_memory_utilization or None}
     if backend == "vllm":
         # through this interpreter, not a `vllm` found on PATH: a kernel or `.venv/bin/python -m ...`
@@ -231,6 +239,17 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
             rank = lora.get("max_rank") or lora_rank(lora["adapters"])
             cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
                     *(f"{name}={path}" for name, path in lora["adapters"].items())]
+    elif backend == "llamacpp":
+        if lora:
+            raise ValueError("the llamacpp backend serves one GGUF file and no adapter on top of it: export the merged "
+                             "model (notebook 04) and serve its GGUF")
+        parallel = {k: v for k, v in scaling.items() if k.endswith("parallel_size") and (v or 1) > 1}
+        if parallel:
+            key, value = next(iter(parallel.items()))
+            raise ValueError(f"serve.{key} = {value} is for vLLM: the llamacpp backend serves one copy of the model")
+        args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, **llama}
+        cmd = [sys.executable, "-c", "import sys, medqa_zh.serve_child as s; s.llamacpp_main(sys.argv[1])",
+               json.dumps(args)]
     else:
         if lora:
             raise ValueError("the transformers backend serves one model dir and no adapter on top of it: "
@@ -269,9 +288,12 @@ SERVED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def served_name_for(model_dir) -> str:
     """The name a server answers to by default: a folder's own name (``merged`` for
-    ``outputs/cpu/models/merged``), a hub id as it is."""
+    ``outputs/cpu/models/merged``), a GGUF file's without ``.gguf`` (``merged-q8_0``), a hub id as it is."""
     text = str(model_dir)
-    return text if models.is_hub_id(text) else Path(text).expanduser().resolve().name
+    if models.is_hub_id(text):
+        return text
+    path = Path(text).expanduser().resolve()
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def _check_served_name(name: str) -> None:
@@ -297,7 +319,8 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
           continuous_batching: bool = False, lora: dict | None = None, served_name: str | None = None,
           startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False,
           gpu_memory_utilization: float | None = None, max_queue: int | None = None,
-          request_timeout: float | None = None, **scaling) -> Server:
+          request_timeout: float | None = None, n_ctx: int = 4096, extra_buffers: bool = False,
+          threads: int | None = None, **scaling) -> Server:
     """Start a server for ``model_dir`` (a local dir or a hub id) and wait until ``/health`` answers.
 
     The server answers to ``served_name`` (default :func:`served_name_for`: the folder's name, e.g.
@@ -311,12 +334,21 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     kernel still holds a model); ``scaling``: the other :data:`VLLM_SCALING` settings (vllm; a parallel size
     above 1 is an error on the transformers backend, whose requests must fit ``max_model_len`` too). The
     transformers backend lets at most ``max_queue`` requests wait (beyond: 429), each for at most
-    ``request_timeout`` seconds (then: 503); None: no limit (``medqa_zh.serve_child``). Call :meth:`Server.stop`
-    when done, or use :func:`serve` as a ``with`` block.
+    ``request_timeout`` seconds (then: 503); None: no limit (``medqa_zh.serve_child``). The llamacpp backend serves
+    the GGUF file ``model_dir`` with a context of ``n_ctx`` tokens (``max_model_len`` when given), on ``threads``
+    cores (None: llama.cpp's choice), with llama.cpp's repacked weights when ``extra_buffers`` (``gguf`` settings).
+    Call :meth:`Server.stop` when done, or use :func:`serve` as a ``with`` block.
     """
     backend = pick_backend(backend)
-    model_dir = models.fetch(model_dir, "the served model")  # a ModelScope id: its local folder
-    _check_model(model_dir)
+    if backend == "llamacpp":
+        from . import export  # the GGUF checks; only for this backend
+
+        export.check_file(model_dir)  # a GGUF, whole
+        export.llama_cpp_version()    # and the runtime installed
+        model_dir = str(Path(model_dir).expanduser().resolve())
+    else:
+        model_dir = models.fetch(model_dir, "the served model")  # a ModelScope id: its local folder
+        _check_model(model_dir)
     served_name = served_name or served_name_for(model_dir)
     _check_served_name(served_name)
     if backend == "transformers" and served_name != str(model_dir) and models.is_hub_id(str(model_dir)):
@@ -324,7 +356,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
                          f"or download {model_dir} to a folder and serve that")
     if backend == "vllm":
         _check_vllm()
-    on = "cuda" if backend == "vllm" else models.best_device(device or "auto")
+    on = "cuda" if backend == "vllm" else "cpu" if backend == "llamacpp" else models.best_device(device or "auto")
     served_dtype = models.inference_dtype(dtype, on)
     if served_dtype != dtype and models.DTYPES.get(dtype) != served_dtype and not quiet:
         print(f"dtype {dtype} served as {served_dtype}: this GPU has no native bfloat16 (compute capability below 8.0)")
@@ -343,12 +375,14 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = _command(backend, str(model_dir), host, port, served_dtype, on, continuous_batching, lora, served_name,
                    extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS, scaling=scaling,
-                   queue={"max_queue": max_queue, "request_timeout": request_timeout})
+                   queue={"max_queue": max_queue, "request_timeout": request_timeout},
+                   llama={"n_ctx": scaling.get("max_model_len") or n_ctx, "extra_buffers": extra_buffers,
+                          "threads": threads})
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     env.pop("VLLM_API_KEY", None)
     if api_key:  # through the environment, so the key does not show in `ps`
-        env[API_KEY_ENV if backend == "transformers" else "VLLM_API_KEY"] = api_key
+        env["VLLM_API_KEY" if backend == "vllm" else API_KEY_ENV] = api_key
     server = Server(backend=backend, host=host, port=port, api_key=api_key, log_path=log_path, command=cmd)
     log = open(log_path, "w", encoding="utf-8")
     log.write("$ " + " ".join(cmd) + "\n")
@@ -397,13 +431,25 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
     log goes to ``outputs/<profile>/logs/``. Pass ``served_name="merged"`` (a name of
     :func:`models.available`) to serve a run's model under its name there."""
     settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg["model.device"],
+                "n_ctx": cfg["gguf.n_ctx"], "extra_buffers": cfg["gguf.extra_buffers"],
                 "continuous_batching": cfg["serve.continuous_batching"],
                 **{key: cfg[f"serve.{key}"] for key in VLLM_SCALING},
                 "startup_timeout": cfg["serve.startup_timeout"], "max_queue": cfg["serve.max_queue"],
                 "request_timeout": cfg["serve.request_timeout"]}
     name = kwargs.get("served_name") or Path(str(model_dir)).name
     settings["log_path"] = cfg.out / "logs" / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    if pick_backend(kwargs.get("backend", settings["backend"])) == "llamacpp" and not str(model_dir).endswith(".gguf"):
+        from . import export  # a run's model as its exported GGUF (04)
+
+        model_dir = export.gguf_path(export.folder(cfg), name, cfg["gguf.serve"])
     return start(model_dir, **{**settings, **kwargs})
+
+
+def backend_tag(cfg, backend: str | None = None) -> str:
+    """The profile's backend (or ``backend``) as answers cached from it are named: ``vllm`` and ``transformers``
+    round differently, and a GGUF's answers depend on its quantization (``llamacpp-q8_0``)."""
+    backend = pick_backend(backend or cfg["serve.backend"])
+    return f"{backend}-{cfg['gguf.serve']}" if backend == "llamacpp" else backend
 
 
 @atexit.register
@@ -422,14 +468,15 @@ def _interrupt(signum, frame):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m medqa_zh.serve", description=(
         "Serve a model dir over an OpenAI-compatible API until Ctrl-C (vLLM on a GPU, transformers serve on a CPU)."))
-    p.add_argument("model_dir", help="a model folder (e.g. outputs/cpu/models/merged) or a hub id")
+    p.add_argument("model_dir", help="a model folder (e.g. outputs/cpu/models/merged), a hub id, or a GGUF file (llamacpp)")
     p.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port)")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address needs an API key")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"bearer token clients must send "
                    f"(default: ${API_KEY_ENV}; generated when binding a non-local address without one)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the folder's name, e.g. merged)")
-    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="llamacpp serves a GGUF file (MODEL_DIR: e.g. outputs/cpu/models/gguf/merged-q8_0.gguf)")
     p.add_argument("--dtype", default="auto", help="e.g. bfloat16, float32; auto: as the weights are stored")
     p.add_argument("--continuous-batching", action="store_true", help="transformers backend: batch concurrent requests")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
@@ -461,6 +508,7 @@ def main(argv=None) -> None:
     for flag in ("max_model_len", "max_queue", "request_timeout", "startup_timeout"):
         if getattr(a, flag) is None:
             setattr(a, flag, profile[f"serve.{flag}"])
+    backend = "llamacpp" if a.backend == "auto" and a.model_dir.endswith(".gguf") else a.backend
     # Ctrl-C and `kill` both stop the server cleanly, even when this process was started with SIGINT
     # ignored (as a shell's background job is)
     signal.signal(signal.SIGINT, _interrupt)
@@ -472,12 +520,13 @@ def main(argv=None) -> None:
             p.error(f"--lora takes NAME=DIR, got {bad[0]!r}")
         lora = {"adapters": dict(x.split("=", 1) for x in a.lora)}
     try:
-        server = start(a.model_dir, backend=a.backend, host=a.host, port=a.port or None, api_key=a.api_key,
+        server = start(a.model_dir, backend=backend, host=a.host, port=a.port or None, api_key=a.api_key,
                        dtype=a.dtype, continuous_batching=a.continuous_batching, lora=lora,
                        served_name=a.served_model_name, startup_timeout=a.startup_timeout,
                        gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
                        data_parallel_size=a.data_parallel_size, max_num_seqs=a.max_num_seqs,
-                       max_model_len=a.max_model_len, max_queue=a.max_queue, request_timeout=a.request_timeout)
+                       max_model_len=a.max_model_len, max_queue=a.max_queue, request_timeout=a.request_timeout,
+                       n_ctx=profile["gguf.n_ctx"], extra_buffers=profile["gguf.extra_buffers"])
     except (ServerError, ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     key = f"  api key: {server.api_key}\n" if server.api_key else ""

@@ -31,6 +31,7 @@ Nothing here runs in the notebook's process: ``serve`` holds the parent's side (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -168,23 +169,28 @@ def _invalid(error: ValidationError) -> ApiError:
     return ApiError(400, f"{param or 'body'}: {'; '.join(messages)}", param)
 
 
-def unsupported(request: ChatCompletionRequest) -> list[str]:
-    """The fields this backend would silently ignore (or get wrong) although they change the reply: ``n`` > 1,
-    ``logprobs``/``top_logprobs``, ``presence_penalty`` ≠ 0, ``frequency_penalty`` ≤ -1 (it becomes a repetition
-    penalty of 1 + value, which must be positive), a ``response_format`` other than text, a ``tool_choice`` other
-    than auto."""
-    checks = {
-        "n": lambda v: v != 1, "logprobs": bool, "top_logprobs": bool, "presence_penalty": lambda v: v != 0,
-        "frequency_penalty": lambda v: v <= -1, "response_format": lambda v: v.type != "text",
-        "tool_choice": lambda v: v != "auto",
-    }
+def unsupported(request: ChatCompletionRequest, backend: str = "transformers") -> list[str]:
+    """The fields this backend would silently ignore (or get wrong) although they change the reply.
+
+    ``transformers``: ``n`` > 1, ``logprobs``/``top_logprobs``, ``presence_penalty`` ≠ 0, ``frequency_penalty`` ≤ -1
+    (it becomes a repetition penalty of 1 + value, which must be positive), a ``response_format`` other than text,
+    a ``tool_choice`` other than auto. ``llamacpp`` (llama-cpp-python's server): ``n`` > 1, ``logprobs``/
+    ``top_logprobs`` (the server keeps no logits, to save memory), a ``tool_choice`` other than auto,
+    ``chat_template_kwargs`` and ``stream_options`` (it has neither)."""
+    checks = {"n": lambda v: v != 1, "logprobs": bool, "top_logprobs": bool, "tool_choice": lambda v: v != "auto"}
+    if backend == "transformers":
+        checks |= {"presence_penalty": lambda v: v != 0, "frequency_penalty": lambda v: v <= -1,
+                   "response_format": lambda v: v.type != "text"}
+    else:
+        checks |= {"chat_template_kwargs": bool, "stream_options": lambda v: True}
     return [key for key, bad in checks.items() if getattr(request, key) is not None and bad(getattr(request, key))]
 
 
-def check_request(body, name: str) -> dict:
+def check_request(body, name: str, backend: str = "transformers") -> dict:
     """The body of a chat request, validated (:class:`ChatCompletionRequest`, :func:`unsupported`, the served
-    ``name``), as transformers' handler takes it: unset fields left out, ``stop`` a list of non-empty strings
-    (or absent). Raises :class:`ApiError`."""
+    ``name``), as the ``backend``'s handler takes it: unset fields left out, ``stop`` a list of non-empty strings
+    (or absent); for ``llamacpp``, ``max_completion_tokens`` as ``max_tokens`` (its name there). Raises
+    :class:`ApiError`."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     try:
@@ -203,11 +209,16 @@ def check_request(body, name: str) -> dict:
         if not token.isdigit() or not -100 <= bias <= 100:
             raise ApiError(400, f"logit_bias: keys are token ids and values lie in [-100, 100], not {token!r}: {bias}",
                            "logit_bias")
-    ignored = unsupported(request)
+    ignored = unsupported(request, backend)
     if ignored:
-        raise ApiError(400, f"not supported by this server (transformers backend): {', '.join(ignored)}; leave "
+        raise ApiError(400, f"not supported by this server ({backend} backend): {', '.join(ignored)}; leave "
                             f"{'it' if len(ignored) == 1 else 'them'} out, or serve with vLLM on a GPU", ignored[0])
     out = {k: v for k, v in body.items() if v is not None}
+    if backend == "llamacpp":
+        tokens = out.pop("max_completion_tokens", None)
+        if tokens is not None and "max_tokens" not in out:
+            out["max_tokens"] = tokens
+        return out
     # one list of non-empty strings; none at all (lm-evaluation-harness sends []) would fail transformers' setup
     stops = [s for s in ([request.stop] if isinstance(request.stop, str) else request.stop or []) if s]
     out.pop("stop", None)
@@ -577,3 +588,95 @@ def main(args_json: str) -> None:
     _sampling_fix()
     cli_serve.Serve(force_model=name, host=args["host"], port=args["port"], device=args["device"],
                     dtype=args["dtype"], continuous_batching=args["continuous_batching"], log_level="info")
+
+
+# --------------------------------------------------------------------------- the llama.cpp server (serve.backend llamacpp)
+
+
+@contextlib.contextmanager
+def llama_model_params(extra_buffers: bool):
+    """While the block runs, llama-cpp-python loads models with llama.cpp's ``use_extra_bufts = extra_buffers``
+    (which its ``Llama`` constructor does not take): the repacked CPU weights (AMX, ...), which crash in the first
+    batched product of a quantized model on CPUs with AMX (llama.cpp issue #20824; llama.cpp's ``--no-repack``)."""
+    from llama_cpp import llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+class _CheckedChat:
+    """ASGI middleware: the body of every ``POST /v1/chat/completions`` is read, checked (:func:`check_request`,
+    llama.cpp's list of fields it would ignore) and handed on as rewritten; a bad one is answered here, in the
+    OpenAI shape."""
+
+    def __init__(self, app, name: str):
+        self.app, self.name = app, name
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != CHAT or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            raw += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            body = check_request(body, self.name, backend="llamacpp")
+        except ApiError as e:
+            from starlette.responses import JSONResponse
+
+            return await JSONResponse(openai_error(e.status, e.message, e.param), status_code=e.status)(scope, receive, send)
+        data = json.dumps(body).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = {**scope, "headers": headers + [(b"content-length", str(len(data)).encode())]}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: the client's disconnect
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def llamacpp_main(args_json: str) -> None:
+    """Runs in the child: llama-cpp-python's OpenAI-compatible server for one GGUF under its served name, with
+    the same mending as the transformers child: the key on every path but ``/health`` (which answers once the
+    model is loaded), OpenAI-shaped errors, the request checked against :class:`ChatCompletionRequest` and the
+    fields it would ignore refused; the endpoints this project does not use answered 404. Requests are answered
+    one at a time, in order (llama-cpp-python's lock); none interrupts another."""
+    args = json.loads(args_json)
+    key = os.environ.pop(API_KEY_ENV, None)
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    model = ModelSettings(model=args["model"], model_alias=args["served_name"], n_ctx=args["n_ctx"], n_gpu_layers=0,
+                          logits_all=False, verbose=False, **({"n_threads": args["threads"]} if args["threads"] else {}))
+    server = ServerSettings(host=args["host"], port=args["port"], interrupt_requests=False)
+    with llama_model_params(args["extra_buffers"]):
+        app = create_app(server_settings=server, model_settings=[model])  # loads the model
+    app.add_middleware(_CheckedChat, name=args["served_name"])
+    app = _guarded(app, key)  # its key check is added last, so it runs first
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    uvicorn.run(app, host=args["host"], port=args["port"], log_level="info")

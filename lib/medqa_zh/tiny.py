@@ -30,7 +30,7 @@ from . import files, prompts
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
 
-ASSETS_VERSION = 2  # bump when the generator changes, so old assets are rebuilt
+ASSETS_VERSION = 3  # bump when the generator changes, so old assets are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-0.5B-Instruct)
 QWEN_SPLIT_REGEX = (
@@ -176,15 +176,13 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
-            # Qwen's vocabulary keeps "：" and the answer letter apart ("答案", "：", "B"); a BPE trained
-            # on this small corpus would merge "：B". Isolating punctuation keeps the letter its own token.
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    qwen = [pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)]
+    # Trained with punctuation isolated: Qwen's vocabulary keeps "：" and the answer letter apart ("答案",
+    # "：", "B"), but a BPE trained on this small corpus would merge "：B". Then saved with exactly Qwen2.5's
+    # pre-tokenizer (no merge crosses punctuation, so the split changes nothing), which llama.cpp knows as
+    # "qwen2": the GGUF export tokenizes as transformers does (medqa_zh.export).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([qwen[0], pre_tokenizers.Punctuation(behavior="isolated"), qwen[1]])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -193,6 +191,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(qwen)
     template = resources.files("medqa_zh").joinpath("qwen2_chat_template.jinja").read_text(encoding="utf-8")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
