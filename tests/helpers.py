@@ -49,7 +49,7 @@ def _pids(file: str, wanted) -> list[int]:
 
 
 def server_processes() -> list[int]:
-    """Pids of transformers-backend servers started by medqa_zh.serve, whoever started them."""
+    """Pids of transformers- and llamacpp-backend servers started by medqa_zh.serve, whoever started them."""
     return _pids("cmdline", lambda args: b"medqa_zh.serve_child" in b" ".join(args))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, server_processes
-from medqa_zh import merge, tiny
+from medqa_zh import export, merge, tiny
 
 pytestmark = pytest.mark.slow
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
@@ -137,6 +137,33 @@ def test_04_merged_model_equals_base_plus_adapter(series):
     assert (out / "models" / "merged" / "model.safetensors").is_file()
 
 
+def test_04_exports_gguf_files_that_answer_like_the_model(series):
+    project, _ = series("04_merge")
+    out = project / "outputs" / "smoke"
+    gguf = out / "models" / "gguf"
+    for name in ("merged", "base"):
+        for q in export.QUANTIZATIONS:
+            assert export.check_file(gguf / f"{name}-{q}.gguf")["tensors"] > 0
+            assert (gguf / f"{name}-{q}.Modelfile").read_text(encoding="utf-8").startswith(f"FROM ./{name}-{q}.gguf")
+    with open(out / "tables" / "04_gguf_template.csv", encoding="utf-8") as f:
+        template = list(csv.DictReader(f))
+    assert len(template) == 10 and all(r["same"] == "True" for r in template)  # 4 training + 4 eval + 2 chat
+    with open(out / "tables" / "04_gguf_f16_letters.csv", encoding="utf-8") as f:
+        letters = list(csv.DictReader(f))
+    assert len(letters) == 16 and all(r["same choice"] == "True" for r in letters)
+    assert max(float(r["largest |Δ log p|"]) for r in letters) < 1e-3
+    n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
+    with open(out / "tables" / "04_quantization.csv", encoding="utf-8") as f:
+        cost = {(r["model"], r["evaluation"]): r for r in csv.DictReader(f)}
+    assert set(cost) == {(m, e) for m in ("merged", "merged q8_0", "merged Q4_K_M") for e in ("letter", "pride")}
+    for (model, _), r in cost.items():
+        assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        if model != "merged":
+            assert float(r["diff_vs_model_low"]) <= float(r["diff_vs_model"]) <= float(r["diff_vs_model_high"])
+            assert 0 <= float(r["p_vs_model"]) <= 1
+    assert len(list((out / "eval" / "gguf").glob("merged-*.jsonl"))) == 4  # two quantizations x letter, calibration
+
+
 def test_06_evaluates_every_model_both_ways_with_intervals(series):
     project, _ = series("06_eval_direct")
     out = project / "outputs" / "smoke"
@@ -222,7 +249,13 @@ def test_07_api_answers_match_direct_generation(series):
         agreement = {r["model"]: r for r in csv.DictReader(f)}
     for name, r in agreement.items():
         assert float(r["agreement"]) >= 0.95, f"{name}: API and in-process answers agree on only {r['agreement']}"
-    assert len(list((out / "eval" / "api").glob("*.jsonl"))) == 2
+    # the merged model's GGUF through llama.cpp's server too (gguf.api_models), against the transformers server
+    with open(out / "tables" / "07_gguf_api.csv", encoding="utf-8") as f:
+        gguf = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(gguf) == {"merged"} and int(gguf["merged"]["n"]) == n_eval and gguf["merged"]["GGUF"] == "q8_0"
+    assert float(gguf["merged"]["diff_ci_low"]) <= float(gguf["merged"]["difference"]) <= float(gguf["merged"]["diff_ci_high"])
+    assert len(list((out / "eval" / "api").glob("*.jsonl"))) == 3
+    assert list((out / "logs").glob("serve-merged-*.log"))
     assert not server_processes()
 
 

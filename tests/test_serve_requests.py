@@ -90,6 +90,22 @@ def test_a_good_body_passes_as_the_handler_takes_it():
     assert "model" in child.check_request(OK, "m") and child.check_request({"messages": OK["messages"]}, "m")
 
 
+def test_the_llamacpp_backend_refuses_what_llama_cpp_python_would_ignore_and_keeps_what_it_honours():
+    for field, value in (("n", 2), ("logprobs", True), ("top_logprobs", 2), ("tool_choice", "none"),
+                         ("chat_template_kwargs", {"enable_thinking": False}), ("stream_options", {"include_usage": True})):
+        with pytest.raises(child.ApiError) as e:
+            child.check_request({**OK, field: value}, "m", backend="llamacpp")
+        assert e.value.status == 400 and e.value.param == field and "llamacpp backend" in e.value.message
+    honoured = {**OK, "presence_penalty": 0.5, "frequency_penalty": -1.5, "response_format": {"type": "json_object"},
+                "stop": "x", "max_completion_tokens": 7}
+    out = child.check_request(honoured, "m", backend="llamacpp")
+    assert out["presence_penalty"] == 0.5 and out["response_format"] == {"type": "json_object"}
+    assert out["max_tokens"] == 7 and "max_completion_tokens" not in out  # llama-cpp-python's name for it
+    assert child.check_request({**honoured, "max_tokens": 3}, "m", backend="llamacpp")["max_tokens"] == 3
+    with pytest.raises(child.ApiError):  # the transformers backend would get these wrong: refused there
+        child.check_request({**OK, "presence_penalty": 0.5}, "m")
+
+
 def test_the_context_is_enforced_and_a_missing_max_tokens_capped_to_what_fits():
     assert child.context_check({**OK, "max_tokens": 10}, 90, 100, 1024)["max_tokens"] == 10
     assert child.context_check(OK, 90, 100, 1024)["max_tokens"] == 10  # the room left
