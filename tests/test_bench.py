@@ -174,3 +174,25 @@ def test_serve_load_runs_clients_against_a_server_it_starts_and_reports_it_alive
     tally = json.loads(out.stdout.strip().splitlines()[-1])
     assert tally["answered"] > 6 and tally["failed"] == {} and tally["alive"]
     assert "server alive at the end: yes" in out.stdout
+
+
+def test_gguf_serving_compares_the_transformers_server_with_every_gguf(tiny_assets, tmp_path):
+    from medqa_zh import export
+
+    gguf = tmp_path / "gguf"
+    export.convert(tiny_assets["model"], gguf / "tiny-f16.gguf")
+    for q in ("q8_0", "Q4_K_M"):
+        export.quantize(gguf / "tiny-f16.gguf", gguf / f"tiny-{q}.gguf", q)
+    questions = tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    out = subprocess.run(
+        [sys.executable, REPO / "bench" / "gguf_serving.py", "--profile", "smoke", "--model", "tiny", "--model-dir",
+         tiny_assets["model"], "--gguf-dir", gguf, "--questions-file", questions, "--questions", "6", "--concurrency", "1", "2"],
+        capture_output=True, text=True, timeout=600, env={**env, "MEDQA_ROOT": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    table, _, paired = out.stdout.partition("against the transformers server")
+    lines = [line.split() for line in table.splitlines() if line.strip().startswith(("transformers", "llamacpp"))]
+    assert [(r[0], r[1], r[2]) for r in lines] == [(s, p, c) for s, p in (("transformers", "float32"), ("llamacpp", "f16"),
+                                                  ("llamacpp", "q8_0"), ("llamacpp", "Q4_K_M")) for c in ("1", "2")]
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in lines)  # questions/s, peak memory
+    assert len([line for line in paired.splitlines() if line.strip().startswith(("transformers", "llamacpp"))]) == 4
