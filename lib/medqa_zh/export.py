@@ -146,10 +146,10 @@ def export_models(cfg, progress: bool = True):
     weights, the others quantized from it), each with an Ollama Modelfile beside it; the converter's and
     quantizer's output go to ``logs/``. A file whose stamp (``<file>.json``: the model's fingerprint, llama.cpp's
     version) matches is kept, so a rerun redoes only what changed. Returns a table: model, quantization, file,
-    MiB, bits per weight, seconds."""
+    MiB, bits per weight, whether it was made now (else kept), seconds."""
     if not cfg["gguf.export"]:
         print("gguf.export is false: no GGUF files are made (serve.backend llamacpp needs them)")
-        return pd.DataFrame(columns=["model", "quantization", "file", "MiB", "bits per weight", "seconds"])
+        return pd.DataFrame(columns=["model", "quantization", "file", "MiB", "bits per weight", "made now", "seconds"])
     quantizations = list(cfg["gguf.quantizations"])
     if quantizations[:1] != ["f16"] or not set(quantizations) <= set(QUANTIZATIONS):
         raise ValueError(f"gguf.quantizations must start with f16 (the others are made from it) and hold only "
@@ -163,8 +163,8 @@ def export_models(cfg, progress: bool = True):
         parameters = None
         for quantization in quantizations:
             path = gguf_path(out_dir, name, quantization)
-            t0 = time.perf_counter()
-            if not _current(path, stamp):
+            t0, made = time.perf_counter(), not _current(path, stamp)
+            if made:
                 log = logs / f"gguf-{name}-{quantization}.log"
                 if quantization == "f16":
                     convert(source_folder(have[name]), path, "f16", log=log)
@@ -176,7 +176,7 @@ def export_models(cfg, progress: bool = True):
             files.write_text(path.with_suffix(".Modelfile"), modelfile(path.name, num_ctx=cfg["gguf.n_ctx"]))
             rows.append({"model": name, "quantization": quantization, "file": path.name,
                          "MiB": round(info["bytes"] / 2**20, 1), "bits per weight": round(8 * info["bytes"] / parameters, 2),
-                         "seconds": round(time.perf_counter() - t0, 1)})
+                         "made now": made, "seconds": round(time.perf_counter() - t0, 1)})
     return pd.DataFrame(rows)
 
 
