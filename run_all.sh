@@ -40,8 +40,8 @@ die() { printf '\033[1;31m[run_all] error:\033[0m %s\n' "$*" >&2; exit 1; }
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 setup() {
-    local t0=$SECONDS extras="dev,gguf" env_dir stamp want constraints=()
-    if has_cuda; then extras="dev,gguf,gpu"; fi
+    local t0=$SECONDS extras="dev,gguf,watch" env_dir stamp want constraints=()
+    if has_cuda; then extras="dev,gguf,watch,gpu"; fi
     if command -v conda >/dev/null 2>&1 && [ "${MEDQA_USE_VENV:-0}" != 1 ]; then env_dir="$ROOT/.conda"; else env_dir="$ROOT/.venv"; fi
     PY="$env_dir/bin/python"
     export PATH="$env_dir/bin:$PATH"

@@ -291,7 +291,24 @@ def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
                      "calibration_n": len(rotated), "plain": plain["accuracy"], "plain_ci_low": plain["ci_low"],
                      "plain_ci_high": plain["ci_high"], "pride": pride["accuracy"], "pride_ci_low": pride["ci_low"],
                      "pride_ci_high": pride["ci_high"]})
-    return pd.DataFrame(rows)
+    curve = pd.DataFrame(rows)
+    dashboard_curve(cfg, curve, run_dir)
+    return curve
+
+
+def dashboard_curve(cfg, curve: pd.DataFrame, run_dir) -> None:
+    """With ``train.report_to`` naming tensorboard, the learning curve's plain and PriDe validation accuracy at each
+    point, as scalars beside the training's own (``validation/plain_accuracy``, ``validation/pride_accuracy``,
+    by optimizer step) in the run's ``tensorboard/`` folder."""
+    setting = cfg["train.report_to"]
+    if "tensorboard" not in ([setting] if isinstance(setting, str) else list(setting or [])) or curve.empty:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(Path(run_dir) / runs.TENSORBOARD_DIR)) as writer:
+        for row in curve.itertuples():
+            writer.add_scalar("validation/plain_accuracy", row.plain, row.step)
+            writer.add_scalar("validation/pride_accuracy", row.pride, row.step)
 
 
 def api_cached(cfg, name: str, questions, passages: dict | None = None, progress: bool = True,

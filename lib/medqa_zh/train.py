@@ -69,7 +69,7 @@ from . import children, config, data, files, models, prompts, runs
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
 # settings that change what is kept or scored after training, not the training: a change never restarts a run
-NOT_THE_RUN = ("resume", "launch", "save_total_limit", "curve_questions")
+NOT_THE_RUN = ("resume", "launch", "save_total_limit", "curve_questions", "report_to")
 
 
 # --------------------------------------------------------------------------- settings
@@ -441,6 +441,28 @@ def one_device(args) -> object:
     return args
 
 
+def reporters(setting, out_dir: Path) -> tuple[list, list[str] | str]:
+    """``train.report_to`` as the trainer takes it: (callbacks, ``report_to``). TensorBoard gets a callback of its own
+    that writes into the run's folder (``models/<mode>/tensorboard/``, so the events go with the run); every other
+    name (``trackio``, ``wandb``, ...) goes to trl as it is, which reports from the main process only. ``none``:
+    nothing, and neither package is imported."""
+    wanted = [setting] if isinstance(setting, str) else list(setting or [])
+    wanted = [name for name in wanted if name != "none"]
+    callbacks = []
+    if "tensorboard" in wanted:
+        from transformers.integrations import TensorBoardCallback
+
+        try:
+            callback = TensorBoardCallback()
+        except RuntimeError as e:
+            raise RuntimeError(f"train.report_to: tensorboard needs the tensorboard package ({e}): pip install -e "
+                               "'.[watch]' (./run_all.sh installs it)") from None
+        callback.logging_dir = str(out_dir / runs.TENSORBOARD_DIR)  # read when training begins, main process only
+        callbacks.append(callback)
+        wanted.remove("tensorboard")
+    return callbacks, wanted or "none"
+
+
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     """Load the base model and the splits, check them, and build the ``SFTTrainer``.
 
@@ -494,6 +516,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
             r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
             target_modules=lora["target_modules"], task_type="CAUSAL_LM",
         )
+    dashboards, report_to = reporters(s["report_to"], out_dir)
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=1,  # one pass over the stream, which holds the epochs
@@ -524,7 +547,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         data_seed=seed,
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
@@ -537,7 +560,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in eval_ex]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[log],
+        callbacks=[log, *dashboards],
     )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and trainer.accelerator.distributed_type.value != "FSDP":
         if trainer.accelerator.is_main_process:
