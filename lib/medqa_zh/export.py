@@ -340,13 +340,16 @@ def metadata(path: str | Path) -> dict:
 def load(path: str | Path, n_ctx: int = 4096, extra_buffers: bool = False, threads: int | None = None):
     """A ``llama_cpp.Llama`` for the GGUF at ``path`` (CPU, quiet), after :func:`check_file`. ``extra_buffers``
     (``gguf.extra_buffers``): llama.cpp's repacked CPU weights; off by default, since on CPUs with AMX they crash
-    in the first batched matrix product of a quantized model (llama.cpp issue #20824; llama.cpp's ``--no-repack``)."""
+    in the first batched matrix product of a quantized model (llama.cpp issue #20824; llama.cpp's ``--no-repack``).
+    ``threads``: for prompts and generation alike (None: every core this process may use, :func:`serve_child.cores`;
+    llama-cpp-python's own default generates on half of them)."""
     import llama_cpp
 
     check_file(path)
+    threads = threads or serve_child.cores()
     with serve_child.llama_model_params(extra_buffers):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=0,
-                               logits_all=False, verbose=False)
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                               n_gpu_layers=0, logits_all=False, verbose=False)
 
 
 def server_tokens(llm, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -593,6 +593,11 @@ def main(args_json: str) -> None:
 # --------------------------------------------------------------------------- the llama.cpp server (serve.backend llamacpp)
 
 
+def cores() -> int:
+    """The CPU cores this process may use (its affinity: what a container or ``taskset`` allows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def llama_model_params(extra_buffers: bool):
     """While the block runs, llama-cpp-python loads models with llama.cpp's ``use_extra_bufts = extra_buffers``
@@ -667,8 +672,9 @@ def llamacpp_main(args_json: str) -> None:
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    threads = args["threads"] or cores()
     model = ModelSettings(model=args["model"], model_alias=args["served_name"], n_ctx=args["n_ctx"], n_gpu_layers=0,
-                          logits_all=False, verbose=False, **({"n_threads": args["threads"]} if args["threads"] else {}))
+                          logits_all=False, verbose=False, n_threads=threads, n_threads_batch=threads)
     server = ServerSettings(host=args["host"], port=args["port"], interrupt_requests=False)
     with llama_model_params(args["extra_buffers"]):
         app = create_app(server_settings=server, model_settings=[model])  # loads the model
