@@ -1,6 +1,6 @@
 """Serve a model dir over an OpenAI-compatible HTTP API, and stop it again.
 
-Two backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/completions``, streaming):
+Three backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/completions``, streaming):
 
 - ``vllm``: ``vllm serve`` on a GPU (paged attention, continuous batching), started with this
   Python (``python -m vllm.entrypoints.cli.main serve``, so no ``vllm`` on PATH is needed); it can
@@ -15,7 +15,7 @@ Two backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/complet
   CPU, in a child process with the same mending as the transformers child (``serve_child.llamacpp_main``).
   ``from_profile`` serves a run's model as its ``gguf.serve`` file (``models/gguf/merged-q8_0.gguf``).
 
-Either answers to a served model name (``served_name``; default the folder's name, ``merged``).
+Each answers to a served model name (``served_name``; default the folder's name, ``merged``).
 
 ``auto`` picks vllm when CUDA and vllm are both present, else transformers.
 
@@ -336,7 +336,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     transformers backend lets at most ``max_queue`` requests wait (beyond: 429), each for at most
     ``request_timeout`` seconds (then: 503); None: no limit (``medqa_zh.serve_child``). The llamacpp backend serves
     the GGUF file ``model_dir`` with a context of ``n_ctx`` tokens (``max_model_len`` when given), on ``threads``
-    cores (None: llama.cpp's choice), with llama.cpp's repacked weights when ``extra_buffers`` (``gguf`` settings).
+    cores (None: every core this process may use), with llama.cpp's repacked weights when ``extra_buffers`` (``gguf`` settings).
     Call :meth:`Server.stop` when done, or use :func:`serve` as a ``with`` block.
     """
     backend = pick_backend(backend)
