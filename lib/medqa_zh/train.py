@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -553,15 +554,17 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     )
     args = one_device(args)
     log = JsonlLog(out_dir / runs.LOG_FILE)
-    trainer = AnswerOnlySFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_ex]),
-        eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in eval_ex]),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[log, *dashboards],
-    )
+    with warnings.catch_warnings():  # peft asks the model a property transformers 5 renamed: noise, not a fault
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        trainer = AnswerOnlySFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_ex]),
+            eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in eval_ex]),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[log, *dashboards],
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and trainer.accelerator.distributed_type.value != "FSDP":
         if trainer.accelerator.is_main_process:
             print(f"the accelerate config asks for FSDP, but accelerate shards models on GPUs only: these "
