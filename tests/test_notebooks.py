@@ -325,6 +325,7 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
     expected |= {(m, e) for m in models for e in ("pride", "debiased")}  # 06's debiased readings
     expected |= {(m, f"{e}+rag bm25") for m in ("base", "merged") for e in ("letter", "pride", "debiased")}  # 08's
+    expected |= {("merged", "api@llamacpp-q8_0")}  # 07 asks the merged GGUF through llama.cpp's server too
     assert set(rows) == expected
     for (model, evaluation), r in rows.items():
         assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
