@@ -366,7 +366,9 @@ def test_index_and_report_render_in_a_real_browser(series):
         assert not failed, f"index.html: requests that failed: {failed}"
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         assert len(images) == 7 and all(ok for _, ok in images), images
-        assert page.locator("table.results tr").count() == 1 + 30 + 2  # header, every result, chance and always-X
+        results = (project / "outputs" / "smoke" / "tables" / "10_results.csv").read_text(encoding="utf-8").splitlines()
+        assert len(results) == 1 + 31 + 2  # header, every result (test_10 names them), chance and always-X
+        assert page.locator("table.results tr").count() == len(results)
         assert page.locator(".smoke").is_visible()
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report
