@@ -151,7 +151,8 @@ def test_setup_leaves_pips_own_configuration_alone(tmp_path):
     lines = calls.read_text().splitlines()
     pip = [line for line in lines if line.startswith("-m pip ")]
     assert [line.split(" | ")[0] for line in pip] == [
-        "-m pip install --quiet --upgrade pip", "-m pip install --quiet torch==2.13.0", "-m pip install --quiet -e .[dev]"]
+        "-m pip install --quiet --upgrade pip", "-m pip install --quiet torch==2.13.0", "-m pip install --quiet -e .[dev,gguf,watch]"]
+    assert "-m medqa_zh.export install-tools" in [line.split(" | ")[0] for line in lines]  # through pip too, same index
     assert all(line.endswith(f"| index={mirror} config={conf}") for line in pip)  # pip's own settings, unchanged
     assert not [line for line in pip if any(flag in line.split(" | ")[0].split() for flag in
                                             ("-i", "--index-url", "--extra-index-url", "--trusted-host"))]
