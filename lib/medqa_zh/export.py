@@ -208,15 +208,20 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", log=No
     :func:`template_check` then proves the token ids agree."""
     out = Path(out)
     with files.replacing(out) as tmp:
-        cmd = [sys.executable, "-m", "medqa_zh.export", "_convert", str(model_dir), str(tmp), outtype]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if log is not None:
-            files.write_text(log, f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}")
-        if done.returncode:
-            raise ExportError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}):\n"
-                              f"{(done.stdout + done.stderr)[-3000:]}")
+        _child(["_convert", str(model_dir), str(tmp), outtype], log, f"llama.cpp's converter failed on {model_dir}")
         check_file(tmp)
     return out
+
+
+def _child(args: list[str], log, failure: str) -> None:
+    """``python -m medqa_zh.export <args>`` in a child process; its output to ``log`` (a path, or None), and an
+    :class:`ExportError` starting with ``failure`` and ending with the output's tail when it fails."""
+    cmd = [sys.executable, "-m", "medqa_zh.export", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if log is not None:
+        files.write_text(log, f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    if done.returncode:
+        raise ExportError(f"{failure} (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
 
 
 def _convert_main(model_dir: str, out: str, outtype: str) -> None:
@@ -261,14 +266,9 @@ def quantize(source: str | Path, out: str | Path, quantization: str, log=None) -
     check_file(source)
     out = Path(out)
     with files.replacing(out) as tmp:
-        cmd = [sys.executable, "-m", "medqa_zh.export", "_quantize", str(source), str(tmp), quantization]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if log is not None:
-            files.write_text(log, f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}")
-        if done.returncode or not tmp.is_file():
-            raise ExportError(f"llama.cpp's quantizer failed on {source} -> {quantization} (exit {done.returncode}):\n"
-                              f"{(done.stdout + done.stderr)[-3000:]}")
-        check_file(tmp)
+        _child(["_quantize", str(source), str(tmp), quantization], log,
+               f"llama.cpp's quantizer failed on {source} -> {quantization}")
+        check_file(tmp)  # also: no file at all
     return out
 
 

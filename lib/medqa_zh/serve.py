@@ -222,6 +222,18 @@ def vllm_scaling(settings: dict) -> list[str]:
             for arg in (flag, str(settings[key]))]
 
 
+def _one_copy(backend: str, lora: dict | None, scaling: dict, fix: str) -> None:
+    """The CPU backends serve one model, once, on one device: an adapter on top (``fix`` says what to do instead)
+    or a parallel size above 1 is an error naming the setting."""
+    if lora:
+        raise ValueError(f"the {backend} backend serves one model and no adapter on top of it: {fix}")
+    parallel = {k: v for k, v in scaling.items() if k.endswith("parallel_size") and (v or 1) > 1}
+    if parallel:
+        key, value = next(iter(parallel.items()))
+        raise ValueError(f"serve.{key} = {value} is for vLLM: the {backend} backend serves one copy of the model on one "
+                         "device. Set serve.backend to vllm (on GPUs), or the parallel sizes to 1")
+
+
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
              continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
              gpu_memory_utilization: float | None = None, public: bool = False, scaling: dict | None = None,
@@ -240,25 +252,12 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
             cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
                     *(f"{name}={path}" for name, path in lora["adapters"].items())]
     elif backend == "llamacpp":
-        if lora:
-            raise ValueError("the llamacpp backend serves one GGUF file and no adapter on top of it: export the merged "
-                             "model (notebook 04) and serve its GGUF")
-        parallel = {k: v for k, v in scaling.items() if k.endswith("parallel_size") and (v or 1) > 1}
-        if parallel:
-            key, value = next(iter(parallel.items()))
-            raise ValueError(f"serve.{key} = {value} is for vLLM: the llamacpp backend serves one copy of the model")
+        _one_copy(backend, lora, scaling, "export the merged model (notebook 04) and serve its GGUF")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, **llama}
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve_child as s; s.llamacpp_main(sys.argv[1])",
                json.dumps(args)]
     else:
-        if lora:
-            raise ValueError("the transformers backend serves one model dir and no adapter on top of it: "
-                             "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
-        parallel = {k: v for k, v in scaling.items() if k.endswith("parallel_size") and (v or 1) > 1}
-        if parallel:
-            key, value = next(iter(parallel.items()))
-            raise ValueError(f"serve.{key} = {value} is for vLLM: the transformers backend serves one copy of the model "
-                             "on one device. Set serve.backend to vllm (on GPUs), or the parallel sizes to 1")
+        _one_copy(backend, lora, scaling, "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
                 "device": device, "continuous_batching": continuous_batching,
                 "max_model_len": scaling.get("max_model_len"), "max_queue": None, "request_timeout": None,
