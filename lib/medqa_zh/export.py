@@ -324,7 +324,8 @@ def metadata(path: str | Path) -> dict:
     _gguf_on_path()
     from gguf import GGUFReader, GGUFValueType
 
-    reader = GGUFReader(check_file(path) and path)
+    check_file(path)
+    reader = GGUFReader(path)
     out = {}
     for name, field in reader.fields.items():
         if not field.types or field.types[0] == GGUFValueType.ARRAY:
@@ -555,7 +556,7 @@ def render_ollama_template(template: str, messages: list[dict]) -> str:
     head, sep1, rest = template.partition(_OLLAMA_PARTS[0])
     system_block, sep2, rest = rest.partition(_OLLAMA_PARTS[1])
     turn, sep3, tail = rest.partition(_OLLAMA_PARTS[2])
-    if head or not (sep1 and sep2 and sep3) or any("{{" in part for part in (tail,)):
+    if head or not (sep1 and sep2 and sep3) or "{{" in tail:
         raise ValueError("the Ollama template is not of the shape this check reads (see export.OLLAMA_TEMPLATE)")
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     text = system_block.replace("{{ .System }}", system) if system else ""
