@@ -67,3 +67,19 @@ def at_root(root):
             mp.delenv(var, raising=False)
         mp.setenv("MEDQA_ROOT", str(root))
         yield
+
+
+class Crash(Exception):
+    """What :func:`crash_at` raises."""
+
+
+def crash_at(step: int):
+    """A trainer callback that crashes the run at the end of optimizer step ``step``, before its log."""
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Crash(f"simulated crash at step {step}")
+
+    return CrashAt()

@@ -17,14 +17,14 @@ import yaml
 from safetensors import safe_open
 
 from helpers import REPO, at_root, processes_of
-from medqa_zh import config, models, runs, train
+from medqa_zh import config, dashboards, models, runs, train
 
 # 6 steps of per_device_train_batch_size 8 (the smoke profile's): evaluation at steps 0 and 5 (eval_steps 5)
 STEPS = ("train.max_steps=6", "train.eval_steps=5", "train.logging_steps=1", "train.resume=false")
 
 
 def _env(root) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_") and k != "TRACKIO_DIR"}
     env["MEDQA_ROOT"] = str(root)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "lib"), *filter(None, [env.get("PYTHONPATH")])])
     return env
@@ -137,6 +137,23 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, m
     assert metrics["optimizer_steps"] == 60 and metrics["world_size"] == 2
     steps = [r["step"] for r in runs.read_log(folder) if "loss" in r]
     assert steps == list(range(1, 61))  # each step logged once: the log was cut back to the checkpoint
+
+
+@pytest.mark.slow
+def test_under_a_launch_only_the_main_process_reports(smoke_root):
+    """Two processes with train.report_to [tensorboard, trackio]: one writer of event files and one trackio run,
+    each holding every logged step once, equal to train_log.jsonl."""
+    from test_dashboards import logged, same_points, tensorboard_points, trackio_points, trackio_store
+
+    folder = _folder(smoke_root, "lora")
+    _ok(_train(smoke_root, "lora", *STEPS, "train.launch.num_processes=2", "train.report_to=[tensorboard, trackio]"))
+    assert runs.read_run(folder)["world_size"] == 2
+    assert len(list((folder / runs.TENSORBOARD_DIR).glob("events.out.tfevents*"))) == 1
+    store = trackio_store(smoke_root / "outputs" / "smoke" / "trackio", "medqa-zh-smoke")
+    rows = store[dashboards.run_name(runs.read_run(folder)["run_key"])]
+    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
+        same_points(tensorboard_points(folder / runs.TENSORBOARD_DIR, tag), logged(folder, key))
+        same_points(trackio_points(rows, tag), logged(folder, key))
 
 
 @pytest.mark.slow

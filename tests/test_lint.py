@@ -50,6 +50,7 @@ MUST_NOT_IMPORT = {
     "serve_child": ("medqa_zh.",),  # runs in the server's process: nothing of the notebook side
     "files": ("medqa_zh.",),
     "export": ("medqa_zh.train", "medqa_zh.serve"),  # makes and checks files; serving them is serve's
+    "dashboards": ("medqa_zh.train", "medqa_zh.results", "medqa_zh.evaluate"),  # shows numbers; makes none
 }
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import at_root
+from helpers import Crash, at_root, crash_at
 from medqa_zh import config, data, merge, models, prompts, runs, tiny, train
 
 
@@ -189,21 +189,6 @@ def test_full_sft_trains_every_parameter_and_saves_a_model(smoke):
     assert sum(p.numel() for p in reloaded.parameters()) == counts["total"]
 
 
-class Crash(Exception):
-    pass
-
-
-def _crash_at(step):
-    from transformers import TrainerCallback
-
-    class CrashAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise Crash(f"simulated crash at step {step}")
-
-    return CrashAt()
-
-
 def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
     import torch
     from safetensors.torch import load_file
@@ -215,7 +200,7 @@ def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
     train.train(straight, resume=False)
 
     crashed = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "crashed")
-    crashed.trainer.add_callback(_crash_at(6))
+    crashed.trainer.add_callback(crash_at(6))
     with pytest.raises(Crash):
         train.train(crashed, resume=False)
     assert (crashed.checkpoints / "checkpoint-4").is_dir()
@@ -243,7 +228,7 @@ def test_a_crashed_run_resumes_and_ends_where_an_uninterrupted_one_does(smoke):
 def test_a_checkpoint_half_written_by_a_crash_is_skipped_and_the_one_before_resumed(smoke, lost, capsys):
     cfg = smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.save_total_limit": 3, "train.precision": "fp32"})
     run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"half-{lost}")
-    run.trainer.add_callback(_crash_at(5))
+    run.trainer.add_callback(crash_at(5))
     with pytest.raises(Crash):
         train.train(run)
     (run.checkpoints / "checkpoint-4" / lost).unlink()  # as if the crash came while checkpoint-4 was saved
@@ -256,7 +241,7 @@ def test_a_checkpoint_half_written_by_a_crash_is_skipped_and_the_one_before_resu
 def test_resuming_with_other_settings_is_refused(smoke):
     cfg = smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32"})
     run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "changed")
-    run.trainer.add_callback(_crash_at(3))
+    run.trainer.add_callback(crash_at(3))
     with pytest.raises(Crash):
         train.train(run)
     other = train.prepare(smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32",
@@ -525,54 +510,3 @@ def test_the_loss_covers_what_the_switches_say(smoke, completion, loss_on):
 def test_a_bad_switch_names_the_setting_and_its_choices(smoke, key, value):
     with pytest.raises(ValueError, match=f"train.{key}"):
         train.settings(smoke(**{f"train.{key}": value}), "lora")
-
-
-def test_tensorboard_sees_the_losses_train_log_has(smoke):
-    """train.report_to: tensorboard writes event files in the run's folder; TensorBoard's own reader finds every
-    logged training and eval loss, at its step, equal to train_log.jsonl's."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    cfg = smoke(**{"train.max_steps": 4, "train.eval_steps": 2, "train.logging_steps": 1, "train.report_to": "tensorboard"})
-    out = cfg.out / "models" / "tb-check"
-    run = train.prepare(cfg, "lora", out_dir=out)
-    assert run.trainer.args.report_to in ([], "none", ["none"])  # our own callback, not transformers' default folder
-    train.train(run, resume=False)
-    logged = [json.loads(line) for line in (out / runs.LOG_FILE).read_text().splitlines()]
-    events = EventAccumulator(str(out / runs.TENSORBOARD_DIR), size_guidance={"scalars": 0})
-    events.Reload()
-    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
-        expected = [(r["step"], r[key]) for r in logged if key in r]
-        assert len(expected) >= 2, key
-        seen = [(e.step, e.value) for e in events.Scalars(tag)]
-        assert [s for s, _ in seen] == [s for s, _ in expected]
-        assert [v for _, v in seen] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32 in the event file
-
-
-def test_a_default_run_reports_nowhere(smoke):
-    """train.report_to none: no dashboard callback, nothing written beside the run's own files."""
-    cfg = smoke(**{"train.max_steps": 2, "train.eval_steps": 2})
-    assert cfg["train.report_to"] == "none"
-    out = cfg.out / "models" / "no-dashboard"
-    run = train.prepare(cfg, "lora", out_dir=out)
-    names = {type(c).__name__ for c in run.trainer.callback_handler.callbacks}
-    assert not names & {"TensorBoardCallback", "TrackioCallback", "WandbCallback"}, names
-    train.train(run, resume=False)
-    assert not (out / runs.TENSORBOARD_DIR).exists() and not list(out.rglob("events.out.tfevents*"))
-    assert train.reporters(["tensorboard", "trackio"], out)[1] == ["trackio"]  # trackio goes to trl as it is
-    assert train.reporters("none", out) == ([], "none")
-
-
-def test_the_learning_curve_reaches_the_dashboard(smoke, tmp_path):
-    import pandas as pd
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from medqa_zh import results
-
-    curve = pd.DataFrame({"step": [0, 8, 16], "plain": [0.2, 0.25, 0.3], "pride": [0.22, 0.24, 0.31]})
-    results.dashboard_curve(smoke(), curve, tmp_path / "off")  # report_to none: nothing
-    assert not (tmp_path / "off").exists()
-    results.dashboard_curve(smoke(**{"train.report_to": ["tensorboard"]}), curve, tmp_path / "on")
-    events = EventAccumulator(str(tmp_path / "on" / runs.TENSORBOARD_DIR))
-    events.Reload()
-    seen = [(e.step, e.value) for e in events.Scalars("validation/pride_accuracy")]
-    assert seen == [(0, pytest.approx(0.22)), (8, pytest.approx(0.24)), (16, pytest.approx(0.31))]

@@ -9,6 +9,7 @@ models    load base models, tokenizers and adapters with clear errors; devices, 
 runs      read a training run's folder (run.json, train_log.jsonl, costs) without the training stack
 children  child processes that die with the notebook: start in a process group, stop the group
 train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one process or many (accelerate)
+dashboards  train.report_to: TensorBoard and trackio, kept equal to train_log.jsonl; the learning curve in them
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
 export    GGUF files (f16, q8_0, Q4_K_M) with llama.cpp's converter and quantizer; the template proof; Modelfiles
 serve     start and stop an OpenAI-compatible server (vLLM, transformers serve or llama.cpp)

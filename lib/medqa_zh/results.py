@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import data, debias, evaluate, export, files, models, rag, runs, serve
+from . import dashboards, data, debias, evaluate, export, files, models, rag, runs, serve
 
 LETTER, GENERATE, ROTATIONS, API = "letter", "generate", "rotations", "api"
 CALIBRATION = "calibration"  # rotations of the first eval.calibration_questions *validation* questions: PriDe's prior
@@ -292,23 +292,10 @@ def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
                      "plain_ci_high": plain["ci_high"], "pride": pride["accuracy"], "pride_ci_low": pride["ci_low"],
                      "pride_ci_high": pride["ci_high"]})
     curve = pd.DataFrame(rows)
-    dashboard_curve(cfg, curve, run_dir)
+    key = runs.read_run_key(run_dir)
+    if key:  # train.report_to's dashboards show the curve beside the run's losses
+        dashboards.watch(cfg, run_dir).curve(key, curve)
     return curve
-
-
-def dashboard_curve(cfg, curve: pd.DataFrame, run_dir) -> None:
-    """With ``train.report_to`` naming tensorboard, the learning curve's plain and PriDe validation accuracy at each
-    point, as scalars beside the training's own (``validation/plain_accuracy``, ``validation/pride_accuracy``,
-    by optimizer step) in the run's ``tensorboard/`` folder."""
-    setting = cfg["train.report_to"]
-    if "tensorboard" not in ([setting] if isinstance(setting, str) else list(setting or [])) or curve.empty:
-        return
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(log_dir=str(Path(run_dir) / runs.TENSORBOARD_DIR)) as writer:
-        for row in curve.itertuples():
-            writer.add_scalar("validation/plain_accuracy", row.plain, row.step)
-            writer.add_scalar("validation/pride_accuracy", row.pride, row.step)
 
 
 def api_cached(cfg, name: str, questions, passages: dict | None = None, progress: bool = True,

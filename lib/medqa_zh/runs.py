@@ -5,7 +5,8 @@ A run folder (``outputs/<profile>/models/<mode>/``, see ``models.folder``) holds
     run.json              the settings and measurements of the finished run (:func:`read_run`)
     train_log.jsonl       one line per logging / evaluation step, appended during training (:func:`read_log`)
     adapter_model.safetensors + adapter_config.json (LoRA)  or  model.safetensors (full SFT)
-    checkpoints/          Trainer checkpoints, and run_settings.json: the run they belong to
+    checkpoints/          Trainer checkpoints, and run_settings.json: the run they belong to (:func:`read_run_key`)
+    tensorboard/          with train.report_to tensorboard: the dashboard's event files (``dashboards``)
 
 Notebooks 03 and 10, ``results`` and the bench scripts read runs through this module; it imports no
 torch, so reading a finished run's numbers costs no model stack.
@@ -20,7 +21,7 @@ import pandas as pd
 
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
-TENSORBOARD_DIR = "tensorboard"  # train.report_to tensorboard: the event files, beside the run's other files
+TENSORBOARD_DIR = "tensorboard"  # train.report_to tensorboard: the event files, beside the run's other files (dashboards)
 SETTINGS_FILE = "run_settings.json"  # in checkpoints/: the run key of the run that wrote them
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,6 +35,13 @@ def read_run(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the training notebook for this model has not finished")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_run_key(run_dir: str | Path) -> dict | None:
+    """The run key (what makes two runs the same run) of the run whose checkpoints ``run_dir`` holds, finished or
+    not; None before training started."""
+    path = Path(run_dir) / "checkpoints" / SETTINGS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

@@ -62,7 +62,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import children, config, data, files, models, prompts, runs
+from . import children, config, dashboards, data, files, models, prompts, runs
 
 # unlike the other modules, this one imports torch and the training stack at the top: it trains,
 # and only the training notebooks (02, 03) and bench/recipes.py import it (a finished run is read with `runs`)
@@ -352,6 +352,7 @@ class Run:
     padding: dict = field(default_factory=dict)  # share of padding in the micro-batches: random order vs sorted
     examples: dict = field(default_factory=dict)  # role -> the prompt/completion examples, in training order
     launch: list | None = None  # the command that trains it in train.launch.num_processes processes (None: here)
+    watch: dashboards.Watch | None = None  # the dashboards train.report_to asks for
 
     @property
     def checkpoints(self) -> Path:
@@ -442,28 +443,6 @@ def one_device(args) -> object:
     return args
 
 
-def reporters(setting, out_dir: Path) -> tuple[list, list[str] | str]:
-    """``train.report_to`` as the trainer takes it: (callbacks, ``report_to``). TensorBoard gets a callback of its own
-    that writes into the run's folder (``models/<mode>/tensorboard/``, so the events go with the run); every other
-    name (``trackio``, ``wandb``, ...) goes to trl as it is, which reports from the main process only. ``none``:
-    nothing, and neither package is imported."""
-    wanted = [setting] if isinstance(setting, str) else list(setting or [])
-    wanted = [name for name in wanted if name != "none"]
-    callbacks = []
-    if "tensorboard" in wanted:
-        from transformers.integrations import TensorBoardCallback
-
-        try:
-            callback = TensorBoardCallback()
-        except RuntimeError as e:
-            raise RuntimeError(f"train.report_to: tensorboard needs the tensorboard package ({e}): pip install -e "
-                               "'.[watch]' (./run_all.sh installs it)") from None
-        callback.logging_dir = str(out_dir / runs.TENSORBOARD_DIR)  # read when training begins, main process only
-        callbacks.append(callback)
-        wanted.remove("tensorboard")
-    return callbacks, wanted or "none"
-
-
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     """Load the base model and the splits, check them, and build the ``SFTTrainer``.
 
@@ -517,7 +496,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
             r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
             target_modules=lora["target_modules"], task_type="CAUSAL_LM",
         )
-    dashboards, report_to = reporters(s["report_to"], out_dir)
+    watch = dashboards.watch(cfg, out_dir)
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=1,  # one pass over the stream, which holds the epochs
@@ -548,7 +527,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         data_seed=seed,
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
-        report_to=report_to,
+        report_to=watch.others,  # TensorBoard and trackio are placed by `dashboards`
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
@@ -563,7 +542,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
             eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in eval_ex]),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[log, *dashboards],
+            callbacks=[log, *watch.callbacks()],
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and trainer.accelerator.distributed_type.value != "FSDP":
         if trainer.accelerator.is_main_process:
@@ -577,8 +556,9 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         "eval_questions": [q.id for q in eval_qs],
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
+    trainer.args.project, trainer.args.run_name = watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
     return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key, padding,
-               {"train": train_ex, "eval": eval_ex}, command)
+               {"train": train_ex, "eval": eval_ex}, command, watch)
 
 
 def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
@@ -714,6 +694,7 @@ def train(run: Run, resume: bool | None = None) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _tidy(run, resume, checkpoint)
+        run.watch.restart(run.run_key, runs.read_log(run.out_dir))  # the dashboards show the log as it now is
     accelerator.wait_for_everyone()
     run.trainer.args.eval_on_start = checkpoint is None  # the base model's eval loss is the curve's step 0
     start = time.perf_counter()

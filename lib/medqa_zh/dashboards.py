@@ -1,0 +1,215 @@
+"""Watching training live (``train.report_to``): TensorBoard and trackio, both local, no account.
+
+A run's record is its ``train_log.jsonl``; a dashboard shows the same numbers as they come, and is kept equal
+to it. When a run starts afresh its dashboard runs are cleared; when it resumes from a checkpoint they are
+rewritten from the log as it was cut back to that checkpoint, so no step shows twice and none from another run
+is mixed in. Every point sits at its optimizer step, as in the log.
+
+* **TensorBoard**: event files in the run's folder, ``models/<mode>/tensorboard/``, so they go where the run
+  goes; 02's learning curve in ``tensorboard/curve/``. Open with ``tensorboard --logdir outputs/<profile>/models``.
+* **trackio**: the profile's store, ``outputs/<profile>/trackio/`` (``$TRACKIO_DIR`` when it is set), project
+  ``medqa-zh-<profile>``. One run per training run, named ``<mode>-<8 hex digits of its run key>``, so a run with
+  other settings is another line beside it; the learning curve is ``<that name>-curve``. Open with
+  ``TRACKIO_DIR=outputs/<profile>/trackio trackio show --project medqa-zh-<profile>``.
+
+Any other name trl accepts (``wandb``, ``mlflow``, ...) goes to the trainer as it is, and keeps its data where
+that tool does. Under a launch only the main process reports: the callbacks check ``state.is_world_process_zero``,
+and :meth:`Watch.restart` is called by the main process alone. With ``none``, the default, this module imports
+neither package and writes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import runs
+
+OURS = ("tensorboard", "trackio")  # the dashboards this module places and keeps equal to the log
+# transformers' end-of-training summary: one number each, not a curve; its trackio callback leaves them out too
+SUMMARY = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+CURVE_DIR = "curve"  # in the run's tensorboard/ folder: the learning curve, rewritten whenever it is computed
+CURVE_TAGS = {"plain": "validation/plain_accuracy", "pride": "validation/pride_accuracy"}
+
+
+def names(setting) -> list[str]:
+    """``train.report_to`` as a list of names: ``none`` (or an empty list) is []."""
+    wanted = [setting] if isinstance(setting, str) else list(setting or [])
+    if "all" in wanted:
+        raise ValueError("train.report_to: all would report to every tool installed, TensorBoard among them into a "
+                         "folder outside the run's; name them instead, e.g. [tensorboard, trackio]")
+    return [name for name in wanted if name != "none"]
+
+
+def run_name(run_key: dict) -> str:
+    """A training run's name in the dashboards: its mode and 8 hex digits of its run key."""
+    digest = hashlib.sha256(json.dumps(run_key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{run_key['mode']}-{digest}"
+
+
+def scalars(logs: dict, drop: tuple = ()) -> dict:
+    """A trainer's log (or a ``train_log.jsonl`` row) as the dashboards show it: its numbers, under the names
+    transformers' own callbacks give them (``loss`` is ``train/loss``, ``eval_loss`` is ``eval/loss``)."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    kept = {k: v for k, v in logs.items() if k not in drop and k != "step"}
+    return {k: v for k, v in rewrite_logs(kept).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@dataclass
+class Watch:
+    """Where one run's dashboards are; :func:`watch` builds it from the profile."""
+
+    names: list[str]  # every name of train.report_to
+    tensorboard: Path  # the run's event folder
+    project: str  # trackio's project
+    store: Path  # trackio's store (read when trackio is first imported)
+
+    @property
+    def others(self) -> list[str] | str:
+        """What goes to the trainer's own ``report_to``: the names this module does not place."""
+        return [name for name in self.names if name not in OURS] or "none"
+
+    def callbacks(self) -> list:
+        """The trainer callbacks for TensorBoard (writing into the run's folder) and trackio (at the optimizer
+        step); each raises, naming the extra to install, when its package is missing. A name the trainer does
+        not know is refused here, with the ones it knows."""
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        unknown = [name for name in self.names if name not in INTEGRATION_TO_CALLBACK]
+        if unknown:
+            raise ValueError(f"train.report_to: {', '.join(unknown)} is not a tool the trainer reports to; choose none "
+                             f"or any of {', '.join(INTEGRATION_TO_CALLBACK)}")
+        made = []
+        if "tensorboard" in self.names:
+            from transformers.integrations import TensorBoardCallback
+
+            try:
+                callback = TensorBoardCallback()
+            except RuntimeError as e:
+                raise RuntimeError(f"train.report_to: tensorboard needs the tensorboard package ({e}); install the "
+                                   "watch extra: pip install -e '.[watch]' (./run_all.sh installs it)") from None
+            callback.logging_dir = str(self.tensorboard)  # read when training begins, by the main process only
+            made.append(callback)
+        if "trackio" in self.names:
+            self.trackio()
+            made.append(_trackio_callback())
+        return made
+
+    def commands(self) -> list[str]:
+        """The command lines that open this run's dashboards (from the project's root, with .venv/bin on PATH)."""
+        found = []
+        if "tensorboard" in self.names:
+            found.append(f"tensorboard --logdir {self.tensorboard.parent.parent} --port 6006")
+        if "trackio" in self.names:
+            found.append(f"TRACKIO_DIR={self.store} trackio show --project {self.project}")
+        return found
+
+    def trackio(self):
+        """The trackio module, its store at :attr:`store`. trackio reads ``TRACKIO_DIR`` once, when it is first
+        imported; a process that imported it before keeps that store, and this says where."""
+        if "trackio" not in sys.modules:
+            before = os.environ.get("TRACKIO_DIR")
+            os.environ["TRACKIO_DIR"] = str(self.store)
+            try:
+                import trackio  # noqa: F401
+            except ImportError as e:
+                raise RuntimeError(f"train.report_to: trackio needs the trackio package ({e}); install the watch "
+                                   "extra: pip install -e '.[watch]' (./run_all.sh installs it)") from None
+            finally:
+                if before is None:
+                    del os.environ["TRACKIO_DIR"]
+                else:
+                    os.environ["TRACKIO_DIR"] = before
+        import trackio
+        import trackio.utils
+
+        actual = Path(trackio.utils.TRACKIO_DIR)
+        if actual.resolve() != self.store.resolve():
+            print(f"trackio was imported earlier in this process with its store at {actual}: its runs go there")
+            self.store = actual
+        return trackio
+
+    def restart(self, run_key: dict, rows: list[dict]) -> None:
+        """Make the dashboards hold ``rows`` (the log of the run as training starts: [] for a fresh start, the
+        rows up to the checkpoint for a resumed one) and nothing else of this run. The main process calls it."""
+        name = run_name(run_key)
+        for command in self.commands():
+            print(f"watch it live: {command}")
+        if "tensorboard" in self.names:
+            shutil.rmtree(self.tensorboard, ignore_errors=True)
+            if rows:
+                from torch.utils.tensorboard import SummaryWriter
+
+                with SummaryWriter(log_dir=str(self.tensorboard)) as writer:
+                    for row in rows:
+                        for tag, value in scalars(row).items():
+                            writer.add_scalar(tag, value, row["step"])
+        if "trackio" in self.names:
+            self._trackio_run(name + "-curve", [])  # the curve of a run that is training again is gone
+            self._trackio_run(name, [(row["step"], scalars(row, drop=SUMMARY)) for row in rows])
+
+    def curve(self, run_key: dict, curve: pd.DataFrame) -> None:
+        """02's learning curve (plain and PriDe validation accuracy at each point, by optimizer step), written
+        afresh each time it is computed: ``tensorboard/curve/``, trackio's ``<run name>-curve``."""
+        if curve.empty or not set(self.names) & set(OURS):
+            return
+        points = [(int(row["step"]), {tag: float(row[column]) for column, tag in CURVE_TAGS.items()})
+                  for _, row in curve.iterrows()]
+        if "tensorboard" in self.names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = self.tensorboard / CURVE_DIR
+            shutil.rmtree(folder, ignore_errors=True)
+            with SummaryWriter(log_dir=str(folder)) as writer:
+                for step, values in points:
+                    for tag, value in values.items():
+                        writer.add_scalar(tag, value, step)
+        if "trackio" in self.names:
+            self._trackio_run(run_name(run_key) + "-curve", points)
+
+    def _trackio_run(self, name: str, points: list[tuple[int, dict]]) -> None:
+        """Replace trackio's run ``name`` in the project with ``points`` (step, values); none: delete it."""
+        trackio = self.trackio()
+        try:
+            logged = list(trackio.Api().runs(self.project))
+        except ValueError:  # trackio's word for a project it has no database of yet
+            logged = []
+        for old in logged:
+            if old.name == name:
+                old.delete()
+        if not points:
+            return
+        trackio.init(project=self.project, name=name, resume="never", auto_log_cpu=False, auto_log_gpu=False)
+        try:
+            for step, values in points:
+                trackio.log(values, step=step)
+        finally:
+            trackio.finish()
+
+
+def watch(cfg, run_dir: str | Path) -> Watch:
+    """The dashboards ``train.report_to`` asks for, for the run in ``run_dir``."""
+    store = Path(os.environ.get("TRACKIO_DIR") or cfg.out / "trackio")
+    return Watch(names(cfg["train.report_to"]), Path(run_dir) / runs.TENSORBOARD_DIR, f"medqa-zh-{cfg.name}", store)
+
+
+def _trackio_callback():
+    """transformers' trackio callback, logging each point at its optimizer step (its own logs at trackio's
+    running count, which drifts from the step with every evaluation) under the name ``args.run_name``."""
+    from transformers.integrations import TrackioCallback
+
+    class StepTrackio(TrackioCallback):
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if not self._initialized:
+                self.setup(args, state, model)
+            if state.is_world_process_zero and logs:
+                self._trackio.log(scalars(logs, drop=SUMMARY), step=state.global_step)
+
+    return StepTrackio()
