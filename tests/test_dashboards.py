@@ -169,3 +169,26 @@ def test_report_to_is_checked_before_training(smoke):
         train.prepare(smoke(**{"train.report_to": "tensorbord"}), "lora", out_dir=smoke().out / "models" / "typo")
     watch = dashboards.watch(smoke(**{"train.report_to": ["tensorboard", "wandb"]}), "unused")
     assert watch.others == ["wandb"]  # the tools this project does not place go to the trainer as they are
+
+
+def test_the_check_script_finds_a_dashboard_that_differs_from_the_log(smoke_root):
+    """scripts/check_dashboards.py, as docs/training.md runs it: every series equal after a run with both
+    dashboards; a log changed afterwards is found."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_") and k != "TRACKIO_DIR"}
+    env["MEDQA_ROOT"] = str(smoke_root)
+    train_cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", "smoke", "--mode", "full", "train.max_steps=3",
+                 "train.eval_steps=2", "train.logging_steps=1", "train.resume=false", "train.report_to=[tensorboard, trackio]"]
+    done = subprocess.run(train_cmd, env={**env, "PYTHONPATH": str(REPO / "lib")}, cwd=smoke_root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check = [sys.executable, str(REPO / "scripts" / "check_dashboards.py"), "--profile", "smoke", "--mode", "full"]
+    ok = subprocess.run(check, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "every point equal" in ok.stdout, ok.stdout + ok.stderr[-2000:]
+    assert ok.stdout.count(": equal") == 8  # four series, two dashboards
+
+    log = smoke_root / "outputs" / "smoke" / "models" / "full" / runs.LOG_FILE
+    rows = runs.read_log_file(log)
+    rows[1]["loss"] += 0.5
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    bad = subprocess.run(check, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "train/loss" in bad.stdout and "DIFFERENT" in bad.stdout, bad.stdout
