@@ -13,9 +13,7 @@ Prints one line per series and dashboard; exit status 1 when any differs or is m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,24 +24,6 @@ from medqa_zh import config, dashboards, models, results, runs  # noqa: E402
 
 SERIES = {"train/loss": "loss", "eval/loss": "eval_loss", "train/learning_rate": "learning_rate",
           "train/grad_norm": "grad_norm"}
-
-
-def tensorboard_points(folder: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
-
-
-def trackio_runs(store: Path, project: str) -> dict[str, list[dict]]:
-    code = ("import json, sys\nfrom trackio.sqlite_storage import SQLiteStorage as S\n"
-            "print(json.dumps({r: S.get_logs(sys.argv[1], r) for r in S.get_runs(sys.argv[1])}))")
-    done = subprocess.run([sys.executable, "-c", code, project], env={**os.environ, "TRACKIO_DIR": str(store)},
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"reading trackio's store {store}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
 
 
 def same(seen: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
@@ -71,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     name = dashboards.run_name(key)
     shown = {}
     if watch.tensorboard.is_dir():
-        shown["tensorboard"] = ({tag: tensorboard_points(watch.tensorboard, tag) for tag in series},
-                                {tag: tensorboard_points(watch.tensorboard / dashboards.CURVE_DIR, tag)
+        shown["tensorboard"] = ({tag: dashboards.read_tensorboard(watch.tensorboard, tag) for tag in series},
+                                {tag: dashboards.read_tensorboard(watch.tensorboard / dashboards.CURVE_DIR, tag)
                                  for tag in curve_series})
     if watch.store.joinpath(f"{watch.project}.db").is_file():
-        logged = trackio_runs(watch.store, watch.project)
+        logged = dashboards.read_trackio(watch.store, watch.project)
         pick = lambda rows, tag: [(r["step"], r[tag]) for r in rows if tag in r]  # noqa: E731
         shown["trackio"] = ({tag: pick(logged.get(name, []), tag) for tag in series},
                             {tag: pick(logged.get(name + "-curve", []), tag) for tag in curve_series})

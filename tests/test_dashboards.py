@@ -1,7 +1,7 @@
 """train.report_to: TensorBoard and trackio show what train_log.jsonl holds, read back with each tool's own reader.
 
-TensorBoard's event files are read with its ``EventAccumulator``; trackio's store with its ``SQLiteStorage``, in a
-process of its own (trackio fixes its store when it is first imported, and the tests' process may hold another).
+TensorBoard's event files are read with its ``EventAccumulator``, trackio's store with its ``SQLiteStorage`` in a
+process of its own (``dashboards.read_tensorboard``, ``dashboards.read_trackio``: a few lines around each reader).
 """
 import json
 import os
@@ -15,24 +15,6 @@ from helpers import REPO, Crash, crash_at
 from medqa_zh import dashboards, runs, train
 
 STEPS = {"train.max_steps": 4, "train.eval_steps": 2, "train.logging_steps": 1}
-
-
-def tensorboard_points(folder, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
-
-
-def trackio_store(store, project: str) -> dict[str, list[dict]]:
-    """Every run of ``project`` in the trackio store ``store``: name -> its logged rows, as trackio reads them."""
-    code = ("import json, sys\nfrom trackio.sqlite_storage import SQLiteStorage as S\n"
-            "print(json.dumps({r: S.get_logs(sys.argv[1], r) for r in S.get_runs(sys.argv[1])}))")
-    done = subprocess.run([sys.executable, "-c", code, project], env={**os.environ, "TRACKIO_DIR": str(store)},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.splitlines()[-1])
 
 
 def trackio_points(rows: list[dict], tag: str) -> list[tuple[int, float]]:
@@ -58,7 +40,7 @@ def test_tensorboard_sees_the_losses_train_log_has(smoke):
     train.train(run, resume=False)
     for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
         assert len(logged(out, key)) >= 2, key
-        same_points(tensorboard_points(out / runs.TENSORBOARD_DIR, tag), logged(out, key))
+        same_points(dashboards.read_tensorboard(out / runs.TENSORBOARD_DIR, tag), logged(out, key))
     assert not (cfg.out / "trackio").exists()
 
 
@@ -71,7 +53,7 @@ def test_trackio_holds_the_losses_train_log_has(smoke, capsys):
     assert f"watch it live: TRACKIO_DIR={run.watch.store} trackio show --project medqa-zh-smoke" in capsys.readouterr().out
     name = dashboards.run_name(run.run_key)
     assert run.trainer.args.project == f"medqa-zh-{cfg.name}" and name.startswith("lora-")
-    store = trackio_store(run.watch.store, run.watch.project)
+    store = dashboards.read_trackio(run.watch.store, run.watch.project)
     assert name in store
     for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
         same_points(trackio_points(store[name], tag), logged(out, key))
@@ -105,7 +87,7 @@ def test_a_resumed_run_shows_each_step_once_in_both_dashboards(smoke):
     crashed.trainer.add_callback(crash_at(6))
     with pytest.raises(Crash):
         train.train(crashed, resume=False)
-    before = tensorboard_points(out / runs.TENSORBOARD_DIR, "train/loss")
+    before = dashboards.read_tensorboard(out / runs.TENSORBOARD_DIR, "train/loss")
     assert [s for s, _ in before] == [1, 2, 3, 4, 5]  # step 6 crashed before its log
 
     resumed = train.prepare(cfg, "lora", out_dir=out)
@@ -114,13 +96,13 @@ def test_a_resumed_run_shows_each_step_once_in_both_dashboards(smoke):
     for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
         expected = logged(out, key)
         assert [s for s, _ in expected] == sorted({s for s, _ in expected}), key  # the log itself: once each
-        same_points(tensorboard_points(out / runs.TENSORBOARD_DIR, tag), expected)
-        same_points(trackio_points(trackio_store(resumed.watch.store, resumed.watch.project)[name], tag), expected)
+        same_points(dashboards.read_tensorboard(out / runs.TENSORBOARD_DIR, tag), expected)
+        same_points(trackio_points(dashboards.read_trackio(resumed.watch.store, resumed.watch.project)[name], tag), expected)
 
     again = train.prepare(cfg, "lora", out_dir=out)
     train.train(again, resume=False)  # the same run key, trained afresh: its old points go
-    same_points(tensorboard_points(out / runs.TENSORBOARD_DIR, "train/loss"), logged(out, "loss"))
-    same_points(trackio_points(trackio_store(again.watch.store, again.watch.project)[name], "train/loss"),
+    same_points(dashboards.read_tensorboard(out / runs.TENSORBOARD_DIR, "train/loss"), logged(out, "loss"))
+    same_points(trackio_points(dashboards.read_trackio(again.watch.store, again.watch.project)[name], "train/loss"),
                 logged(out, "loss"))
 
 
@@ -134,8 +116,8 @@ def test_the_learning_curve_reaches_both_dashboards_once_however_often_it_is_dra
     for _ in range(2):  # 02 draws the curve on every run of the notebook
         watch.curve(key, curve)
     expected = [(0, 0.22), (8, 0.24), (16, 0.31)]
-    same_points(tensorboard_points(watch.tensorboard / dashboards.CURVE_DIR, "validation/pride_accuracy"), expected)
-    rows = trackio_store(watch.store, watch.project)[dashboards.run_name(key) + "-curve"]
+    same_points(dashboards.read_tensorboard(watch.tensorboard / dashboards.CURVE_DIR, "validation/pride_accuracy"), expected)
+    rows = dashboards.read_trackio(watch.store, watch.project)[dashboards.run_name(key) + "-curve"]
     same_points(trackio_points(rows, "validation/pride_accuracy"), expected)
     same_points(trackio_points(rows, "validation/plain_accuracy"), [(0, 0.2), (8, 0.25), (16, 0.3)])
 

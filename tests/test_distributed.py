@@ -143,16 +143,16 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, m
 def test_under_a_launch_only_the_main_process_reports(smoke_root):
     """Two processes with train.report_to [tensorboard, trackio]: one writer of event files and one trackio run,
     each holding every logged step once, equal to train_log.jsonl."""
-    from test_dashboards import logged, same_points, tensorboard_points, trackio_points, trackio_store
+    from test_dashboards import logged, same_points, trackio_points
 
     folder = _folder(smoke_root, "lora")
     _ok(_train(smoke_root, "lora", *STEPS, "train.launch.num_processes=2", "train.report_to=[tensorboard, trackio]"))
     assert runs.read_run(folder)["world_size"] == 2
     assert len(list((folder / runs.TENSORBOARD_DIR).glob("events.out.tfevents*"))) == 1
-    store = trackio_store(smoke_root / "outputs" / "smoke" / "trackio", "medqa-zh-smoke")
+    store = dashboards.read_trackio(smoke_root / "outputs" / "smoke" / "trackio", "medqa-zh-smoke")
     rows = store[dashboards.run_name(runs.read_run(folder)["run_key"])]
     for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
-        same_points(tensorboard_points(folder / runs.TENSORBOARD_DIR, tag), logged(folder, key))
+        same_points(dashboards.read_tensorboard(folder / runs.TENSORBOARD_DIR, tag), logged(folder, key))
         same_points(trackio_points(rows, tag), logged(folder, key))
 
 

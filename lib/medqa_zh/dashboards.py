@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,28 @@ def watch(cfg, run_dir: str | Path) -> Watch:
     """The dashboards ``train.report_to`` asks for, for the run in ``run_dir``."""
     store = Path(os.environ.get("TRACKIO_DIR") or cfg.out / "trackio")
     return Watch(names(cfg["train.report_to"]), Path(run_dir) / runs.TENSORBOARD_DIR, f"medqa-zh-{cfg.name}", store)
+
+
+def read_tensorboard(folder: str | Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every point of ``tag`` in the event files of ``folder``, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: every point, not a sample
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def read_trackio(store: str | Path, project: str) -> dict[str, list[dict]]:
+    """Every run of ``project`` in the trackio store ``store`` (name: its logged rows), read with trackio's own
+    reader in a process of its own: trackio fixes its store when it is first imported, and this one may hold
+    another."""
+    code = ("import json, sys\nfrom trackio.sqlite_storage import SQLiteStorage as S\n"
+            "print(json.dumps({r: S.get_logs(sys.argv[1], r) for r in S.get_runs(sys.argv[1])}))")
+    done = subprocess.run([sys.executable, "-c", code, project], env={**os.environ, "TRACKIO_DIR": str(store)},
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"reading trackio's store {store}, project {project}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def _trackio_callback():
