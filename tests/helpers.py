@@ -83,3 +83,21 @@ def crash_at(step: int):
                 raise Crash(f"simulated crash at step {step}")
 
     return CrashAt()
+
+
+def logged(folder, key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key`` in a run folder's train_log.jsonl."""
+    from medqa_zh import runs
+
+    return [(r["step"], r[key]) for r in runs.read_log(folder) if key in r]
+
+
+def trackio_points(rows: list[dict], tag: str) -> list[tuple[int, float]]:
+    """(step, value) of ``tag`` in a trackio run's rows (``dashboards.read_trackio``)."""
+    return [(r["step"], r[tag]) for r in rows if tag in r]
+
+
+def same_points(seen, expected):
+    """The same steps, and the same values to float32's precision (an event file's)."""
+    assert [s for s, _ in seen] == [s for s, _ in expected]
+    assert [v for _, v in seen] == pytest.approx([v for _, v in expected], rel=1e-6)

@@ -11,23 +11,10 @@ import sys
 import pandas as pd
 import pytest
 
-from helpers import REPO, Crash, crash_at
+from helpers import REPO, Crash, crash_at, logged, same_points, trackio_points
 from medqa_zh import dashboards, runs, train
 
 STEPS = {"train.max_steps": 4, "train.eval_steps": 2, "train.logging_steps": 1}
-
-
-def trackio_points(rows: list[dict], tag: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[tag]) for r in rows if tag in r]
-
-
-def logged(folder, key: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in runs.read_log(folder) if key in r]
-
-
-def same_points(seen, expected):
-    assert [s for s, _ in seen] == [s for s, _ in expected]
-    assert [v for _, v in seen] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32 in an event file
 
 
 def test_tensorboard_sees_the_losses_train_log_has(smoke):

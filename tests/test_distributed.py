@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from helpers import REPO, at_root, processes_of
+from helpers import REPO, at_root, logged, processes_of, same_points, trackio_points
 from medqa_zh import config, dashboards, models, runs, train
 
 # 6 steps of per_device_train_batch_size 8 (the smoke profile's): evaluation at steps 0 and 5 (eval_steps 5)
@@ -143,8 +143,6 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(smoke_root, m
 def test_under_a_launch_only_the_main_process_reports(smoke_root):
     """Two processes with train.report_to [tensorboard, trackio]: one writer of event files and one trackio run,
     each holding every logged step once, equal to train_log.jsonl."""
-    from test_dashboards import logged, same_points, trackio_points
-
     folder = _folder(smoke_root, "lora")
     _ok(_train(smoke_root, "lora", *STEPS, "train.launch.num_processes=2", "train.report_to=[tensorboard, trackio]"))
     assert runs.read_run(folder)["world_size"] == 2
