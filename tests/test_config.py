@@ -55,7 +55,8 @@ def test_papermill_overrides_beat_the_environment(project):
         environ={"MEDQA_DIR": "/from/env", "MEDQA_PROFILE": "gpu"},
     )
     assert str(cfg.path("data.medqa_dir")) == "/from/papermill"
-    assert cfg["data.splits"] == {"train": "dev[:2400]", "validation": "dev[2400:2900]", "eval": "dev[3000:]"}
+    assert cfg["data.splits"] == {"train": "dev[:2400]", "validation": "dev[2400:2900]", "eval": "dev[3000:]",
+                                  "replication": "test[:500]"}
 
 
 def test_profile_from_environment(project):

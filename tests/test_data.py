@@ -199,6 +199,55 @@ def test_an_eval_split_emptied_by_the_overlap_with_train_names_both_specs(tmp_pa
         data.load_splits(qdir, {"train": "dev[:8]", "eval": "dev[:4]"})
 
 
+def test_the_replication_set_is_a_fourth_role_sharing_no_question(tmp_path):
+    qdir = tmp_path / "questions"
+    write_jsonl(qdir / "dev.jsonl", [row(question=f"题{i}") for i in range(10)])
+    write_jsonl(qdir / "test.jsonl", [row(question="题1"), row(question="题8"), row(question="新题")])
+    splits = data.load_splits(qdir, {"train": "dev[:6]", "eval": "dev[6:]", "replication": "test"})
+    assert [q.id for q in splits["replication"]] == ["test:3"]  # one repeats train, one repeats eval
+    assert splits.overlaps["replication"] == [("test:1", "train"), ("test:2", "eval")]
+    assert list(splits.table().index) == ["train", "eval", "replication"] and not splits.skipped
+
+
+@pytest.mark.parametrize("spec", [None, "test[:500]"])
+def test_a_replication_set_that_is_null_or_absent_is_skipped_with_the_reason(tmp_path, spec):
+    qdir = tmp_path / "questions"
+    write_jsonl(qdir / "dev.jsonl", [row(question=f"题{i}") for i in range(10)])
+    splits = data.load_splits(qdir, {"train": "dev[:6]", "eval": "dev[6:]", "replication": spec})
+    assert list(splits.questions) == ["train", "eval"]
+    why = splits.skipped["replication"]
+    assert why == "data.splits.replication is null" if spec is None else (
+        f"{qdir / 'test.jsonl'} is absent" in why and "data.splits.replication: null" in why)
+
+
+def test_01_deletes_a_stale_replication_set_and_later_notebooks_say_why_there_is_none(smoke):
+    cfg = smoke()
+    splits = data.load_splits(cfg.questions_dir, cfg["data.splits"])
+    data.write_splits(cfg, splits)
+    got, why = data.replication_questions(cfg)
+    assert why is None and [q.id for q in got] == [q.id for q in splits["replication"]]
+    absent = smoke(**{"data.splits.replication": "nosuchfile[:10]"})
+    data.write_splits(absent, data.load_splits(absent.questions_dir, absent["data.splits"]))
+    assert not data.split_path(absent, "replication").exists() and not data.split_path(absent, "replication", "sft").exists()
+    got, why = data.replication_questions(absent)
+    assert got == [] and "notebook 01 wrote none" in why and "'nosuchfile[:10]'" in why
+    assert data.replication_questions(smoke(**{"data.splits.replication": None})) == (
+        [], "data.splits.replication is null: no replication set in this profile")
+
+
+def test_halves_are_disjoint_seeded_and_stratified_by_the_correct_letter(tmp_path):
+    rows = [row(question=f"题{i}", answer_idx=letter, answer=row()["options"][letter])
+            for i, letter in enumerate("AAAAABBBCCCCCCCDDE" * 3)]
+    qs = _questions(tmp_path, rows)
+    first, second = data.halves(qs, seed=0)
+    assert sorted(first + second) == sorted(q.id for q in qs) and not set(first) & set(second)
+    assert abs(len(first) - len(second)) <= 1
+    letter = {q.id: q.answer_idx for q in qs}
+    for x in "ABCDE":
+        assert abs(sum(letter[i] == x for i in first) - sum(letter[i] == x for i in second)) <= 1, x
+    assert data.halves(qs, seed=0) == (first, second) and data.halves(qs, seed=1) != (first, second)
+
+
 def test_load_splits_needs_a_train_role(tmp_path):
     with pytest.raises(ValueError, match="no 'train' role"):
         data.load_splits(tmp_path, {"eval": "test"})
@@ -295,8 +344,11 @@ def test_real_medqa_dev_and_textbooks(shared_medqa):
 @pytest.mark.shared
 def test_the_cpu_profiles_three_roles_of_real_dev_share_no_question(shared_medqa):
     specs = config.load("cpu")["data.splits"]
-    assert list(specs) == ["train", "validation", "eval"]
+    assert list(specs) == ["train", "validation", "eval", "replication"]
     splits = data.load_splits(shared_medqa / "questions" / "Mainland", specs)
+    assert "test.jsonl is absent" in splits.skipped["replication"]  # ../shared holds dev only: skipped, said why
+    specs = {role: spec for role, spec in specs.items() if role in splits.questions}
+    assert list(specs) == ["train", "validation", "eval"]
     keys = {role: {q.content_key for q in splits[role]} for role in specs}
     assert not keys["train"] & keys["validation"] and not keys["train"] & keys["eval"]
     assert not keys["validation"] & keys["eval"]

@@ -85,6 +85,11 @@ def test_01_data_runs_on_the_smoke_profile(series):
         lines = (run / "data" / "questions" / f"{role}.jsonl").read_text(encoding="utf-8").splitlines()
         ids[role] = {json.loads(line)["id"] for line in lines}
     assert not ids["train"] & ids["validation"] and not ids["train"] & ids["eval"] and not ids["validation"] & ids["eval"]
+    # the replication set (smoke: the questions tiny appends to test), sharing no question with another role
+    lines = (run / "data" / "questions" / "replication.jsonl").read_text(encoding="utf-8").splitlines()
+    replication = {json.loads(line)["id"] for line in lines}
+    assert len(replication) == int(table["replication"]["questions"]) == tiny.TEST_EXTRA
+    assert not replication & (ids["train"] | ids["validation"] | ids["eval"])
     assert (run / "data" / "llamafactory" / "dataset_info.json").is_file()
     for fig in ("01_answer_letters", "01_question_lengths", "01_top_sections", "01_textbook_sizes"):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 1000
@@ -215,6 +220,13 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     for fig in ("06_debiased", "06_cyclic"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
     assert len(list((out / "eval" / "direct").glob("*-rotations-*.jsonl"))) == 4
+    # section 6: the pre-registered fine-tuning comparison (merged vs base, debiased) on the replication set
+    with open(out / "tables" / "06_replication.csv", encoding="utf-8") as f:
+        replication = list(csv.DictReader(f))
+    assert [(r["comparison"], r["set"], int(r["n"])) for r in replication] == [("merged vs base", "replication", tiny.TEST_EXTRA)]
+    assert float(replication[0]["diff_low"]) <= float(replication[0]["diff"]) <= float(replication[0]["diff_high"])
+    assert sorted(p.name.split("-")[0] for p in (out / "eval" / "replication" / "direct").glob("*-rotations-*.jsonl")) == [
+        "base", "merged"]
     validation = (out / "data" / "questions" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
     for path in (out / "eval" / "direct").glob("*-calibration-*.jsonl"):  # PriDe's prior: validation questions only
         assert [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()] == [
@@ -293,6 +305,13 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
         if "+rag" in evaluation:
             assert float(r["diff_vs_no_rag_low"]) <= float(r["diff_vs_no_rag"]) <= float(r["diff_vs_no_rag_high"])
     assert (out / "figures" / "08_rag_debiased.png").stat().st_size > 5000
+    # section 6: the pre-registered comparison with passages on the replication set, each prompt with its passages
+    with open(out / "tables" / "08_replication.csv", encoding="utf-8") as f:
+        replication = list(csv.DictReader(f))
+    assert [(r["comparison"], r["set"], int(r["n"])) for r in replication] == [
+        ("merged+rag bm25 vs merged", "replication", tiny.TEST_EXTRA)]
+    with_passages = list((out / "eval" / "replication" / "rag").glob("merged-rotations-*.jsonl"))
+    assert len(with_passages) == 1 and all(json.loads(line)["passages"] for line in with_passages[0].open(encoding="utf-8"))
     assert list((out / "rag").glob("passages-*.jsonl")) and list((out / "rag").glob("dense-*/embeddings.npy"))
     assert (out / "figures" / "08_retrieval_quality.png").is_file() and (out / "figures" / "08_rag_accuracy.png").is_file()
     assert not server_processes()
@@ -336,9 +355,26 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
         if model != "base" and not through_llama:
             assert float(r["diff_vs_base_low"]) <= float(r["diff_vs_base"]) <= float(r["diff_vs_base_high"])
             assert r["detectable_vs_base"] == "" or float(r["detectable_vs_base"]) > 0  # "": the two never disagree
+    assert {r["primary"] for r in rows.values() if r["primary"]} == {"merged vs base", "merged+rag bm25 vs merged"}
+    assert rows["merged", "debiased"]["primary"] == "merged vs base"
+    family = [(r["p_vs_base"], r["p_adj_vs_base"]) for r in rows.values() if r["p_vs_base"]]
+    family += [(r["p_vs_no_rag"], r["p_adj_vs_no_rag"]) for r in rows.values() if r["p_vs_no_rag"]]
+    assert family and all(float(adj) >= float(p) for p, adj in family)  # every p beside its Holm-adjusted p
+    # the pre-registered comparisons on the whole eval split, its two halves and the replication set
+    with open(out / "tables" / "10_primary.csv", encoding="utf-8") as f:
+        checks = [(r["comparison"], r["set"], int(r["n"])) for r in csv.DictReader(f)]
+    half = (n_eval + 1) // 2, n_eval // 2
+    for name in ("merged vs base", "merged+rag bm25 vs merged"):
+        got = [(s, n) for c, s, n in checks if c == name]
+        assert got[0] == ("eval", n_eval) and got[3] == ("replication", tiny.TEST_EXTRA)
+        assert [s for s, _ in got[1:3]] == ["eval, half 1", "eval, half 2"] and sum(n for _, n in got[1:3]) == n_eval
+        assert {n for _, n in got[1:3]} <= set(half)
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "left out" not in text and "SMOKE PROFILE" in text
-    assert "What the table shows." in text and "95% CI" in text  # the verdict, in words
+    assert "`eval.primary_reading`: **debiased**" in text and "adjusted p = " in text  # the verdict, in words
+    assert "the halves of the eval split" in text and f"the replication set, n = {tiny.TEST_EXTRA}" in text
+    assert "validation (02's learning curve" in text
+    assert "Every difference in the table, in words." in text and "exploratory: **" in text
     for fig in ("accuracy", "loss_curves", "learning_curve", "letters", "sections", "rag_ablation", "retrieval_quality"):
         assert (out / "figures" / f"10_{fig}.png").stat().st_size > 5000, fig
 

@@ -146,18 +146,20 @@ def test_significance_names_each_difference_below_alpha_and_only_those():
     base, better, same = _rows([0] * 12), _rows([1] * 12), _rows([0] * 11 + [1])
     table = report.results_table({("base", "letter"): base, ("lora", "letter"): better, ("full", "letter"): same})
     text = report.significance(table)
-    assert text.startswith("1 of 2 paired differences have p < 0.05")
+    assert text.startswith("1 of 2 paired differences have a Holm-adjusted p < 0.05 (adjusted over these 2; 1 unadjusted)")
     lines = {line.split("**")[1]: line for line in text.splitlines()[1:]}
     assert set(lines) == {"lora / letter", "full / letter"}  # every difference, said in words
     assert "a significant gain of +100.0 points [95% CI" in lines["lora / letter"]
+    assert lines["lora / letter"].startswith("- exploratory: ")  # nothing was pre-registered here
     # not significant: how large a gain the data still allow, and what these questions could detect
     low, high = (100 * v for v in evaluate.paired_difference_ci(0, 1, 0, 11))
-    assert f"no significant difference, +8.3 points [95% CI {low:+.1f}, {high:+.1f}]" in lines["full / letter"]
+    assert f"no significant difference, +8.3 points [95% CI {low:+.1f}, {high:+.1f}], p = 1, adjusted p = 1" in lines[
+        "full / letter"]
     detectable = 100 * evaluate.detectable_difference(12, 1)
     assert f"a gain larger than {high:.1f} points" in lines["full / letter"]
     assert f"these questions detect {detectable:.1f} points with 80% power" in lines["full / letter"]
     assert report.significance(report.results_table({("base", "letter"): base, ("full", "letter"): same})).startswith(
-        "0 of 1 paired differences")
+        "0 of 1 paired differences have a Holm-adjusted p")
     assert report.significance(report.results_table({("base", "letter"): base})).startswith("No paired test yet")
 
 
@@ -230,3 +232,136 @@ def test_a_system_cjk_font_wins_over_the_packaged_one(fonts):
     fonts.fontManager.ttflist.append(stand_in)
     assert report.use_cjk_font() == "WenQuanYi Micro Hei"
     assert not any(f.fname == str(report.packaged_cjk_font()) for f in fonts.fontManager.ttflist)
+
+
+# --------------------------------------------------------------------------- pre-registration and multiplicity
+
+NULL_READINGS = ("letter", "generate", "api", "api@llamacpp-f16", "api@llamacpp-q8_0", "api@llamacpp-Q4_K_M")
+
+
+def _null_family(rng, n=120, accuracy=0.3):
+    """Two models with the same accuracy, answering independently, read six ways: no real difference anywhere."""
+    def answers(tag):
+        return [{"id": f"q{i}", "gold": "B", "pred": "B" if rng.random() < accuracy else "A"} for i in range(n)]
+    return {(model, reading): answers(model + reading) for reading in NULL_READINGS for model in ("base", "merged")}
+
+
+def test_holm_adjusts_a_family_and_leaves_nan_out():
+    adjusted = evaluate.holm([0.01, float("nan"), 0.04, 0.03])
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1, kept monotone: 0.03, 0.06, 0.06
+    assert adjusted[0] == pytest.approx(0.03) and math.isnan(adjusted[1])
+    assert adjusted[2] == pytest.approx(0.06) and adjusted[3] == pytest.approx(0.06)
+    assert evaluate.holm([]) == []
+
+
+def test_a_null_pair_read_six_ways_is_significant_somewhere_unless_adjusted():
+    """No real difference, six readings: the smallest unadjusted p falls below 0.05 far more often than 5% of
+    the time, while the smallest Holm-adjusted p (the table's p_adj_vs_base) does so at most about 5%."""
+    import random
+
+    rng = random.Random(0)
+    raw_hits = adjusted_hits = 0
+    runs = 300
+    for _ in range(runs):
+        table = report.results_table(_null_family(rng))
+        tested = table[table["p_vs_base"].notna()]
+        assert len(tested) == len(NULL_READINGS)
+        assert (tested["p_adj_vs_base"] >= tested["p_vs_base"]).all()
+        raw_hits += tested["p_vs_base"].min() < 0.05
+        adjusted_hits += tested["p_adj_vs_base"].min() < 0.05
+    assert raw_hits / runs > 0.12  # about one family in five looks like a finding, unadjusted
+    assert adjusted_hits / runs <= 0.06  # Holm keeps the family-wise error at 5%, here below it
+    assert raw_hits >= 2 * adjusted_hits
+
+
+def test_the_verdict_names_only_the_preregistered_comparison():
+    base, better = _rows([0] * 40), _rows([1] * 40)
+    same = _rows([0] * 38 + [1] * 2)
+    answers = {("base", "letter"): base, ("merged", "letter"): better,  # exploratory: a big gain
+               ("base", "generate"): base, ("merged", "generate"): same}  # pre-registered: nothing
+    comparisons = report.primary_comparisons("generate", ["merged vs base"])
+    table = report.results_table(answers, primary=comparisons)
+    assert list(table["primary"]) == ["", "", "", "merged vs base"]
+    text = report.verdict(table, report.primary_checks(comparisons, {"eval": (answers, None)}), comparisons, "generate")
+    assert "**generate**" in text and "merged vs base" in text
+    assert "letter" not in text  # the significant exploratory difference is not the verdict
+    assert "no significant difference" in text and "not replicated" in text
+    words = report.significance(table)
+    assert "exploratory: **merged / letter**" in words and "primary: **merged / generate**" in words
+
+
+def test_primary_comparisons_parse_the_two_kinds_and_refuse_others():
+    fine, rag = report.primary_comparisons("debiased", ["merged vs base", "merged+rag bm25 vs merged"])
+    assert (fine.model, fine.evaluation, fine.suffix, fine.other) == ("merged", "debiased", "vs_base", ("base", "debiased"))
+    assert (rag.model, rag.evaluation, rag.suffix, rag.other) == ("merged", "debiased+rag bm25", "vs_no_rag",
+                                                                  ("merged", "debiased"))
+    with pytest.raises(ValueError, match="eval.primary_comparisons: 'full vs merged' is neither"):
+        report.primary_comparisons("debiased", ["full vs merged"])
+    with pytest.raises(ValueError, match="'merged against base' is not 'A vs B'"):
+        report.primary_comparisons("debiased", ["merged against base"])
+    with pytest.raises(ValueError, match="eval.primary_reading: 'plain' is none of letter, pride, debiased, generate"):
+        report.primary_comparisons("plain", [])
+
+
+def _verdict_case(eval_flags, replication_flags=None, validation=None):
+    """merged vs base, letter reading: base right on none, merged on ``eval_flags``; the same on a replication set."""
+    answers = {("base", "letter"): _rows([0] * len(eval_flags)), ("merged", "letter"): _rows(eval_flags)}
+    comparisons = report.primary_comparisons("letter", ["merged vs base"])
+    table = report.results_table(answers, primary=comparisons)
+    ids = [f"q{i}" for i in range(len(eval_flags))]
+    sets = {"eval": (answers, None), "eval, half 1": (answers, ids[0::2]), "eval, half 2": (answers, ids[1::2])}
+    if replication_flags is not None:
+        sets["replication"] = ({("base", "letter"): _rows([0] * len(replication_flags), "r"),
+                                ("merged", "letter"): _rows(replication_flags, "r")}, None)
+    checks = report.primary_checks(comparisons, sets)
+    return checks, report.verdict(table, checks, comparisons, "letter", validation, "data.splits.replication is null")
+
+
+def test_the_verdict_says_replicated_only_when_the_independent_set_agrees():
+    checks, text = _verdict_case([1] * 30 + [0] * 10, replication_flags=[1] * 20)
+    assert list(checks["set"]) == ["eval", "eval, half 1", "eval, half 2", "replication"]
+    assert list(checks["n"]) == [40, 20, 20, 20]
+    assert "a significant gain" in text and "**replicated**" in text and "unconfirmed" not in text
+    _, text = _verdict_case([1] * 30 + [0] * 10, replication_flags=[0] * 20)
+    assert "**unconfirmed**: the independent replication set does not show it" in text and "not replicated" in text
+    _, text = _verdict_case([1] * 30 + [0] * 10)
+    assert "not yet replicated" in text and "no replication set (data.splits.replication is null)" in text
+
+
+def test_the_verdict_calls_an_eval_gain_unconfirmed_when_validation_disagrees():
+    flat = {"step": 24, "n": 100, "diff": -0.02, "diff_low": -0.09, "diff_high": 0.05, "p": 0.6}
+    _, text = _verdict_case([1] * 30 + [0] * 10, replication_flags=[1] * 20, validation=flat)
+    assert "**unconfirmed**: validation and eval disagree: validation shows no significant difference, eval a gain" in text
+    assert "validation (02's learning curve, PriDe on 100 validation questions, step 24 against the base): -2.0 points" in text
+    rising = dict(flat, diff=0.2, diff_low=0.1, diff_high=0.3, p=0.001)
+    _, text = _verdict_case([1] * 30 + [0] * 10, replication_flags=[1] * 20, validation=rising)
+    assert "unconfirmed" not in text and "**replicated**" in text
+
+
+def test_the_halves_are_each_half_of_the_ids():
+    _, text = _verdict_case([1, 0] * 20)
+    checks, _ = _verdict_case([1, 0] * 20)
+    halves = checks[checks["set"].str.startswith("eval, half")]
+    assert list(halves["diff"]) == [1.0, 0.0]  # the even questions were all right, the odd ones all wrong
+    assert "+100.0 [" in text and "+0.0 [" in text
+
+
+def test_the_markdown_command_prints_the_results_and_checks_as_a_reader_wants_them(tmp_path, capsys):
+    answers = {("base", "letter"): _rows([0] * 30), ("merged", "letter"): _rows([1] * 20 + [0] * 10)}
+    comparisons = report.primary_comparisons("letter", ["merged vs base"])
+    table = report.results_table(answers, primary=comparisons)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    table.to_csv(tables / f"{report.RESULTS_TABLE}.csv", index=False)
+    report.primary_checks(comparisons, {"eval": (answers, None)}).to_csv(tables / f"{report.PRIMARY_TABLE}.csv", index=False)
+    report.main(["markdown", str(tmp_path)])
+    text = capsys.readouterr().out
+    merged = next(line for line in text.splitlines() if line.startswith("| merged | letter |"))
+    low, high = (100 * v for v in evaluate.paired_difference_ci(0, 20, 0, 10))
+    assert "| 30 | 66.7 [" in merged and f"+66.7 [{low:+.1f}, {high:+.1f}], p = " in merged
+    assert ", adjusted " in merged and merged.endswith("| merged vs base |")
+    assert "| merged vs base | eval | 30 | +66.7 [" in text
+    assert "ci_low" not in text and "p_adj" not in text  # no raw column names
+    (tables / f"{report.PRIMARY_TABLE}.csv").unlink()
+    with pytest.raises(SystemExit, match="10_primary.csv is missing: run notebook 10"):
+        report.main(["markdown", str(tmp_path)])

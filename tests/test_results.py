@@ -113,10 +113,14 @@ def test_in_process_loads_a_model_only_for_what_is_missing_and_records_each_eval
     index = json.loads((cfg.out / "eval" / results.INDEX).read_text())
     assert {k for k in index} == {"base|letter", "base|generate", "base|rotations", "base|calibration"}
     assert results.in_process(cfg, "base", questions, progress=False) == got and loads == ["base"]  # all cached
-    more = results.in_process(cfg, "base", questions, [results.LETTER],
-                              passages={"bm25": ("rag-bm25-test", {q.id: [] for q in questions})}, progress=False)
-    assert list(more) == ["letter", "letter+rag bm25", "calibration+rag bm25", "rotations+rag bm25"]
-    assert loads == ["base", "base"]
+    passages = {"bm25": ("rag-bm25-test", {q.id: [] for q in questions})}
+    more = results.in_process(cfg, "base", questions, [results.LETTER], passages=passages, progress=False)
+    assert list(more) == ["letter", "letter+rag bm25"]  # with passages: the evaluations asked for, no more
+    more = results.in_process(cfg, "base", questions, [results.LETTER, results.CALIBRATION, results.ROTATIONS],
+                              passages=passages, progress=False)
+    assert list(more) == ["letter", "calibration", "rotations", "letter+rag bm25", "calibration+rag bm25",
+                          "rotations+rag bm25"]
+    assert loads == ["base", "base", "base"]
     assert "base|calibration+rag bm25" in json.loads((cfg.out / "eval" / results.INDEX).read_text())
     answers, skipped = results.collect(cfg, questions)  # each evaluation checked against its own questions
     assert not skipped and len(answers["base", "calibration"]) == 5 and len(answers["base", "generate"]) == 3
@@ -140,6 +144,10 @@ def test_the_learning_curve_reads_the_checkpoints_a_run_kept(smoke, kept, steps,
     assert list(curve["step"]) == steps and list(curve["checkpoint"]) == ["base"] + [f"checkpoint-{s}" for s in steps[1:]]
     assert set(curve["n"]) == {6} and set(curve["calibration_n"]) == {4}
     assert curve["pride"].between(0, 1).all() and (curve["pride_ci_low"] <= curve["pride"]).all()
+    # each point paired with the base (step 0) on the same validation questions: the verdict's validation evidence
+    assert curve.loc[0, "pride_diff_vs_base"] == 0 and curve.loc[0, "pride_p_vs_base"] == 1
+    assert (curve["pride_diff_vs_base"] == curve["pride"] - curve.loc[0, "pride"]).all()
+    assert (curve["pride_diff_vs_base_low"] <= curve["pride_diff_vs_base"]).all()
     scored = {p.name.split("-")[1] for p in (cfg.out / "eval" / "curve").glob("lora-*.jsonl")}
     assert {f"step{s}" for s in steps} <= scored
     validation = {q.id for q in data.load_split(cfg, "validation")}

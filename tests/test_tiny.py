@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from medqa_zh import data, tiny
+from medqa_zh import config, data, tiny
 
 
 def test_tiny_model_loads_like_a_hub_model_and_generates(tiny_assets):
@@ -87,7 +87,20 @@ def test_synthetic_data_has_the_planted_flaws(tiny_assets):
     assert len(splits.duplicates["dev"]) == tiny.PLANTED["dev_duplicates"]
     assert len(splits.overlaps["eval"]) == tiny.PLANTED["test_in_train"]
     assert len(splits.overlaps["dev"]) == 0
-    assert [len(splits[r]) for r in ("train", "dev", "eval")] == [tiny.SPLIT_SIZES[s] for s in ("train", "dev", "test")]
+    assert [len(splits[r]) for r in ("train", "dev")] == [tiny.SPLIT_SIZES[s] for s in ("train", "dev")]
+    assert len(splits["eval"]) == tiny.SPLIT_SIZES["test"] + tiny.TEST_EXTRA
+
+
+def test_the_smoke_replication_set_is_the_extra_test_questions(tiny_assets):
+    """smoke.yaml's eval (test[:43]) is the 40 test questions with the 3 planted repeats of train; its
+    replication set (test[43:]) the TEST_EXTRA questions after them, none in another role."""
+    qdir = tiny_assets["medqa"] / "questions" / "Mainland"
+    specs = config.load("smoke")["data.splits"]
+    splits = data.load_splits(qdir, specs)
+    assert len(splits.overlaps["eval"]) == tiny.PLANTED["test_in_train"]
+    assert len(splits["eval"]) == tiny.SPLIT_SIZES["test"]
+    assert len(splits["replication"]) == tiny.TEST_EXTRA and not splits.overlaps["replication"]
+    assert not splits.skipped
 
 
 def test_synthetic_answers_follow_the_textbook_facts():

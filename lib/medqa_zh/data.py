@@ -14,6 +14,7 @@ reported; nothing else is dropped.
 from __future__ import annotations
 
 import json
+import random
 import re
 import string
 from collections import Counter
@@ -254,8 +255,9 @@ def remove_overlap(questions: list[Question], reference: list[Question]) -> tupl
 # the roles a profile names, in the order they claim a question that appears in more than one: a question
 # of validation that is also in train is dropped from validation, one of eval that is in either is dropped
 # from eval. Validation is where anything is chosen (eval loss, the recipe, the debiasing prior); eval is
-# only reported.
-ROLES = ("train", "validation", "eval")
+# only reported; replication (optional) only checks the pre-registered comparisons on questions nobody chose on.
+ROLES = ("train", "validation", "eval", "replication")
+OPTIONAL_ROLES = ("replication",)  # null in the profile, or its file absent: skipped with a reason, never an error
 
 
 @dataclass
@@ -267,6 +269,7 @@ class Splits:
     duplicates: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     overlaps: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # role -> (removed id, earlier role)
     conflicts: dict[str, list[list[str]]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # optional role -> why it has no questions
 
     def __getitem__(self, role: str) -> list[Question]:
         return self.questions[role]
@@ -294,13 +297,24 @@ def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: st
     Per role: read and validate the file, slice it, drop exact duplicates; then drop from each role
     the questions that also appear in a role before it (``train`` first, then the order of
     :data:`ROLES`, then any other role in the order given), so no question is in two roles. All
-    counts are reported.
+    counts are reported. An optional role (:data:`OPTIONAL_ROLES`) that is null, or whose file is
+    absent (MedQA's ``test`` where only ``dev`` is at hand), is left out, with the reason in
+    :attr:`Splits.skipped`.
     """
     questions_dir = Path(questions_dir)
     if train_role not in specs:
         raise ValueError(f"the splits {sorted(specs)} name no {train_role!r} role; add one in the profile (data.splits)")
     files: dict[str, tuple[list[Question], ReadReport]] = {}
     out = Splits(questions={})
+    specs = dict(specs)
+    for role in OPTIONAL_ROLES:
+        if role in specs and specs[role] is None:
+            del specs[role]
+            out.skipped[role] = f"data.splits.{role} is null"
+        elif role in specs and not (path := questions_dir / f"{SplitSpec.parse(specs[role]).name}.jsonl").is_file():
+            out.skipped[role] = (f"data.splits.{role} = {specs[role]!r}, but {path} is absent: no {role} set in this run "
+                                 f"(MedQA's data_clean has it; set data.splits.{role}: null to silence this)")
+            del specs[role]
     order = [train_role] + [r for r in ROLES if r in specs and r != train_role] + \
         [r for r in specs if r not in ROLES and r != train_role]
     for role in order:
@@ -368,10 +382,53 @@ def split_path(cfg, role: str, kind: str = "questions") -> Path:
 def ensure_splits(cfg) -> None:
     """The clean split files where training and the evaluations read them, written as notebook 01 writes
     them when any is missing: for a script or test that trains without running 01 (files there are kept)."""
-    if all(split_path(cfg, role).is_file() for role in cfg["data.splits"]):
+    if all(split_path(cfg, role).is_file() for role in cfg["data.splits"] if role not in OPTIONAL_ROLES):
         return
     for role, questions in load_splits(cfg.questions_dir, cfg["data.splits"]).questions.items():
         write_questions(questions, split_path(cfg, role))
+
+
+def write_splits(cfg, splits: Splits) -> list[Path]:
+    """Notebook 01's split files: per role the clean questions and the chat-format SFT examples
+    (:func:`split_path`); a skipped optional role's files from an earlier run are deleted, so that no
+    later notebook reads a stale set as this run's."""
+    written = []
+    for role, questions in splits.questions.items():
+        written.append(write_questions(questions, split_path(cfg, role)))
+        written.append(write_sft_jsonl(questions, split_path(cfg, role, "sft")))
+    for role in splits.skipped:
+        for kind in ("questions", "sft"):
+            split_path(cfg, role, kind).unlink(missing_ok=True)
+    return written
+
+
+def halves(questions: list[Question], seed: int) -> tuple[list[str], list[str]]:
+    """Two halves of ``questions`` (their ids), stratified by the correct letter: within each letter the
+    questions are shuffled with ``seed`` and dealt alternately, each letter's odd one out going to the half
+    that is short. So both halves have the same gold-letter mix, and a letter habit cannot favour one."""
+    rng = random.Random(f"halves-{seed}")
+    by_letter: dict[str, list[str]] = {}
+    for q in questions:
+        by_letter.setdefault(q.answer_idx, []).append(q.id)
+    first, second = [], []
+    for letter in sorted(by_letter):
+        ids = by_letter[letter]
+        rng.shuffle(ids)
+        a, b = (first, second) if len(first) <= len(second) else (second, first)
+        a += ids[0::2]
+        b += ids[1::2]
+    return first, second
+
+
+def replication_questions(cfg) -> tuple[list[Question], str | None]:
+    """The replication set notebook 01 wrote (``data.splits.replication``), or ``([], why there is none)``."""
+    spec = cfg["data.splits.replication"]
+    if spec is None:
+        return [], "data.splits.replication is null: no replication set in this profile"
+    if not split_path(cfg, "replication").is_file():
+        return [], (f"no replication set: data.splits.replication = {spec!r}, but notebook 01 wrote none "
+                    f"({split_path(cfg, 'replication')} is absent: its MedQA file is missing, 01 says which)")
+    return load_split(cfg, "replication"), None
 
 
 def load_split(cfg, role: str) -> list[Question]:

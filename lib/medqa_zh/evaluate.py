@@ -135,6 +135,22 @@ def detectable_difference(n: int, discordant: int, power: float = 0.8, alpha: fl
     return float(optimize.brentq(gap, 1e-12, math.sqrt(psi)))
 
 
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (statsmodels' ``multipletests``, method
+    ``holm``): each adjusted p is what the family-wise error rate allows, so "adjusted p < alpha" for any
+    member holds with probability at most alpha when no difference is real. NaN stays NaN and is no member."""
+    from statsmodels.stats.multitest import multipletests  # statsmodels imports slowly: only where it is used
+
+    values = [float(p) for p in p_values]
+    members = [i for i, p in enumerate(values) if p == p]
+    adjusted = [math.nan] * len(values)
+    if members:
+        _, corrected, _, _ = multipletests([values[i] for i in members], method="holm")
+        for i, q in zip(members, corrected, strict=True):
+            adjusted[i] = float(q)
+    return adjusted
+
+
 def pairwise_mcnemar(results_by_model: dict) -> pd.DataFrame:
     """Exact McNemar and the difference ``b - a`` with its 95% interval between every pair of models: one row per pair."""
     rows = []

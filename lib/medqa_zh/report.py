@@ -8,6 +8,7 @@ import importlib.util
 import json
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -313,33 +314,52 @@ def readings(answers: dict) -> dict:
     return out
 
 
-def results_table(answers: dict, baselines=None):
+SUFFIXES = ("vs_base", "vs_no_rag")  # the two paired comparisons of a results-table row
+
+
+def _against(model: str, evaluation: str, suffix: str) -> tuple[str, str] | None:
+    """The (model, reading) a row is compared with: the base model on the same reading (``vs_base``), or
+    the same model without passages (``vs_no_rag``, for a reading with passages); None where there is none."""
+    if suffix == "vs_base":
+        return ("base", evaluation) if model != "base" else None
+    return (model, evaluation.split("+rag")[0]) if "+rag" in evaluation else None
+
+
+def results_table(answers: dict, baselines=None, primary=()):
     """One row per (model, reading) of :func:`readings`: n, accuracy, its 95% interval, invalid and
     failed answers, and two paired comparisons on the same questions, each the difference in
-    accuracy with its 95% interval (:func:`evaluate.paired_difference_ci`), the exact McNemar p and
-    the smallest difference those questions could detect (80% power, alpha 0.05,
+    accuracy with its 95% interval (:func:`evaluate.paired_difference_ci`), the exact McNemar p,
+    the Holm-adjusted p (``p_adj_*``, :func:`evaluate.holm`: the family is every paired difference in
+    this table) and the smallest difference those questions could detect (80% power, alpha 0.05,
     :func:`evaluate.detectable_difference`): against the base model on the same reading
     (``vs_base``) and, for RAG rows, against the same model without passages (``vs_no_rag``).
-    ``baselines`` (:func:`evaluate.baselines`) come last, as evaluation ``baseline``."""
+    ``primary``: the pre-registered :class:`Comparison` objects; column ``primary`` names the one a row
+    carries (every other difference is exploratory). ``baselines`` (:func:`evaluate.baselines`) come
+    last, as evaluation ``baseline``."""
     read = readings(answers)
+    named = {(c.model, c.evaluation, c.suffix): c.name for c in primary}
     rows = []
     for (model, evaluation), (got, consistency) in read.items():
         acc = evaluate.accuracy(got)
         row = {"model": model, "evaluation": evaluation, "n": acc["n"], "accuracy": acc["accuracy"],
                "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "consistency": consistency,
-               "invalid_rate": acc["invalid_rate"], "failed": acc["failed"]}
-        without = evaluation.split("+rag")[0] if "+rag" in evaluation else None
-        for suffix, other in (("vs_base", ("base", evaluation) if model != "base" else None),
-                              ("vs_no_rag", (model, without) if without else None)):
+               "invalid_rate": acc["invalid_rate"], "failed": acc["failed"],
+               "primary": next((named[model, evaluation, s] for s in SUFFIXES if (model, evaluation, s) in named), "")}
+        for suffix in SUFFIXES:
+            other = _against(model, evaluation, suffix)
             test = evaluate.mcnemar(read[other][0], got) if other in read else None
             row.update(_comparison(suffix, test))
         rows.append(row)
     for _, b in (baselines.iterrows() if baselines is not None else ()):
         rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
-                     "ci_low": b["ci_low"], "ci_high": b["ci_high"]})
+                     "ci_low": b["ci_low"], "ci_high": b["ci_high"], "primary": ""})
     columns = ["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency", "invalid_rate", "failed"]
-    columns += [c for suffix in ("vs_base", "vs_no_rag") for c in _comparison(suffix, None)]
+    columns += [c for suffix in SUFFIXES for c in _comparison(suffix, None)] + ["primary"]
     table = pd.DataFrame(rows, columns=columns)
+    family = [(i, suffix) for suffix in SUFFIXES for i in range(len(table)) if table.at[i, f"p_{suffix}"] == table.at[i, f"p_{suffix}"]]
+    for (i, suffix), adjusted in zip(family, evaluate.holm([table.at[i, f"p_{suffix}"] for i, suffix in family]),
+                                     strict=True):
+        table.at[i, f"p_adj_{suffix}"] = adjusted
     order = tuple(e.replace(results.ROTATIONS, "debiased") for e in results.ORDER)
     key = table.apply(lambda r: (results.position(r["evaluation"], order),  # baselines last, as given
                                  results.position(r["model"], models.NAMES) if r["evaluation"] != "baseline" else ()),
@@ -348,15 +368,177 @@ def results_table(answers: dict, baselines=None):
 
 
 def _comparison(suffix: str, test: dict | None) -> dict:
-    """The columns of one paired comparison (``diff_<suffix>`` with its interval, ``p_<suffix>``,
-    ``detectable_<suffix>``), NaN where there is nothing to compare."""
+    """The columns of one paired comparison (``diff_<suffix>`` with its interval, ``p_<suffix>``, the
+    Holm-adjusted ``p_adj_<suffix>`` (filled in by :func:`results_table`), ``detectable_<suffix>``),
+    NaN where there is nothing to compare."""
     nan = float("nan")
     if test is None:
         return {f"diff_{suffix}": nan, f"diff_{suffix}_low": nan, f"diff_{suffix}_high": nan, f"p_{suffix}": nan,
-                f"detectable_{suffix}": nan}
+                f"p_adj_{suffix}": nan, f"detectable_{suffix}": nan}
     return {f"diff_{suffix}": test["difference"], f"diff_{suffix}_low": test["diff_ci_low"],
-            f"diff_{suffix}_high": test["diff_ci_high"], f"p_{suffix}": test["p_value"],
+            f"diff_{suffix}_high": test["diff_ci_high"], f"p_{suffix}": test["p_value"], f"p_adj_{suffix}": nan,
             f"detectable_{suffix}": evaluate.detectable_difference(test["n"], test["a_only"] + test["b_only"])}
+
+
+# --------------------------------------------------------------------------- the pre-registered verdict (10)
+
+READINGS = ("letter", "pride", "debiased", "generate")  # what eval.primary_reading may name (results.NEEDS)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One pre-registered comparison (``eval.primary_comparisons``) in the primary reading: the results-table
+    row ``(model, evaluation)`` and its paired test ``suffix`` (``vs_base`` or ``vs_no_rag``) against ``other``."""
+
+    name: str                # as the profile says it: "merged vs base", "merged+rag bm25 vs merged"
+    model: str
+    evaluation: str          # the reading's row name: "debiased", "debiased+rag bm25"
+    suffix: str
+    other: tuple[str, str]   # (model, evaluation) it is compared with
+
+
+def primary_comparisons(reading: str, names) -> list[Comparison]:
+    """Parse ``eval.primary_comparisons`` (``"A vs B"``) in ``reading`` (``eval.primary_reading``). Two kinds
+    exist, the two a results table tests: fine-tuning, ``model vs base`` (with the same passages on both sides,
+    ``model+rag R vs base+rag R``), and passages, ``model+rag R vs model``."""
+    if reading not in READINGS:
+        raise ValueError(f"eval.primary_reading: {reading!r} is none of {', '.join(READINGS)}; fix it in the profile")
+    out = []
+    for name in names:
+        sides = [side.strip() for side in str(name).split(" vs ")]
+        parsed = [side.partition("+rag ") for side in sides]
+        if len(sides) != 2 or not all(model in models.NAMES for model, _, _ in parsed):
+            raise ValueError(f"eval.primary_comparisons: {name!r} is not 'A vs B' with A and B each one of "
+                             f"{', '.join(models.NAMES)} (optionally '+rag <retriever>'), e.g. 'merged vs base'")
+        (a, _, ra), (b, _, rb) = parsed
+        evaluation = reading + (f"+rag {ra}" if ra else "")
+        if ra and not rb and a == b:
+            out.append(Comparison(name, a, evaluation, "vs_no_rag", (a, reading)))
+        elif ra == rb and b == "base" and a != "base":
+            out.append(Comparison(name, a, evaluation, "vs_base", ("base", evaluation)))
+        else:
+            raise ValueError(f"eval.primary_comparisons: {name!r} is neither 'model vs base' nor 'model+rag <retriever> "
+                             "vs model': the two comparisons the results table tests")
+    return out
+
+
+def primary(cfg) -> tuple[str, list[Comparison]]:
+    """The profile's pre-registration: ``(eval.primary_reading, its comparisons)``."""
+    return cfg["eval.primary_reading"], primary_comparisons(cfg["eval.primary_reading"], cfg["eval.primary_comparisons"])
+
+
+def primary_checks(comparisons, sets: dict) -> pd.DataFrame:
+    """Each pre-registered comparison on each question set: ``sets`` maps a label ("eval", "eval, half 1",
+    "replication") to ``(answers as results.collect gives them, the question ids to keep or None for all)``.
+    One row per comparison and set with n, the difference with its 95% interval and the exact McNemar p
+    (unadjusted: these are checks of one difference, not a family); a set without both answers is no row."""
+    rows = []
+    for label, (answers, ids) in sets.items():
+        read = readings(answers)
+        for c in comparisons:
+            if (c.model, c.evaluation) not in read or c.other not in read:
+                continue
+            a, b = (read[key][0] for key in (c.other, (c.model, c.evaluation)))
+            if ids is not None:
+                keep = set(ids)
+                a, b = ([r for r in rows_ if r["id"] in keep] for rows_ in (a, b))
+            test = evaluate.mcnemar(a, b)
+            rows.append({"comparison": c.name, "set": label, "n": test["n"], "diff": test["difference"],
+                         "diff_low": test["diff_ci_low"], "diff_high": test["diff_ci_high"], "p": test["p_value"]})
+    return pd.DataFrame(rows, columns=["comparison", "set", "n", "diff", "diff_low", "diff_high", "p"])
+
+
+def validation_check(curve) -> dict | None:
+    """What the run's own validation evidence says of fine-tuning: 02's learning curve (PriDe on the validation
+    questions), the last point against step 0 (the base), paired; None without a curve of two points or more."""
+    if curve is None or len(curve) < 2 or "pride_diff_vs_base" not in curve:
+        return None
+    last = curve.iloc[-1]
+    return {"step": int(last["step"]), "n": int(last["n"]), "diff": float(last["pride_diff_vs_base"]),
+            "diff_low": float(last["pride_diff_vs_base_low"]), "diff_high": float(last["pride_diff_vs_base_high"]),
+            "p": float(last["pride_p_vs_base"])}
+
+
+def _points(d, low, high) -> str:
+    return f"{100 * d:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _shows(d, p, alpha) -> int:
+    """+1: a significant gain, -1: a significant loss, 0: no significant difference."""
+    return 0 if not p < alpha else (1 if d > 0 else -1)
+
+
+FINE_TUNED = ("lora", "merged")  # the models 02's learning curve (validation) speaks of
+
+
+def verdict(table, checks, comparisons, reading: str, validation: dict | None = None,
+            replication_note: str | None = None, alpha: float = 0.05) -> str:
+    """10's verdict, in words, on the pre-registered comparisons only (markdown). For each: the difference in
+    ``reading`` on the eval split with its 95% interval, p and Holm-adjusted p (from ``table``,
+    :func:`results_table`); the same on each half of the eval split and on the replication set (``checks``,
+    :func:`primary_checks`); and, for fine-tuning, the run's validation evidence (``validation``,
+    :func:`validation_check`). A difference is *significant* when its adjusted p is below ``alpha``; it is
+    *replicated* only when the replication set shows it too (p below ``alpha``, same sign), and *unconfirmed*
+    when validation, the replication set or the two halves do not agree with it."""
+    family = int(sum(table[f"p_{s}"].notna().sum() for s in SUFFIXES))
+    lines = [f"**Pre-registered** (`eval.primary_reading`: **{reading}**; `eval.primary_comparisons`). Significant "
+             f"means a Holm-adjusted p below {alpha}, adjusted over all {family} paired differences this report shows; "
+             "every other difference in the table is exploratory."]
+    if not comparisons:
+        return lines[0] + "\n\nNo comparison is pre-registered (`eval.primary_comparisons` is empty)."
+    rows = table.set_index(["model", "evaluation"])
+    for c in comparisons:
+        if (c.model, c.evaluation) not in rows.index or rows.loc[(c.model, c.evaluation), f"p_{c.suffix}"] != \
+                rows.loc[(c.model, c.evaluation), f"p_{c.suffix}"]:
+            lines.append(f"- **{c.name}** ({c.evaluation} against {c.other[0]} / {c.other[1]}): not measured in this "
+                         "run (a notebook or setting that produces both readings is off), so nothing is concluded.")
+            continue
+        r = rows.loc[(c.model, c.evaluation)]
+        d, low, high = (r[f"diff_{c.suffix}{end}"] for end in ("", "_low", "_high"))
+        p, p_adj = r[f"p_{c.suffix}"], r[f"p_adj_{c.suffix}"]
+        shown = _shows(d, p_adj, alpha)
+        words = [f"eval, n = {int(r['n'])}: {_points(d, low, high)}, p = {p:.2g}, adjusted p = {p_adj:.2g}"]
+        doubts = []
+        mine = checks[checks["comparison"] == c.name] if len(checks) else checks
+        halves = mine[mine["set"].str.startswith("eval, half")]
+        if len(halves):
+            words.append("the halves of the eval split: " + "; ".join(
+                f"{h['diff'] * 100:+.1f} [{h['diff_low'] * 100:+.1f}, {h['diff_high'] * 100:+.1f}] (n = {int(h['n'])})"
+                for _, h in halves.iterrows()))
+            if shown and any(h["diff"] * shown <= 0 for _, h in halves.iterrows()):
+                doubts.append("one half of the eval split does not point the same way")
+        replicated = False
+        again = mine[mine["set"] == "replication"]
+        if len(again):
+            g = again.iloc[0]
+            replicated = shown != 0 and _shows(g["diff"], g["p"], alpha) == shown
+            words.append(f"the replication set, n = {int(g['n'])}: {_points(g['diff'], g['diff_low'], g['diff_high'])}, "
+                         f"p = {g['p']:.2g}: " + ("**replicated**" if replicated else
+                                                   "not replicated" if shown else "no difference there either"))
+            if shown and not replicated:
+                doubts.append("the independent replication set does not show it")
+        else:
+            words.append(f"no replication set ({replication_note or 'data.splits.replication'}), so it is not replicated")
+        if validation is not None and c.model in FINE_TUNED and c.suffix == "vs_base" and "+rag" not in c.evaluation:
+            v_shown = _shows(validation["diff"], validation["p"], alpha)
+            words.append(f"validation (02's learning curve, PriDe on {validation['n']} validation questions, step "
+                         f"{validation['step']} against the base): {_points(validation['diff'], validation['diff_low'], validation['diff_high'])}, "
+                         f"p = {validation['p']:.2g}")
+            if v_shown != shown:
+                doubts.append("validation and eval disagree: validation shows "
+                              + ("no significant difference" if v_shown == 0 else "a gain" if v_shown > 0 else "a loss")
+                              + ", eval " + ("none" if shown == 0 else "a gain" if shown > 0 else "a loss"))
+        if shown == 0:
+            head = (f"no significant difference: a gain larger than {100 * high:.1f} points and a loss larger than "
+                    f"{-100 * low:.1f} are ruled out at 95%" if low < 0 < high else
+                    "no significant difference after the adjustment for the differences reported")
+        elif doubts:
+            head = f"a {'gain' if shown > 0 else 'loss'} on eval, **unconfirmed**: " + "; ".join(doubts)
+        else:
+            head = (f"a significant {'gain' if shown > 0 else 'loss'}"
+                    + (", replicated on an independent set" if replicated else ", not yet replicated on an independent set"))
+        lines.append(f"- **{c.name}** ({c.evaluation}): {head}. " + "; ".join(words) + ".")
+    return "\n".join(lines)
 
 
 def quantization_table(reference: dict, quantized: dict, name: str = "merged"):
@@ -402,26 +584,32 @@ def rag_table(answers: dict, baselines=None):
 
 
 def significance(table, alpha: float = 0.05) -> str:
-    """What :func:`results_table` says, in words, one line per paired comparison: a difference with
-    p below ``alpha`` as a finding with its size and 95% interval; any other as what it rules out
-    (the interval's bounds: "a gain larger than Y points is ruled out at 95%"), with the smallest
-    difference those questions could have detected. Markdown."""
-    lines, found, tested = [], 0, 0
+    """What :func:`results_table` says, in words, one line per paired comparison: a difference whose
+    Holm-adjusted p is below ``alpha`` as a finding with its size and 95% interval; any other as what it
+    rules out (the interval's bounds: "a gain larger than Y points is ruled out at 95%"), with the smallest
+    difference those questions could have detected. Each line gives p and the adjusted p and says whether the
+    comparison was pre-registered (``primary``) or is exploratory. Markdown."""
+    lines, found, raw, tested = [], 0, 0, 0
     for _, r in table.iterrows():
         for suffix, against in (("vs_base", "the base model"), ("vs_no_rag", "the same model without passages")):
             p = r.get(f"p_{suffix}")
             if p is None or p != p:
                 continue
             tested += 1
+            raw += p < alpha
+            p_adj = r[f"p_adj_{suffix}"]
             d, low, high = (100 * r[f"diff_{suffix}{end}"] for end in ("", "_low", "_high"))
-            what = f"**{r['model']} / {r['evaluation']}** against {against} (n = {int(r['n'])})"
-            size = f"{d:+.1f} points [95% CI {low:+.1f}, {high:+.1f}], p = {p:.3g}"
-            if p < alpha:
+            role = "primary" if _primary_suffix(r.get("primary")) == suffix else "exploratory"
+            what = f"{role}: **{r['model']} / {r['evaluation']}** against {against} (n = {int(r['n'])})"
+            size = f"{d:+.1f} points [95% CI {low:+.1f}, {high:+.1f}], p = {p:.3g}, adjusted p = {p_adj:.3g}"
+            if p_adj < alpha:
                 found += 1
                 lines.append(f"- {what}: a significant {'gain' if d > 0 else 'loss'} of {size}.")
             else:
                 if low < 0 < high:
                     bound = f"a gain larger than {high:.1f} points, and a loss larger than {-low:.1f}, are ruled out at 95%"
+                elif p < alpha:
+                    bound = "significant alone, but not once adjusted for the differences reported"
                 else:  # the interval misses 0 while the exact test, more conservative, stays above alpha
                     bound = "the interval excludes no change, but the exact test does not reach the threshold: borderline"
                 detectable = r.get(f"detectable_{suffix}")
@@ -430,8 +618,18 @@ def significance(table, alpha: float = 0.05) -> str:
                 lines.append(f"- {what}: no significant difference, {size}: {bound}{power}.")
     if not tested:
         return "No paired test yet: it needs the base model and another model (or a RAG run) on the same questions."
-    head = f"{found} of {tested} paired differences have p < {alpha}. Each difference, with what it shows:"
+    head = (f"{found} of {tested} paired differences have a Holm-adjusted p < {alpha} (adjusted over these {tested}; "
+            f"{raw} unadjusted). Each difference, with what it shows:")
     return "\n".join([head, *lines])
+
+
+def _primary_suffix(name) -> str | None:
+    """Which test of its row a pre-registered comparison's name is (:func:`primary_comparisons`): ``vs_no_rag``
+    for ``model+rag R vs model``, ``vs_base`` for ``model vs base``; None for no name (exploratory)."""
+    if not isinstance(name, str) or not name:
+        return None
+    a, _, b = name.partition(" vs ")
+    return "vs_no_rag" if "+rag" in a and "+rag" not in b else "vs_base"
 
 
 def letter_table(answers: dict, evaluation: str = "letter"):
@@ -518,6 +716,45 @@ def markdown_table(table, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(v) -> str:
+    return "" if v != v else f"{100 * v:.1f}"
+
+
+def _difference(row, suffix: str) -> str:
+    """``+2.9 [-2.0, +7.8], p = 0.28, adjusted 1`` (points), or ``—`` where the row has no such comparison."""
+    p = row.get(f"p_{suffix}")
+    if p is None or p != p:
+        return "—"
+    d, low, high = (100 * row[f"diff_{suffix}{end}"] for end in ("", "_low", "_high"))
+    return f"{d:+.1f} [{low:+.1f}, {high:+.1f}], p = {p:.2g}, adjusted {row[f'p_adj_{suffix}']:.2g}"
+
+
+def readable_results(table) -> str:
+    """:func:`results_table` as a reader wants it (markdown): accuracy [95% CI] in percent, each difference in
+    points with its interval, p and Holm-adjusted p, the detectable difference, and the pre-registered
+    comparison a row carries. ``python -m medqa_zh.report markdown outputs/<profile>`` prints it from the
+    run's ``10_results.csv`` (docs/results-cpu.md's tables are made so)."""
+    lines = ["| model | reading | n | accuracy [95% CI] | Δ vs base [95% CI], p | Δ vs no passages [95% CI], p "
+             "| detectable Δ (80% power) | pre-registered |", "|---|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        detectable = r["detectable_vs_no_rag"] if r["detectable_vs_no_rag"] == r["detectable_vs_no_rag"] \
+            else r["detectable_vs_base"]
+        primary = r["primary"] if isinstance(r["primary"], str) else ""
+        lines.append(f"| {r['model']} | {r['evaluation']} | {int(r['n'])} | {_pct(r['accuracy'])} "
+                     f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {_difference(r, 'vs_base')} | "
+                     f"{_difference(r, 'vs_no_rag')} | {_pct(detectable)} | {primary} |")
+    return "\n".join(lines) + "\n"
+
+
+def readable_checks(checks) -> str:
+    """:func:`primary_checks` as markdown: each pre-registered comparison on each question set, in points."""
+    lines = ["| comparison | questions | n | Δ [95% CI] | p |", "|---|---|---|---|---|"]
+    for _, r in checks.iterrows():
+        lines.append(f"| {r['comparison']} | {r['set']} | {int(r['n'])} | {100 * r['diff']:+.1f} "
+                     f"[{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}] | {r['p']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- reports/index.html (run_all.sh)
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -542,6 +779,7 @@ def _both(english: str, chinese: str) -> str:
 
 
 RESULTS_TABLE = "10_results"  # results_table as 10 writes it: .csv and .md (the index shows it)
+PRIMARY_TABLE = "10_primary"  # primary_checks as 10 writes it: .csv
 
 
 def write_index(out_dir, notebooks: list[str]) -> Path:
@@ -601,13 +839,23 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m medqa_zh.report",
-                                description="Write outputs/<profile>/reports/index.html (run_all.sh calls this).")
-    p.add_argument("command", choices=["index"])
+                                description="index: write outputs/<profile>/reports/index.html (run_all.sh calls this); "
+                                            "markdown: print 10's results and pre-registered checks as readable "
+                                            "markdown tables (what docs/results-cpu.md shows)")
+    p.add_argument("command", choices=["index", "markdown"])
     p.add_argument("out_dir", help="outputs/<profile>")
     p.add_argument("--notebooks", default="notebooks", help="folder of the series' NN_*.ipynb")
     p.add_argument("--timing", nargs=3, metavar=("NOTEBOOK", "SECONDS", "STATUS"),
                    help="record one notebook's wall time and status (ok | failed) first")
     a = p.parse_args(argv)
+    if a.command == "markdown":
+        tables = Path(a.out_dir) / "tables"
+        for name, render in ((RESULTS_TABLE, readable_results), (PRIMARY_TABLE, readable_checks)):
+            path = tables / f"{name}.csv"
+            if not path.is_file():
+                raise SystemExit(f"{path} is missing: run notebook 10 for this profile first")
+            print(render(pd.read_csv(path, keep_default_na=False, na_values=[""])))
+        return
     if a.timing:
         record_timing(a.out_dir, a.timing[0], float(a.timing[1]), a.timing[2])
     names = [f.stem for f in sorted(Path(a.notebooks).glob("[0-9][0-9]_*.ipynb"))]

@@ -28,6 +28,9 @@ CALIBRATION = "calibration"  # rotations of the first eval.calibration_questions
 PRIDE = "pride"              # a reading, not a file: letter scores debiased with the calibration's prior (debias)
 IN_PROCESS = (LETTER, GENERATE, ROTATIONS, CALIBRATION)
 INDEX = "index.json"
+ROLES = ("eval", "replication")  # the question sets a run reports on: the eval split, and the optional replication set
+# what each primary reading (eval.primary_reading) needs scored in-process
+NEEDS = {LETTER: (LETTER,), PRIDE: (LETTER, CALIBRATION), "debiased": (ROTATIONS,), GENERATE: (GENERATE,)}
 
 
 def through(evaluation: str, backend: str) -> str:
@@ -64,11 +67,20 @@ def questions_for(cfg, evaluation: str, questions):
     return questions
 
 
-def path_for(cfg, name: str, evaluation: str, fingerprint: str, kind: str = "direct") -> Path:
-    """``outputs/<profile>/eval/<kind>/<model>-<evaluation>[-t<max_new_tokens>]-<fingerprint>.jsonl``;
-    generated answers carry ``eval.max_new_tokens`` in the name, since they depend on it."""
+def folder(cfg, role: str = "eval") -> Path:
+    """Where a question set's answers and their ``index.json`` live: ``outputs/<profile>/eval/`` for the eval
+    split, ``outputs/<profile>/eval/replication/`` for the replication set (``data.splits.replication``)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown question set {role!r}: choose from {', '.join(ROLES)}")
+    return cfg.out / "eval" if role == "eval" else cfg.out / "eval" / role
+
+
+def path_for(cfg, name: str, evaluation: str, fingerprint: str, kind: str = "direct", role: str = "eval") -> Path:
+    """``outputs/<profile>/eval/<kind>/<model>-<evaluation>[-t<max_new_tokens>]-<fingerprint>.jsonl``
+    (under ``eval/replication/`` for the replication set); generated answers carry ``eval.max_new_tokens``
+    in the name, since they depend on it."""
     settings = f"-t{cfg['eval.max_new_tokens']}" if evaluation == GENERATE or evaluation.startswith(API) else ""
-    return cfg.out / "eval" / kind / f"{name}-{evaluation}{settings}-{fingerprint}.jsonl"
+    return folder(cfg, role) / kind / f"{name}-{evaluation}{settings}-{fingerprint}.jsonl"
 
 
 def read(path) -> list[dict]:
@@ -144,17 +156,18 @@ def _complete(path, questions) -> bool:
 
 
 def in_process(cfg, name: str, questions, evaluations=IN_PROCESS, passages: dict | None = None,
-               progress: bool = True) -> dict[str, list[dict]]:
+               progress: bool = True, role: str = "eval") -> dict[str, list[dict]]:
     """One model's in-process evaluations, each read from its cache and computed where questions
     are missing; the model is loaded once, only if something is missing, and freed at the end.
 
     ``evaluations``: any of ``letter`` and ``generate`` (06; ``eval.batch_size``,
     ``eval.max_new_tokens``), ``rotations`` and ``calibration`` (06, section 5), each on the questions
     :func:`questions_for` gives it. ``passages``: ``{retriever: (tag, contexts)}``
-    (:meth:`rag.Retrieval.tag`, ``contexts`` for the eval and the calibration questions): letter
-    scores, calibration and rotations again with that retriever's passages in the prompt (08),
-    evaluations ``letter+rag <retriever>`` and so on. Returns evaluation name -> rows, in the order
-    of its questions."""
+    (:meth:`rag.Retrieval.tag`, ``contexts`` for the eval and the calibration questions): those of
+    ``evaluations`` among letter scores, calibration and rotations again with that retriever's passages
+    in the prompt (08), evaluations ``letter+rag <retriever>`` and so on. ``role``: ``replication`` when ``questions`` are
+    the replication set (its files and index under :func:`folder`). Returns evaluation name -> rows, in
+    the order of its questions."""
     unknown = set(evaluations) - set(IN_PROCESS)
     if unknown:
         raise ValueError(f"unknown in-process evaluation {', '.join(sorted(unknown))} (choose from {', '.join(IN_PROCESS)})")
@@ -166,11 +179,12 @@ def in_process(cfg, name: str, questions, evaluations=IN_PROCESS, passages: dict
             loaded.append(models.load_for_eval(cfg, name))
         return loaded[0]
 
-    runs = {e: (path_for(cfg, name, e, fp), questions_for(cfg, e, questions), e, None) for e in evaluations}
+    runs = {e: (path_for(cfg, name, e, fp, role=role), questions_for(cfg, e, questions), e, None) for e in evaluations}
     for retriever, (tag, contexts) in (passages or {}).items():
         for e in (LETTER, CALIBRATION, ROTATIONS):
-            runs[with_passages(e, retriever)] = (path_for(cfg, name, f"{e}-{tag}", fp, kind="rag"),
-                                                 questions_for(cfg, e, questions), e, contexts)
+            if e in evaluations:
+                runs[with_passages(e, retriever)] = (path_for(cfg, name, f"{e}-{tag}", fp, kind="rag", role=role),
+                                                     questions_for(cfg, e, questions), e, contexts)
     try:
         return {evaluation: run_cached(path, qs, scorer(cfg, model, kind, contexts), batch_size=cfg["eval.batch_size"],
                                        progress=progress, desc=f"{name}: {evaluation}", label=(name, evaluation))
@@ -178,6 +192,28 @@ def in_process(cfg, name: str, questions, evaluations=IN_PROCESS, passages: dict
     finally:
         loaded.clear()
         models.free_memory()  # before the next model loads (GPU memory too)
+
+
+def replicate(cfg, names, reading: str, passages=None, progress: bool = True) -> tuple[dict, str | None]:
+    """The models ``names`` scored on the replication set (``data.splits.replication``, 01's file) in the
+    pre-registered ``reading`` (``eval.primary_reading``: what :data:`NEEDS` says it takes), cached apart from
+    the eval split's answers (:func:`folder`). ``passages``: ``passages(name, questions) -> {retriever: (tag,
+    contexts)}`` for the readings with passages (08). Returns ``({(model, evaluation): rows}, None)``, or
+    ``({}, why)`` when there is nothing to score: no replication set, or a reading this profile does not make."""
+    questions, why = data.replication_questions(cfg)
+    if why:
+        return {}, why
+    if reading not in NEEDS:
+        raise ValueError(f"eval.primary_reading: {reading!r} is none of {', '.join(NEEDS)}; fix it in the profile")
+    if ROTATIONS in NEEDS[reading] and not cfg["eval.rotations"]:
+        return {}, f"eval.rotations is off, so this run has no {reading} reading to replicate"
+    got = {}
+    for name in names:
+        more = passages(name, questions) if passages else None
+        for evaluation, rows in in_process(cfg, name, questions, NEEDS[reading], passages=more, progress=progress,
+                                           role="replication").items():
+            got[name, evaluation] = rows
+    return got, None
 
 
 def gguf_cached(cfg, name: str, quantization: str, questions, progress: bool = True) -> dict[str, list[dict]]:
@@ -244,7 +280,9 @@ def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
     validation questions, then the single-pass debiased reading of the first ``train.curve_questions``
     (their letter scores; a calibration question's is its rotation 0). Validation, not eval: a curve
     is read to choose how long to train. Cached per point under ``eval/curve/`` (resumable), keyed
-    by the checkpoint's weights. One row per point: step, n, plain and PriDe accuracy with intervals."""
+    by the checkpoint's weights. One row per point: step, n, plain and PriDe accuracy with intervals, and
+    PriDe's paired difference from step 0 with its 95% interval and exact McNemar p (``pride_diff_vs_base``,
+    ``_low``, ``_high``, ``pride_p_vs_base``): the run's validation evidence that 10's verdict reads."""
     run_dir = models.folder(cfg, "lora")
     wanted = cfg["train.curve_questions"]
     if not wanted:
@@ -286,11 +324,17 @@ def learning_curve(cfg, progress: bool = True) -> pd.DataFrame:
         scored = [first.get(q.id) or by_id[q.id] for q in validation]  # one plain pass per question
         plain = evaluate.accuracy([{"id": r["id"], "gold": r["gold"], "pred": max(r["logprobs"], key=r["logprobs"].get)}
                                    for r in scored])
-        pride = evaluate.accuracy(debias.pride_results(scored, debias.estimate_prior(rotated)))
+        chosen = debias.pride_results(scored, debias.estimate_prior(rotated))
+        if folder is None:  # the first point: the base model, which every later point is paired with
+            base_chosen = chosen
+        pride = evaluate.accuracy(chosen)
+        against = evaluate.mcnemar(base_chosen, chosen)  # paired, on the same validation questions (step 0: itself)
         rows.append({"step": step, "checkpoint": "base" if folder is None else ("final" if folder == run_dir else folder.name), "n": pride["n"],
                      "calibration_n": len(rotated), "plain": plain["accuracy"], "plain_ci_low": plain["ci_low"],
                      "plain_ci_high": plain["ci_high"], "pride": pride["accuracy"], "pride_ci_low": pride["ci_low"],
-                     "pride_ci_high": pride["ci_high"]})
+                     "pride_ci_high": pride["ci_high"], "pride_diff_vs_base": against["difference"],
+                     "pride_diff_vs_base_low": against["diff_ci_low"], "pride_diff_vs_base_high": against["diff_ci_high"],
+                     "pride_p_vs_base": against["p_value"]})
     curve = pd.DataFrame(rows)
     key = runs.read_run_key(run_dir)
     if key:  # train.report_to's dashboards show the curve beside the run's losses
@@ -336,13 +380,14 @@ def position(value: str, known: tuple) -> tuple:
     return (known.index(value), value) if value in known else (len(known), value)
 
 
-def collect(cfg, questions) -> tuple[dict, list[dict]]:
+def collect(cfg, questions, role: str = "eval") -> tuple[dict, list[dict]]:
     """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
     ``{(model, evaluation): rows}`` in series and model order, and the entries left out with the
     reason: a missing file, a model trained again since (its weights no longer match the file's
     fingerprint), or answers to other questions than :func:`questions_for` gives the evaluation
-    (``questions``: the eval split at this profile's ``eval.max_questions``)."""
-    index = cfg.out / "eval" / INDEX
+    (``questions``: the eval split at this profile's ``eval.max_questions``; with ``role``
+    ``replication``, the replication set, whose answers 06 and 08 keep apart)."""
+    index = folder(cfg, role) / INDEX
     entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
     found = models.available(cfg)
     fingerprints, got, skipped, wanted_ids = {}, {}, [], {}

@@ -30,7 +30,7 @@ from . import files, prompts
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
 
-ASSETS_VERSION = 3  # bump when the generator changes, so old assets are rebuilt
+ASSETS_VERSION = 4  # bump when the generator changes, so old assets are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-0.5B-Instruct)
 QWEN_SPLIT_REGEX = (
@@ -40,6 +40,8 @@ QWEN_SPLIT_REGEX = (
 QWEN_GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 
 SPLIT_SIZES = {"train": 240, "dev": 40, "test": 40}  # unique questions, before the planted flaws
+# unique questions appended to test after the planted ones (the smoke profile's replication set: test[43:])
+TEST_EXTRA = 20
 PLANTED = {"train_duplicates": 3, "dev_duplicates": 2, "test_in_train": 3}
 
 _STEMS = "甲乙丙丁戊己庚辛壬癸"
@@ -96,7 +98,8 @@ def _question(rng: random.Random, world: list[Disease]) -> dict:
 
 
 def make_questions(seed: int = 0) -> dict[str, list[dict]]:
-    """Synthetic MedQA rows per split, with the ``PLANTED`` duplicates and train/test overlaps."""
+    """Synthetic MedQA rows per split, with the ``PLANTED`` duplicates and train/test overlaps; ``test`` ends
+    with ``TEST_EXTRA`` more unique questions."""
     world = make_world(seed)
     rng = random.Random(f"questions-{seed}")
     seen: set = set()
@@ -118,6 +121,13 @@ def make_questions(seed: int = 0) -> dict[str, list[dict]]:
     plant(splits["test"], rng.sample(splits["train"], PLANTED["test_in_train"]))
     plant(splits["train"], rng.sample(splits["train"], PLANTED["train_duplicates"]))
     plant(splits["dev"], rng.sample(splits["dev"], PLANTED["dev_duplicates"]))
+    extra = random.Random(f"test-extra-{seed}")  # its own stream: the rows above stay as they were
+    while len(splits["test"]) < SPLIT_SIZES["test"] + PLANTED["test_in_train"] + TEST_EXTRA:
+        row = _question(extra, world)
+        key = (row["question"], tuple(row["options"].values()))
+        if key not in seen:
+            seen.add(key)
+            splits["test"].append(row)
     return splits
 
 
