@@ -365,3 +365,20 @@ def test_the_markdown_command_prints_the_results_and_checks_as_a_reader_wants_th
     (tables / f"{report.PRIMARY_TABLE}.csv").unlink()
     with pytest.raises(SystemExit, match="10_primary.csv is missing: run notebook 10"):
         report.main(["markdown", str(tmp_path)])
+
+
+def test_a_half_with_none_of_a_readings_questions_is_no_row():
+    answers = {("base", "generate"): _rows([0, 1]), ("merged", "generate"): _rows([1, 1])}  # the first 2 questions only
+    comparisons = report.primary_comparisons("generate", ["merged vs base"])
+    checks = report.primary_checks(comparisons, {"eval": (answers, None), "eval, half 1": (answers, ["q0", "q5"]),
+                                                 "eval, half 2": (answers, ["q7", "q9"])})
+    assert list(checks["set"]) == ["eval", "eval, half 1"] and list(checks["n"]) == [2, 1]
+
+
+def test_the_verdict_says_so_when_only_validation_or_the_replication_set_shows_a_difference():
+    rising = {"step": 24, "n": 100, "diff": 0.2, "diff_low": 0.1, "diff_high": 0.3, "p": 0.001}
+    _, text = _verdict_case([1] * 2 + [0] * 38, replication_flags=[1] * 20, validation=rising)
+    assert "no significant difference" in text
+    assert "the independent replication set shows a difference that eval does not" in text
+    assert "a gain there that eval does not show" in text
+    assert "validation and eval disagree: validation shows a gain, eval none" in text

@@ -442,6 +442,8 @@ def primary_checks(comparisons, sets: dict) -> pd.DataFrame:
             if ids is not None:
                 keep = set(ids)
                 a, b = ([r for r in rows_ if r["id"] in keep] for rows_ in (a, b))
+                if not a:  # a reading on the first questions only (generate) may have none of a half
+                    continue
             test = evaluate.mcnemar(a, b)
             rows.append({"comparison": c.name, "set": label, "n": test["n"], "diff": test["difference"],
                          "diff_low": test["diff_ci_low"], "diff_high": test["diff_ci_high"], "p": test["p_value"]})
@@ -511,12 +513,15 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
         again = mine[mine["set"] == "replication"]
         if len(again):
             g = again.iloc[0]
-            replicated = shown != 0 and _shows(g["diff"], g["p"], alpha) == shown
+            there = _shows(g["diff"], g["p"], alpha)
+            replicated = shown != 0 and there == shown
             words.append(f"the replication set, n = {int(g['n'])}: {_points(g['diff'], g['diff_low'], g['diff_high'])}, "
-                         f"p = {g['p']:.2g}: " + ("**replicated**" if replicated else
-                                                   "not replicated" if shown else "no difference there either"))
-            if shown and not replicated:
-                doubts.append("the independent replication set does not show it")
+                         f"p = {g['p']:.2g}: " + ("**replicated**" if replicated else "not replicated" if shown else
+                                                   "no difference there either" if there == 0 else
+                                                   f"a {'gain' if there > 0 else 'loss'} there that eval does not show"))
+            if there != shown:
+                doubts.append("the independent replication set does not show it" if shown else
+                              "the independent replication set shows a difference that eval does not")
         else:
             words.append(f"no replication set ({replication_note or 'data.splits.replication'}), so it is not replicated")
         if validation is not None and c.model in FINE_TUNED and c.suffix == "vs_base" and "+rag" not in c.evaluation:
@@ -532,6 +537,7 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
             head = (f"no significant difference: a gain larger than {100 * high:.1f} points and a loss larger than "
                     f"{-100 * low:.1f} are ruled out at 95%" if low < 0 < high else
                     "no significant difference after the adjustment for the differences reported")
+            head += "".join(f"; {doubt}" for doubt in doubts)
         elif doubts:
             head = f"a {'gain' if shown > 0 else 'loss'} on eval, **unconfirmed**: " + "; ".join(doubts)
         else:
