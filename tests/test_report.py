@@ -348,11 +348,11 @@ def test_the_verdict_calls_an_eval_gain_unconfirmed_when_validation_disagrees():
 
 
 def test_the_halves_are_each_half_of_the_ids():
-    _, text = _verdict_case([1, 0] * 20)
-    checks, _ = _verdict_case([1, 0] * 20)
+    checks, text = _verdict_case([1, 0] * 20)
     halves = checks[checks["set"].str.startswith("eval, half")]
     assert list(halves["diff"]) == [1.0, 0.0]  # the even questions were all right, the odd ones all wrong
     assert "+100.0 [" in text and "+0.0 [" in text
+    assert "**unconfirmed**: one half of the eval split does not point the same way" in text
 
 
 def test_the_markdown_command_prints_the_results_and_checks_as_a_reader_wants_them(tmp_path, capsys):

@@ -527,6 +527,11 @@ class Retrieval:
             parts.append(self.rrf_k)
         return f"rag-{method}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:8]}"
 
+    def passages(self, questions, methods, k: int, count_tokens, budget: int) -> dict[str, tuple[str, dict]]:
+        """``{retriever: (tag, contexts)}`` for each of ``methods`` (:meth:`tag`, :meth:`contexts`): what
+        ``results.in_process``, ``results.api_cached`` and ``results.replicate`` take as passages."""
+        return {m: (self.tag(m, k, budget), self.contexts(questions, m, k, count_tokens, budget)) for m in methods}
+
     def contexts(self, questions, method: str, k: int, count_tokens, budget: int) -> dict[str, list[Passage]]:
         """Question id -> the passages for its prompt: the top ``k`` for question + options, cut to
         the token ``budget`` (:func:`fit_context`)."""

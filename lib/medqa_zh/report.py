@@ -630,12 +630,11 @@ def significance(table, alpha: float = 0.05) -> str:
 
 
 def _primary_suffix(name) -> str | None:
-    """Which test of its row a pre-registered comparison's name is (:func:`primary_comparisons`): ``vs_no_rag``
-    for ``model+rag R vs model``, ``vs_base`` for ``model vs base``; None for no name (exploratory)."""
+    """Which test of its row a results table's ``primary`` name is (``vs_base`` or ``vs_no_rag``, as
+    :func:`primary_comparisons` parses it; the reading does not change it); None for no name (exploratory)."""
     if not isinstance(name, str) or not name:
         return None
-    a, _, b = name.partition(" vs ")
-    return "vs_no_rag" if "+rag" in a and "+rag" not in b else "vs_base"
+    return primary_comparisons(READINGS[0], [name])[0].suffix
 
 
 def letter_table(answers: dict, evaluation: str = "letter"):
