@@ -75,6 +75,105 @@ def test_answer_only_loss_equals_trls_loss_and_gradients(smoke):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss_on", ["completion", "all"])
+def test_packed_rows_give_the_unpacked_loss_and_gradients(smoke, loss_on):
+    """train.packing puts a micro-batch's examples in one row, with position ids restarting at each: the loss
+    and every gradient must be the padded batch's, answer-only masking included. Without the restarting
+    position ids the examples would attend to each other, and the same check fails (the last lines)."""
+    import torch
+
+    runs_ = {}
+    for packing in (False, True):
+        cfg = smoke(**{"train.precision": "fp32", "train.packing": packing, "train.loss_on": loss_on})
+        runs_[packing] = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"packing-{packing}-{loss_on}")
+    padded, packed = runs_[False].trainer, runs_[True].trainer
+    torch.manual_seed(1)
+    for (name, a), (other, b) in zip(padded.model.named_parameters(), packed.model.named_parameters(), strict=True):
+        assert name == other
+        if a.requires_grad:  # B starts at zero; make the adapter matter, the same in both
+            torch.nn.init.normal_(a, std=0.05)
+            b.data.copy_(a.data)
+    rows = range(6)
+    batches = {False: padded.data_collator([padded.train_dataset[i] for i in rows]),
+               True: packed.data_collator([packed.train_dataset[i] for i in rows])}
+    assert batches[False]["input_ids"].shape[0] == 6 and "attention_mask" in batches[False]
+    assert batches[True]["input_ids"].shape[0] == 1 and "attention_mask" not in batches[True]
+    assert (batches[False]["attention_mask"] == 0).any()  # the padded batch has padding; the packed row none
+    assert batches[True]["input_ids"].shape[1] == batches[False]["attention_mask"].sum()
+
+    def loss_and_grads(trainer, batch):
+        trainer.model.zero_grad()
+        loss = type(trainer).compute_loss(trainer, trainer.model, dict(batch))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+
+    (want, want_grads), (got, got_grads) = loss_and_grads(padded, batches[False]), loss_and_grads(packed, batches[True])
+    labelled = int((batches[False]["labels"][:, 1:] != -100).sum())
+    assert labelled == int((batches[True]["labels"][:, 1:] != -100).sum())  # the same tokens count in the loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    crossed = {k: v for k, v in batches[True].items() if k != "position_ids"}  # one long sequence: examples see each other
+    leaked, _ = loss_and_grads(packed, crossed)
+    assert abs(leaked.item() - want.item()) > 100 * abs(got.item() - want.item()) + 1e-5
+
+
+def test_a_packed_run_trains_as_the_padded_one_does(smoke):
+    """The same steps, packed and in micro-batches sized by tokens, end at the same losses as the padded run."""
+    settings = {"train.max_steps": 4, "train.eval_steps": 4, "train.logging_steps": 1, "train.precision": "fp32",
+                "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2}
+    logs, metrics = {}, {}
+    for name, extra in (("padded", {}), ("packed", {"train.packing": True, "train.tokens_per_device": 700})):
+        cfg = smoke(**settings, **extra)
+        run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"run-{name}")
+        metrics[name] = train.train(run, resume=False)
+        logs[name] = runs.read_log(run.out_dir)
+    micro = metrics["packed"]["micro_batches"]
+    assert micro["packed"] and micro["padding_share"] == 0 and micro["tokens_max"] <= 700
+    assert micro["examples"] * micro["per_step"] == 8 and micro["per_step"] > 1  # 8 examples (~1,100 tokens) a step
+    assert metrics["padded"]["micro_batches"] == {**metrics["padded"]["micro_batches"], "examples": 4, "per_step": 2}
+    for key in ("loss", "eval_loss"):
+        want = [r[key] for r in logs["padded"] if key in r]
+        got = [r[key] for r in logs["packed"] if key in r]
+        assert len(want) >= 2 and got == pytest.approx(want, rel=1e-4)
+
+
+def test_a_step_is_split_into_the_fewest_micro_batches_that_fit_the_token_budget():
+    lengths = [100, 120, 300, 310, 50, 60, 70, 80]  # two steps of 4, each sorted as the stream is
+    assert train.micro_batches(lengths, 4, budget=1000, packed=True) == 1  # 830 and 260 tokens
+    assert train.micro_batches(lengths, 4, budget=700, packed=True) == 2  # halves: 220, 610, 110, 150
+    assert train.micro_batches(lengths, 4, budget=1300, packed=False) == 1  # padded: 4 x 310
+    assert train.micro_batches(lengths, 4, budget=700, packed=False) == 2  # 2 x 120, 2 x 310
+    assert train.micro_batches(lengths, 4, budget=310, packed=True) == 4
+    with pytest.raises(ValueError, match="tokens_per_device = 200 is smaller than the longest training example \\(310"):
+        train.micro_batches(lengths, 4, budget=200, packed=True)
+    assert train.micro_batch_tokens([10, 30], packed=True) == 40 and train.micro_batch_tokens([10, 30], packed=False) == 60
+
+
+def test_auto_sizes_the_micro_batches_from_the_devices_memory(smoke):
+    """``auto``: more memory, more tokens; full SFT's gradients and optimizer state are left out first."""
+    run = train.prepare(smoke(**{"train.precision": "fp32"}), "lora", out_dir=smoke().out / "models" / "auto-check")
+    model = run.trainer.model
+    per_token = train.activation_bytes_per_token(model.config, "fp32", lora=True)
+    small, large = (train.auto_tokens(model, "fp32", True, memory) for memory in (2**30, 8 * 2**30))
+    assert large > 7 * small and small == pytest.approx(2**30 * train.AUTO_MEMORY_SHARE / per_token, rel=0.1)
+    full_per_token = train.activation_bytes_per_token(model.config, "fp32", lora=False)
+    state = sum(p.numel() for p in model.parameters()) * 4 * 4  # weights, gradients, AdamW's two moments
+    assert train.auto_tokens(model, "fp32", False, 2**30) == pytest.approx(
+        (2**30 - state) * train.AUTO_MEMORY_SHARE / full_per_token, rel=0.05)
+    assert train.activation_bytes_per_token(model.config, "bf16", lora=False) < per_token
+    cfg = smoke(**{"train.precision": "fp32", "train.packing": True, "train.tokens_per_device": "auto"})
+    micro = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "auto-plan").micro
+    assert micro["token_budget"] > micro["tokens_max"] and micro["per_step"] == 1  # this machine's RAM holds a whole step
+
+
+@pytest.mark.parametrize("key, value", [("train.packing", "yes"), ("train.tokens_per_device", 0),
+                                        ("train.tokens_per_device", "lots")])
+def test_a_bad_batching_setting_names_the_key(smoke, key, value):
+    with pytest.raises(ValueError, match=key.replace(".", "\\.")):
+        train.settings(smoke(**{key: value}), "lora")
+
+
 def test_under_fsdp_the_loss_is_trls_own(smoke, monkeypatch):
     """FSDP holds the LM head's weight in shards outside the model's forward: there the head must not be
     called on its own (the answer-only projection), and the loss is trl's."""

@@ -94,9 +94,14 @@ def settings(cfg, mode: str) -> dict:
                if s.get(k) is None]
     if missing:
         raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
-    for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False))):
+    for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False)),
+                         ("packing", (True, False))):
         if s[key] not in allowed:
             raise ValueError(f"{cfg.source.name}: train.{key} is {s[key]!r}; it must be one of {list(allowed)}")
+    budget = s["tokens_per_device"]
+    if budget not in (None, "auto") and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"{cfg.source.name}: train.tokens_per_device is {budget!r}; it must be null, auto or a whole "
+                         "number of tokens")
     if int(s["num_train_epochs"]) != s["num_train_epochs"]:
         raise ValueError(f"{cfg.source.name}: train.num_train_epochs must be a whole number (use train.max_steps to stop "
                          "earlier)")
@@ -231,6 +236,82 @@ def padding_share(lengths: list[int], batch: int) -> float:
     return 1 - sum(lengths) / padded if padded else 0.0
 
 
+def micro_batch_tokens(lengths: list[int], packed: bool) -> int:
+    """Tokens one micro-batch of examples of these ``lengths`` holds: their sum when packed into one row,
+    else rows x the longest (padding included)."""
+    return sum(lengths) if packed else len(lengths) * max(lengths, default=0)
+
+
+def micro_batches(lengths: list[int], per_step: int, budget: int, packed: bool) -> int:
+    """How many micro-batches one process's ``per_step`` examples are split into: the fewest, dividing
+    ``per_step`` evenly, for which every micro-batch of the stream (consecutive examples, in training
+    order) holds at most ``budget`` tokens (:func:`micro_batch_tokens`). The optimizer step, and so its
+    gradient, is the same however it is split; only how much the device computes at once changes."""
+    for count in (k for k in range(1, per_step + 1) if per_step % k == 0):
+        size = per_step // count
+        if all(micro_batch_tokens(lengths[i:i + size], packed) <= budget for i in range(0, len(lengths), size)):
+            return count
+    longest = max(lengths)
+    raise ValueError(f"train.tokens_per_device = {budget} is smaller than the longest training example ({longest} tokens). "
+                     f"Fix: set it to at least {longest}, or to auto or null.")
+
+
+# saved activations per token and layer, in elements of the compute precision, for a decoder layer without
+# activation checkpointing: the inputs of the attention and MLP projections, q/k/v, the attention output, the
+# norms and residuals (about 8 x hidden) and the MLP's gate, up, activation and product (4 x intermediate).
+# LoRA adds its dropout's copy of each adapted layer's input in float32 (7 projections a layer). Checked against
+# what was measured (docs/training.md, Token budgets); the LM head adds nothing here, it sees only labelled tokens.
+ACTIVATION_HIDDEN, ACTIVATION_INTERMEDIATE, LORA_INPUTS = 8, 4, 7
+AUTO_MEMORY_SHARE = 0.6  # of the device's memory left after the weights and the optimizer state: the rest is headroom
+
+
+def activation_bytes_per_token(model_config, precision: str, lora: bool) -> float:
+    """Memory the backward pass keeps per trained token (an estimate from the model's shape)."""
+    h, inter = model_config.hidden_size, model_config.intermediate_size
+    elem = 2 if precision in ("bf16", "fp16") else 4
+    per_layer = (ACTIVATION_HIDDEN * h + ACTIVATION_INTERMEDIATE * inter) * elem + (LORA_INPUTS * h * 4 if lora else 0)
+    return model_config.num_hidden_layers * per_layer
+
+
+def device_memory_bytes(device: str) -> int:
+    """The device's memory: a GPU's total, or the memory the system has available on a CPU."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def auto_tokens(model, precision: str, lora: bool, memory: int) -> int:
+    """``train.tokens_per_device: auto``: the tokens whose activations fill :data:`AUTO_MEMORY_SHARE` of ``memory``
+    left after the model's state: its weights, and for full SFT their gradients and AdamW's two moments (float32).
+    A LoRA adapter's own state (under 2% of the weights at r = 16) is left in the headroom."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = weights if lora else weights + sum(p.numel() for p in model.parameters()) * 4 * 3
+    per_token = activation_bytes_per_token(model.config, precision, lora)
+    return max(int((memory - state) * AUTO_MEMORY_SHARE / per_token), 1)
+
+
+def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode: str, device: str) -> dict:
+    """How one process's share of an optimizer step (``per_device_train_batch_size`` x
+    ``gradient_accumulation_steps`` examples) is fed to the device: with ``train.tokens_per_device`` null, as
+    the profile says; with a number or ``auto`` (:func:`auto_tokens`), in the fewest micro-batches that fit it
+    (:func:`micro_batches`). ``lengths``: the training stream's token lengths, in training order."""
+    per_process = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    budget = s["tokens_per_device"]
+    if budget == "auto":
+        budget = auto_tokens(model, precision, mode == "lora", device_memory_bytes(device))
+    count = micro_batches(lengths, per_process, budget, s["packing"]) if budget else s["gradient_accumulation_steps"]
+    size = per_process // count
+    tokens = [micro_batch_tokens(lengths[i:i + size], s["packing"]) for i in range(0, len(lengths), size)]
+    return {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
+            "tokens_mean": statistics.fmean(tokens), "tokens_max": max(tokens),
+            "padding_share": 1 - sum(lengths) / sum(tokens)}
+
+
 def token_lengths(tokenizer, examples: list[dict]) -> list[int]:
     """Length in tokens of each rendered prompt + completion (what the model trains on)."""
     return [len(_ids(tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=True))) for e in examples]
@@ -352,6 +433,7 @@ class Run:
     padding: dict = field(default_factory=dict)  # share of padding in the micro-batches: random order vs sorted
     examples: dict = field(default_factory=dict)  # role -> the prompt/completion examples, in training order
     launch: list | None = None  # the command that trains it in train.launch.num_processes processes (None: here)
+    micro: dict = field(default_factory=dict)  # the micro-batches: examples and tokens each, how many a step, packed or not
     watch: dashboards.Watch | None = None  # the dashboards train.report_to asks for
 
     @property
@@ -371,6 +453,7 @@ def _checkpointing_field() -> str:
 def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
     """The LM head's logits at each row's labelled positions only, and their targets:
     ``(logits [labelled tokens, vocab] float32, targets [labelled tokens], model outputs)``.
+    Padded rows and packed ones (several examples in one row, ``train.packing``) alike.
 
     The model runs without its head (``logits_to_keep`` selects no position); each row's hidden
     states after the final norm are gathered where the next token is labelled, and only those go
@@ -381,8 +464,10 @@ def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
     targets = inputs["labels"][:, 1:]  # the hidden state at position t predicts token t + 1
     mask = targets != -100
     no_logits = torch.empty(0, dtype=torch.long, device=targets.device)
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
+    # packed rows (train.packing) come with position_ids restarting at each example and no attention mask
+    # (the model then lets no example attend to another), and with the varlen kernels' boundaries
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**model_inputs, logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
     hidden = outputs.hidden_states[-1][:, :-1][mask]  # [labelled tokens, hidden]; [-1]: after the final norm
     with autocast():
         logits = head(hidden).float()
@@ -488,6 +573,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     torch.manual_seed(seed)
     model = models.load_model(cfg.base_model, load_dtype, setting=origin)
     model.train()
+    micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device)
+    padding["this run's micro-batches"] = micro["padding_share"]
 
     peft_config = None
     if mode == "lora":
@@ -501,16 +588,17 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=1,  # one pass over the stream, which holds the epochs
         max_steps=s["max_steps"] or -1,  # null: the epochs decide
-        per_device_train_batch_size=s["per_device_train_batch_size"],
-        per_device_eval_batch_size=s["eval_batch_size"] or s["per_device_train_batch_size"],
-        gradient_accumulation_steps=s["gradient_accumulation_steps"],
+        per_device_train_batch_size=micro["examples"],  # the step's examples, as plan_micro_batches splits them
+        per_device_eval_batch_size=s["eval_batch_size"] or micro["examples"],
+        gradient_accumulation_steps=micro["per_step"],
         learning_rate=float(s["learning_rate"]),
         lr_scheduler_type=s["lr_scheduler_type"],
         warmup_steps=float(s["warmup_ratio"]),  # < 1: a fraction of the steps
         weight_decay=float(s["weight_decay"]),
         max_grad_norm=float(s["max_grad_norm"]),
-        max_length=s["max_length"],
-        packing=False,
+        max_length=None if s["packing"] else s["max_length"],  # check_lengths has enforced it; trl cuts only unpacked rows
+        packing=False,  # trl's packing reorders examples across steps: the stream's order is the project's
+        padding_free=s["packing"],  # each micro-batch in one row, position ids restarting at each example
         completion_only_loss=s["loss_on"] == "completion",
         **{_checkpointing_field(): bool(s["gradient_checkpointing"])},
         bf16=precision == "bf16",
@@ -558,7 +646,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
     trainer.args.project, trainer.args.run_name = watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
     return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key, padding,
-               {"train": train_ex, "eval": eval_ex}, command, watch)
+               {"train": train_ex, "eval": eval_ex}, command, watch=watch, micro=micro)
 
 
 def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
@@ -725,6 +813,7 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "parallelism": run.trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU (DDP), FSDP, DEEPSPEED
         "examples_per_step": runs.examples_per_step(run.settings, run.run_key["world_size"]),  # all processes together
         "padding_share": run.padding,
+        "micro_batches": run.micro,
         "tokens_this_session": tokens,
         "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
         "peak_memory_gib": memory["peak_gib"],
