@@ -1,119 +1,184 @@
-"""What one SFT optimizer step costs: LoRA vs full, fp32 vs bf16, measured side by side.
+"""Training throughput through the project's own trainer: today's padded batches vs packed ones, LoRA vs full,
+each switch, side by side in one run, with tokens/s, model-FLOPs utilisation (MFU) and peak memory.
 
-    python bench/train_throughput.py MODEL_DIR [--batch 4] [--seq 256] [--steps 3]
+    python bench/train_throughput.py [--profile cpu] [--model DIR | --config CONFIG.json [--tokenizer DIR]]
+                                     [--modes lora,full] [--variants padded,packed,packed+budget] [--steps 3]
+                                     [key=value ...]
 
-For each configuration a fresh Python process loads the model the way ``medqa_zh.train`` does
-(LoRA: frozen base in bf16 or fp32, adapter r=16 on every linear layer, fp32; full: fp32 master
-weights), runs one warm-up step, then ``--steps`` timed optimizer steps (forward, backward, AdamW
-update; bf16 under autocast) on a batch of ``batch x seq`` tokens, and reports the median step
-time, tokens per second, and the process's peak resident memory during the timed steps (model,
-optimizer state and activations; on a GPU, peak allocated memory). The configurations run one
-after another in this one invocation, so the ratios compare like with like on this machine.
+Each (mode, variant) is one real run of ``python -m medqa_zh.train`` in a project folder of its own (``--work``,
+never outputs/): the profile's recipe and training split (MEDQA_DIR as for the notebooks; the examples in the
+order training reads them), ``--steps`` timed optimizer steps after one warm-up step, the eval loss once at step 0 on
+8 questions. Variants (``train.*`` overrides on top of the profile and the trailing ``key=value`` ones):
 
-On CPU, set the thread count you train with (``OMP_NUM_THREADS``); the default is every core.
+    padded          train.packing false, train.tokens_per_device null: per_device_train_batch_size rows,
+                    padded to the longest of each micro-batch (the project's batches before packing)
+    packed          train.packing true: the same micro-batches, each in one row without padding
+    padded+budget   train.tokens_per_device auto, unpacked: a step's examples in as few micro-batches as the
+                    device's memory allows (fewer, larger launches; padding stays)
+    packed+budget   both
+    packed+budget+nodropout   and train.lora.dropout 0 (LoRA only: dropout copies every adapted layer's input)
+
+The model: ``--model DIR`` (a model folder, e.g. the stand-in), or ``--config`` a ``config.json`` of any shape,
+built here with random weights (no download: a machine without a model hub measures its card before fetching
+anything) with the tokenizer of ``--tokenizer`` (default: the profile's base model). Qwen2.5-0.5B-Instruct's
+config ships beside this script (``bench/qwen2.5-0.5b-instruct.config.json``). Random weights make the loss
+meaningless; speed and memory are the real model's.
+
+Reported per run: the median step, tokens/s over the timed steps (every token of the examples, padding not
+counted), MFU (run.json's: model FLOPs per token from the model's shape, over the peak it names: a GPU's data sheet,
+or a matmul measured on this machine), the micro-batches a step, and peak memory. Then each variant over ``padded``
+of its mode, and LoRA over full.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-CONFIGS = ("lora-fp32", "lora-bf16", "full-fp32", "full-bf16")
+REPO = Path(__file__).resolve().parents[1]
+QWEN_CONFIG = Path(__file__).with_name("qwen2.5-0.5b-instruct.config.json")
+VARIANTS = {
+    "padded": {"train.packing": False, "train.tokens_per_device": None},
+    "packed": {"train.packing": True, "train.tokens_per_device": None},
+    "padded+budget": {"train.packing": False, "train.tokens_per_device": "auto"},
+    "packed+budget": {"train.packing": True, "train.tokens_per_device": "auto"},
+    "packed+budget+nodropout": {"train.packing": True, "train.tokens_per_device": "auto", "train.lora.dropout": 0.0},
+}
 
 
-def one(model_dir: str, config: str, batch: int, seq: int, steps: int) -> dict:
+def prepare_project(work: Path, profile: str) -> Path:
+    """A project of its own (the profiles, pyproject.toml) with the profile's clean splits written, as 01 writes them."""
+    from medqa_zh import config, data
+
+    if not (work / "profiles").is_dir():
+        shutil.copytree(REPO / "profiles", work / "profiles")
+        shutil.copy(REPO / "pyproject.toml", work / "pyproject.toml")
+    os.environ["MEDQA_ROOT"] = str(work)
+    data.ensure_splits(config.setup(profile))
+    return work
+
+
+def random_model(config_path: Path, tokenizer: str, out: Path) -> Path:
+    """A model of ``config_path``'s shape with random weights, saved with ``tokenizer`` into ``out``."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from medqa_zh import models, train
+    from medqa_zh import models
 
-    mode, precision = config.split("-")
-    load_dtype = "bfloat16" if (mode, precision) == ("lora", "bf16") else "float32"
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.for_model(**json.loads(config_path.read_text(encoding="utf-8")))
     torch.manual_seed(0)
-    model = models.load_model(model_dir, load_dtype, setting="MODEL_DIR")
-    if mode == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.train()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    models.load_tokenizer(tokenizer, setting="--tokenizer").save_pretrained(tmp)
+    tmp.rename(out)
+    return out
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    step()  # warm-up: allocates optimizer state and kernels
-    times = []
-    with train.peak_memory() as memory:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    counts = train.parameter_counts(model)
-    median = statistics.median(times)
-    return {"config": config, "trainable": counts["trainable"], "step_s": median, "tokens_per_s": batch * seq / median,
-            "peak_gib": memory["peak_gib"], "device": memory["device"], "threads": torch.get_num_threads(),
-            "steps": [round(t, 3) for t in times]}
+def run_one(work: Path, profile: str, mode: str, variant: str, steps: int, extra: dict) -> dict:
+    overrides = {**extra, **VARIANTS[variant], "train.max_steps": steps + 1, "train.resume": False,
+                 "train.eval_questions": 8, "train.eval_steps": 10_000, "train.save_steps": 10_000,
+                 "train.logging_steps": 1, "train.launch.num_processes": 1}
+    if mode == "full":
+        overrides["train.full.max_steps"] = steps + 1
+    cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", profile, "--mode", mode,
+           *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+    env = {**os.environ, "MEDQA_ROOT": str(work),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{mode} {variant} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    from medqa_zh import runs
+
+    run = runs.read_run(work / "outputs" / profile / "models" / mode)
+    seconds, tokens = run["steps"]["seconds"][1:], run["steps"]["tokens"]  # the first step warms up
+    per_second = (tokens[-1] - tokens[0]) / sum(seconds)
+    mfu = run["mfu"]
+    achieved = per_second * mfu["flops_per_token"] / 1e12
+    return {"mode": mode, "variant": variant, "step_s": statistics.median(seconds), "tokens_per_s": per_second,
+            "mfu": achieved / mfu["peak"]["tflops"], "peak": mfu["peak"]["name"], "peak_tflops": mfu["peak"]["tflops"],
+            "micro": runs.micro_batch_text(run["micro_batches"]), "peak_gib": run["peak_memory_gib"], "wall_s": wall,
+            "device": run["device"], "precision": run["precision"], "threads": run["torch_threads"],
+            "examples_per_step": run["examples_per_step"], "steps": [round(t, 3) for t in seconds],
+            "train_loss": run["last_train_loss"]}
+
+
+def override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: write key=value, e.g. train.max_length=512")
+    return key, yaml.safe_load(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default="cpu")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="a model folder (default: the profile's base model)")
+    model.add_argument("--config", type=Path, help=f"a config.json to build with random weights, e.g. {QWEN_CONFIG.name}")
+    parser.add_argument("--tokenizer", help="with --config: the tokenizer's folder (default: the profile's base model)")
+    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--variants", default="padded,packed,packed+budget")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after one warm-up")
+    parser.add_argument("--work", type=Path, default=None, help="the runs' project folder (default: a temporary one)")
+    parser.add_argument("overrides", nargs="*", type=override, metavar="key=value")
     opts = parser.parse_args()
-    if opts.one:
-        print(json.dumps(one(opts.model_dir, opts.one, opts.batch, opts.seq, opts.steps)))
-        return
+    modes, variants = opts.modes.split(","), opts.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    work = opts.work or Path(tempfile.mkdtemp(prefix="medqa-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    prepare_project(work, opts.profile)
+    extra = dict(opts.overrides)
+    if opts.config or opts.model:
+        from medqa_zh import config
 
-    results = {}
-    for config in opts.configs.split(","):
-        if config not in CONFIGS:
-            parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
-        print(f"{config}: running ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, opts.model_dir, "--one", config, "--batch", str(opts.batch), "--seq", str(opts.seq),
-               "--steps", str(opts.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
-        results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{config}: steps {results[config]['steps']} s", file=sys.stderr, flush=True)
+        tokenizer = opts.tokenizer or config.load(opts.profile).base_model
+        folder = random_model(opts.config, tokenizer, work / "random-model") if opts.config else Path(opts.model)
+        extra["model.base"] = str(Path(folder).resolve())
 
-    first = next(iter(results.values()))
-    print(f"\nOne optimizer step at batch {opts.batch} x {opts.seq} tokens on {first['device']} "
-          f"({first['threads']} threads), median of {opts.steps} steps after one warm-up\n")
-    print("| config | trainable params | step (s) | tokens/s | peak memory (GiB) |")
-    print("|---|---:|---:|---:|---:|")
-    for r in results.values():
-        print(f"| {r['config']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} |")
+    results = []
+    for mode in modes:
+        for variant in variants:
+            if variant.endswith("nodropout") and mode != "lora":
+                continue
+            print(f"{mode} {variant}: {opts.steps} + 1 steps ...", file=sys.stderr, flush=True)
+            results.append(run_one(work, opts.profile, mode, variant, opts.steps, extra))
+            r = results[-1]
+            print(f"{mode} {variant}: steps {r['steps']} s, {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+
+    first = results[0]
+    print(f"\nThe {opts.profile} profile's recipe on {first['device']} ({first['precision']}, {first['threads']} threads), "
+          f"{first['examples_per_step']} examples per optimizer step, median of {opts.steps} steps after one warm-up; "
+          f"MFU over {first['peak']} = {first['peak_tflops']:.3g} TFLOP/s\n")
+    print("| mode | variant | micro-batches a step | median step (s) | tokens/s | MFU | peak memory (GiB) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['mode']} | {r['variant']} | {r['micro']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['mfu']:.1%} | {r['peak_gib']:.2f} |")
     print()
-
-    def ratio(x, y, key):
-        return results[x][key] / results[y][key] if x in results and y in results else None
-
-    lines = [
-        ("bf16 vs fp32 speed, LoRA", ratio("lora-bf16", "lora-fp32", "tokens_per_s")),
-        ("bf16 vs fp32 speed, full", ratio("full-bf16", "full-fp32", "tokens_per_s")),
-        ("LoRA vs full speed, fp32", ratio("lora-fp32", "full-fp32", "tokens_per_s")),
-        ("LoRA vs full speed, bf16", ratio("lora-bf16", "full-bf16", "tokens_per_s")),
-        ("full vs LoRA peak memory, fp32", ratio("full-fp32", "lora-fp32", "peak_gib")),
-        ("full vs LoRA peak memory, bf16", ratio("full-bf16", "lora-bf16", "peak_gib")),
-    ]
-    for name, value in lines:
-        if value is not None:
-            print(f"{name}: {value:.2f}x")
+    by = {(r["mode"], r["variant"]): r for r in results}
+    for (mode, variant), r in by.items():
+        if variant != "padded" and (mode, "padded") in by:
+            print(f"{mode}, {variant} vs padded: tokens/s x{r['tokens_per_s'] / by[mode, 'padded']['tokens_per_s']:.2f}, "
+                  f"peak memory x{r['peak_gib'] / by[mode, 'padded']['peak_gib']:.2f}")
+    for variant in variants:
+        if ("lora", variant) in by and ("full", variant) in by:
+            print(f"LoRA vs full, {variant}: tokens/s x{by['lora', variant]['tokens_per_s'] / by['full', variant]['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

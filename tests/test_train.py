@@ -174,6 +174,48 @@ def test_a_bad_batching_setting_names_the_key(smoke, key, value):
         train.settings(smoke(**{key: value}), "lora")
 
 
+def test_model_flops_count_every_projection_the_model_has(tiny_assets):
+    """MFU's numerator from the config alone must match the model's own matmuls: 2 FLOPs per weight forward,
+    full SFT 3x the forward, LoRA 2x plus its adapters; the LM head only at the tokens the loss reads."""
+    import torch
+
+    model = models.load_model(str(tiny_assets["model"]), "float32", setting="tiny")
+    shape = model.config.to_dict()
+    body = sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    head = model.get_output_embeddings().weight.numel()
+    assert runs.flops_per_token(shape, "full", 0, attended=0, head_share=1) == 6 * (body + head)
+    assert runs.flops_per_token(shape, "lora", 1000, attended=0, head_share=0) == 4 * body + 6 * 1000
+    attention = runs.flops_per_token(shape, "full", 0, attended=100, head_share=0) - 6 * body
+    q = shape["num_attention_heads"] * (shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"])
+    assert attention == 3 * shape["num_hidden_layers"] * 4 * q * 100
+
+
+@pytest.mark.parametrize("name, precision, want", [
+    ("NVIDIA H200", "bf16", 989), ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H100 PCIe", "bf16", 756),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312), ("NVIDIA A10", "bf16", 125), ("NVIDIA L4", "fp32", 30.3),
+    ("Tesla T4", "fp16", 65), ("Tesla T4", "bf16", None), ("NVIDIA GeForce RTX 4090", "bf16", None)])
+def test_a_gpus_peak_is_found_by_its_name(name, precision, want):
+    peak = runs.gpu_peak(name, precision)
+    assert (peak and peak["tflops"]) == want
+    if want:
+        assert precision in peak["name"] and peak["source"] == "data sheet"
+
+
+def test_a_run_reports_its_mfu_against_a_named_peak(lora_run):
+    _, run, metrics = lora_run
+    mfu = metrics["mfu"]
+    assert mfu["flops_per_token"] == run.flops_per_token > 0
+    assert mfu["peak"]["source"] == "measured" and "matmul" in mfu["peak"]["name"] and mfu["peak"]["tflops"] > 0
+    assert mfu["achieved_tflops"] == pytest.approx(metrics["tokens_per_second"] * run.flops_per_token / 1e12)
+    assert 0 < mfu["mfu"] == pytest.approx(mfu["achieved_tflops"] / mfu["peak"]["tflops"])
+    steps = metrics["steps"]
+    assert len(steps["seconds"]) == len(steps["tokens"]) == metrics["steps_this_session"]
+    assert steps["tokens"] == sorted(steps["tokens"]) and steps["tokens"][-1] > 0
+    table = runs.cost_table({"LoRA": metrics})
+    assert table.loc["MFU", "LoRA"].endswith(mfu["peak"]["name"]) and "%" in table.loc["MFU", "LoRA"]
+
+
 def test_under_fsdp_the_loss_is_trls_own(smoke, monkeypatch):
     """FSDP holds the LM head's weight in shards outside the model's forward: there the head must not be
     called on its own (the answer-only projection), and the loss is trl's."""

@@ -74,6 +74,57 @@ def examples_per_step(settings: dict, processes: int = 1) -> int:
     return settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] * processes
 
 
+# --------------------------------------------------------------------------- how much of the machine a run used
+
+# Dense peaks (no structured sparsity) of common GPUs from NVIDIA's data sheets, TFLOP/s, for the precision a run
+# computes in: bf16 / fp16 on the tensor cores, fp32 without TF32 (PyTorch's default for matmuls). A name is matched
+# as a word of ``torch.cuda.get_device_name()``, the longest first ("H100 PCIe" before "H100", "A100" is not "A10").
+# A device not listed here (and every CPU) is measured instead: see ``train.peak_flops``.
+GPU_PEAK_TFLOPS = {
+    "H200": {"bf16": 989, "fp16": 989, "fp32": 67},         # H200 SXM, as the H100 SXM
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
+    "H100": {"bf16": 989, "fp16": 989, "fp32": 67},         # H100 SXM (80GB HBM3)
+    "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5},
+    "L4": {"bf16": 121, "fp16": 121, "fp32": 30.3},
+    "A10": {"bf16": 125, "fp16": 125, "fp32": 31.2},
+    "T4": {"fp16": 65, "fp32": 8.1},                       # no bf16: precision auto trains in fp16 there
+}
+
+
+def gpu_peak(device_name: str, precision: str) -> dict | None:
+    """The data-sheet peak of a GPU named ``device_name`` for ``precision`` (bf16 | fp16 | fp32), as
+    ``{"name", "tflops", "source"}``; None when it is not in :data:`GPU_PEAK_TFLOPS`."""
+    words = f" {device_name.replace('-', ' ')} "
+    for name in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if f" {name} " in words and precision in GPU_PEAK_TFLOPS[name]:
+            return {"name": f"{name} {precision} dense", "tflops": GPU_PEAK_TFLOPS[name][precision], "source": "data sheet"}
+    return None
+
+
+def flops_per_token(shape: dict, mode: str, adapter_parameters: int, attended: float, head_share: float) -> float:
+    """Model FLOPs of one trained token (multiply-adds count 2), the numerator of MFU.
+
+    ``shape``: the model's ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` and ``vocab_size``. Forward: every
+    projection of every layer, the attention scores and their weighting (``attended``: the positions a
+    token attends to, on average), and the LM head, which runs only at the share of tokens the loss
+    reads (``head_share``: the answer-only loss projects those alone). Backward costs the forward again
+    for the inputs' gradients and once more for the weights' (full SFT); LoRA's frozen base needs no
+    weight gradients, its adapters (``adapter_parameters``) 6 FLOPs a parameter. Recomputation
+    (activation checkpointing) is not counted, as MFU's convention has it.
+    """
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    projections = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)
+    attention = layers * 2 * 2 * q * attended  # QK^T and the weighted sum of V
+    head = h * shape["vocab_size"] * head_share
+    forward = 2 * projections + attention + 2 * head
+    if mode == "full":
+        return 3 * forward
+    return 2 * forward + 6 * adapter_parameters
+
+
 def cost_table(runs: dict[str, dict]) -> pd.DataFrame:
     """Runs side by side (name -> ``run.json``): parameters, step time, tokens/s, peak memory, losses."""
     rows = {}
@@ -85,9 +136,18 @@ def cost_table(runs: dict[str, dict]) -> pd.DataFrame:
             "optimizer steps": m["optimizer_steps"],
             "median step (s)": round(m["median_step_seconds"], 3) if m["median_step_seconds"] else math.nan,
             "tokens/s": round(m["tokens_per_second"]) if m.get("tokens_per_second") else math.nan,
+            "MFU": f"{m['mfu']['mfu']:.1%} of {m['mfu']['peak']['name']}" if (m.get("mfu") or {}).get("mfu") else "—",
+            "micro-batches a step": micro_batch_text(m.get("micro_batches")),
             "peak memory (GiB)": round(m["peak_memory_gib"], 2),
             "saved weights (MiB)": round(sum(p.stat().st_size for p in Path(m["out_dir"]).glob("*.safetensors")) / 2**20, 1),
             "first → last train loss": f"{m['first_train_loss']:.3f} → {m['last_train_loss']:.3f}",
             "last eval loss": round(m["last_eval_loss"], 3) if m["last_eval_loss"] is not None else math.nan,
         }
     return pd.DataFrame(rows)
+
+
+def micro_batch_text(micro: dict | None) -> str:
+    if not micro:
+        return "—"
+    rows = "1 packed row" if micro["packed"] else f"{micro['examples']} rows"
+    return f"{micro['per_step']} x {micro['examples']} examples ({rows}, ~{micro['tokens_mean']:.0f} tokens)"

@@ -384,6 +384,55 @@ def parameter_counts(model) -> dict:
     return {"total": total, "trainable": trainable, "trainable_share": trainable / total}
 
 
+def model_flops_per_token(trainer, mode: str, lengths: list[int]) -> float:
+    """:func:`runs.flops_per_token` for this run's model and training stream: the positions each token
+    attends to (causal, example by example, packed or not) and the share of tokens the loss reads."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    shape = model.config.get_text_config().to_dict()
+    labelled = sum(sum(1 for t in row[1:] if t != -100) for row in trainer.train_dataset["labels"])
+    total = sum(lengths)
+    attended = sum(n * (n + 1) / 2 for n in lengths) / total
+    adapters = parameter_counts(model)["trainable"] if mode == "lora" else 0
+    return runs.flops_per_token(shape, mode, adapters, attended, labelled / total)
+
+
+def peak_flops(device: str, precision: str) -> dict:
+    """What MFU divides by: a listed GPU's data-sheet peak (:data:`runs.GPU_PEAK_TFLOPS`), else measured here
+    (:func:`measured_peak`)."""
+    if device == "cuda":
+        listed = runs.gpu_peak(torch.cuda.get_device_name(), precision)
+        if listed:
+            return listed
+    return measured_peak(device, precision)
+
+
+def measured_peak(device: str, precision: str, size: int = 2048, seconds: float = 1.0) -> dict:
+    """The FLOP/s of a square ``size`` matmul in the training precision, repeated for about ``seconds``: on a CPU,
+    what its cores reach with PyTorch's kernels at the thread count training used (no data sheet fits every CPU)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+        a @ b
+        sync()
+        count += 1
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return {"name": f"{precision} matmul {size}x{size} measured ({where})", "tflops": 2 * size**3 * count / elapsed / 1e12,
+            "source": "measured"}
+
+
+def mfu(tokens_per_second: float, flops_per_token: float | None, device: str, precision: str, processes: int = 1) -> dict:
+    """Model-FLOPs utilisation: the model FLOPs the trained tokens needed per second, over the peak of every
+    process's device together, with the peak named."""
+    peak = peak_flops(device, precision)
+    achieved = tokens_per_second * flops_per_token / 1e12 if flops_per_token else None
+    return {"flops_per_token": flops_per_token, "achieved_tflops": achieved, "peak": peak, "processes": processes,
+            "mfu": achieved / (peak["tflops"] * processes) if achieved else None}
+
+
 class JsonlLog(TrainerCallback):
     """Append every log (train loss, eval loss) to ``train_log.jsonl`` as it happens, and time each
     optimizer step (forward + backward + update, without evaluation)."""
@@ -391,6 +440,7 @@ class JsonlLog(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
         self.step_seconds: list[float] = []
+        self.step_tokens: list[int] = []  # tokens seen by the end of each timed step (every process's)
         self.tokens_at_start = 0
         self._t0 = None
 
@@ -403,6 +453,7 @@ class JsonlLog(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None:
             self.step_seconds.append(time.perf_counter() - self._t0)
+            self.step_tokens.append(state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
@@ -434,6 +485,7 @@ class Run:
     examples: dict = field(default_factory=dict)  # role -> the prompt/completion examples, in training order
     launch: list | None = None  # the command that trains it in train.launch.num_processes processes (None: here)
     micro: dict = field(default_factory=dict)  # the micro-batches: examples and tokens each, how many a step, packed or not
+    flops_per_token: float | None = None  # model FLOPs of one trained token (runs.flops_per_token): MFU's numerator
     watch: dashboards.Watch | None = None  # the dashboards train.report_to asks for
 
     @property
@@ -646,7 +698,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
     trainer.args.project, trainer.args.run_name = watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
     return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key, padding,
-               {"train": train_ex, "eval": eval_ex}, command, watch=watch, micro=micro)
+               {"train": train_ex, "eval": eval_ex}, command, watch=watch, micro=micro,
+               flops_per_token=model_flops_per_token(trainer, mode, lengths["train"]))
 
 
 def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
@@ -800,6 +853,7 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
     log = runs.read_log(run.out_dir)
     tokens = state.num_input_tokens_seen - run.log.tokens_at_start
     step_s = statistics.median(run.log.step_seconds) if run.log.step_seconds else None
+    per_second = tokens / sum(run.log.step_seconds) if steps_run and tokens else None
     return {
         "mode": run.mode, "precision": run.precision, "base_model": run.base_model,
         "device": memory["device"], "torch_threads": _threads(),
@@ -809,13 +863,17 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
         "epochs": state.epoch * int(run.settings["num_train_epochs"]), "wall_seconds": wall,
         "median_step_seconds": step_s,
+        "steps": {"seconds": [round(t, 4) for t in run.log.step_seconds],  # each optimizer step this session, and the
+                  "tokens": run.log.step_tokens},                          # tokens seen by its end (every process's)
         "world_size": run.run_key["world_size"],
         "parallelism": run.trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU (DDP), FSDP, DEEPSPEED
         "examples_per_step": runs.examples_per_step(run.settings, run.run_key["world_size"]),  # all processes together
         "padding_share": run.padding,
         "micro_batches": run.micro,
         "tokens_this_session": tokens,
-        "tokens_per_second": tokens / sum(run.log.step_seconds) if steps_run and tokens else None,
+        "tokens_per_second": per_second,
+        "mfu": mfu(per_second, run.flops_per_token, memory["device"], run.precision, run.run_key["world_size"])
+        if per_second else None,
         "peak_memory_gib": memory["peak_gib"],
         "train_loss_mean": result.training_loss if steps_run else None,
         **runs.loss_summary(log),
