@@ -85,7 +85,7 @@ def main() -> None:
     cuda = torch.cuda.is_available() and run.trainer.args.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     profiler = torch.profiler.profile(activities=activities,
-                                      schedule=torch.profiler.schedule(wait=1, warmup=0, active=opts.steps, repeat=1))
+                                      schedule=torch.profiler.schedule(wait=0, warmup=1, active=opts.steps, repeat=1))
 
     class Step(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -204,13 +204,16 @@ def chat_template_preview(name: str, messages: list[dict], setting: str = "model
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def load_model(name: str, dtype: str = "float32", setting: str = "model.base", device: str | None = None):
-    """A causal LM in ``dtype`` (float32 / bfloat16 / float16), in eval mode, on ``device`` (default CPU)."""
+def load_model(name: str, dtype: str = "float32", setting: str = "model.base", device: str | None = None,
+               attn_implementation: str | None = None):
+    """A causal LM in ``dtype`` (float32 / bfloat16 / float16), in eval mode, on ``device`` (default CPU), with
+    transformers' attention kernel ``attn_implementation`` (None: its default, sdpa)."""
     from transformers import AutoModelForCausalLM
 
     name = _check_source(name, setting)
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), **kernel)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot load the model {setting} = {name!r}{_tried(name)}: {e}\n{_fix(name, setting)}") from None
     if device:

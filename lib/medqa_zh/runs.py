@@ -136,7 +136,7 @@ def cost_table(runs: dict[str, dict]) -> pd.DataFrame:
             "optimizer steps": m["optimizer_steps"],
             "median step (s)": round(m["median_step_seconds"], 3) if m["median_step_seconds"] else math.nan,
             "tokens/s": round(m["tokens_per_second"]) if m.get("tokens_per_second") else math.nan,
-            "MFU": f"{m['mfu']['mfu']:.1%} of {m['mfu']['peak']['name']}" if (m.get("mfu") or {}).get("mfu") else "—",
+            "MFU": mfu_text(m),
             "micro-batches a step": micro_batch_text(m.get("micro_batches")),
             "peak memory (GiB)": round(m["peak_memory_gib"], 2),
             "saved weights (MiB)": round(sum(p.stat().st_size for p in Path(m["out_dir"]).glob("*.safetensors")) / 2**20, 1),
@@ -146,7 +146,14 @@ def cost_table(runs: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mfu_text(run: dict) -> str:
+    """A run's model-FLOPs utilisation and the peak it is measured against, in words ("—" for a run without one)."""
+    mfu = run.get("mfu") or {}
+    return f"{mfu['mfu']:.1%} of {mfu['peak']['name']} ({mfu['peak']['tflops']:.3g} TFLOP/s)" if mfu.get("mfu") else "—"
+
+
 def micro_batch_text(micro: dict | None) -> str:
+    """How a run fed a step to the device, in words: micro-batches x examples, packed or padded rows, tokens each."""
     if not micro:
         return "—"
     rows = "1 packed row" if micro["packed"] else f"{micro['examples']} rows"

@@ -39,6 +39,7 @@ import codecs
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -69,6 +70,7 @@ from . import children, config, dashboards, data, files, models, prompts, runs
 
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")  # train.attn_implementation
 # settings that change what is kept or scored after training, not the training: a change never restarts a run
 NOT_THE_RUN = ("resume", "launch", "save_total_limit", "curve_questions", "report_to")
 
@@ -95,7 +97,7 @@ def settings(cfg, mode: str) -> dict:
     if missing:
         raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
     for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False)),
-                         ("packing", (True, False))):
+                         ("packing", (True, False)), ("attn_implementation", ATTENTION)):
         if s[key] not in allowed:
             raise ValueError(f"{cfg.source.name}: train.{key} is {s[key]!r}; it must be one of {list(allowed)}")
     budget = s["tokens_per_device"]
@@ -234,6 +236,18 @@ def padding_share(lengths: list[int], batch: int) -> float:
     """Share of the tokens in batches of ``batch`` consecutive examples that are padding."""
     padded = sum(max(lengths[i:i + batch]) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
     return 1 - sum(lengths) / padded if padded else 0.0
+
+
+def check_attention(kernel: str, device: str) -> None:
+    """Refuse, before anything loads, an attention kernel that cannot train here."""
+    package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(kernel)
+    if package and (device != "cuda" or importlib.util.find_spec(package) is None):
+        raise ValueError(f"train.attn_implementation = {kernel} needs a CUDA GPU and the {package} package"
+                         f"{'' if device == 'cuda' else f' (this run trains on {device})'}. Fix: set it to sdpa, or "
+                         "install flash-attn for your CUDA and torch (docs/training.md, Speed).")
+    if kernel == "flex_attention" and device != "cuda":
+        raise ValueError(f"train.attn_implementation = flex_attention has no backward pass on {device} in PyTorch. "
+                         "Fix: set it to sdpa (or eager) for this device.")
 
 
 def micro_batch_tokens(lengths: list[int], packed: bool) -> int:
@@ -597,6 +611,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         device = "cpu"  # a preview: the launched processes train, and the GPUs stay free for them
     world = processes(s) if launched else world_size()
     precision = models.training_precision(s["precision"], device)
+    check_attention(s["attn_implementation"], models.best_device(cfg["model.device"]))
     out_dir = Path(out_dir) if out_dir else models.folder(cfg, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
@@ -623,7 +638,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
     load_dtype = half if half and mode == "lora" else "float32"
     torch.manual_seed(seed)
-    model = models.load_model(cfg.base_model, load_dtype, setting=origin)
+    model = models.load_model(cfg.base_model, load_dtype, setting=origin, attn_implementation=s["attn_implementation"])
     model.train()
     micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device)
     padding["this run's micro-batches"] = micro["padding_share"]
