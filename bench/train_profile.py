@@ -33,8 +33,8 @@ from train_throughput import override, prepare_project, random_model  # noqa: E4
 
 KINDS = {
     "matmul": ("mm", "addmm", "bmm", "matmul", "linear", "gemm", "sgemm", "cutlass", "cublas", "ampere", "sm90"),
+    "loss": ("log_softmax", "nll_loss", "cross_entropy"),  # before attention: its softmax is not the loss's
     "attention": ("scaled_dot_product", "flash", "efficient_attention", "_attention", "softmax"),
-    "loss": ("log_softmax", "nll_loss", "cross_entropy"),
     "dropout": ("dropout", "bernoulli"),
     "casts": ("aten::to", "_to_copy", "copy_", "aten::type_as"),
     "optimizer": ("_foreach", "addcdiv", "lerp", "adamw", "clip_grad", "norm"),

@@ -23,13 +23,27 @@ def test_train_throughput_compares_padded_and_packed_batches_through_the_trainer
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| ")]
-    header, _, *table = rows
+    header, *table = rows
     assert [(r[0], r[1]) for r in table] == [("lora", "padded"), ("lora", "packed+budget"), ("full", "padded"),
                                              ("full", "packed+budget")]
     assert all(float(r[header.index("tokens/s")]) > 0 and r[header.index("MFU")].endswith("%") for r in table)
     assert "1 packed row" in table[1][header.index("micro-batches a step")]
     assert "lora, packed+budget vs padded: tokens/s x" in out.stdout and "LoRA vs full, padded: tokens/s x" in out.stdout
     assert (tmp_path / "work" / "random-model" / "config.json").is_file()  # built, not downloaded
+
+
+def test_train_profile_accounts_for_a_step_by_kind_of_work(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    out = subprocess.run([sys.executable, REPO / "bench" / "train_profile.py", "--profile", "smoke", "--steps", "1",
+                          "--work", tmp_path / "work", "train.lora.dropout=0.1"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ops = next(line for line in out.stdout.splitlines() if line.startswith("aten operators per step: "))
+    assert int(ops.split(": ")[1]) > 100
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert {"matmul", "dropout", "optimizer"} <= set(rows)  # LoRA's dropout shows as its own kind of work
+    shares = [float(line.split("|")[3].strip().rstrip("%")) for k, line in rows.items() if k not in ("kind", "---")]
+    assert sum(shares) == pytest.approx(100, abs=0.5)
 
 
 def test_eval_throughput_compares_every_method_on_the_same_questions(tiny_assets):
