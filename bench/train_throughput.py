@@ -57,9 +57,8 @@ def prepare_project(work: Path, profile: str) -> Path:
     """A project of its own (the profiles, pyproject.toml) with the profile's clean splits written, as 01 writes them."""
     from medqa_zh import config, data
 
-    if not (work / "profiles").is_dir():
-        shutil.copytree(REPO / "profiles", work / "profiles")
-        shutil.copy(REPO / "pyproject.toml", work / "pyproject.toml")
+    shutil.copytree(REPO / "profiles", work / "profiles", dirs_exist_ok=True)  # today's, in a reused --work too
+    shutil.copy(REPO / "pyproject.toml", work / "pyproject.toml")
     os.environ["MEDQA_ROOT"] = str(work)
     data.ensure_splits(config.setup(profile))
     return work

@@ -89,7 +89,7 @@ def test_the_report_device_line_on_a_cpu(project, no_gpu):
 
 def test_the_gpu_profile_steps_on_32_questions_in_batches_a_24gb_card_holds(project):
     """32 per device padded to the batch's longest question was estimated at 23-38 GB: over a 24 GB card.
-    The default takes 8 per forward pass; the README's 80 GB variant takes 32 at once, same step."""
+    The rows are 8 per forward pass unless train.tokens_per_device fits more (the gpu profile: auto); same step."""
     from medqa_zh import train
 
     default = train.settings(config.load("gpu"), "lora")
@@ -97,6 +97,7 @@ def test_the_gpu_profile_steps_on_32_questions_in_batches_a_24gb_card_holds(proj
     assert default["per_device_train_batch_size"] <= 8
     steps = [s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] for s in (default, large)]
     assert steps == [32, 32]
+    assert config.load("gpu")["train.tokens_per_device"] == "auto" and config.load("cpu")["train.tokens_per_device"] is None
 
 
 # --------------------------------------------------------------------------- models on the GPU
