@@ -162,14 +162,19 @@ def test_auto_sizes_the_micro_batches_from_the_devices_memory(smoke):
     """``auto``: more memory, more tokens; full SFT's gradients and optimizer state are left out first."""
     run = train.prepare(smoke(**{"train.precision": "fp32"}), "lora", out_dir=smoke().out / "models" / "auto-check")
     model = run.trainer.model
-    per_token = train.activation_bytes_per_token(model.config, "fp32", lora=True)
-    small, large = (train.auto_tokens(model, "fp32", True, memory) for memory in (2**30, 8 * 2**30))
+    per_token = train.activation_bytes_per_token(model.config, "fp32", lora=True, head_share=0.05)
+    small, large = (train.auto_tokens(model, "fp32", True, memory, 0.05) for memory in (2**30, 8 * 2**30))
     assert large > 7 * small and small == pytest.approx(2**30 * train.AUTO_MEMORY_SHARE / per_token, rel=0.1)
-    full_per_token = train.activation_bytes_per_token(model.config, "fp32", lora=False)
+    full_per_token = train.activation_bytes_per_token(model.config, "fp32", lora=False, head_share=0.05)
     state = sum(p.numel() for p in model.parameters()) * 4 * 4  # weights, gradients, AdamW's two moments
-    assert train.auto_tokens(model, "fp32", False, 2**30) == pytest.approx(
+    assert train.auto_tokens(model, "fp32", False, 2**30, 0.05) == pytest.approx(
         (2**30 - state) * train.AUTO_MEMORY_SHARE / full_per_token, rel=0.05)
-    assert train.activation_bytes_per_token(model.config, "bf16", lora=False) < per_token
+    assert train.activation_bytes_per_token(model.config, "bf16", lora=False, head_share=0.05) < per_token
+    every = train.activation_bytes_per_token(model.config, "fp32", lora=True, head_share=1.0)  # train.loss_on: all
+    assert every - per_token == pytest.approx(0.95 * 3 * model.config.vocab_size * 4)
+    share = train.loss_share(run.tokenizer, run.examples["train"], run.lengths["train"], "completion")
+    assert 0 < share < 0.2  # 答案：X<|im_end|>\n of about a hundred tokens
+    assert train.loss_share(run.tokenizer, run.examples["train"], run.lengths["train"], "all") == 1
     cfg = smoke(**{"train.precision": "fp32", "train.packing": True, "train.tokens_per_device": "auto"})
     micro = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "auto-plan").micro
     assert micro["token_budget"] > micro["tokens_max"] and micro["per_step"] == 1  # this machine's RAM holds a whole step

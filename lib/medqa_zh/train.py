@@ -273,18 +273,20 @@ def micro_batches(lengths: list[int], per_step: int, budget: int, packed: bool) 
 # saved activations per token and layer, in elements of the compute precision, for a decoder layer without
 # activation checkpointing: the inputs of the attention and MLP projections, q/k/v, the attention output, the
 # norms and residuals (about 8 x hidden) and the MLP's gate, up, activation and product (4 x intermediate).
-# LoRA adds its dropout's copy of each adapted layer's input in float32 (7 projections a layer). Checked against
-# what was measured (docs/training.md, Token budgets); the LM head adds nothing here, it sees only labelled tokens.
-ACTIVATION_HIDDEN, ACTIVATION_INTERMEDIATE, LORA_INPUTS = 8, 4, 7
+# LoRA adds its dropout's copy of each adapted layer's input in float32 (7 projections a layer). The LM head, at the
+# tokens the loss reads only, keeps float32 logits, their log-softmax and its gradient (3 x vocabulary). Checked
+# against what an H200 measured (docs/training.md, Speed): within 10% at 32k tokens a step, LoRA and full SFT.
+ACTIVATION_HIDDEN, ACTIVATION_INTERMEDIATE, LORA_INPUTS, LOGIT_COPIES = 8, 4, 7, 3
 AUTO_MEMORY_SHARE = 0.6  # of the device's memory left after the weights and the optimizer state: the rest is headroom
 
 
-def activation_bytes_per_token(model_config, precision: str, lora: bool) -> float:
-    """Memory the backward pass keeps per trained token (an estimate from the model's shape)."""
+def activation_bytes_per_token(model_config, precision: str, lora: bool, head_share: float) -> float:
+    """Memory the backward pass keeps per trained token (an estimate from the model's shape), when the loss reads
+    ``head_share`` of the tokens."""
     h, inter = model_config.hidden_size, model_config.intermediate_size
     elem = 2 if precision in ("bf16", "fp16") else 4
     per_layer = (ACTIVATION_HIDDEN * h + ACTIVATION_INTERMEDIATE * inter) * elem + (LORA_INPUTS * h * 4 if lora else 0)
-    return model_config.num_hidden_layers * per_layer
+    return model_config.num_hidden_layers * per_layer + head_share * LOGIT_COPIES * model_config.vocab_size * 4
 
 
 def device_memory_bytes(device: str) -> int:
@@ -299,31 +301,43 @@ def device_memory_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def auto_tokens(model, precision: str, lora: bool, memory: int) -> int:
+def auto_tokens(model, precision: str, lora: bool, memory: int, head_share: float) -> int:
     """``train.tokens_per_device: auto``: the tokens whose activations fill :data:`AUTO_MEMORY_SHARE` of ``memory``
     left after the model's state: its weights, and for full SFT their gradients and AdamW's two moments (float32).
     A LoRA adapter's own state (under 2% of the weights at r = 16) is left in the headroom."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = weights if lora else weights + sum(p.numel() for p in model.parameters()) * 4 * 3
-    per_token = activation_bytes_per_token(model.config, precision, lora)
+    per_token = activation_bytes_per_token(model.config, precision, lora, head_share)
     return max(int((memory - state) * AUTO_MEMORY_SHARE / per_token), 1)
 
 
-def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode: str, device: str) -> dict:
+def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode: str, device: str,
+                       head_share: float) -> dict:
     """How one process's share of an optimizer step (``per_device_train_batch_size`` x
     ``gradient_accumulation_steps`` examples) is fed to the device: with ``train.tokens_per_device`` null, as
     the profile says; with a number or ``auto`` (:func:`auto_tokens`), in the fewest micro-batches that fit it
-    (:func:`micro_batches`). ``lengths``: the training stream's token lengths, in training order."""
+    (:func:`micro_batches`). ``lengths``: the training stream's token lengths, in training order; ``head_share``:
+    the share of them the loss reads (:func:`loss_share`)."""
     per_process = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
     budget = s["tokens_per_device"]
     if budget == "auto":
-        budget = auto_tokens(model, precision, mode == "lora", device_memory_bytes(device))
+        budget = auto_tokens(model, precision, mode == "lora", device_memory_bytes(device), head_share)
     count = micro_batches(lengths, per_process, budget, s["packing"]) if budget else s["gradient_accumulation_steps"]
     size = per_process // count
     tokens = [micro_batch_tokens(lengths[i:i + size], s["packing"]) for i in range(0, len(lengths), size)]
     return {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
             "tokens_mean": statistics.fmean(tokens), "tokens_max": max(tokens),
             "padding_share": 1 - sum(lengths) / sum(tokens)}
+
+
+def loss_share(tokenizer, examples: list[dict], lengths: list[int], loss_on: str, sample: int = 512) -> float:
+    """The share of the tokens the loss reads: all of them with ``loss_on: all``; else the answers' share of the first
+    ``sample`` examples of the stream (a random sample: the stream is shuffled), from the prompts' own lengths."""
+    if loss_on == "all":
+        return 1.0
+    prompts_ = [len(_ids(tokenizer.apply_chat_template(e["prompt"], tokenize=True, add_generation_prompt=True)))
+                for e in examples[:sample]]
+    return 1 - sum(prompts_) / sum(lengths[:sample])
 
 
 def token_lengths(tokenizer, examples: list[dict]) -> list[int]:
@@ -640,7 +654,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     torch.manual_seed(seed)
     model = models.load_model(cfg.base_model, load_dtype, setting=origin, attn_implementation=s["attn_implementation"])
     model.train()
-    micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device)
+    micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device,
+                               loss_share(tokenizer, train_ex, lengths["train"], s["loss_on"]))
     padding["this run's micro-batches"] = micro["padding_share"]
 
     peft_config = None
