@@ -25,8 +25,8 @@ config ships beside this script (``bench/qwen2.5-0.5b-instruct.config.json``). R
 meaningless; speed and memory are the real model's.
 
 Reported per run: the median step, tokens/s over the timed steps (every token of the examples, padding not
-counted), MFU (run.json's: model FLOPs per token from the model's shape, over the peak it names: a GPU's data sheet,
-or a matmul measured on this machine), the micro-batches a step, and peak memory. Then each variant over ``padded``
+counted), MFU (run.json's model FLOPs per token from the model's shape, over one peak for every row: the first
+run's, a GPU's data sheet or a matmul measured on this machine), the micro-batches a step, and peak memory. Then each variant over ``padded``
 of its mode, and LoRA over full.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def run_one(work: Path, profile: str, mode: str, variant: str, steps: int, extra
     mfu = run["mfu"]
     achieved = per_second * mfu["flops_per_token"] / 1e12
     return {"mode": mode, "variant": variant, "step_s": statistics.median(seconds), "tokens_per_s": per_second,
-            "mfu": achieved / mfu["peak"]["tflops"], "peak": mfu["peak"]["name"], "peak_tflops": mfu["peak"]["tflops"],
+            "achieved_tflops": achieved, "peak": mfu["peak"]["name"], "peak_tflops": mfu["peak"]["tflops"],
             "micro": runs.micro_batch_text(run["micro_batches"]), "peak_gib": run["peak_memory_gib"], "wall_s": wall,
             "device": run["device"], "precision": run["precision"], "threads": run["torch_threads"],
             "examples_per_step": run["examples_per_step"], "steps": [round(t, 3) for t in seconds],
@@ -161,6 +161,8 @@ def main() -> None:
             print(f"{mode} {variant}: steps {r['steps']} s, {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
 
     first = results[0]
+    for r in results:  # one denominator for every row: the first run's peak (a measured one varies from run to run)
+        r["mfu"] = r["achieved_tflops"] / first["peak_tflops"]
     print(f"\nThe {opts.profile} profile's recipe on {first['device']} ({first['precision']}, {first['threads']} threads), "
           f"{first['examples_per_step']} examples per optimizer step, median of {opts.steps} steps after one warm-up; "
           f"MFU over {first['peak']} = {first['peak_tflops']:.3g} TFLOP/s\n")
