@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import override, prepare_project, random_model  # noqa: E402
+from train_scaling import SHORT_RUN, prepare_project  # noqa: E402
+from train_throughput import override, random_model  # noqa: E402
 
 KINDS = {
     "matmul": ("mm", "addmm", "bmm", "matmul", "linear", "gemm", "sgemm", "cutlass", "cublas", "ampere", "sm90"),
@@ -71,9 +72,7 @@ def main() -> None:
 
     from medqa_zh import config, train
 
-    overrides = {"train.max_steps": opts.steps + 1, "train.resume": False, "train.eval_questions": 8,
-                 "train.eval_steps": 10_000, "train.save_steps": 10_000, "train.launch.num_processes": 1,
-                 **dict(opts.overrides)}
+    overrides = {**SHORT_RUN, "train.max_steps": opts.steps + 1, "train.launch.num_processes": 1, **dict(opts.overrides)}
     if opts.mode == "full":
         overrides["train.full.max_steps"] = opts.steps + 1
     if opts.config or opts.model:

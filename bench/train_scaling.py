@@ -41,23 +41,33 @@ def prepare_project(work: Path, profile: str) -> Path:
     return work
 
 
-def run_one(work: Path, profile: str, mode: str, processes: int, accumulation: int, per_device: int, steps: int) -> dict:
-    overrides = {"train.launch.num_processes": processes, "train.per_device_train_batch_size": per_device,
-                 "train.gradient_accumulation_steps": accumulation, "train.max_steps": steps, "train.resume": False,
-                 "train.eval_questions": 8, "train.eval_steps": 10_000, "train.save_steps": 10_000,
-                 "train.logging_steps": 1}
+# what every bench run sets: a short run, started afresh, its eval loss once (at step 0, on 8 questions), no checkpoint
+SHORT_RUN = {"train.resume": False, "train.eval_questions": 8, "train.eval_steps": 10_000, "train.save_steps": 10_000,
+             "train.logging_steps": 1}
+
+
+def train_in(work: Path, profile: str, mode: str, overrides: dict, label: str) -> tuple[dict, float]:
+    """Train ``mode`` once with ``python -m medqa_zh.train`` in the project ``work`` (:func:`prepare_project`), with
+    :data:`SHORT_RUN` and ``overrides``; its ``run.json`` and the wall time of the whole process. Stops the bench with
+    the run's output when it fails (``label`` says which)."""
     cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", profile, "--mode", mode,
-           *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+           *(f"{k}={json.dumps(v)}" for k, v in {**SHORT_RUN, **overrides}.items())]
     env = {**os.environ, "MEDQA_ROOT": str(work),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode:
-        sys.exit(f"{processes} process(es) failed:\n{(done.stdout + done.stderr)[-4000:]}")
+        sys.exit(f"{label} failed:\n{(done.stdout + done.stderr)[-4000:]}")
     from medqa_zh import runs
 
-    run = runs.read_run(work / "outputs" / profile / "models" / mode)
+    return runs.read_run(work / "outputs" / profile / "models" / mode), wall
+
+
+def run_one(work: Path, profile: str, mode: str, processes: int, accumulation: int, per_device: int, steps: int) -> dict:
+    overrides = {"train.launch.num_processes": processes, "train.per_device_train_batch_size": per_device,
+                 "train.gradient_accumulation_steps": accumulation, "train.max_steps": steps}
+    run, wall = train_in(work, profile, mode, overrides, f"{processes} process(es)")
     step = run["median_step_seconds"]
     return {"processes": processes, "per_device": per_device, "accumulation": accumulation,
             "examples_per_step": run["examples_per_step"], "threads": run["torch_threads"], "step_s": step,

@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_scaling import prepare_project, train_in  # noqa: E402
+
 QWEN_CONFIG = Path(__file__).with_name("qwen2.5-0.5b-instruct.config.json")
 VARIANTS = {
     "padded": {"train.packing": False, "train.tokens_per_device": None},
@@ -51,17 +49,6 @@ VARIANTS = {
     "packed+budget": {"train.packing": True, "train.tokens_per_device": "auto"},
     "packed+budget+nodropout": {"train.packing": True, "train.tokens_per_device": "auto", "train.lora.dropout": 0.0},
 }
-
-
-def prepare_project(work: Path, profile: str) -> Path:
-    """A project of its own (the profiles, pyproject.toml) with the profile's clean splits written, as 01 writes them."""
-    from medqa_zh import config, data
-
-    shutil.copytree(REPO / "profiles", work / "profiles", dirs_exist_ok=True)  # today's, in a reused --work too
-    shutil.copy(REPO / "pyproject.toml", work / "pyproject.toml")
-    os.environ["MEDQA_ROOT"] = str(work)
-    data.ensure_splits(config.setup(profile))
-    return work
 
 
 def random_model(config_path: Path, tokenizer: str, out: Path) -> Path:
@@ -84,23 +71,12 @@ def random_model(config_path: Path, tokenizer: str, out: Path) -> Path:
 
 
 def run_one(work: Path, profile: str, mode: str, variant: str, steps: int, extra: dict) -> dict:
-    overrides = {**extra, **VARIANTS[variant], "train.max_steps": steps + 1, "train.resume": False,
-                 "train.eval_questions": 8, "train.eval_steps": 10_000, "train.save_steps": 10_000,
-                 "train.logging_steps": 1, "train.launch.num_processes": 1}
+    overrides = {**extra, **VARIANTS[variant], "train.max_steps": steps + 1, "train.launch.num_processes": 1}
     if mode == "full":
         overrides["train.full.max_steps"] = steps + 1
-    cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", profile, "--mode", mode,
-           *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
-    env = {**os.environ, "MEDQA_ROOT": str(work),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        sys.exit(f"{mode} {variant} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    run, wall = train_in(work, profile, mode, overrides, f"{mode} {variant}")
     from medqa_zh import runs
 
-    run = runs.read_run(work / "outputs" / profile / "models" / mode)
     seconds, tokens = run["steps"]["seconds"][1:], run["steps"]["tokens"]  # the first step warms up
     per_second = (tokens[-1] - tokens[0]) / sum(seconds)
     mfu = run["mfu"]

@@ -312,12 +312,12 @@ def auto_tokens(model, precision: str, lora: bool, memory: int, head_share: floa
 
 
 def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode: str, device: str,
-                       head_share: float) -> dict:
+                       head_share: float | None) -> dict:
     """How one process's share of an optimizer step (``per_device_train_batch_size`` x
     ``gradient_accumulation_steps`` examples) is fed to the device: with ``train.tokens_per_device`` null, as
     the profile says; with a number or ``auto`` (:func:`auto_tokens`), in the fewest micro-batches that fit it
     (:func:`micro_batches`). ``lengths``: the training stream's token lengths, in training order; ``head_share``:
-    the share of them the loss reads (:func:`loss_share`)."""
+    the share of them the loss reads (:func:`loss_share`; only ``auto`` needs it)."""
     per_process = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
     budget = s["tokens_per_device"]
     if budget == "auto":
@@ -654,8 +654,8 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     torch.manual_seed(seed)
     model = models.load_model(cfg.base_model, load_dtype, setting=origin, attn_implementation=s["attn_implementation"])
     model.train()
-    micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device,
-                               loss_share(tokenizer, train_ex, lengths["train"], s["loss_on"]))
+    share = loss_share(tokenizer, train_ex, lengths["train"], s["loss_on"]) if s["tokens_per_device"] == "auto" else None
+    micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device, share)
     padding["this run's micro-batches"] = micro["padding_share"]
 
     peft_config = None
