@@ -24,9 +24,8 @@ Methods, each on the same ``--n`` questions of ``QUESTIONS_JSONL`` (MedQA format
   ``--original-n`` limits it to the first questions when time is short (its questions/s is then over
   those);
 - ``generate``: :func:`medqa_zh.evaluate.generate_answers`, greedy, batched, ``--max-new-tokens``;
-- ``api-cN``: :func:`medqa_zh.evaluate.api_scorer` against ``transformers serve`` (``--backend``) with
-  N requests in flight, for each N in ``--concurrency``; ``api-cb-cN`` the same with
-  ``--continuous-batching`` (transformers only), which batches concurrent requests.
+- ``api-cN``: :func:`medqa_zh.evaluate.api_scorer` against the CPU server (``--backend``) with
+  N requests in flight, for each N in ``--concurrency``.
 
 ``agree`` is the share of questions where a method chose the same letter as ``generate``.
 
@@ -127,11 +126,11 @@ def main() -> None:
             model, tokenizer, questions, a.max_new_tokens, a.batch, progress=False))
         original_questions = questions[: a.original_n or len(questions)]
         results["original"] = timed("original", partial(original_method, model, tokenizer, original_questions))
-    for cb in ((False, True) if a.backend == "transformers" else (False,)) if not a.debiasing_only else ():
-        with serve.serve(a.model_dir, backend=a.backend, dtype=a.dtype, continuous_batching=cb, quiet=True) as server:
+    if not a.debiasing_only:
+        with serve.serve(a.model_dir, backend=a.backend, dtype=a.dtype, quiet=True) as server:
             evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens)(questions[:2])  # warm-up
             for c in a.concurrency:
-                name = f"api{'-cb' if cb else ''}-c{c}"
+                name = f"api-c{c}"
                 score = evaluate.api_scorer(server.base_url, server.model, max_new_tokens=a.max_new_tokens,
                                             concurrency=c)
                 results[name] = timed(name, partial(score, questions))

@@ -55,8 +55,7 @@ def test_eval_throughput_compares_every_method_on_the_same_questions(tiny_assets
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")}
-    methods = ("letter", "rotations-whole", "rotations-shared", "pride", "generate", "original", "api-c1", "api-c2",
-               "api-cb-c1", "api-cb-c2")
+    methods = ("letter", "rotations-whole", "rotations-shared", "pride", "generate", "original", "api-c1", "api-c2")
     assert set(rows) >= set(methods)
     assert all(int(rows[m][2]) == 6 for m in methods)  # the same questions for every method
     assert "letter scoring vs the original workflow's method: " in out.stdout

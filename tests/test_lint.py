@@ -85,3 +85,123 @@ def test_the_report_notebook_loads_neither_the_trainer_nor_torch():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"notebook 10's imports load {out.stdout.strip()}"
+
+
+# --------------------------------------------------------------------------- no private names of a dependency
+
+DEPENDENCIES = ("transformers", "trl", "peft", "llama_cpp", "vllm")  # their private names change without notice
+# private names of other libraries, each kept for a reason: the standard library's documented ones; torch's only
+# test of native bf16 on a CPU (models.cpu_supports_bf16, which falls back to False); matplotlib's font cache, which a
+# test clears as matplotlib's own addfont does
+OTHER_PRIVATE = {"_exit", "_getframe", "_asdict", "_replace", "_fields", "_make", "_is_mkldnn_bf16_supported",
+                 "_findfont_cached"}
+
+
+def _project_sources() -> dict[str, str]:
+    """Every Python source of the project: the library, the benchmarks, the scripts, the tests, and the notebooks'
+    code cells (one source per notebook)."""
+    import json
+
+    sources = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8")
+               for folder in ("lib", "bench", "scripts", "tests") for p in sorted((REPO / folder).rglob("*.py"))}
+    for nb in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        sources[str(nb.relative_to(REPO))] = "\n".join(line for cell in code for line in cell.splitlines()
+                                                       if not line.lstrip().startswith(("%", "!")))
+    return sources
+
+
+def _defined(tree) -> set[str]:
+    """The names a source defines itself: functions, classes, arguments, assigned names and attributes."""
+    import ast
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name)
+              and node.value.id in ("self", "cls")):  # its own object's; `Other._x = ...` patches someone else's
+            names.add(node.attr)
+        elif isinstance(node, ast.alias) and node.asname:
+            names.add(node.asname)
+    return names
+
+
+def private_uses(sources: dict[str, str]) -> list[str]:
+    """``file:line: name`` for every private name (one leading underscore, not a dunder) the sources use that the
+    project does not define itself: an attribute (``model._foo``), a ``getattr``/``setattr``/``hasattr`` string, an
+    import from a private module or of a private name of a dependency, or a private method overridden in a subclass
+    of a dependency's class."""
+    import ast
+
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    trees = {path: ast.parse(text) for path, text in sources.items()}
+    own = set().union(*(_defined(tree) for tree in trees.values())) | OTHER_PRIVATE
+    found = []
+    for path, tree in trees.items():
+        theirs = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                  and (node.module or "").split(".")[0] in DEPENDENCIES for a in node.names}
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ClassDef) and any(isinstance(b, ast.Name) and b.id in theirs for b in node.bases):
+                found += [f"{path}:{f.lineno}: {f.name}" for f in node.body
+                          if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and private(f.name)]
+            if isinstance(node, ast.Attribute) and private(node.attr) and node.attr not in own:
+                names = [node.attr]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) > 1
+                  and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+                  and private(node.args[1].value) and node.args[1].value not in own):
+                names = [node.args[1].value]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for module in modules:
+                    if module.split(".")[0] in DEPENDENCIES:
+                        names += [part for part in module.split(".") if private(part)]
+                        if isinstance(node, ast.ImportFrom):
+                            names += [a.name for a in node.names if private(a.name)]
+            found += [f"{path}:{node.lineno}: {name}" for name in names]
+    return sorted(found, key=lambda f: (f.split(":")[0], int(f.split(":")[1])))
+
+
+def test_no_code_touches_a_private_name_of_a_dependency():
+    assert private_uses(_project_sources()) == [], ("private names of dependencies (they change without notice; "
+                                                    "use a public, documented API)")
+
+
+def test_the_private_name_check_finds_what_it_is_for():
+    caught = private_uses({"a.py": "from transformers.cli.serving.utils import BaseHandler\n"
+                                   "BaseHandler._build_generation_config = None\n"
+                                   "x = llm._model.token_get_text(3)\n"
+                                   "getattr(trainer, '_signature_columns')\n"
+                                   "from llama_cpp import _internals\n"
+                                   "from vllm._C import ops\n",
+                           "b.py": "class Mine:\n    _kept = 1\n\n\nMine()._kept\nimport os\nos._exit(0)\n",
+                           "c.py": "from transformers import Trainer\n\n\nclass T(Trainer):\n"
+                                   "    def _get_train_sampler(self):\n        pass\n\n    def _mine(self):\n"
+                                   "        pass\n\n\nclass Own:\n    def _free(self):\n        pass\n"})
+    assert caught == ["a.py:2: _build_generation_config", "a.py:3: _model", "a.py:4: _signature_columns",
+                      "a.py:5: _internals", "a.py:6: _C", "c.py:5: _get_train_sampler", "c.py:8: _mine"]
+
+
+def test_the_library_imports_without_the_notebook_stack_or_a_chinese_segmenter():
+    """A script that only trains or serves (or a GPU machine without them) needs neither IPython nor jieba: every
+    module but the chat widget imports, the banner prints, and BM25's bigram terms work; jieba's terms say what is
+    missing."""
+    modules = sorted(p.stem for p in (REPO / "lib" / "medqa_zh").glob("*.py") if p.stem not in ("__init__", "chat"))
+    code = ("import importlib, sys\n"
+            "for name in ('IPython', 'ipywidgets', 'jieba'):\n    sys.modules[name] = None  # import fails\n"
+            "for m in sys.argv[1:]:\n    importlib.import_module('medqa_zh.' + m)\n"
+            "from medqa_zh import config, rag\nconfig.banner(config.load('smoke'))\n"
+            "print(rag.tokenize('胃溃疡', 'bigram'))\n"
+            "try:\n    rag.tokenize('胃溃疡', 'jieba')\nexcept ImportError as e:\n    print('jieba:', e)\n"
+            "try:\n    import medqa_zh.chat\nexcept ImportError:\n    print('chat needs the notebook stack')\n")
+    out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "['胃溃', '溃疡']" in out.stdout and "jieba:" in out.stdout and "profile: smoke" in out.stderr
+    assert "chat needs the notebook stack" in out.stdout  # the check can fail: it blocks what it says

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from helpers import server_processes
-from medqa_zh import evaluate, results, serve, serve_child
+from medqa_zh import evaluate, results, serve
 
 pytestmark = pytest.mark.slow
 
@@ -123,23 +123,27 @@ def test_a_non_local_address_requires_an_api_key(tiny, tmp_path):
         assert s.api_key  # generated, since none was given
         assert s.models() == [s.model]  # with the key
         assert ask(s).usage.completion_tokens == 8
-        # every path but /health needs the key: the API, the docs, and transformers serve's model management
-        # (POST /load_model loads any folder on disk), which stays refused even with the key
-        with_key = {"/v1/models": 200, "/docs": 200, "/openapi.json": 200, "/load_model": 403, "/reset": 403}
-        for path, status in with_key.items():
-            method = "POST" if path in serve_child.REFUSED_PATHS else "GET"
-            body = {"model": str(tmp_path)} if path == "/load_model" else None
+        # every path but /health needs the key: the API, the docs, and paths the server does not have
+        with_key = {("GET", "/v1/models"): 200, ("GET", "/docs"): 200, ("GET", "/openapi.json"): 200,
+                    ("POST", "/v1/chat/completions"): 200, ("POST", "/load_model"): 404, ("GET", "/nothing"): 404}
+        chat = {"model": s.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for (method, path), status in with_key.items():
+            body = chat if path.endswith("completions") else None
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": s.api_key}):
                 r = httpx.request(method, s.url + path, headers=headers, json=body)
                 assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError", (path, headers)
-            assert httpx.request(method, s.url + path, headers=s.headers(), json=body).status_code == status, path
+            r = httpx.request(method, s.url + path, headers=s.headers(), json=body, timeout=60)
+            assert r.status_code == status, (path, r.text)
+            if status == 404:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}  # the OpenAI shape
         assert httpx.get(f"{s.url}/health").status_code == 200  # health stays open, as in vLLM
 
 
-def test_model_management_is_refused_on_localhost_too(server, tmp_path):
-    for path in serve_child.REFUSED_PATHS:
+def test_there_is_no_model_management(server, tmp_path):
+    # transformers serve had POST /load_model (any folder on disk) and /reset; this server serves one model
+    for path in ("/load_model", "/reset"):
         r = httpx.post(server.url + path, json={"model": str(tmp_path)})
-        assert r.status_code == 403 and "one model" in r.json()["error"]["message"]
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
 
 
 def test_the_server_answers_to_its_served_name_with_openai_errors_for_others(tiny, tmp_path):
@@ -163,10 +167,12 @@ def test_default_served_name_is_the_folders_name(server, tiny):
 def test_fields_the_cpu_server_would_ignore_are_refused_in_openai_shape(server):
     import openai
 
-    for field in ({"n": 2}, {"logprobs": True}, {"presence_penalty": 0.5}, {"response_format": {"type": "json_object"}}):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for field in ({"n": 2}, {"logprobs": True}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5},
+                  {"response_format": {"type": "json_object"}}, {"tools": [tool]}):
         with pytest.raises(openai.BadRequestError, match=f"not supported .*{next(iter(field))}"):
             ask(server, **field)
-    assert ask(server, n=1, presence_penalty=0).usage.completion_tokens == 8  # defaults pass
+    assert ask(server, n=1, presence_penalty=0, frequency_penalty=0).usage.completion_tokens == 8  # defaults pass
 
 
 def test_a_stream_ends_with_done(server):
@@ -176,6 +182,19 @@ def test_a_stream_ends_with_done(server):
     with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_stream_reports_usage_when_asked_and_max_completion_tokens_counts(server):
+    from medqa_zh import prompts
+
+    body = {"model": server.model, "messages": prompts.build_messages(**QUESTION), "max_completion_tokens": 3,
+            "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    first, usage = json.loads(events[0]), json.loads(events[-2])
+    assert first["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
 
 
 def test_a_stop_string_is_left_out_of_the_reply(server):
@@ -189,19 +208,36 @@ def test_a_stop_string_is_left_out_of_the_reply(server):
     assert ask(server, **sampled, stop=[]).choices[0].message.content == text  # lm-evaluation-harness sends []
 
 
-def test_temperature_samples_even_when_the_generation_config_has_no_do_sample(tiny, tmp_path):
-    folder = tmp_path / "greedy-by-default"
+def _with_generation_config(tiny, folder, change):
     folder.mkdir()
     for f in Path(tiny[0]).iterdir():
         if f.name != "generation_config.json":
             (folder / f.name).symlink_to(f)
     config = json.loads((Path(tiny[0]) / "generation_config.json").read_text())
-    config = {k: v for k, v in config.items() if k not in ("do_sample", "temperature", "top_k", "top_p")}
-    (folder / "generation_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps(change(config)))
+    return folder
+
+
+def test_temperature_samples_even_when_the_generation_config_has_no_do_sample(tiny, tmp_path):
+    folder = _with_generation_config(tiny, tmp_path / "greedy-by-default", lambda c: {
+        k: v for k, v in c.items() if k not in ("do_sample", "temperature", "top_k", "top_p")})
     with serve.serve(folder, backend="transformers", log_path=tmp_path / "s.log", quiet=True) as s:
         texts = {ask(s, temperature=1.0, seed=seed, max_tokens=12).choices[0].message.content for seed in range(3)}
         greedy = {ask(s, max_tokens=12).choices[0].message.content for _ in range(2)}
-    assert len(texts) == 3 and len(greedy) == 1
+        again = {ask(s, temperature=1.0, seed=0, max_tokens=12).choices[0].message.content for _ in range(2)}
+    assert len(texts) == 3 and len(greedy) == 1 and len(again) == 1  # the seed makes a sample repeatable
+
+
+def test_temperature_zero_is_greedy_even_when_the_generation_config_samples(tiny, tmp_path):
+    folder = _with_generation_config(tiny, tmp_path / "sampling-by-default",
+                                     lambda c: {**c, "do_sample": True, "temperature": 1.5, "top_k": 0, "top_p": 1.0})
+    with serve.serve(folder, backend="transformers", log_path=tmp_path / "s.log", quiet=True) as s:
+        greedy = {ask(s, temperature=0, seed=seed, max_tokens=12).choices[0].message.content for seed in range(3)}
+        unset = {s.client().chat.completions.create(messages=[{"role": "user", "content": "hi"}], model=s.model,
+                                                    max_tokens=12, seed=seed).choices[0].message.content
+                 for seed in range(3)}
+    assert len(greedy) == 1  # temperature 0 wins over the config
+    assert len(unset) == 3   # no temperature: the model's own config decides, as in vLLM
 
 
 def test_cli_names_a_missing_folder_in_one_line(tmp_path):

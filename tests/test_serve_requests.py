@@ -62,7 +62,9 @@ MALFORMED = [  # (what, body, status, param)
     ("n above 1", {**OK, "n": 2}, 400, "n"),
     ("logprobs", {**OK, "logprobs": True}, 400, "logprobs"),
     ("presence_penalty", {**OK, "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("frequency_penalty that makes no repetition penalty", {**OK, "frequency_penalty": -1.5}, 400, "frequency_penalty"),
+    ("frequency_penalty", {**OK, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("tools (no tool calls are parsed out of a reply)",
+     {**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("JSON mode", {**OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("tool_choice none", {**OK, "tool_choice": "none"}, 400, "tool_choice"),
 ]
@@ -78,13 +80,14 @@ def test_a_malformed_body_is_refused_naming_the_field(what, body, status, param)
 
 def test_a_good_body_passes_as_the_handler_takes_it():
     body = {**OK, "temperature": 0, "top_p": 1, "max_tokens": 8, "stop": ["\n", ""], "stream": True, "seed": 1,
-            "n": 1, "presence_penalty": 0, "frequency_penalty": 0.5, "logit_bias": {"12": -100},
+            "n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {"12": -100},
             "response_format": {"type": "text"}, "user": "u", "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                          {"role": "assistant", "content": "a"}, {"role": "user", "content": "again"}]}
     out = child.check_request(body, "m")
-    assert out["stop"] == ["\n"] and out["frequency_penalty"] == 0.5 and out["logit_bias"] == {"12": -100}
-    assert not {"n", "user", "stream_options", "presence_penalty", "response_format"} & set(out)
+    assert out["stop"] == ["\n"] and out["logit_bias"] == {"12": -100} and out["stream_options"]["include_usage"]
+    assert not {"n", "user", "presence_penalty", "frequency_penalty", "response_format"} & set(out)
+    assert child.check_request({**OK, "max_completion_tokens": 5}, "m") == {**OK, "max_tokens": 5}
     assert "stop" not in child.check_request({**OK, "stop": []}, "m")  # lm-evaluation-harness sends []
     assert child.check_request({**OK, "stop": "x"}, "m")["stop"] == ["x"]
     assert "model" in child.check_request(OK, "m") and child.check_request({"messages": OK["messages"]}, "m")
@@ -109,18 +112,21 @@ def test_the_llamacpp_backend_refuses_what_llama_cpp_python_would_ignore_and_kee
 def test_the_context_is_enforced_and_a_missing_max_tokens_capped_to_what_fits():
     assert child.context_check({**OK, "max_tokens": 10}, 90, 100, 1024)["max_tokens"] == 10
     assert child.context_check(OK, 90, 100, 1024)["max_tokens"] == 10  # the room left
-    assert child.context_check(OK, 10, 100_000, 1024)["max_tokens"] == 1024  # the handler's default, when it fits
+    assert child.context_check(OK, 10, 100_000, 1024)["max_tokens"] == 1024  # the model's own default, when it fits
+    assert child.context_check(OK, 10, 100_000)["max_tokens"] == 99_990  # none: the room left, as vLLM
     with pytest.raises(child.ApiError, match=r"maximum context length is 100 tokens.*101 tokens \(90 in the "
                                              r"messages, 11 in the completion\)") as e:
         child.context_check({**OK, "max_tokens": 11}, 90, 100, 1024)
     assert (e.value.status, e.value.param) == (400, "max_tokens")
     with pytest.raises(child.ApiError) as e:
-        child.context_check({**OK, "max_completion_tokens": 5}, 120, 100, 1024)
+        child.context_check({**OK, "max_tokens": 5}, 120, 100, 1024)
     assert e.value.param == "messages"  # the prompt alone does not fit
     with pytest.raises(child.ApiError, match="your messages resulted in 100 tokens") as e:
         child.context_check(OK, 100, 100, 1024)
     assert e.value.param == "messages"
-    assert child.context_check(OK, 10**6, None, 1024) == OK  # no known context: nothing to check
+    assert child.context_check(OK, 10**6, None, 1024) == {**OK, "max_tokens": 1024}  # no known context: nothing to check
+    with pytest.raises(child.ApiError, match="max_tokens is required"):
+        child.context_check(OK, 10, None)
 
 
 def test_the_gate_refuses_beyond_the_queue_and_times_out_a_long_wait():
@@ -180,66 +186,74 @@ def test_a_streamed_reply_stops_before_its_stop_string(pieces, stops, sent, foun
     assert (out, hit) == (sent, found)
 
 
-def _chunk(content=None, finish=None):
-    choice = {"index": 0, "delta": {} if content is None else {"content": content}}
-    if finish:
-        choice["finish_reason"] = finish
-    return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+class FakeRun:
+    """What :func:`serve_child.stream` reads of a generation: text pieces, then the new token ids (or an error)."""
+
+    def __init__(self, pieces, ids=None, error=None, **body):
+        self.texts, self.ids, self.body, self.cancelled = pieces, [1, 2, 3], {"max_tokens": 8, **body}, False
+        self.result, self.error = ids if ids is not None else list(range(len(pieces))), error
+
+    def cancel(self):
+        self.cancelled = True
+
+    async def pieces(self):
+        for text in self.texts:
+            yield text
+
+    @property
+    def done(self):
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(self.error) if self.error else future.set_result(self.result)
+        return future
 
 
-def _read(upstream, stops):
-    released = []
+class FakeEngine:
+    def finish_reason(self, new_ids, max_tokens, stopped):
+        return "stop" if stopped else "length"
 
+
+def _events(run):
     async def scenario():
-        events = [e async for e in child.stream_events(upstream(), stops, lambda: released.append(True))]
-        await asyncio.sleep(0.01)  # the pump's cleanup
-        return events
+        return [e async for e in child.stream(FakeEngine(), run, "m")]
 
-    events = asyncio.run(scenario())
-    data = [e.removeprefix("data: ").strip() for e in events]
-    return data, released
-
-
-def test_the_stream_mender_cuts_at_the_stop_string_and_ends_with_done():
-    async def upstream():
-        for piece in (_chunk(""), _chunk("答案"), _chunk("：B"), _chunk("\n解析"), _chunk(None, "stop")):
-            yield piece
-
-    data, released = _read(upstream, ["\n"])
+    data = [e.removeprefix("data: ").strip() for e in asyncio.run(scenario())]
     chunks = [json.loads(d) for d in data[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert text == "答案：B" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert data[-1] == "[DONE]" and released == [True]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    return data, chunks, text
+
+
+def test_a_stream_cuts_at_the_stop_string_ends_with_done_and_stops_the_generation():
+    run = FakeRun(["答案", "：B", "\n解析", "更多"], stop=["\n"])
+    data, chunks, text = _events(run)
+    assert text == "答案：B" and chunks[-1]["choices"][0]["finish_reason"] == "stop" and data[-1] == "[DONE]"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and run.cancelled
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["object"] == "chat.completion.chunk"
 
 
 def test_held_back_text_is_sent_before_the_last_chunk():
-    async def upstream():
-        for piece in (_chunk("ab"), _chunk("c"), _chunk(None, "length")):
-            yield piece
-
-    data, _ = _read(upstream, ["cd"])
-    chunks = [json.loads(d) for d in data[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "abc"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and data[-1] == "[DONE]"
+    data, chunks, text = _events(FakeRun(["ab", "c"], stop=["cd"]))
+    assert text == "abc" and chunks[-1]["choices"][0]["finish_reason"] == "length" and data[-1] == "[DONE]"
 
 
 def test_an_error_after_the_stream_started_is_an_error_event():
-    async def upstream():
-        yield _chunk("ab")
-        raise RuntimeError("the model fell over")
-
-    data, released = _read(upstream, [])
-    assert json.loads(data[0])["choices"][0]["delta"]["content"] == "ab"
-    error = json.loads(data[1])["error"]
-    assert error["code"] == 500 and "fell over" in error["message"] and data[-1] == "[DONE]" and released == [True]
+    data, chunks, text = _events(FakeRun(["ab"], error=RuntimeError("the model fell over")))
+    error = json.loads(data[-2])["error"]
+    assert text == "ab" and error["code"] == 500 and "fell over" in error["message"] and data[-1] == "[DONE]"
 
 
-def test_transformers_own_error_event_takes_the_openai_shape():
-    async def upstream():
-        yield 'data: {"error": "CUDA out of memory"}\n\n'
+def test_a_stream_ends_with_usage_when_asked():
+    data, chunks, _ = _events(FakeRun(["a", "b"], ids=[7, 8, 9], stream_options={"include_usage": True}))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
+                                                                   "total_tokens": 6}
+    assert "usage" not in _events(FakeRun(["a"]))[1][-1]
 
-    data, _ = _read(upstream, [])
-    assert json.loads(data[0])["error"]["message"] == "CUDA out of memory" and data[-1] == "[DONE]"
+
+def test_a_request_message_as_the_chat_template_reads_it():
+    parts = {"role": "user", "content": [{"type": "text", "text": "一"}, {"type": "text", "text": "二"}]}
+    assert child.template_message(parts) == {"role": "user", "content": "一\n二"}
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}
+    assert child.template_message(call)["tool_calls"][0]["function"]["arguments"] == {"x": 1}
 
 
 def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_app_goes_on():

@@ -270,17 +270,15 @@ def test_one_process_trains_on_one_gpu_however_many_are_visible(smoke, monkeypat
     """What transformers does on a host with 4 GPUs and no launcher: n_gpu = 4, DataParallel, batch x 4."""
     from trl import SFTConfig
 
-    args = SFTConfig(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
-    _ = args.device  # sets up the devices, then we play a 4-GPU host
-    args._n_gpu = 4
-    assert args.train_batch_size == 32  # the silent multiplication
-    args = train.one_device(args)
-    assert args.n_gpu == 1 and args.train_batch_size == 8
-    assert "4 GPUs visible" in capsys.readouterr().out
-    guarded = []  # and prepare() puts every run through the guard before the trainer sees its arguments
-    monkeypatch.setattr(train, "one_device", lambda a: guarded.append(a) or a)
+    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 4))  # play a 4-GPU host
+    plain = SFTConfig(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    assert plain.train_batch_size == 32  # the silent multiplication
+    args = train.OneDeviceConfig(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    assert args.visible_gpus == 4 and args.n_gpu == 1 and args.train_batch_size == 8
     run = train.prepare(smoke(), "lora", out_dir=smoke().out / "models" / "guard-check")
-    assert guarded == [run.trainer.args]
+    assert isinstance(run.trainer.args, train.OneDeviceConfig) and run.trainer.args.n_gpu == 1
+    assert "4 GPUs visible" in capsys.readouterr().out  # prepare() says so
+    assert run.trainer.args.train_sampling_strategy == "sequential"  # the stream's own order
 
 
 # --------------------------------------------------------------------------- training

@@ -29,8 +29,6 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
-from IPython import get_ipython
-from IPython.display import display
 
 from . import files, models, tiny
 
@@ -299,9 +297,14 @@ def banner(cfg: Config) -> None:
              f"MedQA: {cfg.path('data.medqa_dir')}", f"outputs: {cfg.out}"]
     lines += [f"override {k} = {v['value']!r} (from {v['from']})" for k, v in cfg.overrides.items()]
     text = "\n".join(([SMOKE_WARNING] if cfg.smoke else []) + lines)
-    if get_ipython() is None or "IPKernelApp" not in get_ipython().config:  # a console, not a notebook
+    # a notebook kernel has imported IPython already; a script or a GPU machine without it never needs it
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or "IPKernelApp" not in shell.config:  # a console, not a notebook
         print(text, file=sys.stderr if cfg.smoke else sys.stdout)
         return
+    from IPython.display import display
+
     body = "<br>".join(html.escape(line) for line in lines)
     warn = (f'<div style="border:3px solid #c00;background:#fee;padding:8px;font-weight:bold;margin-bottom:6px">'
             f"⚠ {html.escape(SMOKE_WARNING)}</div>") if cfg.smoke else ""

@@ -224,15 +224,28 @@ def read_trackio(store: str | Path, project: str) -> dict[str, list[dict]]:
 
 
 def _trackio_callback():
-    """transformers' trackio callback, logging each point at its optimizer step (its own logs at trackio's
-    running count, which drifts from the step with every evaluation) under the name ``args.run_name``."""
-    from transformers.integrations import TrackioCallback
+    """A trainer callback that logs each point to trackio at its optimizer step (transformers' own trackio callback
+    logs at trackio's running count, which drifts from the step with every evaluation), into the project
+    ``args.project``, as the run ``args.run_name``, on the main process only. It uses trackio's public API
+    (``init``, ``log``, ``finish``) and nothing of a Hub Space."""
+    import trackio
+    from transformers import TrainerCallback
 
-    class StepTrackio(TrackioCallback):
-        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-            if not self._initialized:
-                self.setup(args, state, model)
-            if state.is_world_process_zero and logs:
-                self._trackio.log(scalars(logs, drop=SUMMARY), step=state.global_step)
+    class StepTrackio(TrainerCallback):
+        started = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if not self.started:
+                trackio.init(project=args.project, name=args.run_name, resume="allow", config=args.to_dict(),
+                             auto_log_cpu=False, auto_log_gpu=False)
+                self.started = True
+            trackio.log(scalars(logs, drop=SUMMARY), step=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.started:
+                trackio.finish()
+                self.started = False
 
     return StepTrackio()

@@ -354,20 +354,12 @@ def load(path: str | Path, n_ctx: int = 4096, extra_buffers: bool = False, threa
 
 
 def server_tokens(llm, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """The token ids llama-cpp-python's server feeds the model for ``messages``: the GGUF's embedded chat
-    template (``tokenizer.chat_template``) rendered by its ``Jinja2ChatFormatter``, tokenized by the GGUF's
-    tokenizer with special tokens parsed, after a BOS token only where the GGUF asks for one."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise ExportError("the GGUF has no tokenizer.chat_template: export it from a folder whose tokenizer has one")
-    text = lambda token: llm._model.token_get_text(token) if token != -1 else ""  # noqa: E731
-    formatter = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()),
-                                    add_generation_prompt=add_generation_prompt)
-    prompt = formatter(messages=messages).prompt
-    bos = [llm.token_bos()] if llm._model.add_bos_token() and llm.token_bos() != -1 else []
-    return bos + llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    """The token ids llama-cpp-python's server feeds the model for ``messages`` (:func:`serve_child.llama_prompt_tokens`:
+    the GGUF's embedded chat template, tokenized by the GGUF's tokenizer)."""
+    try:
+        return serve_child.llama_prompt_tokens(llm, messages, add_generation_prompt)
+    except ValueError as e:  # no template in the file
+        raise ExportError(str(e)) from None
 
 
 @dataclass
@@ -492,7 +484,9 @@ def _next_logits(llm, tokens: list[int], n_vocab: int, np):
     llm.n_tokens = min(keep, len(tokens) - 1)  # at least one token is evaluated, so its logits are fresh
     llm.eval(tokens[llm.n_tokens:])
     # with logits_all off, llama.cpp keeps the logits of the last token of the last batch only
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).astype(np.float64)
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,)).astype(np.float64)
 
 
 def compare_letters(reference: list[dict], gguf: list[dict]):

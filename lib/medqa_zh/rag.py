@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import bm25s
-import jieba
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
@@ -208,6 +207,8 @@ def tokenize(text: str, method: str = "bigram") -> list[str]:
                 terms.extend(run[i: i + 2] for i in range(len(run) - 1))
         return terms
     if method == "jieba":
+        import jieba  # only this tokenization needs the segmenter
+
         jieba.setLogLevel(60)  # no "Building prefix dict" chatter
         return [w for run in _runs(text) for w in jieba.lcut(run)]
     raise ValueError(f"rag.tokenizer must be one of {', '.join(TOKENIZERS)}, not {method!r}")

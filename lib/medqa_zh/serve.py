@@ -5,14 +5,13 @@ Three backends speak the same API (``/health``, ``/v1/models``, ``/v1/chat/compl
 - ``vllm``: ``vllm serve`` on a GPU (paged attention, continuous batching), started with this
   Python (``python -m vllm.entrypoints.cli.main serve``, so no ``vllm`` on PATH is needed); it can
   also serve a LoRA adapter on top of its base (``--enable-lora``, ``--max-lora-rank`` = its rank);
-- ``transformers``: ``transformers serve`` on a CPU (or any device), the same code as the
-  ``transformers serve`` command, started in a child process. The child mends what it does
-  differently from the OpenAI API (see "the transformers child" below): an API-key check on every
-  path but ``/health``, its model-management endpoints turned off, errors in the OpenAI shape, and
-  request fields it would silently ignore refused.
+- ``transformers``: the project's own small server on a CPU (or any device), in a child process
+  (``serve_child.main``): transformers' ``generate`` behind FastAPI, one request at a time, with an
+  API-key check on every path but ``/health``, requests checked as vLLM checks them, and errors in the
+  OpenAI shape. It uses public transformers APIs only, so a new transformers release does not break it.
 
 - ``llamacpp``: llama-cpp-python's OpenAI-compatible server for a GGUF file (notebook 04's export) on a
-  CPU, in a child process with the same mending as the transformers child (``serve_child.llamacpp_main``).
+  CPU, in a child process with the same checks as the transformers server (``serve_child.llamacpp_main``).
   ``from_profile`` serves a run's model as its ``gguf.serve`` file (``models/gguf/merged-q8_0.gguf``).
 
 Each answers to a served model name (``served_name``; default the folder's name, ``merged``).
@@ -235,7 +234,7 @@ def _one_copy(backend: str, lora: dict | None, scaling: dict, fix: str) -> None:
 
 
 def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, device: str | None,
-             continuous_batching: bool, lora: dict | None, served_name: str | None, extra_args,
+             lora: dict | None, served_name: str | None, extra_args,
              gpu_memory_utilization: float | None = None, public: bool = False, scaling: dict | None = None,
              queue: dict | None = None, llama: dict | None = None) -> list[str]:
     scaling = {**(scaling or {}), "gpu_memory_utilization": gpu_memory_utilization or None}
@@ -259,8 +258,7 @@ def _command(backend: str, model_dir: str, host: str, port: int, dtype: str, dev
     else:
         _one_copy(backend, lora, scaling, "serve the merged model (notebook 04) instead, or use the vllm backend on a GPU")
         args = {"model": model_dir, "served_name": served_name, "host": host, "port": port, "dtype": dtype,
-                "device": device, "continuous_batching": continuous_batching,
-                "max_model_len": scaling.get("max_model_len"), "max_queue": None, "request_timeout": None,
+                "device": device, "max_model_len": scaling.get("max_model_len"), "max_queue": None, "request_timeout": None,
                 **(queue or {})}  # None: no limit (serve_child)
         cmd = [sys.executable, "-c", "import sys, medqa_zh.serve_child as s; s.main(sys.argv[1])",
                json.dumps(args)]
@@ -315,7 +313,7 @@ def _check_vllm() -> None:
 
 def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
           api_key: str | None = None, dtype: str = "auto", device: str | None = None,
-          continuous_batching: bool = False, lora: dict | None = None, served_name: str | None = None,
+          lora: dict | None = None, served_name: str | None = None,
           startup_timeout: float = 600.0, log_path=None, extra_args=(), quiet: bool = False,
           gpu_memory_utilization: float | None = None, max_queue: int | None = None,
           request_timeout: float | None = None, n_ctx: int = 4096, extra_buffers: bool = False,
@@ -350,9 +348,6 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         _check_model(model_dir)
     served_name = served_name or served_name_for(model_dir)
     _check_served_name(served_name)
-    if backend == "transformers" and served_name != str(model_dir) and models.is_hub_id(str(model_dir)):
-        raise ValueError(f"the transformers backend serves a hub id under its own name: leave the served name out, "
-                         f"or download {model_dir} to a folder and serve that")
     if backend == "vllm":
         _check_vllm()
     on = "cuda" if backend == "vllm" else "cpu" if backend == "llamacpp" else models.best_device(device or "auto")
@@ -372,7 +367,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         log_path = Path(tempfile.mkdtemp(prefix="medqa-serve-")) / "server.log"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = _command(backend, str(model_dir), host, port, served_dtype, on, continuous_batching, lora, served_name,
+    cmd = _command(backend, str(model_dir), host, port, served_dtype, on, lora, served_name,
                    extra_args, gpu_memory_utilization, public=host not in LOCAL_HOSTS, scaling=scaling,
                    queue={"max_queue": max_queue, "request_timeout": request_timeout},
                    llama={"n_ctx": scaling.get("max_model_len") or n_ctx, "extra_buffers": extra_buffers,
@@ -431,7 +426,6 @@ def from_profile(cfg, model_dir, **kwargs) -> Server:
     :func:`models.available`) to serve a run's model under its name there."""
     settings = {"backend": cfg["serve.backend"], "dtype": cfg["model.dtype"], "device": cfg["model.device"],
                 "n_ctx": cfg["gguf.n_ctx"], "extra_buffers": cfg["gguf.extra_buffers"],
-                "continuous_batching": cfg["serve.continuous_batching"],
                 **{key: cfg[f"serve.{key}"] for key in VLLM_SCALING},
                 "startup_timeout": cfg["serve.startup_timeout"], "max_queue": cfg["serve.max_queue"],
                 "request_timeout": cfg["serve.request_timeout"]}
@@ -466,7 +460,8 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m medqa_zh.serve", description=(
-        "Serve a model dir over an OpenAI-compatible API until Ctrl-C (vLLM on a GPU, transformers serve on a CPU)."))
+        "Serve a model dir over an OpenAI-compatible API until Ctrl-C (vLLM on a GPU; on a CPU, transformers or "
+        "llama.cpp)."))
     p.add_argument("model_dir", help="a model folder (e.g. outputs/cpu/models/merged), a hub id, or a GGUF file (llamacpp)")
     p.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port)")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address needs an API key")
@@ -477,7 +472,6 @@ def main(argv=None) -> None:
     p.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="llamacpp serves a GGUF file (MODEL_DIR: e.g. outputs/cpu/models/gguf/merged-q8_0.gguf)")
     p.add_argument("--dtype", default="auto", help="e.g. bfloat16, float32; auto: as the weights are stored")
-    p.add_argument("--continuous-batching", action="store_true", help="transformers backend: batch concurrent requests")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="vllm only: also serve this adapter on top of MODEL_DIR as model id NAME (repeatable)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="SHARE",
@@ -520,7 +514,7 @@ def main(argv=None) -> None:
         lora = {"adapters": dict(x.split("=", 1) for x in a.lora)}
     try:
         server = start(a.model_dir, backend=backend, host=a.host, port=a.port or None, api_key=a.api_key,
-                       dtype=a.dtype, continuous_batching=a.continuous_batching, lora=lora,
+                       dtype=a.dtype, lora=lora,
                        served_name=a.served_model_name, startup_timeout=a.startup_timeout,
                        gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
                        data_parallel_size=a.data_parallel_size, max_num_seqs=a.max_num_seqs,

@@ -1,30 +1,31 @@
-"""What runs inside the transformers server's own process (``serve.start`` starts it with
-``python -c "import medqa_zh.serve_child as s; s.main(args)"``): ``transformers serve``'s server,
-pinned to one model under its served name, with what it does differently from the OpenAI API mended.
+"""What runs inside a CPU server's own process (``serve.start`` starts it with
+``python -c "import medqa_zh.serve_child as s; s.main(args)"``, or ``s.llamacpp_main`` for a GGUF): an
+OpenAI-compatible server for one model under its served name, answering as vLLM answers where vLLM has an answer.
 
-Every request to ``/v1/chat/completions`` goes through this module's own endpoint before it reaches
-transformers' handler:
+The transformers backend (:func:`main`) is this module's own small server, on public, documented APIs only:
+``from_pretrained``, ``apply_chat_template``, ``generate`` (with ``stop_strings``, a streamer and a stopping
+criterion that cancels a request whose client left), ``TextIteratorStreamer``, FastAPI and pydantic. The llamacpp
+backend (:func:`llamacpp_main`) is llama-cpp-python's server with the same checks put in front of it. Every chat
+request goes through them:
 
 1. **The body is validated** against one request model written from the OpenAI API reference
    (:class:`ChatCompletionRequest`: required fields, types, roles, content as a string or text parts,
    ranges). Anything wrong is a 400 in the OpenAI error shape with the field in ``param``
    (``messages[0].role``); a field the API does not have is refused the same way.
-2. **Fields this backend would silently ignore** although they change the reply are refused (400):
+2. **Fields the backend would ignore** although they change the reply are refused (400):
    :func:`unsupported`. Another model name is a 404.
-3. **The context is enforced**: the prompt is tokenized with the model's chat template; prompt tokens +
+3. **The context is enforced**: the prompt is tokenized once, with the model's chat template; prompt tokens +
    ``max_tokens`` above the context (``serve.max_model_len``, else the model's own) is a 400 naming both
-   numbers, before anything is generated. A missing ``max_tokens`` is capped to what fits.
-4. **A bounded queue** (:class:`Gate`): the model generates one request at a time (with continuous
-   batching, up to ``max_queue`` together); at most ``max_queue`` more wait. Beyond that a request gets a
-   429 with ``Retry-After``; one that waits longer than ``request_timeout`` gets a 503; one whose client
-   hung up while waiting is dropped.
+   numbers, before anything is generated. A missing ``max_tokens`` is the room left (as vLLM).
+4. **A bounded queue** (:class:`Gate`, transformers backend): the model generates one request at a time; at most
+   ``max_queue`` more wait. Beyond that a request gets a 429 with ``Retry-After``; one that waits longer than
+   ``request_timeout`` gets a 503; one whose client hung up while waiting is dropped.
 5. **Streams** stop before a ``stop`` string, as a plain reply does, end with ``data: [DONE]``, and report
    an error after the first byte as an error event; a client that hangs up stops its generation.
 
-Besides: an API-key check on every path but ``/health``, transformers serve's model-management endpoints
-(``/load_model``, ``/reset``) turned off, the endpoints this server does not offer answered 404, every
-error (an unexpected one too: 500, logged with its traceback) in the OpenAI shape, and ``temperature``
-above 0 sampling even where the model's generation config says greedy.
+Besides: an API-key check on every path but ``/health``, every error (an unexpected one too: 500, logged with its
+traceback) in the OpenAI shape, and ``temperature`` 0 greedy and above 0 sampling, whatever the model's generation
+config says.
 
 Nothing here runs in the notebook's process: ``serve`` holds the parent's side (start, check, stop).
 """
@@ -37,17 +38,16 @@ import logging
 import math
 import os
 import secrets
-import tempfile
 import time
-from pathlib import Path
+import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 API_KEY_ENV = "MEDQA_SERVE_API_KEY"  # the key reaches the child this way, so it does not show in `ps`
-OPEN_PATHS = ("/health",)                 # answered without the key, as vLLM does
-REFUSED_PATHS = ("/load_model", "/reset")  # transformers serve's model management: this server serves one model
-NOT_OFFERED = ("/v1/completions", "/v1/responses", "/v1/systemone", "/v1/audio/transcriptions")
+OPEN_PATHS = ("/health",)  # answered without the key, as vLLM does
+# llama-cpp-python's endpoints this project does not offer (the transformers server has none of them)
+NOT_OFFERED = ("/v1/completions", "/v1/embeddings", "/extras/tokenize", "/extras/tokenize/count", "/extras/detokenize")
 CHAT = "/v1/chat/completions"
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
                404: "NotFoundError", 429: "RateLimitError", 500: "InternalServerError",
@@ -170,17 +170,17 @@ def _invalid(error: ValidationError) -> ApiError:
 
 
 def unsupported(request: ChatCompletionRequest, backend: str = "transformers") -> list[str]:
-    """The fields this backend would silently ignore (or get wrong) although they change the reply.
+    """The fields this backend would ignore (or get wrong) although they change the reply.
 
-    ``transformers``: ``n`` > 1, ``logprobs``/``top_logprobs``, ``presence_penalty`` ≠ 0, ``frequency_penalty`` ≤ -1
-    (it becomes a repetition penalty of 1 + value, which must be positive), a ``response_format`` other than text,
-    a ``tool_choice`` other than auto. ``llamacpp`` (llama-cpp-python's server): ``n`` > 1, ``logprobs``/
-    ``top_logprobs`` (the server keeps no logits, to save memory), a ``tool_choice`` other than auto,
-    ``chat_template_kwargs`` and ``stream_options`` (it has neither)."""
+    Both: ``n`` > 1, ``logprobs``/``top_logprobs`` (neither server keeps the logits), a ``tool_choice`` other than
+    auto. ``transformers``: ``presence_penalty`` and ``frequency_penalty`` ≠ 0 (``generate`` has only a
+    multiplicative repetition penalty, another thing), a ``response_format`` other than text, and ``tools`` (the
+    server parses no tool calls out of a reply; vLLM too needs a tool parser for them). ``llamacpp``
+    (llama-cpp-python's server): ``chat_template_kwargs`` and ``stream_options`` (it has neither)."""
     checks = {"n": lambda v: v != 1, "logprobs": bool, "top_logprobs": bool, "tool_choice": lambda v: v != "auto"}
     if backend == "transformers":
-        checks |= {"presence_penalty": lambda v: v != 0, "frequency_penalty": lambda v: v <= -1,
-                   "response_format": lambda v: v.type != "text"}
+        checks |= {"presence_penalty": lambda v: v != 0, "frequency_penalty": lambda v: v != 0,
+                   "response_format": lambda v: v.type != "text", "tools": bool}
     else:
         checks |= {"chat_template_kwargs": bool, "stream_options": lambda v: True}
     return [key for key, bad in checks.items() if getattr(request, key) is not None and bad(getattr(request, key))]
@@ -188,9 +188,9 @@ def unsupported(request: ChatCompletionRequest, backend: str = "transformers") -
 
 def check_request(body, name: str, backend: str = "transformers") -> dict:
     """The body of a chat request, validated (:class:`ChatCompletionRequest`, :func:`unsupported`, the served
-    ``name``), as the ``backend``'s handler takes it: unset fields left out, ``stop`` a list of non-empty strings
-    (or absent); for ``llamacpp``, ``max_completion_tokens`` as ``max_tokens`` (its name there). Raises
-    :class:`ApiError`."""
+    ``name``), as the ``backend`` takes it: unset fields left out, ``max_completion_tokens`` as ``max_tokens``;
+    for ``transformers``, ``stop`` a list of non-empty strings (or absent), and the fields that change nothing
+    there (checked above) left out. Raises :class:`ApiError`."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     try:
@@ -214,41 +214,43 @@ def check_request(body, name: str, backend: str = "transformers") -> dict:
         raise ApiError(400, f"not supported by this server ({backend} backend): {', '.join(ignored)}; leave "
                             f"{'it' if len(ignored) == 1 else 'them'} out, or serve with vLLM on a GPU", ignored[0])
     out = {k: v for k, v in body.items() if v is not None}
+    tokens = out.pop("max_completion_tokens", None)
+    if tokens is not None and "max_tokens" not in out:
+        out["max_tokens"] = tokens  # the newer name wins only where the older is not given (as vLLM)
     if backend == "llamacpp":
-        tokens = out.pop("max_completion_tokens", None)
-        if tokens is not None and "max_tokens" not in out:
-            out["max_tokens"] = tokens
         return out
-    # one list of non-empty strings; none at all (lm-evaluation-harness sends []) would fail transformers' setup
+    # one list of non-empty strings; none at all (lm-evaluation-harness sends []) means no stop string
     stops = [s for s in ([request.stop] if isinstance(request.stop, str) else request.stop or []) if s]
     out.pop("stop", None)
     if stops:
         out["stop"] = stops
-    for key in ("n", "stream_options", "user", "metadata", "store", "service_tier", "parallel_tool_calls",
-                "tool_choice", "logprobs", "top_logprobs", "response_format", "presence_penalty"):
-        out.pop(key, None)  # checked above; transformers' handler would only warn about them
+    for key in ("n", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice", "logprobs",
+                "top_logprobs", "response_format", "presence_penalty", "frequency_penalty"):
+        out.pop(key, None)  # checked above: none of them changes this reply
     return out
 
 
-def context_check(body: dict, prompt_tokens: int, limit: int | None, default_new_tokens: int) -> dict:
-    """``body`` with ``max_tokens`` set to what fits when it is missing (the handler's own default, at most
-    the room left); a 400 when the prompt and the completion do not fit in ``limit`` tokens."""
-    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+def context_check(body: dict, prompt_tokens: int, limit: int | None, default_new_tokens: int | None = None) -> dict:
+    """``body`` with ``max_tokens`` set when it is missing: the room the context leaves (as vLLM), at most the
+    model's own ``default_new_tokens`` where its generation config sets one. A 400 naming both numbers when the
+    prompt and the completion do not fit in ``limit`` tokens (``None``: unknown, nothing to check)."""
+    asked = body.get("max_tokens")
     if limit is None:
-        return body
+        if asked is None and default_new_tokens is None:
+            raise ApiError(400, "max_tokens is required: this model's context length is unknown", "max_tokens")
+        return {**body, "max_tokens": asked or default_new_tokens}
     if asked is None:
         room = limit - prompt_tokens
         if room < 1:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages "
                                 f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
                            "messages")
-        return {**body, "max_tokens": min(default_new_tokens, room)}
+        return {**body, "max_tokens": min(default_new_tokens or room, room)}
     if prompt_tokens + asked > limit:
         raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the "
                             "completion). Please reduce the length of the messages or completion.",
-                       "messages" if prompt_tokens >= limit else
-                       "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens")
+                       "messages" if prompt_tokens >= limit else "max_tokens")
     return body
 
 
@@ -341,150 +343,12 @@ def _event(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def stream_events(upstream, stops: list[str], release):
-    """The handler's SSE stream, mended: stop strings cut out (the reply then ends, its generation stopped),
-    ``data: [DONE]`` at the end, an error after the first byte sent as an error event. The upstream is read by a
-    task started here, so the slot is given back (``release``) when generation ends even if the client hangs up
-    before the first byte; a client that hangs up later cancels the task, which stops the generation."""
-    pieces: asyncio.Queue = asyncio.Queue()
-
-    async def pump():
-        try:
-            async for piece in upstream:
-                await pieces.put(piece)
-            await pieces.put(None)
-        except Exception as e:  # noqa: BLE001 - sent to the client as an error event, and logged
-            log.exception("the stream failed after it started")
-            await pieces.put(e)
-        finally:
-            try:
-                if hasattr(upstream, "aclose"):
-                    await upstream.aclose()  # stops the generation (transformers' streamer.cancel)
-            finally:
-                release()
-
-    return _events(asyncio.create_task(pump()), pieces, stops)
+# --------------------------------------------------------------------------- what every backend's app gets
 
 
-async def _events(task, pieces: asyncio.Queue, stops: list[str]):
-    cutter = StopCutter(stops) if stops else None
-    last = None  # the latest chunk, a template for what this wrapper adds
-    try:
-        while True:
-            piece = await pieces.get()
-            if piece is None:
-                break
-            if isinstance(piece, Exception):
-                yield _event(openai_error(500, f"the generation failed: {piece}"))
-                yield "data: [DONE]\n\n"
-                return
-            for event in piece.split("\n\n"):
-                if not event.strip():
-                    continue
-                data = event.removeprefix("data: ")
-                try:
-                    chunk = json.loads(data)
-                except json.JSONDecodeError:
-                    yield event + "\n\n"
-                    continue
-                if "error" in chunk:  # transformers' own error event: {"error": "text"}
-                    error = chunk["error"]
-                    yield _event(error if isinstance(error, dict) and "error" in error else
-                                 openai_error(500, error if isinstance(error, str) else json.dumps(error)))
-                    yield "data: [DONE]\n\n"
-                    return
-                last = chunk
-                choice = (chunk.get("choices") or [{}])[0]
-                delta = choice.get("delta") or {}
-                if cutter is not None and choice.get("finish_reason") and cutter.held:
-                    yield _event(_with(chunk, content=cutter.flush(), finish_reason=None, usage=None))
-                if cutter is None or delta.get("content") is None:
-                    yield _event(chunk)
-                    continue
-                text, found = cutter.feed(delta["content"])
-                if text or not found:
-                    yield _event(_with(chunk, content=text))
-                if found:
-                    yield _event(_with(chunk, content=None, finish_reason="stop"))
-                    yield "data: [DONE]\n\n"
-                    return
-        if cutter is not None and cutter.held and last is not None:
-            yield _event(_with(last, content=cutter.flush(), finish_reason=None, usage=None))
-        yield "data: [DONE]\n\n"
-    finally:
-        task.cancel()  # a client that hung up (or a stop string) ends the generation
-
-
-def _with(chunk: dict, content=..., finish_reason=..., usage=...) -> dict:
-    out = json.loads(json.dumps(chunk))
-    choice = out["choices"][0]
-    if content is not ...:
-        choice.setdefault("delta", {})
-        if content is None:
-            choice["delta"].pop("content", None)
-        else:
-            choice["delta"]["content"] = content
-    if finish_reason is not ...:
-        choice["finish_reason"] = finish_reason
-    if usage is not ... and usage is None:
-        out.pop("usage", None)
-    return out
-
-
-# --------------------------------------------------------------------------- the app
-
-
-def _name_by_link(model: str, name: str) -> str:
-    """transformers serve answers to the name it loaded its model by. To answer to ``name``, load the
-    folder through a link called ``name`` in a fresh working folder (only this child process moves there)."""
-    if name == model:
-        return model
-    work = Path(tempfile.mkdtemp(prefix="medqa-serve-name-"))
-    link = work / name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(Path(model).expanduser().resolve(), target_is_directory=True)
-    os.chdir(work)
-    return name
-
-
-def _sampling_fix() -> None:
-    """``temperature`` > 0 samples, even where the model's generation config lacks ``do_sample``."""
-    from transformers.cli.serving.utils import BaseHandler
-
-    build_config = BaseHandler._build_generation_config
-
-    def build_generation_config(self, body, *args, **kwargs):
-        config = build_config(self, body, *args, **kwargs)
-        if body.get("temperature") is not None and float(body["temperature"]) > 0:
-            config.do_sample = True
-        return config
-
-    BaseHandler._build_generation_config = build_generation_config
-
-
-def _prompt_tokens(handler, body: dict) -> tuple[int, object]:
-    """How many tokens the chat template makes of the request's messages (as the handler will render them),
-    and the model."""
-    _, model, processor = handler._resolve_model(dict(body))
-    modality = handler.model_manager.get_model_modality(model, processor=processor)
-    messages = handler.get_processor_inputs_from_messages(body["messages"], modality)
-    kwargs = {**handler.chat_template_kwargs, **body.get("chat_template_kwargs", {})}
-    from jinja2 import TemplateError
-
-    try:
-        ids = processor.apply_chat_template(messages, add_generation_prompt=True, tools=body.get("tools"),
-                                            tokenize=True, return_dict=True, **kwargs)["input_ids"]
-    except TemplateError as e:  # what the request put in the template (a malformed tool, say), not a server fault
-        raise ApiError(400, f"the model's chat template cannot render this request: {e}",
-                       "tools" if body.get("tools") else "messages") from None
-    return len(ids), model
-
-
-def _guarded(app, key: str | None, chat_handler=None, name: str = "", settings: dict | None = None):
-    """The app with every path but ``/health`` behind the key (when one is set), the model-management
-    endpoints refused, the endpoints not offered answered 404, the chat endpoint replaced by :func:`chat`'s
-    checks around transformers' handler, and every error in the OpenAI API's shape."""
-    from fastapi import Request
+def _guarded(app, key: str | None):
+    """The app with every path but ``/health`` behind the key (when one is set), the endpoints not offered
+    answered 404, and every error in the OpenAI API's shape (an unexpected one too: 500, logged)."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -498,8 +362,6 @@ def _guarded(app, key: str | None, chat_handler=None, name: str = "", settings: 
         given = request.headers.get("authorization", "")
         if key and path not in OPEN_PATHS and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
             return error_response(401, "missing or wrong API key")
-        if path in REFUSED_PATHS:
-            return error_response(403, f"{path} is turned off: this server serves one model")
         if path in NOT_OFFERED:
             return error_response(404, f"{path} is not offered by this server: use {CHAT} (and /v1/models)")
         return await call_next(request)
@@ -522,72 +384,306 @@ def _guarded(app, key: str | None, chat_handler=None, name: str = "", settings: 
         return error_response(500, f"the server failed on this request ({type(exc).__name__}); its log has the "
                                    "traceback")
 
-    if chat_handler is None:
-        return app
-    # one request generates at a time (transformers' inference thread is sequential); continuous batching
-    # generates every admitted request together
-    slots = (settings["max_queue"] or 2**31) if settings["continuous_batching"] else 1  # 2**31: no limit
-    gate = Gate(slots, settings["max_queue"], settings["request_timeout"])
+    return app
+
+
+def _read_body(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------- the transformers server (serve.backend transformers)
+
+# apply_chat_template's own parameters: a request's chat_template_kwargs are the template's variables, not these
+TEMPLATE_PARAMETERS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                       "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
+def template_message(message: dict) -> dict:
+    """A validated request message as chat templates read it: text parts joined by newlines (as vLLM joins
+    them), a tool call's JSON arguments as a dict."""
+    out = {k: v for k, v in message.items() if v is not None and k != "tool_calls"}
+    if isinstance(out.get("content"), list):
+        out["content"] = "\n".join(part["text"] for part in out["content"])
+    if message.get("tool_calls"):
+        calls = []
+        for call in message["tool_calls"]:
+            try:
+                arguments = json.loads(call["function"]["arguments"])
+            except json.JSONDecodeError:
+                arguments = call["function"]["arguments"]
+            calls.append({"id": call["id"], "type": "function",
+                          "function": {"name": call["function"]["name"], "arguments": arguments}})
+        out["tool_calls"] = calls
+    return out
+
+
+class Engine:
+    """One model on transformers' public API: its chat template (:meth:`prompt`), its context (``limit``), and
+    generation (:meth:`start`) on one worker thread, so requests generate one at a time, in the order the
+    :class:`Gate` lets them in."""
+
+    def __init__(self, model, tokenizer, max_model_len: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.model, self.tokenizer = model, tokenizer
+        self.limit = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        self.default_new_tokens = model.generation_config.max_new_tokens  # None: the room left, as vLLM
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.created = int(time.time())
+
+    @classmethod
+    def load(cls, model_dir: str, dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        return cls(model.to(device).eval(), tokenizer, max_model_len)
+
+    def prompt(self, body: dict) -> list[int]:
+        """The token ids the model reads for the request: its messages through the model's chat template, with
+        the assistant's turn opened. Tokenized once: the context check and generation both use these."""
+        from jinja2 import TemplateError
+
+        variables = body.get("chat_template_kwargs") or {}
+        reserved = sorted(TEMPLATE_PARAMETERS & set(variables))
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs: {', '.join(reserved)} is set by the server, not by a request",
+                           "chat_template_kwargs")
+        try:
+            ids = self.tokenizer.apply_chat_template([template_message(m) for m in body["messages"]],
+                                                     add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                     **variables)["input_ids"]
+        except TemplateError as e:  # what the request put in the template, not a server fault
+            raise ApiError(400, f"the model's chat template cannot render this request: {e}", "messages") from None
+        return list(ids)
+
+    def generation_config(self, body: dict):
+        """The model's own generation config, changed by what the request sets: ``temperature`` 0 is greedy and
+        above 0 samples, whatever the config says (an unset temperature leaves the model's choice, as vLLM does),
+        ``top_p``, ``stop`` (as ``stop_strings``), ``logit_bias`` (as a bias on single tokens)."""
+        import copy
+
+        config = copy.deepcopy(self.model.generation_config)
+        config.max_new_tokens = body["max_tokens"]
+        temperature = body.get("temperature")
+        if temperature is not None:
+            config.do_sample = temperature > 0
+            if temperature > 0:
+                config.temperature = temperature
+        if body.get("top_p") is not None:
+            config.top_p = body["top_p"]
+        if not config.do_sample:  # greedy: sampling settings mean nothing (and transformers would warn about them)
+            config.temperature = config.top_p = config.top_k = None
+        config.stop_strings = body.get("stop") or None
+        if body.get("logit_bias"):
+            config.sequence_bias = {(int(token),): float(bias) for token, bias in body["logit_bias"].items()}
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
+                next(iter(sorted(self.eos)), None)
+        return config
+
+    def start(self, ids: list[int], body: dict) -> Generation:
+        """Start generating the reply to ``body`` (checked, with ``max_tokens`` set) on the worker thread."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) \
+            if body.get("stream") else None
+        run = Generation(self, ids, body, streamer)
+        run.done = asyncio.wrap_future(self.worker.submit(self._generate, run, self.generation_config(body)))
+        return run
+
+    def _generate(self, run: Generation, config) -> list[int]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        try:
+            with torch.inference_mode():
+                if run.body.get("seed") is not None:
+                    torch.manual_seed(run.body["seed"])
+                ids = torch.tensor([run.ids], device=self.model.device)
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                          streamer=run.streamer, stopping_criteria=StoppingCriteriaList([_gone(run)]),
+                                          tokenizer=self.tokenizer if config.stop_strings else None)
+            return out[0, len(run.ids):].tolist()
+        except BaseException:
+            if run.streamer is not None:
+                run.streamer.end()  # the reader is not left waiting for text that will not come
+            raise
+
+    def text(self, new_ids: list[int]) -> str:
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True)
+
+    def finish_reason(self, new_ids: list[int], max_tokens: int, stopped: bool) -> str:
+        """``stop`` for a stop string or an end-of-sequence token, ``length`` for a reply cut at ``max_tokens``."""
+        if stopped or (new_ids and new_ids[-1] in self.eos):
+            return "stop"
+        return "length" if len(new_ids) >= max_tokens else "stop"
+
+
+def _gone(run: Generation):
+    """A stopping criterion that ends the generation once ``run`` is cancelled (its client left)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), run.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Cancelled()
+
+
+class Generation:
+    """One request's generation: ``done`` (an asyncio future of the new token ids), its text as it comes
+    (:meth:`pieces`, when streamed), and :meth:`cancel`."""
+
+    def __init__(self, engine: Engine, ids: list[int], body: dict, streamer=None):
+        import threading
+
+        self.engine, self.ids, self.body, self.streamer = engine, ids, body, streamer
+        self.cancelled = threading.Event()
+        self.done: asyncio.Future | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def pieces(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            piece = await loop.run_in_executor(None, next, self.streamer, None)
+            if piece is None:
+                return
+            if piece:
+                yield piece
+
+
+def completion(name: str, text: str, finish: str, prompt: int, completion_tokens: int) -> dict:
+    """A chat completion in the OpenAI API's shape."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                        "finish_reason": finish, "logprobs": None}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt + completion_tokens}}
+
+
+async def reply(engine: Engine, run: Generation, name: str, disconnected) -> dict:
+    """The whole reply, once generated; a client that hangs up meanwhile cancels the generation."""
+    while not run.done.done():
+        await asyncio.wait({run.done}, timeout=1.0)
+        if not run.done.done() and await disconnected():
+            run.cancel()
+    new_ids = run.done.result()
+    text, found = cut_at_stop(engine.text(new_ids), run.body.get("stop") or [])
+    finish = engine.finish_reason(new_ids, run.body["max_tokens"], found)
+    return completion(name, text, finish, len(run.ids), len(new_ids))
+
+
+async def stream(engine: Engine, run: Generation, name: str):
+    """The reply as server-sent events, as vLLM sends them: a first chunk with the role, the text as it comes
+    (stop strings left out: text that could start one is held back), a last chunk with the finish reason, usage
+    when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``. An error after the first byte is
+    an error event. Leaving early (a stop string, a client that hangs up) cancels the generation."""
+    stops = run.body.get("stop") or []
+    cutter = StopCutter(stops) if stops else None
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": name}
+    chunk = lambda delta, finish=None: {**head, "choices": [  # noqa: E731
+        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    found = False
+    try:
+        yield _event(chunk({"role": "assistant", "content": ""}))
+        async for piece in run.pieces():
+            text, found = cutter.feed(piece) if cutter else (piece, False)
+            if text:
+                yield _event(chunk({"content": text}))
+            if found:
+                run.cancel()
+                break
+        if cutter and not found and cutter.held:
+            yield _event(chunk({"content": cutter.flush()}))
+        try:
+            new_ids = await run.done
+        except Exception as e:  # noqa: BLE001 - sent to the client as an error event, and logged
+            log.exception("the generation failed after the stream started")
+            yield _event(openai_error(500, f"the generation failed: {e}"))
+            yield "data: [DONE]\n\n"
+            return
+        yield _event(chunk({}, engine.finish_reason(new_ids, run.body["max_tokens"], found)))
+        if (run.body.get("stream_options") or {}).get("include_usage"):
+            n = len(new_ids)
+            yield _event({**head, "choices": [], "usage": {"prompt_tokens": len(run.ids), "completion_tokens": n,
+                                                           "total_tokens": len(run.ids) + n}})
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()  # a client that hung up (or a stop string) ends the generation; after the end, nothing
+
+
+def app_for(engine: Engine, name: str, key: str | None, settings: dict):
+    """The transformers backend's app: ``/health``, ``/v1/models`` and ``/v1/chat/completions`` for ``engine``'s
+    model under ``name``, each chat request checked (:func:`check_request`, :func:`context_check`) and queued
+    (:class:`Gate`: one generates, ``serve.max_queue`` wait, each at most ``serve.request_timeout`` s)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title=f"medqa-zh server: {name}")
+    gate = Gate(1, settings["max_queue"], settings["request_timeout"])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": engine.created,
+                                            "owned_by": "medqa-zh", "max_model_len": engine.limit}]}
 
     async def chat(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        body = check_request(body, name)
-        prompt, model = _prompt_tokens(chat_handler, body)
-        limit = settings["max_model_len"] or getattr(model.config, "max_position_embeddings", None)
-        body = context_check(body, prompt, limit, max(model.generation_config.max_new_tokens or 0, 1024))
+        body = check_request(_read_body(await request.body()), name)
+        ids = engine.prompt(body)
+        body = context_check(body, len(ids), engine.limit, engine.default_new_tokens)
         try:
             since = await gate.enter(request.is_disconnected)
         except ConnectionAbortedError:
             return JSONResponse(openai_error(400, "the client hung up"), status_code=400)
         try:
-            response = await chat_handler.handle_request(body, request.state.request_id)
+            run = engine.start(ids, body)
         except BaseException:
             gate.leave(since)
             raise
+
+        def release(done: asyncio.Future) -> None:  # when the generation has ended, however it ended
+            gate.leave(since)
+            if not done.cancelled() and done.exception() is not None:
+                log.error("a generation failed", exc_info=done.exception())
+
+        run.done.add_done_callback(release)
         if body.get("stream"):
-            response.body_iterator = stream_events(response.body_iterator, body.get("stop") or [],
-                                                   lambda: gate.leave(since))
-            return response
-        gate.leave(since)
-        if body.get("stop") and isinstance(response, JSONResponse):
-            reply = json.loads(response.body)
-            for choice in reply.get("choices", []):
-                text, found = cut_at_stop(choice["message"].get("content") or "", body["stop"])
-                choice["message"]["content"] = text
-                if found:
-                    choice["finish_reason"] = "stop"
-            response = JSONResponse(reply, status_code=response.status_code)
-        return response
+            return StreamingResponse(stream(engine, run, name), media_type="text/event-stream")
+        return JSONResponse(await reply(engine, run, name, request.is_disconnected))
 
     chat.__annotations__["request"] = Request  # the class, not the name: this module's future annotations are strings
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != CHAT]
     app.add_api_route(CHAT, chat, methods=["POST"])
-    return app
+    return _guarded(app, key)
 
 
 def main(args_json: str) -> None:
-    """Runs in the child: ``transformers serve``'s own server (``transformers.cli.serve.Serve``), pinned
-    to one model under its served name, with the key check, the request checks and the fixes above."""
+    """Runs in the child: the transformers backend's server for one model under its served name (the model
+    loaded before the server answers ``/health``)."""
     args = json.loads(args_json)
     key = os.environ.pop(API_KEY_ENV, None)
-    from transformers.cli import serve as cli_serve
-    from transformers.cli.serving import server as serving
+    import uvicorn
 
-    name = _name_by_link(args["model"], args.get("served_name") or args["model"])
-    build = serving.build_server
-
-    def build_server(*a, **kw):
-        chat_handler = kw["chat_handler"] if "chat_handler" in kw else a[1]
-        return _guarded(build(*a, **kw), key, chat_handler, name, args)
-
-    serving.build_server = build_server
-    _sampling_fix()
-    cli_serve.Serve(force_model=name, host=args["host"], port=args["port"], device=args["device"],
-                    dtype=args["dtype"], continuous_batching=args["continuous_batching"], log_level="info")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log.info("loading %s (%s, %s)", args["model"], args["dtype"], args["device"])
+    engine = Engine.load(args["model"], args["dtype"], args["device"], args["max_model_len"])
+    app = app_for(engine, args["served_name"], key, args)
+    uvicorn.run(app, host=args["host"], port=args["port"], log_level="info")
 
 
 # --------------------------------------------------------------------------- the llama.cpp server (serve.backend llamacpp)
@@ -619,13 +715,36 @@ def llama_model_params(extra_buffers: bool):
         lib.llama_model_default_params = default
 
 
+def llama_prompt_tokens(llm, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> list[int]:
+    """The token ids llama-cpp-python's server feeds the model for ``messages``: the GGUF's embedded chat
+    template (``tokenizer.chat_template``) rendered by its ``Jinja2ChatFormatter``, tokenized by the GGUF's
+    tokenizer with special tokens parsed, after a BOS token only where the GGUF's tokenizer adds one. ``llm``: a
+    ``llama_cpp.Llama`` (``vocab_only=True`` is enough). A template the request breaks is a 400."""
+    from jinja2 import TemplateError
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError("the GGUF has no tokenizer.chat_template: export it from a folder whose tokenizer has one")
+    text = lambda token: llm.detokenize([token], special=True).decode("utf-8", "replace") if token != -1 else ""  # noqa: E731
+    formatter = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()),
+                                    add_generation_prompt=add_generation_prompt)
+    try:
+        prompt = formatter(messages=messages, tools=tools).prompt
+    except TemplateError as e:
+        raise ApiError(400, f"the model's chat template cannot render this request: {e}", "messages") from None
+    bos = llm.tokenize(b"", add_bos=True, special=True)  # [BOS] where the tokenizer adds one, else []
+    return bos + llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+
 class _CheckedChat:
     """ASGI middleware: the body of every ``POST /v1/chat/completions`` is read, checked (:func:`check_request`,
-    llama.cpp's list of fields it would ignore) and handed on as rewritten; a bad one is answered here, in the
-    OpenAI shape."""
+    llama.cpp's list of fields it would ignore, :func:`context_check` on the prompt's tokens, counted with
+    ``vocab``, a vocabulary-only ``Llama`` of the same GGUF) and handed on as rewritten; a bad one is answered
+    here, in the OpenAI shape."""
 
-    def __init__(self, app, name: str):
-        self.app, self.name = app, name
+    def __init__(self, app, name: str, vocab, n_ctx: int):
+        self.app, self.name, self.vocab, self.n_ctx = app, name, vocab, n_ctx
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != CHAT or scope["method"] != "POST":
@@ -636,11 +755,9 @@ class _CheckedChat:
             raw += message.get("body", b"")
             more = message.get("more_body", False)
         try:
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-            body = check_request(body, self.name, backend="llamacpp")
+            body = check_request(_read_body(raw), self.name, backend="llamacpp")
+            prompt = llama_prompt_tokens(self.vocab, body["messages"], tools=body.get("tools"))
+            body = context_check(body, len(prompt), self.n_ctx)  # llama-cpp-python itself would shorten max_tokens
         except ApiError as e:
             from starlette.responses import JSONResponse
 
@@ -664,11 +781,13 @@ def llamacpp_main(args_json: str) -> None:
     """Runs in the child: llama-cpp-python's OpenAI-compatible server for one GGUF under its served name, with
     the same mending as the transformers child: the key on every path but ``/health`` (which answers once the
     model is loaded), OpenAI-shaped errors, the request checked against :class:`ChatCompletionRequest` and the
-    fields it would ignore refused; the endpoints this project does not use answered 404. Requests are answered
+    fields it would ignore refused, the context enforced as vLLM enforces it (llama-cpp-python alone would shorten
+    ``max_tokens`` silently); the endpoints this project does not use answered 404. Requests are answered
     one at a time, in order (llama-cpp-python's lock); none interrupts another."""
     args = json.loads(args_json)
     key = os.environ.pop(API_KEY_ENV, None)
     import uvicorn
+    from llama_cpp import Llama
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -678,7 +797,8 @@ def llamacpp_main(args_json: str) -> None:
     server = ServerSettings(host=args["host"], port=args["port"], interrupt_requests=False)
     with llama_model_params(args["extra_buffers"]):
         app = create_app(server_settings=server, model_settings=[model])  # loads the model
-    app.add_middleware(_CheckedChat, name=args["served_name"])
+    vocab = Llama(model_path=args["model"], vocab_only=True, verbose=False)  # the prompt's tokens, for the checks
+    app.add_middleware(_CheckedChat, name=args["served_name"], vocab=vocab, n_ctx=args["n_ctx"])
     app = _guarded(app, key)  # its key check is added last, so it runs first
 
     @app.get("/health")

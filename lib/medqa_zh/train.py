@@ -566,10 +566,9 @@ class AnswerOnlySFTTrainer(SFTTrainer):
     test checks the loss and its gradients against trl's own ``compute_loss``.
     """
 
-    def _get_train_sampler(self, train_dataset=None):
-        # the stream is already shuffled, per epoch and seeded, and sorted within each step (see stream)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        return torch.utils.data.SequentialSampler(dataset)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accuracies = {"train": [], "eval": []}  # each micro-batch's answer-token accuracy since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_fsdp_enabled:
@@ -588,24 +587,38 @@ class AnswerOnlySFTTrainer(SFTTrainer):
         with torch.no_grad():
             mode = "train" if model.training else "eval"
             accuracy = (logits.argmax(-1) == targets).float().mean().item() if targets.numel() else 0.0
-            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+            self.accuracies[mode].append(accuracy)
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs, *args, **kwargs):
+        """The logged point with ``mean_token_accuracy`` (``eval_mean_token_accuracy`` in an evaluation): the mean
+        over the micro-batches since the last point, as trl logs it for its own loss."""
+        mode = "train" if self.model.training else "eval"
+        if self.accuracies[mode]:
+            key = "mean_token_accuracy" if mode == "train" else "eval_mean_token_accuracy"
+            logs = {**logs, key: sum(self.accuracies[mode]) / len(self.accuracies[mode])}
+            self.accuracies[mode].clear()
+        return super().log(logs, *args, **kwargs)
 
-def one_device(args) -> object:
-    """Keep a single-process run on one device.
+
+class OneDeviceConfig(SFTConfig):
+    """trl's ``SFTConfig`` that keeps a single-process run on one device.
 
     Started without a launcher on a machine with several GPUs, the Trainer wraps the model in
     ``nn.DataParallel``, which splits every tensor argument of the forward along dim 0 (the loss's
     index tensor too, so shapes break) and silently multiplies the batch by the GPU count. Here the
-    run uses the first visible GPU only, as transformers itself does for model-parallel runs;
-    several GPUs are a launched path (``accelerate launch`` / ``torchrun``, one process each).
+    run uses the first visible GPU only (``n_gpu`` is at most 1), as transformers itself does for
+    model-parallel runs; several GPUs are a launched path (``accelerate launch`` / ``torchrun``, one
+    process each, where ``n_gpu`` is 1 anyway). :attr:`visible_gpus` is what transformers would have used.
     """
-    if args.n_gpu > 1:
-        print(f"{args.n_gpu} GPUs visible: this single-process run trains on {args.device} only "
-              "(choose one with CUDA_VISIBLE_DEVICES; several GPUs need a launcher, e.g. accelerate launch)")
-        args._n_gpu = 1
-    return args
+
+    @property
+    def visible_gpus(self) -> int:
+        return super().n_gpu
+
+    @property
+    def n_gpu(self) -> int:
+        return min(self.visible_gpus, 1)
 
 
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
@@ -666,7 +679,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
             target_modules=lora["target_modules"], task_type="CAUSAL_LM",
         )
     watch = dashboards.watch(cfg, out_dir)
-    args = SFTConfig(
+    args = OneDeviceConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=1,  # one pass over the stream, which holds the epochs
         max_steps=s["max_steps"] or -1,  # null: the epochs decide
@@ -680,6 +693,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         max_grad_norm=float(s["max_grad_norm"]),
         max_length=None if s["packing"] else s["max_length"],  # check_lengths has enforced it; trl cuts only unpacked rows
         packing=False,  # trl's packing reorders examples across steps: the stream's order is the project's
+        train_sampling_strategy="sequential",  # the stream is already shuffled, per epoch and seeded, and sorted within each step
         padding_free=s["packing"],  # each micro-batch in one row, position ids restarting at each example
         completion_only_loss=s["loss_on"] == "completion",
         **{_checkpointing_field(): bool(s["gradient_checkpointing"])},
@@ -701,7 +715,9 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    args = one_device(args)
+    if args.visible_gpus > 1:
+        print(f"{args.visible_gpus} GPUs visible: this single-process run trains on {args.device} only "
+              "(choose one with CUDA_VISIBLE_DEVICES; several GPUs need a launcher, e.g. accelerate launch)")
     log = JsonlLog(out_dir / runs.LOG_FILE)
     with warnings.catch_warnings():  # peft asks the model a property transformers 5 renamed: noise, not a fault
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
