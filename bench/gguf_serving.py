@@ -4,7 +4,7 @@
                                  [--model-dir DIR --gguf-dir DIR --questions-file FILE]
 
 For a run's model (``outputs/<profile>/models/<model>``) and the GGUF files notebook 04 exported from it
-(``models/gguf/<model>-<quantization>.gguf``), one server after another on loopback — ``transformers serve``
+(``models/gguf/<model>-<quantization>.gguf``), one server after another on loopback — the transformers server
 in the profile's ``model.dtype``, then llama-cpp-python's server for each GGUF — answers the first
 ``--questions`` eval questions through the OpenAI API exactly as notebook 07 asks them (the project's prompt,
 greedy, ``eval.max_new_tokens`` tokens), at each ``--concurrency``. Nothing is cached: every answer is asked

@@ -198,6 +198,19 @@ def test_serve_load_runs_clients_against_a_server_it_starts_and_reports_it_alive
     assert "server alive at the end: yes" in out.stdout
 
 
+def test_serve_load_compares_the_server_with_a_baseline_commit_side_by_side(tiny_assets):
+    # the baseline is this very commit: the bench's mechanics (the old module from git, its own process), not a speed
+    out = subprocess.run(
+        [sys.executable, REPO / "bench" / "serve_load.py", tiny_assets["model"], "--clients", "4", "--seconds", "2",
+         "--max-tokens", "2", "--dtype", "float32", "--baseline", "HEAD", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    assert "current: " in out.stdout and "baseline HEAD: " in out.stdout and "peak memory" in out.stdout
+    ratios = out.stdout.split("current / baseline (mean of the rounds): ")[1]
+    assert "requests/s x" in ratios and "peak GiB x" in ratios
+
+
 def test_gguf_serving_compares_the_transformers_server_with_every_gguf(tiny_assets, tmp_path):
     from medqa_zh import export
 

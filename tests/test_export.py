@@ -183,7 +183,16 @@ def test_the_llamacpp_server_checks_the_key_and_answers_like_the_file(exported, 
         other = httpx.post(server.url + "/v1/chat/completions", json={**body, "model": "x"}, headers=server.headers())
         assert other.status_code == 404
         reply = server.client().chat.completions.create(**body)
-        assert reply.usage.prompt_tokens == len(export.server_tokens(export.load(exported["q8_0"]), messages))
+        prompt = len(export.server_tokens(export.load(exported["q8_0"]), messages))
+        assert reply.usage.prompt_tokens == prompt
+        # beyond the context: a 400 naming both numbers, as vLLM (llama-cpp-python alone would shorten it)
+        beyond = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 4096},
+                            headers=server.headers(), timeout=30)
+        assert beyond.status_code == 400 and beyond.json()["error"]["param"] == "max_tokens", beyond.text
+        assert f"({prompt} in the messages, 4096 in the completion)" in beyond.json()["error"]["message"]
+        fits = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 4096 - prompt},
+                          headers=server.headers(), timeout=120)
+        assert fits.status_code == 200, fits.text
     assert not server.running()
 
 
@@ -193,7 +202,7 @@ def test_serve_refuses_a_broken_gguf_and_maps_a_run_model_to_its_file(exported, 
     with pytest.raises(export.ExportError, match="truncated|not a whole GGUF"):
         serve.start(cut, backend="llamacpp")
     with pytest.raises(ValueError, match="adapter"):
-        serve._command("llamacpp", str(cut), "127.0.0.1", 1, "auto", "cpu", False, {"adapters": {"a": "x"}}, "m", (),
+        serve._command("llamacpp", str(cut), "127.0.0.1", 1, "auto", "cpu", {"adapters": {"a": "x"}}, "m", (),
                        llama={"n_ctx": 64, "extra_buffers": False, "threads": None})
     cfg = smoke(**{"serve.backend": "llamacpp"})
     assert serve.backend_tag(cfg) == "llamacpp-q8_0" and serve.backend_tag(smoke()) == "transformers"

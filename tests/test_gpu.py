@@ -150,7 +150,7 @@ def _adapter(folder, r):
 
 def test_the_vllm_command_runs_through_this_python_with_the_adapters_rank(tmp_path):
     lora = {"adapters": {"lora": _adapter(tmp_path / "lora", 16)}}
-    cmd = serve._command("vllm", "/models/base", "127.0.0.1", 8000, "bfloat16", None, False, lora, None, (),
+    cmd = serve._command("vllm", "/models/base", "127.0.0.1", 8000, "bfloat16", None, lora, None, (),
                          gpu_memory_utilization=0.3)
     # not a `vllm` looked up on PATH: a kernel or .venv/bin/python started without the env's bin/ on PATH works too
     assert cmd[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "/models/base"]
@@ -158,7 +158,7 @@ def test_the_vllm_command_runs_through_this_python_with_the_adapters_rank(tmp_pa
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.3"
     assert f"lora={tmp_path / 'lora'}" in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "/models/base" and "--disable-fastapi-docs" not in cmd
-    public = serve._command("vllm", "/models/base", "0.0.0.0", 8000, "bfloat16", None, False, None, "merged", (),
+    public = serve._command("vllm", "/models/base", "0.0.0.0", 8000, "bfloat16", None, None, "merged", (),
                             public=True)
     assert public[public.index("--served-model-name") + 1] == "merged" and "--disable-fastapi-docs" in public
 
@@ -282,12 +282,12 @@ def test_the_vllm_command_carries_the_profiles_parallel_and_memory_settings(proj
 
 
 def test_the_transformers_backend_refuses_a_parallel_size_it_cannot_honour(tmp_path):
-    cmd = serve._command("transformers", str(tmp_path), "127.0.0.1", 8000, "float32", "cpu", False, None, None, (),
+    cmd = serve._command("transformers", str(tmp_path), "127.0.0.1", 8000, "float32", "cpu", None, None, (),
                          gpu_memory_utilization=0.3, scaling={"tensor_parallel_size": 1, "data_parallel_size": 1,
                                                               "max_num_seqs": 8})
     assert not any(a.startswith("--") and "parallel" in a for a in cmd)  # one copy on one device: nothing to pass
     with pytest.raises(ValueError, match=r"serve.data_parallel_size = 2 is for vLLM"):
-        serve._command("transformers", str(tmp_path), "127.0.0.1", 8000, "float32", "cpu", False, None, None, (),
+        serve._command("transformers", str(tmp_path), "127.0.0.1", 8000, "float32", "cpu", None, None, (),
                        scaling={"data_parallel_size": 2})
     with pytest.raises(ValueError, match="unknown vLLM setting 'pipeline_parallel_size'"):
         serve.vllm_scaling({"pipeline_parallel_size": 2})
@@ -303,7 +303,7 @@ def test_vllms_own_parser_reads_the_command_built_for_it(tmp_path):
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError:
         from vllm.utils import FlexibleArgumentParser
-    cmd = serve._command("vllm", str(tmp_path), "127.0.0.1", 8000, "bfloat16", None, False, None, "merged", (),
+    cmd = serve._command("vllm", str(tmp_path), "127.0.0.1", 8000, "bfloat16", None, None, "merged", (),
                          gpu_memory_utilization=0.3,
                          scaling={"tensor_parallel_size": 2, "data_parallel_size": 2, "max_num_seqs": 64,
                                   "max_model_len": 2048})

@@ -291,6 +291,11 @@ def test_training_loss_falls_and_outputs_are_written(lora_run):
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert len(evals) >= 2 and evals[-1] < evals[0]  # first eval is the base model (eval_on_start)
+    # the answer tokens' accuracy beside each loss, in [0, 1] (the trainer's own log, AnswerOnlySFTTrainer.log)
+    accuracy = [r["mean_token_accuracy"] for r in log if "loss" in r]
+    eval_accuracy = [r["eval_mean_token_accuracy"] for r in log if "eval_loss" in r]
+    assert len(accuracy) == len(losses) and len(eval_accuracy) == len(evals)
+    assert all(0 <= a <= 1 for a in accuracy + eval_accuracy)
     assert metrics["first_train_loss"] == losses[0] and metrics["last_train_loss"] == losses[-1]
     assert metrics["optimizer_steps"] == len(run.log.step_seconds) > 0
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_gib"] > 0

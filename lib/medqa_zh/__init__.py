@@ -12,7 +12,7 @@ train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one p
 dashboards  train.report_to: TensorBoard and trackio, kept equal to train_log.jsonl; the learning curve in them
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
 export    GGUF files (f16, q8_0, Q4_K_M) with llama.cpp's converter and quantizer; the template proof; Modelfiles
-serve     start and stop an OpenAI-compatible server (vLLM, transformers serve or llama.cpp)
+serve     start and stop an OpenAI-compatible server (vLLM, transformers or llama.cpp)
 serve_child  inside the transformers / llama.cpp server: requests validated, context, queue, streams, OpenAI errors
 evaluate  letter scoring, generate-and-parse, the API client, latency; metrics, intervals, paired tests
 debias    every cyclic rotation of the options: debiased accuracy, consistency, letter prior

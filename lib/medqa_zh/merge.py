@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model, and prove the merged model computes the same thing.
 
 A LoRA layer computes ``W x + s·B(A x)``; merging stores ``W' = W + s·BA`` instead, so a merged
-model needs no peft at serving time (vLLM, ``transformers serve``, any OpenAI-compatible
+model needs no peft at serving time (vLLM, transformers, any OpenAI-compatible
 server). In exact arithmetic the two are equal. In floating point they differ by rounding, and
 in bfloat16 (8 significant bits) ``W + s·BA`` is rounded once more when it is stored. :func:`compare`
 measures that difference on real prompts; :func:`check` fails loudly when it exceeds the
