@@ -161,3 +161,32 @@ def test_the_check_script_finds_a_dashboard_that_differs_from_the_log(smoke_root
     log.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     bad = subprocess.run(check, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "train/loss" in bad.stdout and "DIFFERENT" in bad.stdout, bad.stdout
+
+
+def test_dashboards_turned_on_after_a_run_catch_up_with_its_log(smoke_root):
+    """A LoRA run finished with no dashboard; training it again with both on finds it finished and fills them from
+    train_log.jsonl, so the check script finds every point equal. Again after deleting both stores; and a third time
+    changes nothing (no point twice)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_") and k != "TRACKIO_DIR"}
+    env["MEDQA_ROOT"] = str(smoke_root)
+    steps = ["train.max_steps=3", "train.eval_steps=2", "train.logging_steps=1"]
+    train_cmd = [sys.executable, "-m", "medqa_zh.train", "--profile", "smoke", "--mode", "lora", *steps]
+    run = lambda *extra: subprocess.run([*train_cmd, *extra], env={**env, "PYTHONPATH": str(REPO / "lib")},  # noqa: E731
+                                        cwd=smoke_root, capture_output=True, text=True, timeout=300)
+    check = lambda: subprocess.run([sys.executable, str(REPO / "scripts" / "check_dashboards.py"), "--profile", "smoke",  # noqa: E731
+                                    "--mode", "lora"], env=env, capture_output=True, text=True, timeout=300)
+    first = run("train.resume=false", "train.report_to=none")
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = smoke_root / "outputs" / "smoke" / "models" / "lora"
+    assert not (folder / runs.TENSORBOARD_DIR).exists() and check().returncode != 0  # nothing to show yet
+    for attempt in ("turned on", "stores deleted", "once more"):
+        if attempt == "stores deleted":
+            import shutil
+
+            shutil.rmtree(folder / runs.TENSORBOARD_DIR)
+            shutil.rmtree(smoke_root / "outputs" / "smoke" / "trackio")
+        again = run("train.report_to=[tensorboard, trackio]")
+        assert again.returncode == 0 and "already holds this run, finished" in again.stdout, again.stderr[-2000:]
+        ok = check()
+        assert ok.returncode == 0 and "every point equal" in ok.stdout, (attempt, ok.stdout + ok.stderr[-2000:])
+        assert ok.stdout.count(": equal") == 8, attempt  # four series, two dashboards

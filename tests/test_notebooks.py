@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, server_processes
-from medqa_zh import export, merge, tiny
+from medqa_zh import export, merge, report, tiny
 
 pytestmark = pytest.mark.slow
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
@@ -405,6 +405,12 @@ def test_index_and_report_render_in_a_real_browser(series):
         results = (project / "outputs" / "smoke" / "tables" / "10_results.csv").read_text(encoding="utf-8").splitlines()
         assert len(results) == 1 + 31 + 2  # header, every result (test_10 names them), chance and always-X
         assert page.locator("table.results tr").count() == len(results)
+        # read as a reader reads it: the readable columns, accuracy in percent with its interval, no raw names
+        assert page.locator("table.results th").all_inner_texts() == list(report.READABLE_COLUMNS)
+        first = page.locator("table.results tr").nth(1).locator("td").all_inner_texts()
+        assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", first[3]), first
+        shown = page.locator("body").inner_text().split("10_results.csv")[0]
+        assert not re.search(r"ci_low|ci_high|diff_vs|p_adj|detectable_vs|invalid_rate", shown)
         assert page.locator(".smoke").is_visible()
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

@@ -57,7 +57,11 @@ def test_index_links_every_report_and_shows_results_and_figures(tmp_path):
     assert "SMOKE PROFILE" in page and "abc123 (uncommitted changes)" in page
     assert "<a href='01_data.html'>" in page and "02_lora_sft.html" not in page  # no link to a missing report
     assert "class='failed'>failed" in page and "<td>not run</td>" in page and "<td>12.3</td>" in page
-    assert "<img src='../figures/10_accuracy.png'" in page and "0.667" in page  # the results table
+    assert "<img src='../figures/10_accuracy.png'" in page
+    # the results table as a reader wants it: percent with the interval, no raw column names; the CSV a click away
+    assert "<th>accuracy [95% CI]</th>" in page and re.search(r"<td>66\.7 \[\d+\.\d, \d+\.\d\]</td>", page)
+    assert not re.search(r"ci_low|diff_vs_base|p_adj|detectable_vs", page.split("10_results.csv")[0])
+    assert "<a href='../tables/10_results.csv'>" in page and report.READING_NOTE.split(";")[0] in page
     # every heading in English and Chinese, the Chinese marked as such
     headings = re.findall(r"<h[12]>(.*?)</h[12]>", page)
     assert len(headings) == 4 and all("<span lang='zh-CN'>" in h for h in headings)
@@ -92,6 +96,28 @@ def test_baselines_are_chance_and_the_most_common_training_letter():
     assert evaluate.baselines(train, four).set_index("model").loc["chance", "accuracy"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="baselines need"):
         evaluate.baselines([], questions)
+
+
+def test_every_reading_has_a_family_and_the_figure_one_panel_each():
+    readings = ["letter", "pride", "debiased", "generate", "api", "api@llamacpp-q8_0", "api+rag bm25",
+                "letter+rag bm25", "pride+rag dense"]
+    assert [report.reading_family(r) for r in readings] == [
+        "letter", "debiased", "debiased", "generated", "API", "API", "with passages", "with passages", "with passages"]
+    answers = {(model, r): _rows([1, 0, i % 2, 1], prefix="q") for model in ("base", "merged") for i, r in
+               enumerate(readings)}
+    lines = evaluate.baselines([_q(i, "C") for i in range(4)], [_q(i, "B") for i in range(4)])
+    table = report.results_table(answers, lines)
+    fig = report.plot_accuracy_panels(table[table["evaluation"] != "baseline"], lines)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == list(report.FAMILIES)  # five families: five panels, one hidden
+    passages = shown[-1]
+    labels = [t.get_text() for t in passages.get_legend().get_texts()]
+    assert set(labels) == {"api+rag bm25", "letter+rag bm25", "pride+rag dense", "chance 20.0%", "always C 0.0%"}
+    assert [t.get_text() for t in passages.get_yticklabels()] == ["base", "merged"]
+    assert passages.get_xlabel() == "accuracy (95% interval)"  # the lowest panel of its column has the scale
+    readable = report.readable_frame(table)
+    assert list(readable.columns) == list(report.READABLE_COLUMNS) and len(readable) == len(table)
+    assert readable.iloc[0]["accuracy [95% CI]"] == "50.0 [15.0, 85.0]"  # base, letter: 2 of 4, Wilson
 
 
 def test_baselines_join_the_results_table_and_the_accuracy_figure():

@@ -137,14 +137,24 @@ class Watch:
             self.store = actual
         return trackio
 
-    def restart(self, run_key: dict, rows: list[dict]) -> None:
-        """Make the dashboards hold ``rows`` (the log of the run as training starts: [] for a fresh start, the
-        rows up to the checkpoint for a resumed one) and nothing else of this run. The main process calls it."""
+    def restart(self, run_key: dict, rows: list[dict], keep_curve: bool = False) -> None:
+        """Make the dashboards hold ``rows`` and nothing else of this run's training. The main process calls it:
+        as training starts (``rows``: [] for a fresh start, the rows up to the checkpoint for a resumed one; the
+        learning curve of a run that trains again is dropped), and for a finished run with its whole log
+        (``keep_curve``: a dashboard turned on after the run, or whose store was deleted, catches up; the curve
+        is 02's to redraw). Each time the same rows give the same dashboards."""
         name = run_name(run_key)
         for command in self.commands():
-            print(f"watch it live: {command}")
+            print(f"watch it{'' if keep_curve else ' live'}: {command}")
         if "tensorboard" in self.names:
-            shutil.rmtree(self.tensorboard, ignore_errors=True)
+            if keep_curve and self.tensorboard.is_dir():
+                for old in self.tensorboard.iterdir():
+                    if old.is_dir() and old.name != CURVE_DIR:
+                        shutil.rmtree(old)
+                    elif old.is_file():
+                        old.unlink()
+            else:
+                shutil.rmtree(self.tensorboard, ignore_errors=True)
             if rows:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -153,7 +163,8 @@ class Watch:
                         for tag, value in scalars(row).items():
                             writer.add_scalar(tag, value, row["step"])
         if "trackio" in self.names:
-            self._trackio_run(name + "-curve", [])  # the curve of a run that is training again is gone
+            if not keep_curve:
+                self._trackio_run(name + "-curve", [])  # the curve of a run that is training again is gone
             self._trackio_run(name, [(row["step"], scalars(row, drop=SUMMARY)) for row in rows])
 
     def curve(self, run_key: dict, curve: pd.DataFrame) -> None:

@@ -189,16 +189,69 @@ def plot_retrieval_quality(table):
     return fig
 
 
-def _draw_baselines(ax, baselines) -> None:
+def _draw_baselines(ax, baselines, across: str = "y") -> None:
     """:func:`evaluate.baselines` across an accuracy plot: the chance range as a grey band with its
-    expected accuracy dashed, "always X" dotted."""
+    expected accuracy dashed, "always X" dotted. ``across``: the axis that holds the accuracy."""
+    span, line = (ax.axhspan, ax.axhline) if across == "y" else (ax.axvspan, ax.axvline)
     for _, b in (baselines.iterrows() if baselines is not None else ()):
         text = f"{b['model']} {b['accuracy']:.1%}"
         if b["model"] == "chance":
-            ax.axhspan(b["ci_low"], b["ci_high"], color="grey", alpha=0.15, lw=0)
-            ax.axhline(b["accuracy"], color="grey", ls="--", lw=1, label=text)
+            span(b["ci_low"], b["ci_high"], color="grey", alpha=0.15, lw=0)
+            line(b["accuracy"], color="grey", ls="--", lw=1, label=text)
         else:
-            ax.axhline(b["accuracy"], color="black", ls=":", lw=1, label=text)
+            line(b["accuracy"], color="black", ls=":", lw=1, label=text)
+
+
+# the readings of the results table, in families a figure shows one panel each
+FAMILIES = ("letter", "debiased", "generated", "API", "with passages")
+
+
+def reading_family(evaluation: str) -> str:
+    """The family of a reading (an ``evaluation`` of :func:`results_table`): ``with passages`` (``api+rag bm25``,
+    ``pride+rag dense``, ...), ``API`` (``api``, ``api@llamacpp-q8_0``), ``generated``, ``debiased`` (PriDe and every
+    rotation) or ``letter``."""
+    if "+" in evaluation:
+        return "with passages"
+    kind = evaluation.split("@")[0]
+    return {results.API: "API", results.GENERATE: "generated", results.PRIDE: "debiased",
+            "debiased": "debiased"}.get(kind, "letter")
+
+
+def plot_accuracy_panels(summary, baselines=None):
+    """Every accuracy of ``summary`` (:func:`results_table`'s rows, baselines left out) as a dot with its 95%
+    interval, one panel per family of readings (:func:`reading_family`), models down the side and the readings of
+    a family side by side within each model; the ``baselines`` drawn across every panel. Many readings stay
+    readable: a panel holds a handful, not a dozen bars per model."""
+    families = [f for f in FAMILIES if (summary["evaluation"].map(reading_family) == f).any()]
+    columns = min(2, len(families))
+    rows = -(-len(families) // columns)
+    models = list(dict.fromkeys(summary["model"]))
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 0.5 + 0.55 * len(models) * rows + 0.9 * rows),
+                             sharex=True, squeeze=False)
+    for ax, family in zip(axes.flat, families, strict=False):
+        part = summary[summary["evaluation"].map(reading_family) == family]
+        readings = list(dict.fromkeys(part["evaluation"]))
+        step = 0.7 / max(len(readings), 1)
+        for j, reading in enumerate(readings):
+            r = part[part["evaluation"] == reading].set_index("model").reindex(models)
+            y = [m - 0.35 + step * (j + 0.5) for m in range(len(models))]
+            ax.errorbar(r["accuracy"], y, xerr=[r["accuracy"] - r["ci_low"], r["ci_high"] - r["accuracy"]], fmt="o",
+                        ms=4, capsize=2, lw=1, color=f"C{j}", label=reading)
+        _draw_baselines(ax, baselines, across="x")
+        ax.set_yticks(range(len(models)), models)
+        ax.set_ylim(len(models) - 0.5, -0.5)  # the first model on top
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(family, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(families):]:
+        ax.set_visible(False)
+    for column in axes.T:  # the lowest panel of each column carries the scale
+        lowest = [ax for ax in column if ax.get_visible()][-1]
+        lowest.xaxis.set_tick_params(labelbottom=True)
+        lowest.set_xlabel("accuracy (95% interval)")
+    fig.tight_layout()
+    return fig
 
 
 def plot_accuracy(summary, label: str = "condition", baselines=None):
@@ -734,21 +787,29 @@ def _difference(row, suffix: str) -> str:
     return f"{d:+.1f} [{low:+.1f}, {high:+.1f}], p = {p:.2g}, adjusted {row[f'p_adj_{suffix}']:.2g}"
 
 
-def readable_results(table) -> str:
-    """:func:`results_table` as a reader wants it (markdown): accuracy [95% CI] in percent, each difference in
-    points with its interval, p and Holm-adjusted p, the detectable difference, and the pre-registered
-    comparison a row carries. ``python -m medqa_zh.report markdown outputs/<profile>`` prints it from the
-    run's ``10_results.csv`` (docs/results-cpu.md's tables are made so)."""
-    lines = ["| model | reading | n | accuracy [95% CI] | Δ vs base [95% CI], p | Δ vs no passages [95% CI], p "
-             "| detectable Δ (80% power) | pre-registered |", "|---|---|---|---|---|---|---|---|"]
+READABLE_COLUMNS = ("model", "reading", "n", "accuracy [95% CI]", "Δ vs base [95% CI], p",
+                    "Δ vs no passages [95% CI], p", "detectable Δ (80% power)", "pre-registered")
+
+
+def readable_frame(table) -> pd.DataFrame:
+    """:func:`results_table` as a reader wants it: accuracy [95% CI] in percent, each difference in points with its
+    interval, p and Holm-adjusted p, the detectable difference, the pre-registered comparison a row carries, and
+    the baselines as rows of their own (``READABLE_COLUMNS``; every cell text but ``n``)."""
+    rows = []
     for _, r in table.iterrows():
         detectable = r["detectable_vs_no_rag"] if r["detectable_vs_no_rag"] == r["detectable_vs_no_rag"] \
             else r["detectable_vs_base"]
-        primary = r["primary"] if isinstance(r["primary"], str) else ""
-        lines.append(f"| {r['model']} | {r['evaluation']} | {int(r['n'])} | {_pct(r['accuracy'])} "
-                     f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {_difference(r, 'vs_base')} | "
-                     f"{_difference(r, 'vs_no_rag')} | {_pct(detectable)} | {primary} |")
-    return "\n".join(lines) + "\n"
+        rows.append((r["model"], r["evaluation"], int(r["n"]),
+                     f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]",
+                     _difference(r, "vs_base"), _difference(r, "vs_no_rag"), _pct(detectable),
+                     r["primary"] if isinstance(r["primary"], str) else ""))
+    return pd.DataFrame(rows, columns=list(READABLE_COLUMNS))
+
+
+def readable_results(table) -> str:
+    """:func:`readable_frame` as markdown. ``python -m medqa_zh.report markdown outputs/<profile>`` prints it from
+    the run's ``10_results.csv`` (docs/results-cpu.md's tables are made so)."""
+    return markdown_table(readable_frame(table))
 
 
 def readable_checks(checks) -> str:
@@ -783,6 +844,10 @@ def _both(english: str, chinese: str) -> str:
     return f"{english} · <span lang='zh-CN'>{chinese}</span>"
 
 
+READING_NOTE = ("Accuracy in percent with its 95% interval; each Δ in percentage points, paired on the same "
+                "questions, with its 95% interval, p (exact McNemar) and p adjusted for every difference the table "
+                "shows (Holm); the detectable Δ is the smallest difference these questions find 80% of the time. "
+                "The baselines are rows of their own (chance, always the commonest training letter).")
 RESULTS_TABLE = "10_results"  # results_table as 10 writes it: .csv and .md (the index shows it)
 PRIMARY_TABLE = "10_primary"  # primary_checks as 10 writes it: .csv
 
@@ -826,10 +891,11 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
     table_csv = out / "tables" / f"{RESULTS_TABLE}.csv"
     parts.append(f"<h2>{_both('Results', '结果')}</h2>")
     if table_csv.is_file():
-        table = pd.read_csv(table_csv)
-        parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="", classes="results",
-                                   border=0))
-        parts.append(f"<p><a href='../tables/{RESULTS_TABLE}.csv'>{RESULTS_TABLE}.csv</a> · "
+        table = pd.read_csv(table_csv, keep_default_na=False, na_values=[""])
+        parts.append(f"<p>{READING_NOTE}</p>")
+        parts.append(readable_frame(table).to_html(index=False, classes="results", border=0))
+        parts.append(f"<p>{_both('Every column, raw', '全部列（原始数据）')}: "
+                     f"<a href='../tables/{RESULTS_TABLE}.csv'>{RESULTS_TABLE}.csv</a> · "
                      f"<a href='../tables/{RESULTS_TABLE}.md'>{RESULTS_TABLE}.md</a></p>")
     else:
         parts.append(f"<p>{_both('No results table yet: it is written by 10_report.', '还没有结果表：由 10_report 生成。')}</p>")

@@ -875,6 +875,8 @@ def train(run: Run, resume: bool | None = None) -> dict:
         if same_run(previous.get("run_key"), run.run_key):
             print(f"{run.out_dir} already holds this run, finished; returning its measurements "
                   "(set train.resume to false to train again)")
+            if run.trainer.accelerator.is_main_process:  # train.report_to may have changed since the run
+                run.watch.restart(run.run_key, runs.read_log(run.out_dir), keep_curve=True)
             return previous
     accelerator = run.trainer.accelerator
     checkpoint = _resume_point(run, resume)  # every process, before any of them changes the folder
