@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import REPO, server_processes
-from medqa_zh import export, merge, report, tiny
+from medqa_zh import export, merge, report, steps, tiny
 
 pytestmark = pytest.mark.slow
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
@@ -28,11 +29,10 @@ def _outputs_text(nb, cell_index):
     return "\n".join(parts)
 
 
-@pytest.fixture(scope="module")
-def series(tmp_path_factory):
-    """``series(name)`` runs the smoke series up to and including notebook ``name`` (each once, in
-    order, with ``./run_all.sh --only NN`` in one throwaway copy of the project) and returns
-    (project root, executed notebook). The wall time of each notebook is kept in ``series.seconds``."""
+def _series(tmp_path_factory, changes: dict | None = None):
+    """``run(name)`` runs the smoke series up to and including notebook ``name`` (each once, in order, with
+    ``./run_all.sh --only NN`` in one throwaway copy of the project, whose smoke profile gets ``changes``: dotted
+    keys) and returns (project root, executed notebook). The wall time of each notebook is kept in ``run.seconds``."""
     if not (Path(sys.prefix) / "share" / "jupyter" / "kernels" / "medqa-zh").is_dir():
         pytest.skip("needs the environment that ./run_all.sh set up (run the tests with ./run_all.sh test)")
     root = tmp_path_factory.mktemp("series") / "project"
@@ -41,6 +41,16 @@ def series(tmp_path_factory):
     for name in ("pyproject.toml", "run_all.sh", "lib/medqa_zh/report.html.j2"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
+    if changes:
+        profile = root / "profiles" / "smoke.yaml"
+        values = yaml.safe_load(profile.read_text(encoding="utf-8"))
+        for key, value in changes.items():
+            *groups, leaf = key.split(".")
+            section = values
+            for group in groups:
+                section = section.setdefault(group, {})
+            section[leaf] = value
+        profile.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False), encoding="utf-8")
     (root / ".venv").symlink_to(sys.prefix)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}
@@ -60,10 +70,21 @@ def series(tmp_path_factory):
         return root, executed[name]
 
     run.seconds = {}
-    yield run
+    return run
+
+
+def _report_seconds(run, label):
     if run.seconds:
-        print(f"\nsmoke series: {len(run.seconds)} notebooks in {sum(run.seconds.values()):.0f} s "
+        print(f"\n{label}: {len(run.seconds)} notebooks in {sum(run.seconds.values()):.0f} s "
               f"({', '.join(f'{k[:2]} {v:.0f}s' for k, v in run.seconds.items())})")
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """The smoke series as the profile has it (:func:`_series`)."""
+    run = _series(tmp_path_factory)
+    yield run
+    _report_seconds(run, "smoke series")
 
 
 def test_01_data_runs_on_the_smoke_profile(series):
@@ -427,6 +448,43 @@ def test_index_and_report_render_in_a_real_browser(series):
     # the one request a report may make: MathJax from its CDN (formulas show as TeX without a network)
     assert all("mathjax" in url.lower() for url in failed), f"10_report.html: requests that failed: {failed}"
     assert (shots / "index.png").stat().st_size > 10_000
+
+
+# every step switch of the profile flipped from its smoke value, and every list (or count) that turns a step on
+# emptied, all at once (issue 38)
+SWITCHED_OFF = {
+    "train.shuffle_options": True, "train.gradient_checkpointing": True, "train.resume": False,
+    "train.curve_questions": 0, "gguf.export": False, "gguf.models": [], "gguf.evaluate": [], "gguf.api_models": [],
+    "eval.rotations": False, "eval.generate_questions": 0, "eval.api_models": [], "rag.models": [],
+}
+
+
+def test_the_series_runs_to_the_end_with_every_step_switched_off(tmp_path_factory):
+    run = _series(tmp_path_factory, SWITCHED_OFF)
+    try:
+        project, nb = run("10_report")
+    finally:
+        _report_seconds(run, "smoke series, every switch off")
+    out = project / "outputs" / "smoke"
+    said = {}
+    for name in SERIES:
+        executed = json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))
+        said[name[:2]] = "\n".join(_outputs_text(executed, i) for i in range(len(executed["cells"])))
+    for name in steps.NAMES:  # each step says, where it would run, that it was skipped and which key turns it on
+        step = steps.step(name)
+        line = next((line for line in said[step.notebook].splitlines() if line.startswith(f"skipped: {step.what}: ")), "")
+        assert any(key in line for key in SWITCHED_OFF), (name, line)
+        assert not any((out / rel).exists() for rel in step.outputs), name
+    assert not list((out / "models").glob("gguf/*.gguf"))
+    # 10: what was off, the results there are (letter scores only), and a verdict that concludes nothing
+    assert f"{len(steps.NAMES)} steps are off in this profile" in said["10"]
+    assert all(key in said["10"] for key in ("gguf.export", "eval.rotations", "rag.models", "train.curve_questions"))
+    with open(out / "tables" / "10_results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["evaluation"] for r in rows} == {"letter", "baseline"}
+    assert {r["model"] for r in rows if r["evaluation"] == "letter"} == {"base", "lora", "full", "merged"}
+    assert "not measured in this run" in said["10"]
+    assert (out / "reports" / "index.html").is_file()
 
 
 def test_notebooks_are_committed_without_outputs():

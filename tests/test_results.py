@@ -92,6 +92,11 @@ def test_collect_reads_what_the_evaluations_recorded_and_says_what_it_left_out(p
                        label=("base", "api"))
     got, _ = results.collect(cfg, questions)
     assert ("base", "api") in got
+    # a profile that turns generation off: the answers an earlier run generated are left out, and why
+    got, skipped = results.collect(config.load("smoke", {"eval.generate_questions": 0}), questions)
+    assert list(got) == [("base", "letter")]
+    reasons = {(s["model"], s["evaluation"]): s["reason"] for s in skipped}
+    assert "eval.generate_questions is 0" in reasons["base", "generate"] and "earlier run" in reasons["base", "api"]
 
 
 def test_in_process_loads_a_model_only_for_what_is_missing_and_records_each_evaluation(project, tiny_assets,

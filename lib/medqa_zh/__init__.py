@@ -2,6 +2,7 @@
 
 config    load a profile (profiles/base.yaml + the profile's changes), resolve paths, write the manifest
 files     write files and folders atomically
+steps     the steps a profile turns off: why, the one-line skip, no earlier run's files left; 10's list
 data      read and validate MedQA, build splits, the run's split files, SFT / LLaMA-Factory export, textbooks
 prompts   the one prompt format shared by training and every evaluation path
 answers   read the chosen option letter out of a free-text answer

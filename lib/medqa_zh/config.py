@@ -218,7 +218,16 @@ def load(profile: str | None = None, overrides: dict | None = None, environ: dic
                 raise ValueError(f"{origin}: {key!r} is a group of settings ({', '.join(current)}); set one of them")
             _set(cfg.values, key, value)
             cfg.overrides[key] = {"value": value, "from": origin}
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Settings that contradict each other: stopped when the profile loads, before anything is loaded or run."""
+    if cfg["serve.backend"] == "llamacpp" and not cfg["gguf.export"]:
+        raise ValueError(f"profile {cfg.name}: serve.backend is llamacpp, which serves the GGUF notebook 04 exports, "
+                         "but gguf.export is false, so 04 exports none: set gguf.export: true, or serve.backend: auto "
+                         "(vLLM on a GPU, else transformers)")
 
 
 # --------------------------------------------------------------------------- manifest

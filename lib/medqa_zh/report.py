@@ -750,7 +750,7 @@ def manifest_summary(cfg):
         "embedder (RAG)": cfg.embedder,
         "splits": ", ".join(f"{role} {spec}" for role, spec in cfg["data.splits"].items()),
         "eval questions": f"{cfg['data.splits.eval']}, first {cfg['eval.max_questions'] or 'all'} (generated answers: "
-                          f"first {cfg['eval.generate_questions'] or 'all'})",
+                          f"first {'all' if cfg['eval.generate_questions'] is None else cfg['eval.generate_questions']})",
         "git commit": f"{(git.get('commit') or 'unknown')[:12]}{' + uncommitted changes' if git.get('dirty') else ''}",
         "device": device_line(device, m.get("runtime", {})),
         "settings overridden": ", ".join(f"{k} (from {v['from']})" for k, v in m.get("overrides", {}).items())
@@ -760,6 +760,14 @@ def manifest_summary(cfg):
                  if k in ("python", "torch", "transformers", "peft", "trl", "sentence-transformers", "bm25s", "vllm")})
     rows.update({f"ran: {name}": info.get("time") for name, info in sorted(m.get("notebooks", {}).items())})
     return pd.Series(rows, name="run").to_frame()
+
+
+def steps_note(off) -> str:
+    """10's line on the steps a profile turns off (``off``: :func:`steps.table`), markdown."""
+    if not len(off):
+        return "**Every step of the series is on** in this profile: nothing below is missing by choice."
+    return (f"**{len(off)} step{'s are' if len(off) > 1 else ' is'} off in this profile** (the setting named beside "
+            "each turns it on): its results are missing below by choice, not by failure.")
 
 
 def markdown_table(table, digits: int = 3) -> str:

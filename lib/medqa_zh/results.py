@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import dashboards, data, debias, evaluate, export, files, models, rag, runs, serve
+from . import dashboards, data, debias, evaluate, export, files, models, rag, runs, serve, steps
 
 LETTER, GENERATE, ROTATIONS, API = "letter", "generate", "rotations", "api"
 CALIBRATION = "calibration"  # rotations of the first eval.calibration_questions *validation* questions: PriDe's prior
@@ -205,8 +205,10 @@ def replicate(cfg, names, reading: str, passages=None, progress: bool = True) ->
         return {}, why
     if reading not in NEEDS:
         raise ValueError(f"eval.primary_reading: {reading!r} is none of {', '.join(NEEDS)}; fix it in the profile")
-    if ROTATIONS in NEEDS[reading] and not cfg["eval.rotations"]:
+    if {ROTATIONS, CALIBRATION} & set(NEEDS[reading]) and not cfg["eval.rotations"]:
         return {}, f"eval.rotations is off, so this run has no {reading} reading to replicate"
+    if GENERATE in NEEDS[reading] and (why := steps.off(cfg, "generate")):
+        return {}, f"{why}, so this run has no {reading} reading to replicate"
     got = {}
     for name in names:
         more = passages(name, questions) if passages else None
@@ -384,7 +386,8 @@ def collect(cfg, questions, role: str = "eval") -> tuple[dict, list[dict]]:
     """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
     ``{(model, evaluation): rows}`` in series and model order, and the entries left out with the
     reason: a missing file, a model trained again since (its weights no longer match the file's
-    fingerprint), or answers to other questions than :func:`questions_for` gives the evaluation
+    fingerprint), an evaluation the profile turns off (:func:`steps.evaluation_off`), or answers to other
+    questions than :func:`questions_for` gives the evaluation
     (``questions``: the eval split at this profile's ``eval.max_questions``; with ``role``
     ``replication``, the replication set, whose answers 06 and 08 keep apart)."""
     index = folder(cfg, role) / INDEX
@@ -393,8 +396,10 @@ def collect(cfg, questions, role: str = "eval") -> tuple[dict, list[dict]]:
     fingerprints, got, skipped, wanted_ids = {}, {}, [], {}
     for entry in sorted(entries.values(), key=lambda e: (position(e["evaluation"], ORDER), position(e["model"], models.NAMES))):
         path, model = index.parent / entry["file"], entry["model"]
-        why = None
-        if not path.is_file():
+        why = steps.evaluation_off(cfg, entry["evaluation"])
+        if why:
+            why = f"an earlier run's answers: this profile turns the evaluation off ({why})"
+        elif not path.is_file():
             why = f"{entry['file']} is missing"
         elif model not in found:
             why = f"the {model} model is gone from {cfg.out / 'models'}"

@@ -1,0 +1,89 @@
+"""steps: a switch set to off turns its step off, says which setting did, and leaves no earlier run's files."""
+import pytest
+
+from medqa_zh import config, steps
+
+# each step, and a setting that turns it off on its own (the smoke profile has every step on)
+OFF = {
+    "learning_curve": ({"train.curve_questions": 0}, "train.curve_questions"),
+    "gguf": ({"gguf.export": False}, "gguf.export"),
+    "gguf_quantization": ({"gguf.evaluate": []}, "gguf.evaluate"),
+    "generate": ({"eval.generate_questions": 0}, "eval.generate_questions"),
+    "rotations": ({"eval.rotations": False}, "eval.rotations"),
+    "api": ({"eval.api_models": []}, "eval.api_models"),
+    "gguf_api": ({"gguf.api_models": []}, "gguf.api_models"),
+    "rag": ({"rag.models": []}, "rag.models"),
+    "rag_rotations": ({"rag.rotation_retrievers": []}, "rag.rotation_retrievers"),
+}
+
+
+def test_every_step_is_covered_and_on_in_the_smoke_profile(project):
+    assert set(OFF) == set(steps.NAMES)
+    cfg = config.load("smoke")
+    assert all(steps.off(cfg, name) is None for name in steps.NAMES)
+    assert steps.table(cfg).empty
+
+
+@pytest.mark.parametrize("name", list(OFF))
+def test_a_setting_turns_its_step_off_and_names_itself(project, name):
+    overrides, key = OFF[name]
+    cfg = config.load("smoke", overrides)
+    assert key in steps.off(cfg, name)
+    table = steps.table(cfg)
+    assert steps.step(name).what in set(table["step"]) and any(key in why for why in table["off because"])
+
+
+def test_turning_off_one_switch_turns_off_what_needs_it(project):
+    cfg = config.load("smoke", {"gguf.export": False, "eval.generate_questions": 0, "eval.rotations": False})
+    off = {name for name in steps.NAMES if steps.off(cfg, name)}
+    assert off == {"gguf", "gguf_quantization", "generate", "rotations", "api", "gguf_api", "rag", "rag_rotations"}
+    # merged missing from gguf.models: nothing for the proofs of 04 to check
+    assert "gguf.models" in steps.off(config.load("smoke", {"gguf.models": ["base"]}), "gguf")
+
+
+def test_skip_says_so_in_one_line_and_deletes_an_earlier_runs_files(project, capsys):
+    cfg = config.load("smoke", {"eval.rotations": False})
+    stale = cfg.out / "tables" / "06_debiased.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("model,accuracy\nbase,0.5\n")
+    kept = cfg.out / "tables" / "06_direct.csv"  # not the step's
+    kept.write_text("model\n")
+    assert steps.skip(cfg, "rotations") is True
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and line.startswith("skipped: ") and "eval.rotations is false (true turns it on)" in line
+    assert "removed an earlier run's tables/06_debiased.csv" in line
+    assert not stale.exists() and kept.exists()
+    # a step that is on: nothing said, nothing deleted
+    stale.write_text("model\n")
+    assert steps.skip(config.load("smoke"), "rotations") is False
+    assert capsys.readouterr().out == "" and stale.exists()
+
+
+def test_evaluations_of_a_step_that_is_off(project):
+    cfg = config.load("smoke", {"eval.generate_questions": 0, "eval.rotations": False, "gguf.export": False})
+    for evaluation in ("generate", "api", "api+rag bm25", "rotations", "rotations+rag bm25", "calibration",
+                       "api@llamacpp-q8_0"):
+        assert steps.evaluation_off(cfg, evaluation), evaluation
+    assert steps.evaluation_off(cfg, "letter") is None and steps.evaluation_off(cfg, "letter+rag bm25") is None
+    on = config.load("smoke")
+    assert not any(steps.evaluation_off(on, e) for e in ("generate", "api", "rotations", "api@llamacpp-q8_0"))
+
+
+def test_an_unknown_step_is_an_error_that_lists_them():
+    with pytest.raises(KeyError, match="learning_curve"):
+        steps.step("gguf_exports")
+
+
+def test_serving_the_gguf_with_gguf_export_off_stops_when_the_profile_loads(project):
+    with pytest.raises(ValueError, match=r"serve.backend is llamacpp.*gguf.export is false"):
+        config.load("smoke", {"serve.backend": "llamacpp", "gguf.export": False})
+    config.load("smoke", {"serve.backend": "transformers", "gguf.export": False})  # nothing to serve from 04: fine
+
+
+def test_the_report_says_how_many_steps_were_off(project):
+    from medqa_zh import report
+
+    assert "Every step of the series is on" in report.steps_note(steps.table(config.load("smoke")))
+    one = steps.table(config.load("smoke", {"train.curve_questions": 0}))
+    assert len(one) == 1 and "**1 step is off in this profile**" in report.steps_note(one)
+    assert "**2 steps are off" in report.steps_note(steps.table(config.load("smoke", {"rag.models": []})))
