@@ -87,3 +87,6 @@ def test_the_report_says_how_many_steps_were_off(project):
     one = steps.table(config.load("smoke", {"train.curve_questions": 0}))
     assert len(one) == 1 and "**1 step is off in this profile**" in report.steps_note(one)
     assert "**2 steps are off" in report.steps_note(steps.table(config.load("smoke", {"rag.models": []})))
+    # the note carries the table: each step off, in full, with its setting
+    note = report.steps_note(one)
+    assert "| notebook | step | off because |" in note and "train.curve_questions is 0" in note
