@@ -29,6 +29,34 @@ def _outputs_text(nb, cell_index):
     return "\n".join(parts)
 
 
+def _change_profile(root: Path, changes: dict) -> None:
+    """Set dotted keys in the smoke profile of the project at ``root``."""
+    profile = root / "profiles" / "smoke.yaml"
+    values = yaml.safe_load(profile.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        *groups, leaf = key.split(".")
+        section = values
+        for group in groups:
+            section = section.setdefault(group, {})
+        section[leaf] = value
+    profile.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def _run_only(root: Path, name: str) -> dict:
+    """``./run_all.sh --only NN`` in the project at ``root``, as the README runs it; the executed notebook."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}
+    env.update(MEDQA_USE_VENV="1", MEDQA_SKIP_SETUP="1")
+    proc = subprocess.run(["./run_all.sh", "--only", name[:2]], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return json.loads((root / "outputs" / "smoke" / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))
+
+
+def _said(nb) -> str:
+    return "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
+
+
 def _series(tmp_path_factory, changes: dict | None = None):
     """``run(name)`` runs the smoke series up to and including notebook ``name`` (each once, in order, with
     ``./run_all.sh --only NN`` in one throwaway copy of the project, whose smoke profile gets ``changes``: dotted
@@ -42,31 +70,16 @@ def _series(tmp_path_factory, changes: dict | None = None):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     if changes:
-        profile = root / "profiles" / "smoke.yaml"
-        values = yaml.safe_load(profile.read_text(encoding="utf-8"))
-        for key, value in changes.items():
-            *groups, leaf = key.split(".")
-            section = values
-            for group in groups:
-                section = section.setdefault(group, {})
-            section[leaf] = value
-        profile.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        _change_profile(root, changes)
     (root / ".venv").symlink_to(sys.prefix)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}
-    env.update(MEDQA_USE_VENV="1", MEDQA_SKIP_SETUP="1")
     executed = {}
 
     def run(name):
         for earlier in SERIES[: SERIES.index(name) + 1]:
             if earlier not in executed:
                 t0 = time.perf_counter()
-                proc = subprocess.run(["./run_all.sh", "--only", earlier[:2]], cwd=root, env=env, capture_output=True,
-                                      text=True, timeout=900)
+                executed[earlier] = _run_only(root, earlier)
                 run.seconds[earlier] = time.perf_counter() - t0
-                assert proc.returncode == 0, f"{earlier} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-                out = root / "outputs" / "smoke" / "runs" / f"{earlier}.ipynb"
-                executed[earlier] = json.loads(out.read_text(encoding="utf-8"))
         return root, executed[name]
 
     run.seconds = {}
@@ -466,16 +479,14 @@ def test_the_series_runs_to_the_end_with_every_step_switched_off(tmp_path_factor
     finally:
         _report_seconds(run, "smoke series, every switch off")
     out = project / "outputs" / "smoke"
-    said = {}
-    for name in SERIES:
-        executed = json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))
-        said[name[:2]] = "\n".join(_outputs_text(executed, i) for i in range(len(executed["cells"])))
+    said = {name[:2]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))) for name in SERIES}
     for name in steps.NAMES:  # each step says, where it would run, that it was skipped and which key turns it on
         step = steps.step(name)
         line = next((line for line in said[step.notebook].splitlines() if line.startswith(f"skipped: {step.what}: ")), "")
         assert any(key in line for key in SWITCHED_OFF), (name, line)
         assert not any((out / rel).exists() for rel in step.outputs), name
     assert not list((out / "models").glob("gguf/*.gguf"))
+    assert not (out / "tables" / "06_replication.csv").exists() and not (out / "tables" / "08_replication.csv").exists()
     # 10: what was off, the results there are (letter scores only), and a verdict that concludes nothing
     assert f"{len(steps.NAMES)} steps are off in this profile" in said["10"]
     assert all(key in said["10"] for key in ("gguf.export", "eval.rotations", "rag.models", "train.curve_questions"))
@@ -485,6 +496,30 @@ def test_the_series_runs_to_the_end_with_every_step_switched_off(tmp_path_factor
     assert {r["model"] for r in rows if r["evaluation"] == "letter"} == {"base", "lora", "full", "merged"}
     assert "not measured in this run" in said["10"]
     assert (out / "reports" / "index.html").is_file()
+
+
+def test_steps_turned_off_after_a_run_leave_none_of_its_results(series, tmp_path):
+    """A copy of the whole smoke run, then the switches that skip a step (not those of training) turned off and
+    the notebooks they touch run again: no table, figure or answer of the earlier run is shown as this run's."""
+    project, _ = series("10_report")
+    root = tmp_path / "project"
+    shutil.copytree(project, root, symlinks=True)
+    out = root / "outputs" / "smoke"
+    written = [rel for name in steps.NAMES for rel in steps.step(name).outputs if (out / rel).is_file()]
+    assert len(written) >= 15, written  # the run with every step on wrote them
+    off = {k: v for k, v in SWITCHED_OFF.items() if k not in ("train.shuffle_options", "train.gradient_checkpointing",
+                                                               "train.resume")}
+    # the base model where the run found it: a run is keyed by its base's path, and this is the same run
+    _change_profile(root, {**off, "model.base": str(project / "outputs" / "smoke" / "assets" / "tiny-qwen2")})
+    said = {name[:2]: _said(_run_only(root, name)) for name in ("02_lora_sft", "04_merge", "06_eval_direct",
+                                                                "07_eval_api", "08_eval_rag", "10_report")}
+    assert [rel for rel in written if (out / rel).exists()] == []
+    assert "removed an earlier run's tables/04_gguf_template.csv" in said["04"]
+    with open(out / "tables" / "10_results.csv", encoding="utf-8") as f:
+        assert {r["evaluation"] for r in csv.DictReader(f)} == {"letter", "baseline"}
+    assert "an earlier run's answers: this profile turns the evaluation off (eval.rotations is false" in said["10"]
+    assert sorted(p.name for p in (out / "figures").glob("10_*.png")) == [
+        "10_accuracy.png", "10_letters.png", "10_loss_curves.png", "10_retrieval_quality.png", "10_sections.png"]
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -64,9 +64,18 @@ def test_evaluations_of_a_step_that_is_off(project):
     for evaluation in ("generate", "api", "api+rag bm25", "rotations", "rotations+rag bm25", "calibration",
                        "api@llamacpp-q8_0"):
         assert steps.evaluation_off(cfg, evaluation), evaluation
-    assert steps.evaluation_off(cfg, "letter") is None and steps.evaluation_off(cfg, "letter+rag bm25") is None
+    assert steps.evaluation_off(cfg, "letter") is None
+    assert "eval.rotations" in steps.evaluation_off(cfg, "letter+rag bm25")  # 08's debiased view with passages
     on = config.load("smoke")
-    assert not any(steps.evaluation_off(on, e) for e in ("generate", "api", "rotations", "api@llamacpp-q8_0"))
+    every = ("letter", "generate", "api", "rotations", "calibration", "api@llamacpp-q8_0", "api+rag bm25",
+             "letter+rag bm25", "calibration+rag bm25")
+    assert not any(steps.evaluation_off(on, e) for e in every)
+    # rag.models empty: no answers with passages; the plain API answers still come from 07
+    no_rag = config.load("smoke", {"rag.models": []})
+    assert [e for e in every if steps.evaluation_off(no_rag, e)] == ["api+rag bm25", "letter+rag bm25",
+                                                                      "calibration+rag bm25"]
+    both = config.load("smoke", {"rag.models": [], "eval.api_models": []})
+    assert "eval.api_models is empty" in steps.evaluation_off(both, "api")
 
 
 def test_an_unknown_step_is_an_error_that_lists_them():

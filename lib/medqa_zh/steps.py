@@ -110,13 +110,19 @@ def table(cfg) -> pd.DataFrame:
 
 def evaluation_off(cfg, evaluation: str) -> str | None:
     """Why this profile makes no answers for ``evaluation`` (a name of ``results``: ``generate``, ``api+rag bm25``,
-    ``api@llamacpp-q8_0``, ``rotations``, ...), or None: ``results.collect`` leaves such answers out, since they
-    come from an earlier run with other settings."""
+    ``api@llamacpp-q8_0``, ``letter+rag bm25``, ``rotations``, ...), or None: ``results.collect`` leaves such answers
+    out, since they come from an earlier run with other settings."""
     kind = evaluation.split("+")[0].split("@")[0]
-    if kind in ("generate", "api") and (why := GENERATED(cfg)):
-        return why
-    if kind in ("rotations", "calibration") and (why := off(cfg, "rotations")):
-        return why
-    if "@llamacpp" in evaluation and (why := off(cfg, "gguf_api")):
-        return why
-    return None
+    with_passages, through = "+rag " in evaluation, evaluation.partition("@")[2]
+    checks = []
+    if kind in ("generate", "api"):
+        checks.append(GENERATED)
+    if kind in ("rotations", "calibration"):
+        checks.append(_step("rotations"))
+    if with_passages:  # 08: over the API, or in-process for the debiased readings
+        checks.append(_step("rag" if kind == "api" else "rag_rotations"))
+    elif through:
+        checks.append(_step("gguf_api"))
+    elif kind == "api":  # 07 asks it, and 08 as its answers without passages
+        checks.append(lambda cfg: off(cfg, "api") if off(cfg, "rag") else None)
+    return next((why for check in checks if (why := check(cfg))), None)
