@@ -178,3 +178,12 @@ def test_a_crash_while_dropping_a_torn_line_keeps_every_finished_answer(tmp_path
         results.run_cached(path, QUESTIONS, lambda batch: [], progress=False)
     monkeypatch.undo()
     assert path.read_text().startswith(text)  # the four finished answers are all still there
+
+
+def test_replicate_says_which_setting_leaves_its_reading_unmade(smoke):
+    off = smoke(**{"eval.rotations": False, "eval.generate_questions": 0})
+    for reading, key in (("debiased", "eval.rotations"), ("pride", "eval.rotations"),
+                         ("generate", "eval.generate_questions")):
+        got, why = results.replicate(off, ["base"], reading, progress=False)
+        assert got == {} and key in why and f"no {reading} reading to replicate" in why
+    assert results.replicate(off, [], "letter", progress=False) == ({}, None)  # letter scores need neither

@@ -205,10 +205,9 @@ def replicate(cfg, names, reading: str, passages=None, progress: bool = True) ->
         return {}, why
     if reading not in NEEDS:
         raise ValueError(f"eval.primary_reading: {reading!r} is none of {', '.join(NEEDS)}; fix it in the profile")
-    if {ROTATIONS, CALIBRATION} & set(NEEDS[reading]) and not cfg["eval.rotations"]:
-        return {}, f"eval.rotations is off, so this run has no {reading} reading to replicate"
-    if GENERATE in NEEDS[reading] and (why := steps.off(cfg, "generate")):
-        return {}, f"{why}, so this run has no {reading} reading to replicate"
+    for evaluation, name in ((ROTATIONS, "rotations"), (CALIBRATION, "rotations"), (GENERATE, "generate")):
+        if evaluation in NEEDS[reading] and (why := steps.off(cfg, name)):
+            return {}, f"{why}, so this run has no {reading} reading to replicate"
     got = {}
     for name in names:
         more = passages(name, questions) if passages else None
