@@ -236,6 +236,23 @@ def test_single_pass_and_full_cyclic_agree_when_the_bias_is_a_pure_letter_prior(
     assert debias.pride_results(rest, prior) == single  # rotation rows are read at their rotation 0
 
 
+def test_the_debiased_scores_are_what_the_model_knows_of_each_content_with_the_prior_taken_out():
+    """Scores that are a letter prior plus knowledge: both readings' scores differ between letters exactly as
+    the knowledge of the contents does (the prior gone), and each choice is its scores' best letter."""
+    import random
+
+    rng = random.Random(4)  # a question where the prior pulls the plain reading off the best content
+    planted = [0.55, 0.2, 0.1, 0.1, 0.05]
+    knows = _knowledge(rng)
+    row, prior = _row([math.log(p) for p in planted], knows), dict(zip("ABCDE", planted, strict=True))
+    for scores in (debias.debiased_scores(row), debias.pride_scores(row["logprobs"][0], prior)):
+        assert list(scores) == list("ABCDE")
+        assert [scores[x] - scores["A"] for x in "ABCDE"] == pytest.approx([k - knows[0] for k in knows], abs=1e-9)
+    best = "ABCDE"[knows.index(max(knows))]
+    assert debias.debiased_choice(row) == debias.pride_choice(row["logprobs"][0], prior) == best
+    assert max(row["logprobs"][0], key=row["logprobs"][0].get) != best  # the plain reading, pulled by the prior, differs
+
+
 def test_a_prior_without_a_letter_of_the_question_is_an_error():
     with pytest.raises(ValueError, match="no estimate for letter.*E"):
         debias.pride_choice({"A": -1.0, "E": -2.0}, {"A": 0.5, "B": 0.5})

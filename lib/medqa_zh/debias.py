@@ -149,13 +149,20 @@ def _normalized(scores: dict) -> dict:
     return {letter: v - log_z for letter, v in scores.items()}
 
 
-def debiased_choice(row: dict) -> str:
-    """The letter (in rotation 0) of the content whose log-probability, averaged over the k
-    rotations, is highest: each content sits under every letter once, so a letter prior cancels."""
+def debiased_scores(row: dict) -> dict:
+    """Each content's log-probability (renormalized over the letters) averaged over the k rotations,
+    keyed by its letter in rotation 0: under rotation r the content of letter j sits at letter j + r."""
     letters = row["letters"]
     k = len(letters)
-    mean = {letters[j]: sum(_normalized(row["logprobs"][r])[letters[(j + r) % k]] for r in range(k)) / k
+    return {letters[j]: sum(_normalized(row["logprobs"][r])[letters[(j + r) % k]] for r in range(k)) / k
             for j in range(k)}
+
+
+def debiased_choice(row: dict) -> str:
+    """The letter (in rotation 0) of the content whose log-probability, averaged over the k
+    rotations, is highest (:func:`debiased_scores`): each content sits under every letter once, so a
+    letter prior cancels."""
+    mean = debiased_scores(row)
     return max(mean, key=mean.get)
 
 
@@ -204,15 +211,21 @@ def estimate_prior(rows: list[dict]) -> dict:
     return {letter: v / z for letter, v in mean.items()}
 
 
-def pride_choice(scores: dict, prior: dict) -> str:
-    """The letter whose probability, divided by the prior (renormalized over this question's
-    letters), is highest: PriDe's debiased prediction from one plain pass."""
+def pride_scores(scores: dict, prior: dict) -> dict:
+    """PriDe's debiased log-scores from one plain pass: each letter's log-probability (renormalized over
+    this question's letters) minus the log of the prior (renormalized over the same letters)."""
     missing = set(scores) - set(prior)
     if missing:
         raise ValueError(f"the prior has no estimate for letter(s) {', '.join(sorted(missing))}: calibrate on questions "
                          "with the same options")
     log_z = math.log(sum(prior[letter] for letter in scores))
-    debiased = {letter: lp - (math.log(prior[letter]) - log_z) for letter, lp in _normalized(scores).items()}
+    return {letter: lp - (math.log(prior[letter]) - log_z) for letter, lp in _normalized(scores).items()}
+
+
+def pride_choice(scores: dict, prior: dict) -> str:
+    """The letter whose probability, divided by the prior (:func:`pride_scores`), is highest: PriDe's
+    debiased prediction from one plain pass."""
+    debiased = pride_scores(scores, prior)
     return max(debiased, key=debiased.get)
 
 
