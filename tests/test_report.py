@@ -1,4 +1,5 @@
 """medqa_zh.report: the run's results table (10) and reports/index.html (run_all.sh)."""
+import html
 import json
 import math
 import re
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import matplotlib
 import pytest
 
-from medqa_zh import evaluate, report
+from medqa_zh import evaluate, files, report
 
 matplotlib.use("Agg")
 
@@ -62,13 +63,37 @@ def test_index_links_every_report_and_shows_results_and_figures(tmp_path):
     assert "<th>accuracy [95% CI]</th>" in page and re.search(r"<td>66\.7 \[\d+\.\d, \d+\.\d\]</td>", page)
     assert not re.search(r"ci_low|diff_vs_base|p_adj|detectable_vs", page.split("10_results.csv")[0])
     assert "<a href='../tables/10_results.csv'>" in page and report.READING_NOTE.split(";")[0] in page
-    # every heading in English and Chinese, the Chinese marked as such
+    # every heading in English and Chinese, the Chinese marked as such; the verdict first, then the results
     headings = re.findall(r"<h[12]>(.*?)</h[12]>", page)
-    assert len(headings) == 4 and all("<span lang='zh-CN'>" in h for h in headings)
-    assert [re.search(r"<span lang='zh-CN'>(.*?)</span>", h).group(1) for h in headings] == ["配置", "笔记本", "结果", "图"]
+    assert len(headings) == 5 and all("<span lang='zh-CN'>" in h for h in headings)
+    assert [re.search(r"<span lang='zh-CN'>(.*?)</span>", h).group(1) for h in headings] == ["配置", "结论", "结果", "笔记本", "图"]
+    assert "<h2>Verdict · <span lang='zh-CN'>结论</span></h2><p>No verdict yet: 10_report writes it." in page  # not run yet
     # the command line run_all.sh uses
     report.main([ "index", str(out), "--notebooks", str(tmp_path / "none"), "--timing", "10_report", "1.5", "ok"])
     assert json.loads((out / "reports" / "timings.json").read_text())["10_report"]["seconds"] == 1.5
+
+
+def test_the_index_opens_with_10s_verdict_in_words_rendered_from_its_markdown(tmp_path):
+    checks, words = _verdict_case([1] * 30 + [0] * 10, replication_flags=[1] * 20)
+    answers = {("base", "letter"): _rows([0] * 40), ("merged", "letter"): _rows([1] * 30 + [0] * 10)}
+    table = report.results_table(answers, primary=report.primary_comparisons("letter", ["merged vs base"]))
+    tables = tmp_path / "tables"
+    files.write_table(table, tables / f"{report.RESULTS_TABLE}.csv")
+    files.write_text(tables / f"{report.VERDICT_TEXT}.md", words + "\n\n<script>alert(1)</script>")  # as 10 writes it
+    page = report.write_index(tmp_path, ["10_report"]).read_text(encoding="utf-8")
+    body = page.split("</h1>", 1)[1]
+    assert body.startswith("\n<section id='verdict'><h2>Verdict")  # the first thing under the title
+    section = body.split("</section>")[0]
+    assert body.index("</section>") < body.index("<table")  # the results table after it
+    # rendered from markdown: bold and code as HTML, the list as a list; raw HTML escaped, never run
+    assert "<strong>merged vs base</strong>" in section and "<code>eval.primary_reading</code>" in section
+    assert section.count("<li>") == 1 and "**" not in section and "`" not in section
+    assert "&lt;script&gt;" in section and "<script>" not in page
+    # the same words as the notebook's verdict, sentence by sentence
+    shown = html.unescape(re.sub(r"<[^>]+>", "", section))
+    for line in words.splitlines():
+        assert line.removeprefix("- ").replace("**", "").replace("`", "") in shown, line
+    assert "**replicated**" in words and "a significant gain, replicated on an independent set" in shown
 
 
 def test_section_table_keeps_the_largest_sections_with_their_sizes():

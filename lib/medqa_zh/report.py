@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from markdown_it import MarkdownIt
 from matplotlib import font_manager
 
 from . import debias, evaluate, files, models, results
@@ -835,7 +836,8 @@ _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em au
 table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,td:nth-child(2),th{text-align:left}.smoke{padding:10px;border:2px solid #c00;background:#fee;
 font-weight:bold}.failed{color:#b00;font-weight:bold}figure{display:inline-block;margin:8px;vertical-align:top}
-figure img{max-width:520px;border:1px solid #ddd}figcaption{font-size:85%;color:#555}"""
+figure img{max-width:520px;border:1px solid #ddd}figcaption{font-size:85%;color:#555}
+#verdict li{margin:.4em 0;line-height:1.45}"""
 
 
 def record_timing(out_dir, notebook: str, seconds: float, status: str) -> Path:
@@ -858,11 +860,23 @@ READING_NOTE = ("Accuracy in percent with its 95% interval; each Δ in percentag
                 "The baselines are rows of their own (chance, always the commonest training letter).")
 RESULTS_TABLE = "10_results"  # results_table as 10 writes it: .csv and .md (the index shows it)
 PRIMARY_TABLE = "10_primary"  # primary_checks as 10 writes it: .csv
+VERDICT_TEXT = "10_verdict"  # verdict as 10 writes it: .md (the index opens with it)
+
+
+def verdict_html(out_dir) -> str:
+    """The index's first section: 10's verdict (``tables/10_verdict.md``, :data:`VERDICT_TEXT`) rendered from
+    markdown (CommonMark; raw HTML in it is escaped, not passed through), or one line saying 10 has not written it."""
+    path = Path(out_dir) / "tables" / f"{VERDICT_TEXT}.md"
+    head = f"<section id='verdict'><h2>{_both('Verdict', '结论')}</h2>"
+    if not path.is_file():
+        return head + f"<p>{_both('No verdict yet: 10_report writes it.', '还没有结论：由 10_report 生成。')}</p></section>"
+    return head + MarkdownIt("commonmark", {"html": False}).render(path.read_text(encoding="utf-8")) + "</section>"
 
 
 def write_index(out_dir, notebooks: list[str]) -> Path:
-    """``reports/index.html`` of one profile's outputs: the run (manifest), every notebook of the
-    series with its status, wall time and HTML report, the results table of 10 and its figures.
+    """``reports/index.html`` of one profile's outputs: 10's verdict in words first (:func:`verdict_html`), the
+    results table of 10, the run (manifest), every notebook of the series with its status, wall time and HTML
+    report, and 10's figures.
     Headings are in English and Chinese. Links are relative, so the folder can be copied or served as it is."""
     out = Path(out_dir)
     reports = out / "reports"
@@ -877,25 +891,7 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
              f"<code>{html.escape(profile)}</code></h1>"]
     if manifest.get("settings", {}).get("smoke", profile == "smoke"):
         parts.append(f"<p class='smoke'>⚠ {html.escape(SMOKE_WARNING)}</p>")
-    if manifest:
-        git = manifest.get("git", {})
-        commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
-        parts.append(f"<p>Base model <code>{html.escape(str(manifest.get('base_model')))}</code> · commit "
-                     f"<code>{html.escape(commit)}</code> · last notebook started {html.escape(manifest.get('time', ''))}"
-                     f" · <a href='../manifest.json'>manifest.json</a></p>")
-    total = sum(t["seconds"] for name, t in timings.items() if name in notebooks)
-    parts.append(f"<h2>{_both('Notebooks', '笔记本')}</h2><table><tr><th>{_both('notebook', '笔记本')}</th>"
-                 f"<th>{_both('status', '状态')}</th><th>{_both('wall time (s)', '用时（秒）')}</th>"
-                 f"<th>{_both('report', '报告')}</th></tr>")
-    for name in notebooks:
-        t = timings.get(name)
-        report = reports / f"{name}.html"
-        link = f"<a href='{name}.html'>{name}.html</a>" if report.is_file() else "—"
-        status = "not run" if t is None else t["status"]
-        css = " class='failed'" if status == "failed" else ""
-        parts.append(f"<tr><td>{name}</td><td{css}>{status}</td><td>{'' if t is None else t['seconds']}</td>"
-                     f"<td>{link}</td></tr>")
-    parts.append(f"<tr><th>{_both('total', '合计')}</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
+    parts.append(verdict_html(out))  # the reader's first question: what did the run find?
     table_csv = out / "tables" / f"{RESULTS_TABLE}.csv"
     parts.append(f"<h2>{_both('Results', '结果')}</h2>")
     if table_csv.is_file():
@@ -907,6 +903,26 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
                      f"<a href='../tables/{RESULTS_TABLE}.md'>{RESULTS_TABLE}.md</a></p>")
     else:
         parts.append(f"<p>{_both('No results table yet: it is written by 10_report.', '还没有结果表：由 10_report 生成。')}</p>")
+    total = sum(t["seconds"] for name, t in timings.items() if name in notebooks)
+    parts.append(f"<h2>{_both('Notebooks', '笔记本')}</h2>")
+    if manifest:
+        git = manifest.get("git", {})
+        commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+        parts.append(f"<p>Base model <code>{html.escape(str(manifest.get('base_model')))}</code> · commit "
+                     f"<code>{html.escape(commit)}</code> · last notebook started {html.escape(manifest.get('time', ''))}"
+                     f" · <a href='../manifest.json'>manifest.json</a></p>")
+    parts.append(f"<table><tr><th>{_both('notebook', '笔记本')}</th>"
+                 f"<th>{_both('status', '状态')}</th><th>{_both('wall time (s)', '用时（秒）')}</th>"
+                 f"<th>{_both('report', '报告')}</th></tr>")
+    for name in notebooks:
+        t = timings.get(name)
+        report = reports / f"{name}.html"
+        link = f"<a href='{name}.html'>{name}.html</a>" if report.is_file() else "—"
+        status = "not run" if t is None else t["status"]
+        css = " class='failed'" if status == "failed" else ""
+        parts.append(f"<tr><td>{name}</td><td{css}>{status}</td><td>{'' if t is None else t['seconds']}</td>"
+                     f"<td>{link}</td></tr>")
+    parts.append(f"<tr><th>{_both('total', '合计')}</th><th></th><th>{total:.0f}</th><th></th></tr></table>")
     figures = sorted((out / "figures").glob("10_*.png"))
     if figures:
         parts.append(f"<h2>{_both('Figures', '图')}</h2>")
