@@ -2,6 +2,7 @@
 that calls it, with a local model and through the HTTP API."""
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,6 +212,49 @@ def test_a_dead_endpoint_is_named():
     backend = chat.ApiBackend(f"http://127.0.0.1:{port}/v1", "m", timeout=5)
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}/v1.*is it running"):
         list(backend.stream([{"role": "user", "content": "你好"}]))
+
+
+class _Chunks:
+    """What ``openai``'s ``create(stream=True)`` returns: chunks to iterate, and ``close`` to hang up."""
+
+    def __init__(self, contents):
+        delta = lambda content: SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content=content))])  # noqa: E731
+        self.chunks, self.closed = [delta(c) for c in contents] + [SimpleNamespace(choices=[])], False
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def close(self):
+        self.closed = True
+
+
+class _Client:
+    """An ``openai.OpenAI`` stand-in that streams ``contents`` and keeps what it was asked."""
+
+    def __init__(self, contents):
+        self.asked, self.streams = [], []
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+        self.contents = contents
+
+    def _create(self, **kwargs):
+        self.asked.append(kwargs)
+        self.streams.append(_Chunks(self.contents))
+        return self.streams[-1]
+
+
+def test_stream_reply_yields_the_text_pieces_greedily_and_is_the_api_backends_loop():
+    messages = [{"role": "user", "content": "你好"}]
+    client = _Client([None, "答案", "", "：A"])  # the role chunk and an empty one carry no text
+    assert list(chat.stream_reply(client, "merged", messages, 7)) == ["答案", "：A"]
+    assert client.asked == [{"model": "merged", "messages": messages, "temperature": 0, "max_tokens": 7, "stream": True}]
+    assert client.streams[-1].closed
+    stream = chat.stream_reply(client, "merged", messages, 7)
+    next(stream)
+    stream.close()  # stopped early: it hangs up
+    assert client.streams[-1].closed
+    backend = chat.ApiBackend("http://127.0.0.1:1/v1", "merged", max_tokens=9)
+    backend.client = client  # the panel's API backend runs the same loop
+    assert list(backend.stream(messages)) == ["答案", "：A"] and client.asked[-1]["max_tokens"] == 9
 
 
 @pytest.mark.slow

@@ -200,3 +200,20 @@ def test_generation_is_greedy_despite_sampling_defaults_and_batch_independent(ti
         from medqa_zh.answers import extract_letter
 
         assert r["pred"] == extract_letter(r["text"])
+
+
+def test_run_coroutine_runs_a_coroutine_also_inside_a_running_event_loop():
+    import asyncio
+    import threading
+
+    async def where():
+        await asyncio.sleep(0)
+        return threading.current_thread().name
+
+    here = threading.current_thread().name
+    assert evaluate.run_coroutine(where()) == here  # no loop running: asyncio.run, in this thread
+
+    async def in_a_kernel():  # a Jupyter cell runs inside the kernel's loop, where asyncio.run refuses
+        return evaluate.run_coroutine(where())
+
+    assert asyncio.run(in_a_kernel()) != here  # done, in a worker thread with a loop of its own

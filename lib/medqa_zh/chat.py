@@ -8,8 +8,8 @@ notebook calls ``send`` itself, so the headless run exercises the code a person 
 
 Backends stream text pieces for a list of messages, with greedy decoding as in the evaluations:
 
-* :class:`ApiBackend`: an OpenAI-compatible server (``/v1/chat/completions`` with ``stream``),
-  e.g. one started by notebook 05 or ``python -m medqa_zh.serve``;
+* :class:`ApiBackend`: an OpenAI-compatible server (``/v1/chat/completions`` with ``stream``: the loop
+  is :func:`stream_reply`), e.g. one started by notebook 05 or ``python -m medqa_zh.serve``;
 * :class:`LocalBackend`: a model loaded in this kernel, streamed with transformers'
   ``TextIteratorStreamer`` (no server needed).
 """
@@ -38,6 +38,19 @@ DISCLAIMER = ("教学演示：这是在考试题上微调的小模型，回答�
 # --------------------------------------------------------------------------- backends
 
 
+def stream_reply(client, model: str, messages: list[dict], max_tokens: int) -> Iterator[str]:
+    """The streaming loop: ask ``client`` (an ``openai.OpenAI``) for ``model``'s greedy reply to ``messages``
+    with ``stream=True`` and yield its text pieces as they arrive. Closed early, it hangs up (the server stops)."""
+    chunks = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
+                                            stream=True)
+    try:
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:  # the first chunk carries the role, the last none
+                yield chunk.choices[0].delta.content
+    finally:
+        chunks.close()
+
+
 class ApiBackend:
     """Streams a reply from an OpenAI-compatible server; ``model`` is the name the server serves."""
 
@@ -49,14 +62,7 @@ class ApiBackend:
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         try:
-            chunks = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
-                                                         max_tokens=self.max_tokens, stream=True)
-            try:
-                for chunk in chunks:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
-            finally:
-                chunks.close()  # stopped early: hang up, and the server stops generating
+            yield from stream_reply(self.client, self.model, messages, self.max_tokens)
         except openai.APIConnectionError as e:
             raise ConnectionError(f"no answer from the server at {self.base_url} ({e}); is it running? "
                                   "Start one with notebook 05 or `python -m medqa_zh.serve MODEL_DIR`.") from e

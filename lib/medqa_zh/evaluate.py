@@ -321,9 +321,9 @@ class ServerDownError(RuntimeError):
     """Every request of a batch failed to connect: the server is gone. Finished questions are kept."""
 
 
-def _run_coroutine(coro):
-    """Run ``coro`` to completion, also from inside a running event loop (a Jupyter kernel has one):
-    then in a worker thread with a loop of its own."""
+def run_coroutine(coro):
+    """Run ``coro`` to completion and return its result, also from inside a running event loop (a Jupyter
+    kernel has one, where ``asyncio.run`` refuses): then in a worker thread with a loop of its own."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -384,7 +384,7 @@ def api_scorer(base_url: str, model: str, api_key: str | None = None, max_new_to
             return await asyncio.gather(*(ask(client, semaphore, q) for q in batch))
 
     def score_batch(batch):
-        rows = _run_coroutine(ask_all(batch))
+        rows = run_coroutine(ask_all(batch))
         if rows and all(row.get("connect_failed") for row in rows):
             raise ServerDownError(f"no request reached the server at {base_url} ({rows[0]['error']}). "
                                   "The questions finished so far are saved; start the server again and rerun "
