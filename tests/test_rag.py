@@ -156,6 +156,26 @@ def test_reciprocal_rank_fusion_rewards_agreement():
     assert rag.reciprocal_rank_fusion([[5, 6]]) == [(5, 1 / 61), (6, 1 / 62)]
 
 
+class _Ranking:
+    """A stand-in retriever: the same ranking for every query, cut at ``k``."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def search(self, queries, k=10):
+        return [[(i, 0.0) for i in self.order[:k]] for _ in queries]
+
+
+def test_hybrid_fuses_the_top_fusion_depth_of_each_list_bm25_first_on_a_tie():
+    depth = rag.FUSION_DEPTH
+    bm25 = list(range(depth)) + [999]   # 999 is just below BM25's top FUSION_DEPTH ...
+    dense = [999] + list(range(1000, 1000 + depth))  # ... and dense's best
+    retrieval = rag.Retrieval(None, _Ranking(bm25), _Ranking(dense), rrf_k=60)
+    # 999 fused from dense alone: 1/61, the same as BM25's best, which BM25's list puts first
+    assert retrieval.rank(["q", "q"], "hybrid", 3) == [[0, 999, 1]] * 2
+    assert retrieval.rank(["q"], "hybrid", depth + 1)[0][:2] == [999, 0]  # k beyond the depth: k of each list
+
+
 # --------------------------------------------------------------------------- retrieval quality
 
 

@@ -469,6 +469,7 @@ def fit_context(ranked: list[Passage], count_tokens, budget: int) -> list[Passag
 
 
 RETRIEVERS = ("bm25", "dense", "hybrid")  # hybrid: reciprocal rank fusion of the other two
+FUSION_DEPTH = 50  # hybrid fuses this many of each retriever's best passages (k of each, when k is more)
 
 
 def profile_retrievers(cfg, key: str) -> list[str]:
@@ -505,13 +506,14 @@ class Retrieval:
         return cls(corpus, bm25, dense, cfg["rag.rrf_k"])
 
     def rank(self, queries: list[str], method: str, k: int = 10) -> list[list[int]]:
-        """Passage indices, best first, ``k`` per query. Hybrid fuses the top 50 of each retriever."""
+        """Passage indices, best first, ``k`` per query. Hybrid fuses the top :data:`FUSION_DEPTH` of each
+        retriever (``k``, when more) with :func:`reciprocal_rank_fusion`, BM25's list first."""
         if method == "bm25":
             return [[i for i, _ in hits] for hits in self.bm25.search(queries, k)]
         if method == "dense":
             return [[i for i, _ in hits] for hits in self.dense.search(queries, k)]
         if method == "hybrid":
-            depth = max(k, 50)
+            depth = max(k, FUSION_DEPTH)
             pairs = zip(self.rank(queries, "bm25", depth), self.rank(queries, "dense", depth), strict=True)
             return [[i for i, _ in reciprocal_rank_fusion([b, d], self.rrf_k)[:k]] for b, d in pairs]
         raise ValueError(f"unknown retriever {method!r}: bm25, dense or hybrid")
