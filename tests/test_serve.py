@@ -2,6 +2,7 @@
 through it: answers, API key, clean stops, a server killed in the middle of an evaluation."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -93,6 +94,15 @@ def test_serves_models_chat_and_streaming_on_localhost(server):
     # greedy: the same text either way (transformers serve strips the non-streamed text's whitespace)
     assert len(chunks) > 2 and "".join(chunks).strip() == plain.choices[0].message.content.strip()
     # (the untrained tiny model writes only whitespace; 05 and 07 in the smoke series check real answers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads the argv from Linux's /proc")
+def test_the_command_is_the_argv_that_runs_and_the_log_shows_it_as_a_shell_line(server):
+    running = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode("utf-8").split("\0")[:-1]
+    assert running == server.command == server.process.args  # what the OS runs, what Popen got, what 05 prints
+    line = shlex.join(server.command)
+    assert shlex.split(line) == server.command  # a shell splits the printed line back into the same argv
+    assert server.log_path.read_text(encoding="utf-8").splitlines()[0] == f"$ {line}"
 
 
 def test_a_busy_port_is_refused_before_starting(server):

@@ -101,6 +101,11 @@ def gpu_peak(device_name: str, precision: str) -> dict | None:
     return None
 
 
+# what full SFT keeps for every parameter, in bytes, all float32: the master weight (half-precision training computes
+# with a copy), its gradient, and AdamW's two moment estimates (running means of the gradient and of its square)
+FULL_SFT_BYTES_PER_PARAMETER = {"weights": 4, "gradients": 4, "AdamW's two moments": 8}
+
+
 def flops_per_token(shape: dict, mode: str, adapter_parameters: int, attended: float, head_share: float) -> float:
     """Model FLOPs of one trained token (multiply-adds count 2), the numerator of MFU.
 

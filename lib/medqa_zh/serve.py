@@ -43,6 +43,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -120,7 +121,7 @@ class Server:
     model: str = ""                       # the id /v1/models lists, to send as ``model=``
     api_key: str | None = None
     log_path: Path | None = None
-    command: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)  # the argv its process started with (shlex.join: a shell line)
     process: subprocess.Popen | None = None
 
     @property
@@ -379,7 +380,7 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         env["VLLM_API_KEY" if backend == "vllm" else API_KEY_ENV] = api_key
     server = Server(backend=backend, host=host, port=port, api_key=api_key, log_path=log_path, command=cmd)
     log = open(log_path, "w", encoding="utf-8")
-    log.write("$ " + " ".join(cmd) + "\n")
+    log.write("$ " + shlex.join(cmd) + "\n")  # the command line as a shell takes it (Server.command)
     log.flush()
     server.process = children.start(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     log.close()
