@@ -43,6 +43,20 @@ def test_every_quantization_is_a_whole_gguf_of_its_type(exported):
     assert not list(exported["f16"].parent.glob("*.tmp"))  # nothing left under a temporary name
 
 
+def test_the_calls_04_prints_are_the_ones_the_children_ran(exported, tiny_assets):
+    out = exported["f16"].parent  # each child logs its call, on the temporary name the file is written under
+    ran = (out / "convert.log").read_text(encoding="utf-8")
+    call = export.call_text(tiny_assets["model"], str(exported["f16"]) + ".tmp", "f16")
+    assert f"medqa_zh.export: {call}\n" in ran
+    assert "convert_hf_to_gguf.py" in ran and "--outtype f16" in ran
+    for q, ftype in (("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), ("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M")):
+        ran = (out / f"{q}.log").read_text(encoding="utf-8")
+        assert f"medqa_zh.export: {export.call_text(exported['f16'], str(exported[q]) + '.tmp', q)}\n" in ran
+        assert export.quantize_params(q) == {"ftype": ftype, "nthread": 0} and f"ftype=llama_cpp.{ftype}" in ran
+    with pytest.raises(ValueError, match="f16 comes from convert"):
+        export.quantize_params("f16")
+
+
 def test_a_truncated_or_foreign_file_is_never_taken_for_a_model(exported, tmp_path):
     whole = exported["q8_0"].read_bytes()
     cut = tmp_path / "cut.gguf"

@@ -322,6 +322,19 @@ def test_all_knobs_come_from_the_profile(smoke):
     assert full["max_steps"] == 3  # train.full.max_steps is null in smoke: the LoRA value holds
 
 
+def test_the_lora_config_is_the_profiles_and_wraps_the_trained_model(smoke):
+    cfg = smoke(**{"train.lora.r": 4, "train.lora.alpha": 12, "train.lora.dropout": 0.1,
+                   "train.lora.target_modules": ["q_proj", "v_proj"]})
+    lora = train.lora_config(train.settings(cfg, "lora"))  # what 02 shows and prepare hands the trainer
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules), lora.task_type) == (
+        4, 12, 0.1, {"q_proj", "v_proj"}, "CAUSAL_LM")
+    run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "lora-config")
+    got = run.model.peft_config["default"]
+    assert (got.r, got.lora_alpha, got.lora_dropout, set(got.target_modules)) == (4, 12, 0.1, {"q_proj", "v_proj"})
+    wrapped = {name.split(".")[-2] for name, _ in run.model.named_modules() if name.endswith(".lora_A")}
+    assert wrapped == {"q_proj", "v_proj"}
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_both_precisions_train(smoke, precision):
     import torch
@@ -341,7 +354,10 @@ def test_full_sft_trains_every_parameter_and_saves_a_model(smoke):
     run = train.prepare(cfg, "full", out_dir=cfg.out / "models" / "full-test")
     counts = train.parameter_counts(run.model)
     assert counts["trainable"] == counts["total"]
-    train.train(run, resume=False)
+    metrics = train.train(run, resume=False)
+    # 03's arithmetic: float32 weights, gradients and AdamW's two moments, 16 bytes a parameter, all held at the peak
+    assert sum(runs.FULL_SFT_BYTES_PER_PARAMETER.values()) == 16
+    assert metrics["peak_memory_gib"] * 2**30 >= counts["total"] * 16
     reloaded = models.load_model(str(run.out_dir), "float32", setting="full")
     assert sum(p.numel() for p in reloaded.parameters()) == counts["total"]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -243,8 +244,36 @@ def _convert_main(model_dir: str, out: str, outtype: str) -> None:
             raise
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-    sys.argv = [CONVERTER, model_dir, "--outfile", out, "--outtype", outtype]
+    sys.argv = converter_argv(model_dir, out, outtype)
+    print(f"medqa_zh.export: {call_text(model_dir, out, outtype)}", flush=True)
     convert_hf_to_gguf.main()
+
+
+def converter_argv(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> list[str]:
+    """llama.cpp's converter's command line as :func:`convert` runs it (the child's ``sys.argv`` for
+    ``convert_hf_to_gguf.main``): ``convert_hf_to_gguf.py <model_dir> --outfile <out> --outtype <outtype>``."""
+    return [CONVERTER, str(model_dir), "--outfile", str(out), "--outtype", outtype]
+
+
+def quantize_params(quantization: str) -> dict:
+    """What :func:`quantize` sets on llama.cpp's default quantize parameters: ``ftype``, the file type (the name of a
+    ``llama_cpp`` constant), and ``nthread`` (0: every core)."""
+    if quantization not in _FTYPES:
+        raise ValueError(f"quantize makes {', '.join(_FTYPES)}, not {quantization!r} (f16 comes from convert)")
+    return {"ftype": _FTYPES[quantization], "nthread": 0}
+
+
+def call_text(source: str | Path, out: str | Path, quantization: str) -> str:
+    """What makes the GGUF ``out``, as one line: for ``f16`` (or another converter outtype) the converter's command
+    line on the model folder ``source`` (:func:`converter_argv`); for a quantization, llama.cpp's
+    ``llama_model_quantize`` called through llama-cpp-python on the f16 GGUF ``source`` with
+    :func:`quantize_params` (what llama.cpp's ``llama-quantize <source> <out> <type>`` does). The child process
+    prints it into its log; the file is written as ``<out>.tmp`` and renamed when whole."""
+    if quantization not in _FTYPES:
+        return "python " + shlex.join(converter_argv(source, out, quantization))
+    fields = ", ".join(f"{k}=llama_cpp.{v}" if k == "ftype" else f"{k}={v}" for k, v in quantize_params(quantization).items())
+    return (f"llama_cpp.llama_model_quantize({str(source)!r}, {str(out)!r}, params)  "
+            f"# params: llama_model_quantize_default_params() with {fields}")
 
 
 def qwen2_pre_tokenizer(model_dir: str | Path) -> bool:
@@ -261,8 +290,7 @@ def qwen2_pre_tokenizer(model_dir: str | Path) -> bool:
 def quantize(source: str | Path, out: str | Path, quantization: str, log=None) -> Path:
     """``source`` (an f16 GGUF) quantized to ``quantization`` (``q8_0``, ``Q4_K_M``) with llama.cpp's quantizer,
     in a child process (its report of every tensor goes to ``log``, a path, and its tail into the error)."""
-    if quantization not in _FTYPES:
-        raise ValueError(f"quantize makes {', '.join(_FTYPES)}, not {quantization!r} (f16 comes from convert)")
+    quantize_params(quantization)  # an unknown quantization is refused here, before the child starts
     check_file(source)
     out = Path(out)
     with files.replacing(out) as tmp:
@@ -273,12 +301,13 @@ def quantize(source: str | Path, out: str | Path, quantization: str, log=None) -
 
 
 def _quantize_main(source: str, out: str, quantization: str) -> None:
-    """In the child: llama.cpp's ``llama_model_quantize`` (all cores)."""
+    """In the child: llama.cpp's ``llama_model_quantize`` with :func:`quantize_params` (all cores)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, _FTYPES[quantization])
-    params.nthread = 0
+    for key, value in quantize_params(quantization).items():
+        setattr(params, key, getattr(llama_cpp, value) if key == "ftype" else value)
+    print(f"medqa_zh.export: {call_text(source, out, quantization)}", flush=True)
     code = llama_cpp.llama_model_quantize(source.encode(), out.encode(), params)
     if code:
         sys.exit(f"llama_model_quantize returned {code}")

@@ -303,10 +303,12 @@ def device_memory_bytes(device: str) -> int:
 
 def auto_tokens(model, precision: str, lora: bool, memory: int, head_share: float) -> int:
     """``train.tokens_per_device: auto``: the tokens whose activations fill :data:`AUTO_MEMORY_SHARE` of ``memory``
-    left after the model's state: its weights, and for full SFT their gradients and AdamW's two moments (float32).
-    A LoRA adapter's own state (under 2% of the weights at r = 16) is left in the headroom."""
+    left after the model's state: its weights, and for full SFT float32 weights, gradients and AdamW's two moments
+    (:data:`runs.FULL_SFT_BYTES_PER_PARAMETER`). A LoRA adapter's own state (under 2% of the weights at r = 16) is left
+    in the headroom."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = weights if lora else weights + sum(p.numel() for p in model.parameters()) * 4 * 3
+    parameters = sum(p.numel() for p in model.parameters())
+    state = weights if lora else parameters * sum(runs.FULL_SFT_BYTES_PER_PARAMETER.values())
     per_token = activation_bytes_per_token(model.config, precision, lora, head_share)
     return max(int((memory - state) * AUTO_MEMORY_SHARE / per_token), 1)
 
@@ -621,6 +623,15 @@ class OneDeviceConfig(SFTConfig):
         return min(self.visible_gpus, 1)
 
 
+def lora_config(s: dict) -> LoraConfig:
+    """peft's ``LoraConfig`` from the ``train`` settings (:func:`settings`): rank, alpha (the update is scaled by
+    alpha / r), dropout and the adapted modules of ``train.lora`` (``all-linear``: every linear layer but the output
+    head, resolved by peft when it wraps the model)."""
+    lora = s["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
 def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     """Load the base model and the splits, check them, and build the ``SFTTrainer``.
 
@@ -671,13 +682,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device, share)
     padding["this run's micro-batches"] = micro["padding_share"]
 
-    peft_config = None
-    if mode == "lora":
-        lora = s["lora"]
-        peft_config = LoraConfig(
-            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"], task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(s) if mode == "lora" else None
     watch = dashboards.watch(cfg, out_dir)
     args = OneDeviceConfig(
         output_dir=str(out_dir / "checkpoints"),
