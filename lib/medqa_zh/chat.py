@@ -267,8 +267,9 @@ class ChatPanel:
                                          value=retriever or RAG_OFF, description="passages")
         self.history = w.HTML()
         self.current = w.HTML()
-        # newest at the bottom, and the box stays scrolled there (a reversed flex column anchors its end)
-        conversation = w.Box([w.VBox([self.history, self.current])],
+        # newest at the bottom, and the box stays scrolled there (a reversed flex column anchors its end); the inner
+        # column keeps its full height (flex 0 0 auto): shrunk to the box, it scrolled itself, from the top
+        conversation = w.Box([w.VBox([self.history, self.current], layout=w.Layout(flex="0 0 auto"))],
                              layout=w.Layout(max_height="480px", overflow="auto", display="flex",
                                              flex_flow="column-reverse"))
         self.box = w.Textarea(placeholder="输入问题（可带 A. B. C. 选项）… Type a question (options A. B. … optional)",
