@@ -28,7 +28,7 @@ INFO_FILE = "merge_info.json"
 # float32 keeps 24 significant bits (unit roundoff 6e-8): merging only reorders sums, which leaves
 # relative differences around 1e-6 across a 24-layer model, so 1e-4 leaves a wide margin and still
 # catches any real error (a missed module or a wrong scale moves logits by far more). bfloat16 keeps
-# 8 bits (unit roundoff 2^-9 ≈ 0.002): every merged weight is rounded once, by up to that much,
+# 8 bits (unit roundoff 2^-8 ≈ 0.004): every merged weight is rounded once, by up to that much,
 # and those errors add up through the layers to a few units; 2^-5 ≈ 0.03 of the largest logit is
 # allowed, still well below what losing the adapter (or half of it) does to the logits.
 # The notebook shows the measured difference next to the adapter's own effect on the logits:
