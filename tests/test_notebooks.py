@@ -1,20 +1,27 @@
 """The notebook series, run as the README runs it: ``./run_all.sh --only NN`` in a throwaway copy of
 the project, each notebook in a fresh kernel under papermill, exported to HTML, indexed."""
+import contextlib
 import csv
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import types
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import REPO, server_processes
-from medqa_zh import export, merge, report, steps, tiny
+from helpers import REPO, processes_of, server_processes
+from medqa_zh import export, merge, prompts, report, steps, tiny
 
 pytestmark = pytest.mark.slow
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
@@ -55,6 +62,13 @@ def _run_only(root: Path, name: str) -> dict:
 
 def _said(nb) -> str:
     return "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
+
+
+def _code_cell(nb, needle: str) -> int:
+    """The index of the one code cell whose source holds ``needle``."""
+    found = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and needle in "".join(c["source"])]
+    assert len(found) == 1, f"{needle!r}: {len(found)} code cells"
+    return found[0]
 
 
 def _series(tmp_path_factory, changes: dict | None = None):
@@ -112,6 +126,17 @@ def test_01_data_runs_on_the_smoke_profile(series):
         table = {r["role"]: r for r in csv.DictReader(f)}
     assert int(table["train"]["duplicates_removed"]) == tiny.PLANTED["train_duplicates"]
     assert int(table["eval"]["overlap_removed"]) == tiny.PLANTED["test_in_train"]
+    # a raw MedQA line beside the Question it becomes (asserted equal field by field in the cell)
+    raw_vs_clean = _outputs_text(nb, _code_cell(nb, "raw = json.loads("))
+    assert "train.jsonl, line 1" in raw_vs_clean and "Question" in raw_vs_clean and "train:1" in raw_vs_clean
+    # each split drawn again by hand from its file, its duplicates counted by hand with the key (printed after the
+    # asserts that tie both to the library's split and its removed counts)
+    drawn = _outputs_text(nb, _code_cell(nb, "def duplicate_key(row)"))
+    assert (f"train: 'train' → SplitSpec(name='train', start=None, stop=None): {table['train']['rows_in_slice']} rows of "
+            f"train.jsonl, {tiny.PLANTED['train_duplicates']} duplicates, 0 in an earlier role → "
+            f"{table['train']['questions']}") in drawn
+    assert (f"eval: 'test[:43]' → SplitSpec(name='test', start=None, stop=43): 43 rows of test.jsonl, 0 duplicates, "
+            f"{tiny.PLANTED['test_in_train']} in an earlier role → {table['eval']['questions']}") in drawn
     ids = {}
     for role in ("train", "validation", "eval"):
         n = sum(1 for _ in open(run / "data" / "sft" / f"{role}.jsonl", encoding="utf-8"))
@@ -143,6 +168,12 @@ def test_02_lora_sft_loss_falls(series):
     assert (project / "outputs" / "smoke" / "figures" / "02_loss_curve.png").stat().st_size > 1000
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "5 of them in the loss: '答案：" in text  # the label mask, shown
+    # the LoraConfig and SFTConfig built in a cell from the profile, then asserted to be what the trainer got
+    shown = _outputs_text(nb, _code_cell(nb, "lora = LoraConfig("))
+    assert "LoraConfig: r = 8, lora_alpha = 16 (the update scaled by alpha/r = 2)" in shown and "completion_only_loss" in shown
+    checked = _outputs_text(nb, _code_cell(nb, "assert train.lora_config(s) == lora"))
+    assert ("the trainer got exactly these: LoraConfig (adapting down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+            "v_proj) and 20 SFTConfig fields") in checked
     # the learning curve: the base, then every checkpoint the run kept (smoke: every 20 of 60 steps), on validation
     with open(project / "outputs" / "smoke" / "tables" / "02_learning_curve.csv", encoding="utf-8") as f:
         curve = list(csv.DictReader(f))
@@ -155,9 +186,17 @@ def test_02_lora_sft_loss_falls(series):
 
 
 def test_03_full_sft_reports_its_cost_next_to_lora(series):
-    project, _ = series("03_full_sft")
+    project, nb = series("03_full_sft")
     with open(project / "outputs" / "smoke" / "tables" / "03_lora_vs_full.csv", encoding="utf-8") as f:
         rows = {r[""]: r for r in csv.DictReader(f)}
+    # the memory arithmetic, 16 bytes a parameter, beside the measured peak (which the cell asserts holds it)
+    printed = {name: float(gib) for gib, name in re.findall(r"^\s*([\d.]+) GiB  (.+)$",
+               _outputs_text(nb, _code_cell(nb, "runs.FULL_SFT_BYTES_PER_PARAMETER")), re.M)}
+    state = sum(printed[f"{part} ({size} B a parameter)"] for part, size in
+                (("weights", 4), ("gradients", 4), ("AdamW's two moments", 8)))
+    peak = next(gib for name, gib in printed.items() if name.startswith("measured peak ("))
+    assert peak == pytest.approx(float(rows["peak memory (GiB)"]["full (03)"]), abs=0.006) and peak >= state
+    assert "the arithmetic's sum" in printed
     assert int(rows["trainable parameters"]["full (03)"]) > 5 * int(rows["trainable parameters"]["LoRA (02)"])
     for measured in ("median step (s)", "tokens/s", "peak memory (GiB)"):
         assert float(rows[measured]["full (03)"]) > 0 and float(rows[measured]["LoRA (02)"]) > 0
@@ -165,8 +204,13 @@ def test_03_full_sft_reports_its_cost_next_to_lora(series):
 
 
 def test_04_merged_model_equals_base_plus_adapter(series):
-    project, _ = series("04_merge")
+    project, nb = series("04_merge")
     out = project / "outputs" / "smoke"
+    # one layer merged by hand, W + (α/r)·B·A, against the stored merged weight; W alone must fail the same check
+    by_hand = _outputs_text(nb, _code_cell(nb, "by_hand = W + (B @ A) * scale"))
+    assert re.search(r"model\.layers\.0\.self_attn\.q_proj: W \(64, 64\) \+ 2 · B \(64, 8\) · A \(8, 64\), stored in "
+                     r"float32: within rounding everywhere \([\d.]+% bit for bit\); W alone misses it in [\d.]+% of the "
+                     r"entries", by_hand), by_hand
     with open(out / "tables" / "04_merge_check.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 16 and all(r["argmax_agrees"] == "True" for r in rows)
@@ -177,9 +221,16 @@ def test_04_merged_model_equals_base_plus_adapter(series):
 
 
 def test_04_exports_gguf_files_that_answer_like_the_model(series):
-    project, _ = series("04_merge")
+    project, nb = series("04_merge")
     out = project / "outputs" / "smoke"
     gguf = out / "models" / "gguf"
+    # the llama.cpp calls that made merged's files, printed as the export's children ran them (their logs)
+    calls = _outputs_text(nb, _code_cell(nb, "export.call_text(")).splitlines()
+    assert len(calls) == 3 and calls[0].startswith("python convert_hf_to_gguf.py ") and "--outtype f16" in calls[0]
+    for line, q in zip(calls, export.QUANTIZATIONS, strict=True):
+        ran = (out / "logs" / f"gguf-merged-{q}.log").read_text(encoding="utf-8")
+        assert f"medqa_zh.export: {line.replace(f'merged-{q}.gguf', f'merged-{q}.gguf.tmp')}\n" in ran
+    assert "ftype=llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M" in calls[2]
     for name in ("merged", "base"):
         for q in export.QUANTIZATIONS:
             assert export.check_file(gguf / f"{name}-{q}.gguf")["tensors"] > 0
@@ -204,8 +255,12 @@ def test_04_exports_gguf_files_that_answer_like_the_model(series):
 
 
 def test_06_evaluates_every_model_both_ways_with_intervals(series):
-    project, _ = series("06_eval_direct")
+    project, nb = series("06_eval_direct")
     out = project / "outputs" / "smoke"
+    said = _said(nb)  # one question, and one paired difference, by hand: each printed after its assert passed
+    for line in ("letter scores by hand = library", "every rotation averaged, by hand = library",
+                 "PriDe, by hand = library", "McNemar p by hand = table", "Newcombe's 95% interval by hand = table"):
+        assert line in said, line
     with open(out / "tables" / "06_direct.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
@@ -277,12 +332,24 @@ def test_05_serves_a_model_and_answers_plain_and_streamed(series):
     streaming = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "stream=True" in "".join(c["source"]))
     assert "same as the plain answer: True" in _outputs_text(nb, streaming)
     assert list((out / "logs").glob("serve-merged-*.log"))
+    # the server's command line, printed after the cell asserted it is the argv its process started with: a shell line
+    # for the server that answered (its port), and the first line of that server's log
+    line = _outputs_text(nb, _code_cell(nb, "shlex.join(server.command)")).strip()
+    port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", _outputs_text(nb, _code_cell(nb, "serve.from_profile("))).group(1)
+    argv = shlex.split(line)
+    assert argv[1:3] == ["-c", "import sys, medqa_zh.serve_child as s; s.main(sys.argv[1])"]  # smoke: transformers
+    assert json.loads(argv[3])["port"] == int(port) and json.loads(argv[3])["served_name"] == "merged"
+    assert any(log.read_text(encoding="utf-8").splitlines()[0] == f"$ {line}" for log in (out / "logs").glob("serve-*.log"))
     assert not server_processes()  # the notebook stopped its server
 
 
 def test_07_api_answers_match_direct_generation(series):
-    project, _ = series("07_eval_api")
+    project, nb = series("07_eval_api")
     out = project / "outputs" / "smoke"
+    # the asyncio client written out, asserted equal to evaluate.api_scorer on the same server (the line follows the
+    # assert), and, greedy on the tiny float32 model with one request generating at a time, equal to section 1's cache
+    assert ("base: 5 questions, the same letters and texts as evaluate.api_scorer's on this server; "
+            "5 of 5 as section 1's answers") in _said(nb)
     n_eval = sum(1 for _ in open(out / "data" / "questions" / "eval.jsonl", encoding="utf-8"))
     with open(out / "tables" / "07_api.csv", encoding="utf-8") as f:
         api = {r["model"]: r for r in csv.DictReader(f)}
@@ -306,8 +373,16 @@ def test_07_api_answers_match_direct_generation(series):
 
 
 def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriever(series):
-    project, _ = series("08_eval_rag")
+    project, nb = series("08_eval_rag")
     out = project / "outputs" / "smoke"
+    said = _said(nb)
+    # section 2: reciprocal rank fusion by hand, checked equal to the library's (the line follows the asserts)
+    assert "fusion by hand == rag.reciprocal_rank_fusion: " in said and "== Retrieval.rank(..., 'hybrid', 5)" in said
+    assert re.search(r"bm25 #\d+, dense #\d+", said) and re.search(r"1/\d+ \+ 1/\d+ = 0\.\d{5}", said)  # a fused score
+    # section 4: one prompt as the API evaluation sent it, its passages those its cached answer records
+    prompt = said[said.index("the prompt merged got with bm25 passages ("): said.index("--- reply: ")]
+    assert f"--- system ---\n{prompts.SYSTEM_PROMPT}\n--- user ---\n{prompts.CONTEXT_INTRO}\n[1]《" in prompt
+    assert prompts.ANSWER_FORMAT_HINT in prompt
     with open(out / "tables" / "08_retrieval_quality.csv", encoding="utf-8") as f:
         quality = {(r["retriever"], int(r["k"])): r for r in csv.DictReader(f)}
     assert set(quality) == {(r, k) for r in ("bm25-bigram", "bm25-jieba", "dense", "hybrid") for k in (1, 3, 5, 10)}
@@ -360,7 +435,11 @@ def test_09_chat_turn_runs_through_the_panel_with_passages(series):
     pieces = next(line for line in text.splitlines() if "streamed pieces" in line)
     assert "passages from none" not in pieces and not pieces.startswith("0 streamed")
     assert "history: 4 messages" in text and "参考段落" in text  # the sources, rendered into the report
-    assert not server_processes()
+    # the streaming loop written out, against a server started for it: the same pieces as chat.stream_reply (the
+    # panel's API backend), printed after the assert, and more than one piece (it streamed)
+    streamed = re.search(r"^(\d+) pieces, the same as chat\.stream_reply's$", text, re.M)
+    assert streamed and int(streamed.group(1)) > 1
+    assert not server_processes()  # and stopped it
 
 
 def test_10_collects_every_evaluation_into_one_table_with_figures(series):
@@ -409,6 +488,16 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     assert "the halves of the eval split" in text and f"the replication set, n = {tiny.TEST_EXTRA}" in text
     assert "validation (02's learning curve" in text
     assert "Every difference in the table, in words." in text and "exploratory: **" in text
+    # the verdict first (its words, written for the index), then Holm by hand on the family behind it, then the table
+    verdict = (out / "tables" / f"{report.VERDICT_TEXT}.md").read_text(encoding="utf-8")
+    said = [_outputs_text(nb, i) for i in range(len(nb["cells"]))]
+    where = [next(i for i, t in enumerate(said) if mark in t) for mark in
+             (verdict, f"Holm by hand equals the table's p_adj_* for all {len(family)} p-values", "accuracy [95% CI]")]
+    assert where == sorted(where) and len(set(where)) == 3, where
+    assert f"adjusted over all {len(family)} paired differences" in verdict
+    assert "  merged vs base: p = " in said[where[1]] and "  merged+rag bm25 vs merged: p = " in said[where[1]]
+    index = (out / "reports" / "index.html").read_text(encoding="utf-8")
+    assert index.index("<section id='verdict'>") < index.index("<strong>merged vs base</strong>") < index.index("<table")
     for fig in ("accuracy", "loss_curves", "learning_curve", "letters", "sections", "rag_ablation", "retrieval_quality"):
         assert (out / "figures" / f"10_{fig}.png").stat().st_size > 5000, fig
 
@@ -446,6 +535,13 @@ def test_index_and_report_render_in_a_real_browser(series):
         shown = page.locator("body").inner_text().split("10_results.csv")[0]
         assert not re.search(r"ci_low|ci_high|diff_vs|p_adj|detectable_vs|invalid_rate", shown)
         assert page.locator(".smoke").is_visible()
+        # the verdict in words is the first thing under the title (the smoke warning above it), the table after it
+        order = page.evaluate("Array.from(document.body.children).map(e => e.id || e.className || e.tagName.toLowerCase())")
+        assert order[:4] == ["h1", "smoke", "verdict", "h2"], order
+        verdict = page.locator("#verdict").inner_text()
+        assert "merged vs base" in verdict and "adjusted p = " in verdict and "**" not in verdict  # rendered markdown
+        assert page.locator("#verdict li").count() == 2  # one item per pre-registered comparison
+        assert page.locator("#verdict").bounding_box()["y"] < page.locator("table.results").bounding_box()["y"]
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report
         broken = [link for link in links if not (reports / link).resolve().is_file()]
@@ -538,3 +634,182 @@ def test_notebooks_are_committed_without_outputs():
         assert "parameters" in parameters["metadata"].get("tags", []), f"{path.name}: the third cell must be the parameters cell"
         for cell in nb["cells"]:
             assert not cell.get("outputs") and not cell.get("execution_count"), f"{path.name} has outputs"
+        # every notebook runs in the project's kernel (01's was python3)
+        assert nb["metadata"]["kernelspec"] == {"display_name": "Python (medqa-zh)", "language": "python",
+                                                "name": "medqa-zh"}, path.name
+
+
+# --------------------------------------------------------------------------- 09 in JupyterLab, as a reader runs it
+
+# headless, and nothing that reaches for the network (the machines that run the tests have none)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# JupyterLab's settings for the test: no news or update checks, no autosave (the project's copy of 09 stays as it
+# was), and every cell attached to the page (no windowing), so that every prompt and output can be read
+LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
+    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+}
+
+
+def _lab_api(lab, path: str, method: str = "GET"):
+    request = urllib.request.Request(f"{lab.url}/api/{path}?token={lab.token}", method=method)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+@contextlib.contextmanager
+def _jupyterlab(project: Path, home: Path):
+    """JupyterLab on loopback with a random token, serving ``project``'s notebooks with ``MEDQA_ROOT=project`` (a
+    notebook writes into that project's outputs/) and its config, data and runtime files in ``home``. On exit it is
+    shut down with its kernels; ``lab.left`` lists what still ran with ``MEDQA_ROOT=project`` after that (killed)."""
+    for name, values in LAB_SETTINGS.items():
+        path = home / "config" / "lab" / "user-settings" / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values), encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lab = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", token=secrets.token_hex(16), left=[])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDQA_", "JUPYTER_"))}
+    env.update(MEDQA_ROOT=str(project), JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
+               JUPYTER_RUNTIME_DIR=str(home / "runtime"))
+    log = home / "jupyterlab.log"
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.prefix) / "bin" / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={lab.token}",
+             f"--ServerApp.root_dir={project / 'notebooks'}", "--ServerApp.allow_root=True",
+             "--ServerApp.terminals_enabled=False", "--LabApp.news_url=None", "--LabApp.extension_manager=readonly",
+             "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                _lab_api(lab, "status")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    f"JupyterLab did not start:\n{log.read_text(encoding='utf-8')[-3000:]}"
+                time.sleep(0.5)
+        yield lab
+    finally:
+        try:
+            _lab_api(lab, "shutdown", "POST")  # the server shuts its kernels down, then exits
+            proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        lab.left = processes_of(project)  # a kernel runs in a session of its own, with the server's environment
+        for pid in lab.left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _chromium_env(home: Path) -> dict:
+    """Chromium's environment, with the CJK font the project installs (report.packaged_cjk_font) added to what
+    fontconfig finds, so that the chat's Chinese shows in the screenshot on a machine without a CJK font."""
+    font = report.packaged_cjk_font()
+    if font is None:
+        return dict(os.environ)
+    conf = home / "fonts.conf"
+    conf.write_text('<?xml version="1.0"?>\n<!DOCTYPE fontconfig SYSTEM "fonts.dtd">\n<fontconfig>'
+                    '<include ignore_missing="yes">/etc/fonts/fonts.conf</include>'
+                    f"<dir>{font.parent}</dir><cachedir>{home / 'fontconfig'}</cachedir></fontconfig>\n",
+                    encoding="utf-8")
+    return {**os.environ, "FONTCONFIG_FILE": str(conf)}
+
+
+def _wait_until(check, seconds: float, what):
+    """``check()``'s first true value, polled; ``what`` (a string, or a function that says what was seen) fails it."""
+    deadline = time.monotonic() + seconds
+    while not (seen := check()):
+        assert time.monotonic() < deadline, f"{what() if callable(what) else what}: not after {seconds:.0f} s"
+        time.sleep(0.5)
+    return seen
+
+
+def test_09_chat_in_jupyterlab_in_a_real_browser(series, tmp_path):
+    """A reader's session (issue 43): JupyterLab headless on loopback, 09 opened in Chromium and every cell run from
+    the Run menu, then an exam question typed into the chat panel and sent with its button; the reply streams in."""
+    playwright, exe = _browser()
+    project, _ = series("08_eval_rag")  # 09 reads the models and indexes of 01-08
+    notebook = json.loads((project / "notebooks" / "09_chat_demo.ipynb").read_text(encoding="utf-8"))
+    code_cells = sum(cell["cell_type"] == "code" for cell in notebook["cells"])
+    lines = (project / "outputs" / "smoke" / "data" / "questions" / "eval.jsonl").read_text(encoding="utf-8")
+    q = json.loads(lines.splitlines()[1])  # not the scripted turn's question (the first)
+    question = f"{q['question']}\n{prompts.format_options(q['options'])}"
+    shots = REPO / "outputs" / "tests"
+    shots.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    elsewhere, failed = [], []
+    with _jupyterlab(project, tmp_path) as lab, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, env=_chromium_env(tmp_path))
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("request", lambda r: r.url.startswith((lab.url, "data:", "blob:")) or elsewhere.append(r.url))
+        page.on("requestfailed", lambda r: failed.append(r.url))
+        page.goto(f"{lab.url}/lab/tree/09_chat_demo.ipynb?token={lab.token}")
+        kernel = _wait_until(lambda: next((s["kernel"] for s in _lab_api(lab, "sessions") if s["path"] ==
+                                           "09_chat_demo.ipynb" and s["kernel"]["execution_state"] == "idle"), None),
+                             120, "a kernel for 09, idle")
+        assert kernel["name"] == "medqa-zh"  # 09's kernelspec
+        page.locator(".jp-Notebook .jp-CodeCell").first.wait_for()
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+        prompts_shown = page.locator(".jp-CodeCell .jp-InputPrompt")
+        tracebacks = page.locator(".jp-OutputArea-output", has_text="Traceback")
+        # every code cell has run ([n]: in its prompt), or one failed (Run All stops there)
+        _wait_until(lambda: tracebacks.count() or all(re.fullmatch(r"\[\d+\]:", s.strip())
+                                                      for s in prompts_shown.all_inner_texts()),
+                    300, lambda: f"Run All Cells: the prompts show {prompts_shown.all_inner_texts()}")
+        assert not tracebacks.count(), f"a cell failed:\n{tracebacks.first.inner_text()[-3000:]}"
+        assert prompts_shown.count() == code_cells
+        _wait_until(lambda: _lab_api(lab, f"kernels/{kernel['id']}")["execution_state"] == "idle", 60, "kernel idle")
+        # the panel rendered, with 09's scripted turns (a message and a reply each) in its conversation
+        conversation = page.locator('.widget-box[style*="column-reverse"]')
+        turns = conversation.locator(".widget-vbox > .widget-html").first.locator(".widget-html-content > div")
+        scripted = turns.count()
+        assert scripted >= 2 and scripted % 2 == 0, conversation.inner_text()
+        conversation.scroll_into_view_if_needed()
+        # every state of the panel's streaming area (the widget under the history) while the reply comes in
+        conversation.evaluate("""(box) => {
+            const current = box.querySelectorAll('.widget-vbox > .widget-html')[1];
+            window.streamed = [];
+            new MutationObserver(() => window.streamed.push(current.innerText))
+                .observe(current, {subtree: true, childList: true, characterData: true});
+        }""")
+        page.locator(".jupyter-widgets textarea").fill(question)
+        send = page.locator('button[title="发送 send"]')
+        send.click()
+        _wait_until(lambda: turns.count() == scripted + 2 and send.is_enabled(), 120, "the reply in the panel")
+        message = turns.nth(scripted).inner_text()
+        reply = turns.nth(scripted + 1).locator("div").first.inner_text().strip()  # the reply under 模型 · model
+        streamed = [s for s in page.evaluate("window.streamed") if q["question"] in s]
+        status = page.locator(".widget-hbox", has=send).locator(".widget-html-content").inner_text()
+        # a reader sees the newest turn without scrolling: the conversation box keeps its end in view
+        in_view = conversation.evaluate("""(box) => {
+            const last = box.querySelector('.widget-html-content').lastElementChild.getBoundingClientRect();
+            const shown = box.getBoundingClientRect();
+            return last.top >= shown.top - 1 && last.bottom <= shown.bottom + 1;
+        }""")
+        page.locator(".jupyter-widgets textarea").scroll_into_view_if_needed()
+        page.screenshot(path=shots / "09_jupyterlab.png")
+        body = page.locator("body").inner_text()
+        failed_cells = tracebacks.count()
+        browser.close()
+    assert "Error displaying widget" not in body and not failed_cells
+    assert q["question"] in message and reply and reply != "…", (message, reply, status)
+    assert re.fullmatch(r"\d+ pieces in [\d.]+ s", status), status
+    # while it streamed, the panel showed the message and part of the reply (render_reply's "…" is no text yet)
+    partial = [s.split("模型 · model")[-1].strip() for s in streamed]
+    assert any(text not in ("", "…") for text in partial), f"the reply did not stream into the panel: {streamed}"
+    assert in_view, "the newest reply is out of the conversation box's view: it did not scroll to it"
+    assert not elsewhere, f"requests that left the machine: {elsewhere}"  # ipywidgets' code comes from the server
+    assert not failed, f"requests that failed: {failed}"
+    assert not lab.left, f"processes left running after JupyterLab stopped: {lab.left}"
+    # the kernel wrote into this project's outputs/ (MEDQA_ROOT): config.setup's manifest
+    assert (project / "outputs" / "smoke" / "manifest.json").stat().st_mtime >= started
+    assert (shots / "09_jupyterlab.png").stat().st_size > 10_000
