@@ -8,11 +8,18 @@
 #                                   --from 06 resumes at 06, --only 09 runs just 09
 #   ./run_all.sh test [PYTEST ARGS] run the test suite (installs the Debian package
 #                                   chromium for the browser test when it is missing)
+#   ./run_all.sh exec COMMAND [ARGS]
+#                                   run COMMAND in this project's environment (.venv or
+#                                   .conda, activated), in the folder you typed it in:
+#                                   ./run_all.sh exec jupyter lab notebooks/
 #
 # Setup is idempotent: it makes ./.venv (python -m venv), or ./.conda when conda is
-# on PATH (python 3.11 + pip, as in environment.yml), installs this project into it
-# with pip, and reinstalls only when pyproject.toml changed. On a machine without
-# CUDA it pins torch==2.13.0 (CPU build). MEDQA_USE_VENV=1 ignores conda;
+# on PATH (environment.yml's conda packages: python 3.11, pip, cxx-compiler), installs
+# this project into it with pip (environment.yml's extras), and reinstalls only when
+# pyproject.toml changed. Without a C++ compiler it leaves out the gguf extra (llama.cpp),
+# says what that turns off, and goes on. On a machine without CUDA it installs torch 2.13.0, the version
+# this project is tested with, as the CPU build from PyTorch's CPU index (Linux), else
+# from pip's configured index. MEDQA_USE_VENV=1 ignores conda;
 # MEDQA_SKIP_SETUP=1 uses the environment as it is (no install, e.g. offline). Where
 # nvidia-smi sees a GPU, the gpu extra (vLLM) is installed too, and PyTorch must see the GPU:
 # else the script stops and says which driver is needed (MEDQA_ALLOW_CPU=1 goes on anyway).
@@ -25,6 +32,12 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TEMPLATE="$ROOT/lib/medqa_zh/report.html.j2"  # JupyterLab's HTML, without a require.js fetched from a CDN
 GPU_LOCK="$ROOT/requirements/gpu-linux-py311.txt"  # what the gpu extra resolves to (constraints on CUDA machines)
+# torch on a machine without CUDA: the release this project is tested with (the public index serves newer ones,
+# 2.15 today, never run here), as PyTorch's CPU build: PyPI's Linux wheel is the CUDA one, with GBs of nvidia-* wheels
+TORCH_VERSION=2.13.0
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+CONDA_PACKAGES=(python=3.11 pip cxx-compiler)  # environment.yml's dependencies, from conda-forge (a test compares)
+CALLER_DIR=$PWD  # `exec` runs its command here
 # paths in MEDQA_DIR / MEDQA_BASE_MODEL are relative to where you typed the command
 for var in MEDQA_DIR MEDQA_BASE_MODEL; do
     if [ -n "${!var:-}" ] && [ -d "${!var}" ]; then export "$var=$(cd "${!var}" && pwd)"; fi
@@ -38,6 +51,34 @@ die() { printf '\033[1;31m[run_all] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 # --------------------------------------------------------------------------- setup
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+# a C++ compiler that pip's cmake build of llama-cpp-python finds: $CXX, else c++, g++ or clang++ on PATH
+has_cxx() { local c; for c in ${CXX:+"$CXX"} c++ g++ clang++; do command -v "$c" >/dev/null 2>&1 && return 0; done; return 1; }
+
+# in ./.conda, what `conda activate` does: PATH, CONDA_PREFIX, and the packages' activation scripts
+# (cxx-compiler's sets CXX/CC to conda's compiler, which pip's build of llama.cpp then uses)
+conda_activate() {
+    [ "$1" = "$ROOT/.conda" ] || return 0
+    local code
+    code=$(conda shell.bash activate "$1") || die "conda could not activate $1 (conda shell.bash activate $1)"
+    set +eu; eval "$code"; set -eu  # activation scripts are not written for set -eu
+}
+
+# torch $TORCH_VERSION on a machine without CUDA, before the project (whose `torch>=2.4` it then satisfies). Linux:
+# the +cpu build from PyTorch's CPU index, where that index answers within 5 s; else (an offline mirror, a firewall)
+# torch==$TORCH_VERSION from pip's configured index, which must carry it. macOS and Windows: PyPI's torch is the CPU build.
+install_cpu_torch() {
+    local probe='import sys, urllib.request as u; u.urlopen(u.Request(sys.argv[1], method="HEAD"), timeout=5)'
+    if [ "$(uname -s)" != Linux ]; then
+        log "torch==$TORCH_VERSION from pip's configured index (off Linux, PyPI's torch is the CPU build)"
+    elif "$PY" -c "$probe" "$TORCH_CPU_INDEX/torch/" >/dev/null 2>&1; then
+        log "torch==$TORCH_VERSION+cpu from PyTorch's CPU index ($TORCH_CPU_INDEX)"
+        "$PY" -m pip install --quiet "torch==$TORCH_VERSION+cpu" --index-url "$TORCH_CPU_INDEX" && return 0
+        log "that failed: torch==$TORCH_VERSION from pip's configured index instead (from public PyPI: the CUDA build, GBs)"
+    else
+        log "torch==$TORCH_VERSION from pip's configured index: PyTorch's CPU index ($TORCH_CPU_INDEX) cannot be reached (from public PyPI: the CUDA build, GBs)"
+    fi
+    "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+}
 
 setup() {
     local t0=$SECONDS extras="dev,gguf,watch" env_dir stamp want constraints=()
@@ -47,11 +88,12 @@ setup() {
     export PATH="$env_dir/bin:$PATH"
     if [ "${MEDQA_SKIP_SETUP:-0}" = 1 ]; then
         [ -x "$PY" ] || die "MEDQA_SKIP_SETUP=1 but there is no environment at $env_dir: run once without it"
+        conda_activate "$env_dir"
         return 0
     fi
     if [ ! -x "$PY" ] && [ "$env_dir" = "$ROOT/.conda" ]; then
-        log "creating conda environment in $env_dir (python 3.11 + pip)"
-        conda create --quiet --yes --prefix "$env_dir" python=3.11 pip
+        log "creating conda environment in $env_dir (${CONDA_PACKAGES[*]}, from conda-forge, as environment.yml)"
+        conda create --quiet --yes --prefix "$env_dir" -c conda-forge "${CONDA_PACKAGES[@]}"
     elif [ ! -x "$PY" ]; then
         local py=${PYTHON:-python3}
         command -v "$py" >/dev/null 2>&1 || die "no $py on PATH: install Python 3.11 (or set PYTHON=/path/to/python3)"
@@ -60,6 +102,12 @@ setup() {
         log "creating virtual environment in $env_dir ($($py --version 2>&1))"
         "$py" -m venv "$env_dir"
     fi
+    conda_activate "$env_dir"
+    # the gguf extra builds llama.cpp from source (llama-cpp-python), with a C++ compiler (cmake comes from PyPI;
+    # conda's cxx-compiler sets CXX when activated). Without one, everything else is installed, and the stamp's
+    # extras say so: a later run that finds a compiler adds the gguf extra
+    local gguf=yes
+    if ! has_cxx; then gguf=no; extras=${extras/gguf,/}; fi
 
     stamp="$env_dir/.medqa-installed"
     want="$(cksum < pyproject.toml) extras=$extras"
@@ -75,17 +123,16 @@ setup() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    # the gguf extra builds llama.cpp from source (llama-cpp-python): it needs a C++ compiler (cmake comes from PyPI)
-    command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 \
-        || die "no C++ compiler on PATH: the gguf extra builds llama.cpp from source. Install one (Debian/Ubuntu: sudo apt install g++ cmake; conda: conda install -c conda-forge cxx-compiler)"
-    log "installing the project and its dependencies into $env_dir (extras: $extras; building llama.cpp takes a few minutes the first time)"
-    "$PY" -m pip install --quiet --upgrade pip
-    if ! has_cuda; then
-        # the CPU build; a plain `torch` requirement would pull GBs of CUDA wheels
-        "$PY" -m pip install --quiet "torch==2.13.0"
+    if [ $gguf = no ]; then
+        log "no C++ compiler (\$CXX, c++, g++ or clang++): installing without the gguf extra (llama-cpp-python builds llama.cpp from source), which turns off 04's GGUF export and its proofs, 07's llama.cpp evaluation and serve.backend llamacpp. To have them: install a compiler (Debian/Ubuntu: sudo apt install g++; conda: conda install -c conda-forge cxx-compiler), then ./run_all.sh again"
     fi
+    log "installing the project and its dependencies into $env_dir (extras: $extras$([ $gguf = no ] || echo '; building llama.cpp takes a few minutes the first time'))"
+    "$PY" -m pip install --quiet --upgrade pip
+    if ! has_cuda; then install_cpu_torch; fi
     "$PY" -m pip install --quiet -e ".[$extras]" ${constraints[@]+"${constraints[@]}"}
-    "$PY" -m medqa_zh.export install-tools  # llama.cpp's converter, from the same release's source (04)
+    if [ $gguf = yes ]; then
+        "$PY" -m medqa_zh.export install-tools  # llama.cpp's converter, from the same release's source (04)
+    fi
     "$PY" -m ipykernel install --sys-prefix --name medqa-zh --display-name "Python (medqa-zh)" >/dev/null
     echo "$want" > "$stamp"
     log "setup done in $((SECONDS - t0)) s"
@@ -168,6 +215,9 @@ ensure_chromium() {
 # --------------------------------------------------------------------------- main
 cmd=run; profile=${MEDQA_PROFILE:-smoke}; from=""; only=""
 if [ "${1:-}" = test ]; then cmd=test; shift
+elif [ "${1:-}" = exec ]; then
+    cmd=exec; shift
+    [ $# -gt 0 ] || die "exec needs a command, e.g. ./run_all.sh exec python -m medqa_zh.serve --help"
 else
     while [ $# -gt 0 ]; do
         case $1 in
@@ -188,8 +238,10 @@ if [ $cmd = run ] && [ ! -f "profiles/$profile.yaml" ]; then
 fi
 if [ -n "$from" ] && [ -n "$only" ]; then die "--from and --only do not go together"; fi
 setup
-check_gpu
+# exec skips the GPU check: it is also how you repair the environment (e.g. a torch built for your driver)
+[ $cmd = exec ] || check_gpu
 case $cmd in
     test) ensure_chromium; exec "$PY" -m pytest "$@" ;;
     run) run_notebooks "$profile" "$from" "$only" ;;
+    exec) cd "$CALLER_DIR" && exec "$@" ;;
 esac

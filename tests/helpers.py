@@ -101,3 +101,17 @@ def same_points(seen, expected):
     """The same steps, and the same values to float32's precision (an event file's)."""
     assert [s for s, _ in seen] == [s for s, _ in expected]
     assert [v for _, v in seen] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+# the documented way to stop an import: None in sys.modules (`import llama_cpp` then raises ModuleNotFoundError,
+# importlib.util.find_spec("llama_cpp") returns None), as in an environment without llama-cpp-python
+HIDE_LLAMA_CPP = 'import sys\nsys.modules["llama_cpp"] = None  # tests/helpers.py: as without llama-cpp-python\n'
+
+
+def without_llama_cpp(folder: Path) -> dict:
+    """The environment variables under which every Python process (a notebook's kernel, its children) finds no
+    ``llama_cpp``, as on a machine where ``./run_all.sh`` left the gguf extra out (no C++ compiler), though it is
+    installed here: a ``sitecustomize.py`` in ``folder``, first on PYTHONPATH, that stops the import."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(HIDE_LLAMA_CPP, encoding="utf-8")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
