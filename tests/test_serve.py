@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import server_processes
+from helpers import server_processes, without_llama_cpp
 from medqa_zh import evaluate, results, serve
 
 pytestmark = pytest.mark.slow
@@ -256,6 +256,28 @@ def test_cli_names_a_missing_folder_in_one_line(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert cli.returncode == 2 and cli.stderr.strip().startswith("error: no model folder at"), cli.stderr
         assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_the_llamacpp_backend_without_llama_cpp_names_the_package_and_the_fix(tmp_path, monkeypatch):
+    """As where ./run_all.sh found no C++ compiler: llama.cpp is what is missing, said first (before the GGUF is
+    looked for: without llama.cpp, 04 made none), in one line from the command line."""
+    gguf = tmp_path / "merged-q8_0.gguf"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "llama_cpp", None)  # the import stopped, as without llama-cpp-python
+        with pytest.raises(serve.ServerError, match=r"^serve backend llamacpp: llama.cpp is not installed") as e:
+            serve.start(gguf, backend="llamacpp")
+    for fix in ("llama-cpp-python", "sudo apt install g++", "conda install -c conda-forge cxx-compiler", "./run_all.sh again"):
+        assert fix in str(e.value), fix
+    env = {**os.environ, **without_llama_cpp(tmp_path / "no-llama-cpp")}
+    cli = subprocess.run([sys.executable, "-m", "medqa_zh.serve", str(gguf)], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)  # a .gguf: the llamacpp backend
+    assert cli.returncode == 2 and cli.stderr.startswith(f"error: {e.value}"), cli.stderr
+    assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    # with llama.cpp (installed here), the same call gets past it to the file
+    from medqa_zh import export
+
+    with pytest.raises(export.ExportError, match="no GGUF at .*merged-q8_0.gguf"):
+        serve.start(gguf, backend="llamacpp")
 
 
 def test_the_server_dies_with_the_process_that_started_it(tiny, tmp_path):

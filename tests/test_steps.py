@@ -1,4 +1,6 @@
 """steps: a switch set to off turns its step off, says which setting did, and leaves no earlier run's files."""
+import sys
+
 import pytest
 
 from medqa_zh import config, steps
@@ -99,3 +101,49 @@ def test_the_report_says_how_many_steps_were_off(project):
     # the note carries the table: each step off, in full, with its setting
     note = report.steps_note(one)
     assert "| notebook | step | off because |" in note and "train.curve_questions is 0" in note
+
+
+GET_IT = ("llama-cpp-python", "sudo apt install g++", "conda install -c conda-forge cxx-compiler", "./run_all.sh again")
+
+
+def test_without_llama_cpp_its_steps_are_off_and_say_which_package_and_how_to_get_it(project, monkeypatch, capsys):
+    """As where ./run_all.sh found no C++ compiler and left the gguf extra out: the import stopped, as it fails
+    without the package (find_spec is None), not a switch of the test's own."""
+    from medqa_zh import export, report
+
+    assert export.llama_cpp_missing() is None  # installed here
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    why = export.llama_cpp_missing()
+    assert why.startswith("llama.cpp is not installed") and all(s in why for s in GET_IT), why
+    cfg = config.load("smoke")  # every setting on: only the environment turns these off
+    off = {name: steps.off(cfg, name) for name in steps.NAMES if steps.off(cfg, name)}
+    assert off == {"gguf": why, "gguf_quantization": why, "gguf_api": why}
+    assert steps.evaluation_off(cfg, "api@llamacpp-q8_0") == why and steps.evaluation_off(cfg, "api") is None
+    # a setting that turns a step off is named first: it would be off with llama.cpp too
+    assert "gguf.export is false" in steps.off(config.load("smoke", {"gguf.export": False}), "gguf")
+    # 04 and 07: one line, and no earlier run's table; 10: the reason in its table of steps that are off
+    stale = cfg.out / "tables" / "04_gguf_template.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("case\n")
+    assert steps.skip(cfg, "gguf") is True
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"skipped: {steps.step('gguf').what}: llama.cpp is not installed") and "\n" not in line
+    assert line.endswith("removed an earlier run's tables/04_gguf_template.csv") and not stale.exists()
+    note = report.steps_note(steps.table(cfg))
+    assert "**3 steps are off" in note and "what this environment lacks" in note and note.count(why) == 3
+    # 04's export makes no file and says why; the tools' installer stops with the same reason, in one line
+    assert export.export_models(cfg).empty and capsys.readouterr().out == f"no GGUF files are made: {why}\n"
+    with pytest.raises(SystemExit) as stop:
+        export.main(["install-tools"])
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {why}\n"
+    with pytest.raises(export.ExportError, match="llama.cpp is not installed"):
+        export.llama_cpp_version()
+
+
+def test_serving_the_gguf_without_llama_cpp_stops_when_the_profile_loads(project, monkeypatch):
+    config.load("smoke", {"serve.backend": "llamacpp"})  # llama.cpp installed: fine
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ValueError, match=r"serve.backend is llamacpp, but llama.cpp is not installed") as e:
+        config.load("smoke", {"serve.backend": "llamacpp"})
+    assert all(s in str(e.value) for s in GET_IT) and "serve.backend: auto" in str(e.value)
+    config.load("smoke")  # the transformers backend: llama.cpp not needed

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -60,15 +61,31 @@ QWEN2_PRE_TOKENIZER = {
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
     ],
 }
-EXTRA = "pip install -e '.[gguf]' && python -m medqa_zh.export install-tools (./run_all.sh does both)"
+INSTALL = "pip install -e '.[gguf]' && python -m medqa_zh.export install-tools"
+EXTRA = f"{INSTALL} (./run_all.sh does both)"
+# where llama.cpp is missing: ./run_all.sh installs the gguf extra only where it finds a C++ compiler to build it with
+GET_LLAMA_CPP = ("install a C++ compiler (Debian/Ubuntu: sudo apt install g++; conda: conda install -c conda-forge "
+                 f"cxx-compiler), then run ./run_all.sh again (by hand: {INSTALL})")
 
 
 class ExportError(RuntimeError):
     """The tools are missing, the converter or quantizer failed, or a GGUF file is not whole."""
 
 
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot run in this environment, or None: its Python package ``llama_cpp`` (llama-cpp-python,
+    the ``gguf`` extra, which ``./run_all.sh`` leaves out on a machine without a C++ compiler) is not importable.
+    The one test that 04's and 07's steps (``steps``), ``serve``'s llamacpp backend and the profile check share."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (f"llama.cpp is not installed (the package llama-cpp-python, the gguf extra, is not in {sys.prefix}): "
+                + GET_LLAMA_CPP)
+    return None
+
+
 def llama_cpp_version() -> str:
     """The installed llama-cpp-python's version; an error naming the fix when it is not installed."""
+    if why := llama_cpp_missing():
+        raise ExportError(why)
     try:
         return importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
@@ -148,9 +165,13 @@ def export_models(cfg, progress: bool = True):
     quantizer's output go to ``logs/``. A file whose stamp (``<file>.json``: the model's fingerprint, llama.cpp's
     version) matches is kept, so a rerun redoes only what changed. Returns a table: model, quantization, file,
     MiB, bits per weight, whether it was made now (else kept), seconds."""
+    columns = ["model", "quantization", "file", "MiB", "bits per weight", "made now", "seconds"]
     if not cfg["gguf.export"]:
         print("gguf.export is false: no GGUF files are made (serve.backend llamacpp needs them)")
-        return pd.DataFrame(columns=["model", "quantization", "file", "MiB", "bits per weight", "made now", "seconds"])
+        return pd.DataFrame(columns=columns)
+    if why := llama_cpp_missing():
+        print(f"no GGUF files are made: {why}")
+        return pd.DataFrame(columns=columns)
     quantizations = list(cfg["gguf.quantizations"])
     if quantizations[:1] != ["f16"] or not set(quantizations) <= set(QUANTIZATIONS):
         raise ValueError(f"gguf.quantizations must start with f16 (the others are made from it) and hold only "

@@ -767,8 +767,9 @@ def steps_note(off) -> str:
     """10's note on the steps a profile turns off (``off``: :func:`steps.table`), markdown: how many, and the table."""
     if not len(off):
         return "**Every step of the series is on** in this profile: nothing below is missing by choice."
-    return (f"**{len(off)} step{'s are' if len(off) > 1 else ' is'} off in this profile** (the setting named beside "
-            "each turns it on): their results are missing below by choice, not by failure.\n\n" + markdown_table(off))
+    return (f"**{len(off)} step{'s are' if len(off) > 1 else ' is'} off in this profile** (beside each: the setting that "
+            "turns it on, or what this environment lacks, such as llama.cpp): their results are missing below by choice "
+            "or for want of a tool, not by failure.\n\n" + markdown_table(off))
 
 
 def markdown_table(table, digits: int = 3) -> str:

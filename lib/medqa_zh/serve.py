@@ -341,8 +341,9 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     if backend == "llamacpp":
         from . import export  # the GGUF checks; only for this backend
 
+        if why := export.llama_cpp_missing():  # no runtime (a machine without a C++ compiler): say so, not a traceback
+            raise ServerError(f"serve backend llamacpp: {why}")
         export.check_file(model_dir)  # a GGUF, whole
-        export.llama_cpp_version()    # and the runtime installed
         model_dir = str(Path(model_dir).expanduser().resolve())
     else:
         model_dir = models.fetch(model_dir, "the served model")  # a ModelScope id: its local folder
@@ -353,8 +354,9 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
         _check_vllm()
     on = "cuda" if backend == "vllm" else "cpu" if backend == "llamacpp" else models.best_device(device or "auto")
     served_dtype = models.inference_dtype(dtype, on)
-    if served_dtype != dtype and models.DTYPES.get(dtype) != served_dtype and not quiet:
-        print(f"dtype {dtype} served as {served_dtype}: this GPU has no native bfloat16 (compute capability below 8.0)")
+    if backend != "llamacpp" and not quiet and (models.DTYPES.get(dtype) != served_dtype  # auto, or bf16 on a T4
+                                                or models.emulated_bf16(dtype, on)):  # bf16 on a CPU without it
+        print(models.dtype_line(dtype, on))
     if host not in LOCAL_HOSTS and not api_key:
         api_key = secrets.token_urlsafe(24)
         print(f"binding {host} makes the server reachable from the network, so it needs an API key; "

@@ -2,7 +2,9 @@
 
 Each optional step of the series (a learning curve, the GGUF export, the debiased readings, ...) is
 turned on by a setting of ``profiles/base.yaml``: a switch (``gguf.export: false``), an empty list
-(``rag.models: []``) or a 0 (``train.curve_questions: 0``). Where a step is off, its notebook calls
+(``rag.models: []``) or a 0 (``train.curve_questions: 0``); the steps that run llama.cpp (04's GGUF export, 07's
+evaluation through llama.cpp's server) are off, too, where llama.cpp is not installed (``export.llama_cpp_missing``:
+``./run_all.sh`` leaves it out on a machine without a C++ compiler). Where a step is off, its notebook calls
 :func:`skip`: it says in one line which setting turned it off, and deletes the files an earlier run
 of the step left (a table or figure of another run must not read as this run's). The later
 notebooks carry on without its outputs; 10 lists every step that was off (:func:`table`), and
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from . import export
 
 
 def _false(key: str):
@@ -34,6 +38,10 @@ def _step(name: str):
     return lambda cfg: off(cfg, name)
 
 
+def _llama_cpp(cfg):
+    return export.llama_cpp_missing()  # not a setting: what this environment lacks, and how to get it
+
+
 @dataclass(frozen=True)
 class Step:
     notebook: str               # where it runs: "04"
@@ -43,7 +51,7 @@ class Step:
 
 
 GENERATED = _zero("eval.generate_questions", "null turns it on for every eval question, a number N for the first N")
-GGUF = (_false("gguf.export"), _names("gguf.models", "merged"))
+GGUF = (_false("gguf.export"), _names("gguf.models", "merged"), _llama_cpp)
 
 # every step a profile can turn off, in the order of the series
 STEPS = {
@@ -62,7 +70,8 @@ STEPS = {
     "api": Step("07", "the evaluation over the HTTP API", ("tables/07_api.csv", "tables/07_agreement.csv"),
                 (_empty("eval.api_models", "models, e.g. [merged],"), GENERATED)),
     "gguf_api": Step("07", "the API evaluation through llama.cpp's server (the GGUF)", ("tables/07_gguf_api.csv",),
-                     (_false("gguf.export"), _empty("gguf.api_models", "models, e.g. [merged],"), _step("api"))),
+                     (_false("gguf.export"), _empty("gguf.api_models", "models, e.g. [merged],"), _step("api"),
+                      _llama_cpp)),
     "rag": Step("08", "the API evaluation with passages", ("tables/08_rag.csv", "figures/08_rag_accuracy.png"),
                 (_empty("rag.models", "models, e.g. [merged],"), GENERATED)),
     "rag_rotations": Step("08", "the debiased readings with passages",
