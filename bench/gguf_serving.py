@@ -52,14 +52,14 @@ def main(argv=None) -> None:
     if folder is None:
         sys.exit(f"no {a.model} model in {cfg.out / 'models'}: run the series first (./run_all.sh --profile {a.profile})")
     questions = (data.read_questions(a.questions_file)[0] if a.questions_file else data.eval_questions(cfg))[: a.questions]
-    servers = [("transformers", cfg["model.dtype"], folder)]
+    servers = [("transformers", models.eval_dtype(cfg), folder)]  # model.dtype resolved (auto: this machine's)
     for q in export.QUANTIZATIONS:
         path = export.gguf_path(a.gguf_dir or export.folder(cfg), a.model, q)
         export.check_file(path)  # an error naming the file when 04 has not exported it
         servers.append(("llamacpp", q, str(path)))
     rows, answers = [], {}
     for backend, precision, location in servers:
-        settings = {"backend": backend, "dtype": cfg["model.dtype"], "n_ctx": cfg["gguf.n_ctx"],
+        settings = {"backend": backend, "dtype": servers[0][1], "n_ctx": cfg["gguf.n_ctx"],
                     "extra_buffers": cfg["gguf.extra_buffers"], "startup_timeout": cfg["serve.startup_timeout"],
                     "max_queue": cfg["serve.max_queue"], "request_timeout": cfg["serve.request_timeout"], "quiet": True}
         with serve.serve(location, **settings) as server:

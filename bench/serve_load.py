@@ -175,10 +175,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the tally as JSON")
     opts = parser.parse_args(argv)
 
-    from medqa_zh import config, serve
+    from medqa_zh import config, models, serve
 
     cfg = config.load(opts.profile)
-    dtype = opts.dtype or cfg["model.dtype"]
+    dtype = opts.dtype or models.eval_dtype(cfg)  # the profile's model.dtype as this machine runs it
     settings = {key: cfg[f"serve.{key}"] for key in ("max_queue", "request_timeout", "max_model_len", "startup_timeout")}
     print(f"serving {opts.model_dir} ({opts.backend}, {dtype}; max_queue {settings['max_queue']}, request_timeout "
           f"{settings['request_timeout']} s); {opts.clients} clients for {opts.seconds:.0f} s ...", flush=True)

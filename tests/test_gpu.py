@@ -69,11 +69,21 @@ def test_bf16_becomes_fp16_below_ampere_for_serving_evaluation_and_training(fake
     assert models.training_precision("fp16", "cuda") == "fp16"
 
 
+@pytest.mark.parametrize("card, dtype, precision", [(A100, "bfloat16", "bf16"), (T4, "float16", "fp16")])
+def test_auto_dtype_is_bf16_on_a_gpu_that_has_it_else_fp16(fake_gpu, card, dtype, precision):
+    fake_gpu(card)
+    assert models.inference_dtype("auto", "cuda") == dtype
+    assert models.training_precision("auto", "cuda") == precision  # the same detection decides both
+    assert models.dtype_line("auto", "cuda").startswith(f"model.dtype auto → {dtype} (this GPU ")
+    assert models.inference_dtype("float32", "cuda") == "float32"  # an explicit dtype is taken as given
+    assert not models.emulated_bf16("bfloat16", "cuda")
+
+
 def test_the_manifest_and_the_report_say_what_this_machine_chose(project, fake_gpu):
     fake_gpu(T4, count=2)
     cfg = config.load("gpu")
     manifest = json.loads(config.write_manifest(cfg).read_text(encoding="utf-8"))
-    assert manifest["runtime"] == {"device": "cuda", "model_dtype": "bfloat16", "eval_dtype": "float16",
+    assert manifest["runtime"] == {"device": "cuda", "model_dtype": "auto", "eval_dtype": "float16",
                                    "train_precision": "fp16", "gpu": "Tesla T4", "compute_capability": "7.5",
                                    "bf16_native": False}
     line = report.device_line(manifest["torch_device"], manifest["runtime"])
@@ -121,10 +131,11 @@ def test_in_process_evaluation_runs_on_the_gpu(project, fake_gpu, loads, card, d
     assert loads == [{"name": cfg.base_model, "dtype": dtype, "device": "cuda"}]
 
 
-def test_in_process_evaluation_follows_model_device(project, fake_gpu, loads):
+def test_in_process_evaluation_follows_model_device(project, fake_gpu, loads, monkeypatch):
     fake_gpu(A100)
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)  # auto: the CPU's choice, not the GPU's
     models.load_for_eval(config.load("gpu", {"model.device": "cpu"}), "base")
-    assert loads[0]["device"] == "cpu" and loads[0]["dtype"] == "bfloat16"
+    assert loads[0]["device"] == "cpu" and loads[0]["dtype"] == "float32"
 
 
 def test_the_embedder_runs_on_the_gpu(fake_gpu, monkeypatch):

@@ -366,19 +366,62 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def bf16_native(device: str) -> bool:
+    """True when ``device`` computes bfloat16 in hardware: a GPU of compute capability 8.0+
+    (:func:`cuda_bf16_native`) or a CPU with AVX-512 BF16 or AMX (:func:`cpu_supports_bf16`). The one
+    test behind both ``auto`` settings, ``model.dtype`` (:func:`inference_dtype`) and ``train.precision``
+    (:func:`training_precision`)."""
+    return cuda_bf16_native(device) if device.startswith("cuda") else cpu_supports_bf16()
+
+
 def inference_dtype(requested: str, device: str) -> str:
-    """The dtype to load or serve a model in for ``model.dtype`` on ``device``: as asked, except that
-    bfloat16 becomes float16 on a GPU without native bf16 (T4, V100), where vLLM refuses bfloat16
-    and PyTorch would emulate it. ``auto`` is left to the loader (the weights' own dtype)."""
+    """The dtype to load or serve a model in for ``model.dtype`` on ``device``, always a concrete one.
+
+    ``auto``: bfloat16 where ``device`` computes it natively (:func:`bf16_native`), else float16 on a
+    GPU (T4, V100) and float32 on a CPU (emulated bf16 there is several times slower than float32:
+    docs/results-cpu.md). An explicit dtype is taken as given, except that bfloat16 becomes float16
+    on a GPU without native bf16, where vLLM refuses bfloat16 and PyTorch would emulate it
+    (:func:`dtype_line` says what was chosen and why)."""
     name = str(requested)
     if name == "auto":
-        return name
+        if bf16_native(device):
+            return "bfloat16"
+        return "float16" if device.startswith("cuda") else "float32"
     name = DTYPES.get(name)
     if name is None:
         raise ValueError(f"unknown dtype {requested!r}; use one of {', '.join(sorted(set(DTYPES.values())))} or auto")
     if name == "bfloat16" and device.startswith("cuda") and not cuda_bf16_native(device):
         return "float16"
     return name
+
+
+def emulated_bf16(requested: str, device: str) -> bool:
+    """True when ``model.dtype = requested`` computes in bfloat16 on a CPU without native bf16 (only an
+    explicit bfloat16 does: ``auto`` picks float32 there), which PyTorch emulates, several times slower."""
+    return (inference_dtype(requested, device) == "bfloat16" and not device.startswith("cuda")
+            and not cpu_supports_bf16())
+
+
+def dtype_line(requested: str, device: str) -> str:
+    """One line saying which dtype ``model.dtype = requested`` gives on ``device``, and why: what the
+    evaluation notebooks print. For an explicit bfloat16 on a CPU without native bf16 (taken as given)
+    it says that this will be slow, and where the measurement is."""
+    chosen = inference_dtype(requested, device)
+    gpu = device.startswith("cuda")
+    native = bf16_native(device)
+    why = (("this GPU computes bf16 natively (compute capability 8.0+)" if native else
+            "this GPU has no native bf16 (compute capability below 8.0)") if gpu else
+           ("this CPU has native bf16 (AVX-512 BF16 or AMX)" if native else
+            "this CPU has no native bf16 (no AVX-512 BF16/AMX)"))
+    if str(requested) == "auto":
+        return f"model.dtype auto → {chosen} ({why})"
+    if chosen != DTYPES[str(requested)]:
+        return f"model.dtype {requested} → {chosen} ({why})"
+    if emulated_bf16(chosen, device):
+        return ("model.dtype bfloat16 on a CPU without native bf16 (no AVX-512 BF16/AMX): taken as given, but "
+                "PyTorch emulates bf16 here and letter scoring runs several times slower than in float32 "
+                "(measured: docs/results-cpu.md); model.dtype: auto picks float32 on this CPU")
+    return f"model.dtype {chosen} (as set)"
 
 
 def training_precision(requested: str = "auto", device: str | None = None) -> str:
@@ -397,27 +440,27 @@ def training_precision(requested: str = "auto", device: str | None = None) -> st
                          "on a CPU use auto, bf16 or fp32")
     if requested != "auto":
         return requested
-    if device.startswith("cuda"):
-        return "bf16" if cuda_bf16_native(device) else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+    if bf16_native(device):
+        return "bf16"
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 def runtime(cfg) -> dict:
-    """What this machine makes of the profile: the device, the training precision and the dtype
-    models are evaluated and served in (recorded in the manifest)."""
+    """What this machine makes of the profile: the device, whether it computes bf16 natively, the
+    training precision and the dtype models are evaluated and served in (recorded in the manifest:
+    ``model_dtype`` is the setting, ``auto`` included, ``eval_dtype`` what it resolved to)."""
     import torch
 
     device = best_device(cfg["model.device"])
     out = {"device": device, "model_dtype": cfg["model.dtype"],
-           "eval_dtype": inference_dtype(cfg["model.dtype"], device)}
+           "eval_dtype": inference_dtype(cfg["model.dtype"], device), "bf16_native": bf16_native(device)}
     try:
         out["train_precision"] = training_precision(cfg["train.precision"], device)
     except ValueError as e:  # fp16 on a CPU: training says so when it starts; other notebooks run
         out["train_precision"] = f"not possible here: {e}"
     if device.startswith("cuda"):
         major, minor = torch.cuda.get_device_capability(torch.device(device))
-        out.update(gpu=torch.cuda.get_device_name(torch.device(device)), compute_capability=f"{major}.{minor}",
-                   bf16_native=cuda_bf16_native(device))
+        out.update(gpu=torch.cuda.get_device_name(torch.device(device)), compute_capability=f"{major}.{minor}")
     return out
 
 
@@ -460,7 +503,9 @@ def eval_device(cfg) -> str:
 
 
 def eval_dtype(cfg) -> str:
-    """The profile's ``model.dtype`` as this machine runs it (bfloat16 becomes float16 on a T4 or V100)."""
+    """The profile's ``model.dtype`` as this machine runs it (:func:`inference_dtype`: ``auto`` resolved,
+    bfloat16 becomes float16 on a T4 or V100): what models are loaded in, and what
+    :func:`answers_fingerprint` keys cached answers by."""
     return inference_dtype(cfg["model.dtype"], eval_device(cfg))
 
 
