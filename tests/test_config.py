@@ -4,6 +4,7 @@ import os
 import pytest
 import yaml
 
+from helpers import REPO
 from medqa_zh import config
 
 
@@ -70,6 +71,20 @@ def test_unknown_setting_is_an_error_listing_known_ones(project):
         config.load("smoke", overrides={"data.splits": "dev"})
 
 
+def test_a_renamed_setting_is_an_error_naming_the_new_one(project):
+    """issue 44: train.gradient_checkpointing became train.activation_checkpointing (SFTConfig's name since
+    transformers 5); the old key, in a profile or an override, says which key to write instead."""
+    assert config.load("smoke")["train.activation_checkpointing"] is False
+    new = r"it was renamed: write 'train.activation_checkpointing'"
+    with pytest.raises(KeyError, match=r"no setting 'train.gradient_checkpointing'; " + new):
+        config.load("smoke", overrides={"train.gradient_checkpointing": True})
+    (project / "profiles" / "old.yaml").write_text("train:\n  gradient_checkpointing: true\n")
+    with pytest.raises(KeyError, match=r"old.yaml: 'train.gradient_checkpointing' is not a setting of "
+                                       r"profiles/base.yaml; " + new):
+        config.load("old")
+    assert config.load("smoke", overrides={"train.activation_checkpointing": True})["train.activation_checkpointing"]
+
+
 def test_unknown_profile_lists_the_known_ones(project):
     with pytest.raises(FileNotFoundError, match="known profiles: cpu, gpu, gpu-multi, smoke"):
         config.load("gpus")
@@ -127,3 +142,80 @@ def test_a_profile_holds_only_its_changes_to_the_base(project):
     with pytest.raises(FileNotFoundError, match="no profile 'base'") as e:
         config.load("base")
     assert "known profiles: cpu, flat, gpu, gpu-multi, smoke, typo" in str(e.value)
+
+
+# --------------------------------------------------------------------------- model.dtype: auto, on a CPU
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """``cpu_bf16(native)``: PyTorch sees no GPU, and this CPU has (True) or lacks (False) native bf16."""
+    import torch
+
+    from medqa_zh import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return lambda native: monkeypatch.setattr(models, "cpu_supports_bf16", lambda: native)
+
+
+@pytest.mark.parametrize("native, dtype, precision", [(False, "float32", "fp32"), (True, "bfloat16", "bf16")])
+def test_model_dtype_auto_follows_native_bf16_on_a_cpu_and_the_manifest_records_it(project, cpu_bf16, native, dtype,
+                                                                                    precision):
+    from medqa_zh import models
+
+    cpu_bf16(native)
+    cfg = config.load("cpu")  # the base's auto, which the cpu profile keeps
+    assert cfg["model.dtype"] == "auto" and models.eval_dtype(cfg) == dtype
+    assert models.training_precision("auto", "cpu") == precision  # train.precision: auto, the same detection
+    runtime = json.loads(config.write_manifest(cfg).read_text(encoding="utf-8"))["runtime"]
+    assert (runtime["model_dtype"], runtime["eval_dtype"], runtime["bf16_native"]) == ("auto", dtype, native)
+    assert models.dtype_line("auto", "cpu") == (f"model.dtype auto → {dtype} (this CPU has "
+                                                + ("native bf16 (AVX-512 BF16 or AMX))" if native else
+                                                   "no native bf16 (no AVX-512 BF16/AMX))"))
+
+
+def test_cached_answers_are_keyed_by_the_dtype_auto_resolved_to(project, cpu_bf16):
+    from medqa_zh import models
+
+    def fingerprint(**change):
+        return models.answers_fingerprint(config.load("cpu", change), "base")
+
+    cpu_bf16(False)
+    fp32 = fingerprint()
+    assert fp32 == fingerprint(**{"model.dtype": "float32"})
+    cpu_bf16(True)
+    assert fingerprint() == fingerprint(**{"model.dtype": "bfloat16"}) != fp32
+
+
+def test_an_explicit_dtype_is_taken_as_given_and_bf16_on_a_cpu_without_it_says_it_is_slow(project, cpu_bf16, tmp_path,
+                                                                                          monkeypatch, capsys):
+    from medqa_zh import models, serve
+
+    cpu_bf16(False)
+    assert models.eval_dtype(config.load("cpu", {"model.dtype": "bfloat16"})) == "bfloat16"
+    assert models.eval_dtype(config.load("smoke")) == "float32"  # smoke sets it
+    line = models.dtype_line("bfloat16", "cpu")
+    assert "\n" not in line and models.emulated_bf16("bfloat16", "cpu") and not models.emulated_bf16("auto", "cpu")
+    assert line.startswith("model.dtype bfloat16 on a CPU without native bf16 (no AVX-512 BF16/AMX): taken as given")
+    assert "slower than in float32" in line and "docs/results-cpu.md" in line
+    assert "bench/eval_dtype.py" in (REPO / "docs" / "results-cpu.md").read_text(encoding="utf-8")  # the cited measurement
+    assert models.dtype_line("float32", "cpu") == "model.dtype float32 (as set)"
+
+    class Exited:  # a server process that exits at once: what start printed before it is all that matters
+        pid, returncode = 999_999, 1
+
+        def __init__(self, cmd, **kwargs):
+            pass
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(serve.subprocess, "Popen", Exited)
+    (tmp_path / "config.json").write_text("{}")
+    auto = "model.dtype auto → float32 (this CPU has no native bf16 (no AVX-512 BF16/AMX))"
+    for dtype, said in (("bfloat16", line + "\n"), ("auto", auto + "\n"), ("float32", "")):  # the server says it too
+        with pytest.raises(serve.ServerError, match="exited with code 1"):
+            serve.start(str(tmp_path), backend="transformers", dtype=dtype, device="cpu")
+        assert capsys.readouterr().out == said
+    cpu_bf16(True)
+    assert models.dtype_line("bfloat16", "cpu") == "model.dtype bfloat16 (as set)"  # native: nothing to warn of

@@ -60,6 +60,34 @@ def test_missing_file_says_which_setting_to_fix(tmp_path):
         data.read_questions(tmp_path / "nope.jsonl")
 
 
+def test_missing_or_incomplete_medqa_names_the_files_their_source_and_their_place(tmp_path):
+    """issue 44: 01's error for a missing or incomplete MEDQA_DIR says which files it expected, where they come
+    from (MedQA's data_clean, linked from github.com/jind11/MedQA) and where they go (data/medqa/ or MEDQA_DIR)."""
+    qdir = tmp_path / "data_clean" / "questions" / "Mainland"
+    write_jsonl(qdir / "dev.jsonl", [row(question=f"题{i}") for i in range(4)])  # incomplete: no train.jsonl
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_splits(qdir, {"train": "train", "validation": "dev[:2]", "eval": "dev[2:]"})
+    said = str(e.value)
+    assert said.startswith("MedQA is missing or incomplete: the splits (data.splits) read dev.jsonl, train.jsonl "
+                           f"in {qdir}, and train.jsonl is not there. These files are MedQA's data_clean folder")
+    for part in ("MedQA's data_clean folder", "jind11/MedQA", "Google Drive", "data/medqa/", "MEDQA_DIR",
+                 "questions/Mainland/{train,dev,test}.jsonl", "textbooks/zh_paragraph/*.txt"):
+        assert part in said, part
+    with pytest.raises(FileNotFoundError, match=r"read test.jsonl, train.jsonl in .*nowhere/questions/Mainland, and "
+                                                "that folder does not exist"):
+        data.load_splits(tmp_path / "nowhere" / "questions" / "Mainland", {"train": "train", "eval": "test"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"read test.jsonl, train.jsonl in .*empty, and "
+                                                "test.jsonl, train.jsonl are not there"):
+        data.load_splits(tmp_path / "empty", {"train": "train", "eval": "test"})
+    with pytest.raises(FileNotFoundError) as e:
+        data.read_textbooks(tmp_path / "data_clean" / "textbooks" / "zh_paragraph")
+    assert "no *.txt textbooks" in str(e.value) and data.GET_MEDQA in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:
+        data.read_questions(qdir / "test.jsonl")
+    assert str(e.value) == f"{qdir / 'test.jsonl'}: no such file. {data.GET_MEDQA}"
+
+
 def test_valid_file_reads_in_order_with_line_ids_and_counts_blank_lines(tmp_path):
     path = write_jsonl(tmp_path / "dev.jsonl", [row(question="一"), "", "   ", row(question="二")])
     questions, report = data.read_questions(path)

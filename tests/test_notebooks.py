@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, processes_of, server_processes
+from helpers import REPO, processes_of, server_processes, without_llama_cpp
 from medqa_zh import export, merge, prompts, report, steps, tiny
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,11 @@ def _change_profile(root: Path, changes: dict) -> None:
     profile.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
-def _run_only(root: Path, name: str) -> dict:
-    """``./run_all.sh --only NN`` in the project at ``root``, as the README runs it; the executed notebook."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}
+def _run_only(root: Path, name: str, env: dict | None = None) -> dict:
+    """``./run_all.sh --only NN`` in the project at ``root``, as the README runs it (with the variables ``env``
+    added to this process's environment); the executed notebook."""
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}, **(env or {})}
     env.update(MEDQA_USE_VENV="1", MEDQA_SKIP_SETUP="1")
     proc = subprocess.run(["./run_all.sh", "--only", name[:2]], cwd=root, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -71,10 +72,11 @@ def _code_cell(nb, needle: str) -> int:
     return found[0]
 
 
-def _series(tmp_path_factory, changes: dict | None = None):
+def _series(tmp_path_factory, changes: dict | None = None, env: dict | None = None):
     """``run(name)`` runs the smoke series up to and including notebook ``name`` (each once, in order, with
     ``./run_all.sh --only NN`` in one throwaway copy of the project, whose smoke profile gets ``changes``: dotted
-    keys) and returns (project root, executed notebook). The wall time of each notebook is kept in ``run.seconds``."""
+    keys; ``env``: variables added to run_all.sh's environment, so to every kernel's) and returns (project root,
+    executed notebook). The wall time of each notebook is kept in ``run.seconds``."""
     if not (Path(sys.prefix) / "share" / "jupyter" / "kernels" / "medqa-zh").is_dir():
         pytest.skip("needs the environment that ./run_all.sh set up (run the tests with ./run_all.sh test)")
     root = tmp_path_factory.mktemp("series") / "project"
@@ -92,7 +94,7 @@ def _series(tmp_path_factory, changes: dict | None = None):
         for earlier in SERIES[: SERIES.index(name) + 1]:
             if earlier not in executed:
                 t0 = time.perf_counter()
-                executed[earlier] = _run_only(root, earlier)
+                executed[earlier] = _run_only(root, earlier, env)
                 run.seconds[earlier] = time.perf_counter() - t0
         return root, executed[name]
 
@@ -258,6 +260,7 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     project, nb = series("06_eval_direct")
     out = project / "outputs" / "smoke"
     said = _said(nb)  # one question, and one paired difference, by hand: each printed after its assert passed
+    assert "model.dtype float32 (as set)" in said.splitlines()  # models.dtype_line: smoke sets float32 (07, 08 too)
     for line in ("letter scores by hand = library", "every rotation averaged, by hand = library",
                  "PriDe, by hand = library", "McNemar p by hand = table", "Newcombe's 95% interval by hand = table"):
         assert line in said, line
@@ -346,6 +349,7 @@ def test_05_serves_a_model_and_answers_plain_and_streamed(series):
 def test_07_api_answers_match_direct_generation(series):
     project, nb = series("07_eval_api")
     out = project / "outputs" / "smoke"
+    assert "model.dtype float32 (as set)" in _said(nb).splitlines()  # models.dtype_line, one line
     # the asyncio client written out, asserted equal to evaluate.api_scorer on the same server (the line follows the
     # assert), and, greedy on the tiny float32 model with one request generating at a time, equal to section 1's cache
     assert ("base: 5 questions, the same letters and texts as evaluate.api_scorer's on this server; "
@@ -376,6 +380,7 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
     project, nb = series("08_eval_rag")
     out = project / "outputs" / "smoke"
     said = _said(nb)
+    assert "model.dtype float32 (as set)" in said.splitlines()  # models.dtype_line, one line
     # section 2: reciprocal rank fusion by hand, checked equal to the library's (the line follows the asserts)
     assert "fusion by hand == rag.reciprocal_rank_fusion: " in said and "== Retrieval.rank(..., 'hybrid', 5)" in said
     assert re.search(r"bm25 #\d+, dense #\d+", said) and re.search(r"1/\d+ \+ 1/\d+ = 0\.\d{5}", said)  # a fused score
@@ -562,7 +567,7 @@ def test_index_and_report_render_in_a_real_browser(series):
 # every step switch of the profile flipped from its smoke value, and every list (or count) that turns a step on
 # emptied, all at once (issue 38)
 SWITCHED_OFF = {
-    "train.shuffle_options": True, "train.gradient_checkpointing": True, "train.resume": False,
+    "train.shuffle_options": True, "train.activation_checkpointing": True, "train.resume": False,
     "train.curve_questions": 0, "gguf.export": False, "gguf.models": [], "gguf.evaluate": [], "gguf.api_models": [],
     "eval.rotations": False, "eval.generate_questions": 0, "eval.api_models": [], "rag.models": [],
 }
@@ -593,6 +598,39 @@ def test_the_series_runs_to_the_end_with_every_step_switched_off(tmp_path_factor
     assert (out / "reports" / "index.html").is_file()
 
 
+def test_the_series_runs_to_the_end_without_llama_cpp(tmp_path_factory):
+    """A machine where ./run_all.sh found no C++ compiler and left the gguf extra out: no kernel can import llama_cpp
+    (helpers.without_llama_cpp), every setting is on. 04 and 07 skip what needs llama.cpp, saying which package is
+    missing and how to get it; every other step runs; 10 lists the three and has every result but the GGUF's."""
+    run = _series(tmp_path_factory, env=without_llama_cpp(tmp_path_factory.mktemp("no-llama-cpp")))
+    try:
+        project, _ = run("10_report")
+    finally:
+        _report_seconds(run, "smoke series without llama.cpp")
+    out = project / "outputs" / "smoke"
+    said = {name[:2]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))) for name in SERIES}
+    need_llama = ("gguf", "gguf_quantization", "gguf_api")
+    for name in steps.NAMES:
+        step = steps.step(name)
+        line = next((line for line in said[step.notebook].splitlines() if line.startswith(f"skipped: {step.what}: ")), "")
+        if name in need_llama:
+            assert line.startswith(f"skipped: {step.what}: llama.cpp is not installed (the package llama-cpp-python"), line
+            assert all(s in line for s in ("sudo apt install g++", "conda install -c conda-forge cxx-compiler",
+                                           "./run_all.sh again")), line
+            assert not any((out / rel).exists() for rel in step.outputs), name
+        else:
+            assert line == "", line  # on, and not for want of llama.cpp
+    assert "no GGUF files are made: llama.cpp is not installed" in said["04"]
+    assert not list((out / "models").glob("gguf/*.gguf"))
+    assert "**3 steps are off in this profile**" in said["10"] and "what this environment lacks" in said["10"]
+    assert said["10"].count("llama.cpp is not installed") >= 3  # the reason beside each, in 10's table
+    with open(out / "tables" / "10_results.csv", encoding="utf-8") as f:
+        evaluations = {r["evaluation"] for r in csv.DictReader(f)}
+    assert {"letter", "generate", "api", "pride", "debiased", "api+rag bm25", "letter+rag bm25"} <= evaluations
+    assert not [e for e in evaluations if "llamacpp" in e]
+    assert (out / "reports" / "index.html").is_file()
+
+
 def test_steps_turned_off_after_a_run_leave_none_of_its_results(series, tmp_path):
     """A copy of the whole smoke run, then the switches that skip a step (not those of training) turned off and
     the notebooks they touch run again: no table, figure or answer of the earlier run is shown as this run's."""
@@ -603,7 +641,7 @@ def test_steps_turned_off_after_a_run_leave_none_of_its_results(series, tmp_path
     written = [rel for name in steps.NAMES for rel in steps.step(name).outputs if (out / rel).is_file()]
     written += ["tables/06_replication.csv", "tables/08_replication.csv"]  # no replication of a debiased reading now
     assert len(written) >= 17 and all((out / rel).is_file() for rel in written), written  # the run with every step on
-    off = {k: v for k, v in SWITCHED_OFF.items() if k not in ("train.shuffle_options", "train.gradient_checkpointing",
+    off = {k: v for k, v in SWITCHED_OFF.items() if k not in ("train.shuffle_options", "train.activation_checkpointing",
                                                                "train.resume")}
     # the base model where the run found it: a run is keyed by its base's path, and this is the same run
     _change_profile(root, {**off, "model.base": str(project / "outputs" / "smoke" / "assets" / "tiny-qwen2")})

@@ -271,9 +271,12 @@ def test_one_process_trains_on_one_gpu_however_many_are_visible(smoke, monkeypat
     from trl import SFTConfig
 
     monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 4))  # play a 4-GPU host
-    plain = SFTConfig(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    # activation_checkpointing named: trl's default sets the old gradient_checkpointing, which transformers 5 warns of
+    common = dict(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none",
+                  activation_checkpointing=False)
+    plain = SFTConfig(**common)
     assert plain.train_batch_size == 32  # the silent multiplication
-    args = train.OneDeviceConfig(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    args = train.OneDeviceConfig(**common)
     assert args.visible_gpus == 4 and args.n_gpu == 1 and args.train_batch_size == 8
     run = train.prepare(smoke(), "lora", out_dir=smoke().out / "models" / "guard-check")
     assert isinstance(run.trainer.args, train.OneDeviceConfig) and run.trainer.args.n_gpu == 1
@@ -308,7 +311,7 @@ def test_training_loss_falls_and_outputs_are_written(lora_run):
 def test_all_knobs_come_from_the_profile(smoke):
     cfg = smoke(**{"train.lora.r": 4, "train.lora.alpha": 12, "train.learning_rate": 0.02, "train.per_device_train_batch_size": 4,
                    "train.gradient_accumulation_steps": 2, "train.max_steps": 3, "train.precision": "fp32",
-                   "train.gradient_checkpointing": True})
+                   "train.activation_checkpointing": True})
     run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "knobs")
     args, lora = run.trainer.args, run.model.peft_config["default"]
     assert (lora.r, lora.lora_alpha) == (4, 12)
@@ -316,7 +319,7 @@ def test_all_knobs_come_from_the_profile(smoke):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (
         0.02, 4, 2, 3)
-    assert args.max_length == 512 and not args.bf16 and args.gradient_checkpointing
+    assert args.max_length == 512 and not args.bf16 and args.activation_checkpointing
     full = train.settings(cfg, "full")
     assert full["learning_rate"] == cfg["train.full.learning_rate"] and "lora" not in full
     assert full["max_steps"] == 3  # train.full.max_steps is null in smoke: the LoRA value holds

@@ -159,6 +159,17 @@ class Config:
 
 
 BASE_PROFILE = "base"  # profiles/base.yaml: every setting; the other profiles change some of them
+# settings that were renamed: the old name is an error that names the new one (and why)
+RENAMED = {
+    "train.gradient_checkpointing": ("train.activation_checkpointing",
+                                     "SFTConfig's name since transformers 5, which removes the old one in v6"),
+}
+
+
+def _renamed(dotted: str) -> str:
+    """The error's hint for a setting's old name: its new one, and why."""
+    new, why = RENAMED[dotted]
+    return f"it was renamed: write {new!r} ({why})"
 
 
 def _read_profile(path: Path) -> dict:
@@ -178,6 +189,8 @@ def _merge(values: dict, changes: dict, source: Path, prefix: str = "") -> None:
     for key, value in changes.items():
         dotted = f"{prefix}{key}"
         if key not in values:
+            if dotted in RENAMED:
+                raise KeyError(f"{source}: {dotted!r} is not a setting of profiles/{BASE_PROFILE}.yaml; {_renamed(dotted)}")
             raise KeyError(f"{source}: {dotted!r} is not a setting of profiles/{BASE_PROFILE}.yaml, which names every "
                            "setting (a typo? a new setting goes into the base first)")
         if isinstance(values[key], dict) and isinstance(value, dict):
@@ -211,6 +224,8 @@ def load(profile: str | None = None, overrides: dict | None = None, environ: dic
             try:
                 current = _get(cfg.values, key)
             except KeyError:
+                if key in RENAMED:
+                    raise KeyError(f"{origin}: {source.name} has no setting {key!r}; {_renamed(key)}") from None
                 raise KeyError(
                     f"{origin}: {source.name} has no setting {key!r}. Known settings: {', '.join(known)}"
                 ) from None
@@ -223,11 +238,18 @@ def load(profile: str | None = None, overrides: dict | None = None, environ: dic
 
 
 def _check_together(cfg: Config) -> None:
-    """Settings that contradict each other: stopped when the profile loads, before anything is loaded or run."""
+    """Settings that contradict each other, or that this environment cannot run: stopped when the profile loads,
+    before anything is loaded or run."""
     if cfg["serve.backend"] == "llamacpp" and not cfg["gguf.export"]:
         raise ValueError(f"profile {cfg.name}: serve.backend is llamacpp, which serves the GGUF notebook 04 exports, "
                          "but gguf.export is false, so 04 exports none: set gguf.export: true, or serve.backend: auto "
                          "(vLLM on a GPU, else transformers)")
+    if cfg["serve.backend"] == "llamacpp":
+        from . import export  # the environment, not a setting: a series that cannot serve stops here, not in 05
+
+        if why := export.llama_cpp_missing():
+            raise ValueError(f"profile {cfg.name}: serve.backend is llamacpp, but {why}; or serve.backend: auto "
+                             "(vLLM on a GPU, else transformers)")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -268,8 +290,9 @@ def write_manifest(cfg: Config, notebook: str | None = None) -> Path:
     """Record how this run was made in ``outputs/<profile>/manifest.json``.
 
     Top level: the profile (file, its hash, the resolved settings and their hash, overrides),
-    package versions, git commit, torch device, ``runtime`` (the device, training precision and
-    model dtype chosen on this machine: bf16 becomes fp16 on a T4), time. ``notebooks`` keeps one entry per
+    package versions, git commit, torch device, ``runtime`` (``models.runtime``: the device, whether it
+    computes bf16 natively, the training precision, and ``model.dtype`` as set and as chosen on this
+    machine: ``auto`` → float32 on a CPU without native bf16, bf16 → fp16 on a T4), time. ``notebooks`` keeps one entry per
     notebook that ran, so a mixed-up output folder shows which settings made what.
     """
     path = cfg.out / "manifest.json"

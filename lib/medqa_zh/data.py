@@ -26,6 +26,13 @@ import pandas as pd
 from . import files, prompts
 
 REQUIRED_FIELDS = ("question", "options", "answer", "answer_idx", "meta_info")
+# what an error about missing MedQA files adds: where they come from and where they go (the README shows the layout)
+GET_MEDQA = (
+    "These files are MedQA's data_clean folder: the GitHub project jind11/MedQA (https://github.com/jind11/MedQA) "
+    "links its Google Drive download; unzip it, then put data_clean's contents at data/medqa/ in this project (the "
+    "profile's data.medqa_dir) or point MEDQA_DIR at the data_clean folder. It holds "
+    "questions/Mainland/{train,dev,test}.jsonl and textbooks/zh_paragraph/*.txt."
+)
 MAX_ERRORS_SHOWN = 20
 
 
@@ -137,10 +144,7 @@ def read_questions(path: str | Path) -> tuple[list[Question], ReadReport]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no such file. Point MEDQA_DIR (or the profile's data.medqa_dir) at MedQA's "
-            f"data_clean folder, which holds questions/Mainland/*.jsonl."
-        )
+        raise FileNotFoundError(f"{path}: no such file. {GET_MEDQA}")
     report = ReadReport(path)
     questions: list[Question] = []
     errors: list[str] = []
@@ -317,6 +321,12 @@ def load_splits(questions_dir: str | Path, specs: dict[str, str], train_role: st
             del specs[role]
     order = [train_role] + [r for r in ROLES if r in specs and r != train_role] + \
         [r for r in specs if r not in ROLES and r != train_role]
+    expected = sorted({f"{SplitSpec.parse(specs[role]).name}.jsonl" for role in order})
+    if missing := [name for name in expected if not (questions_dir / name).is_file()]:
+        where = (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not there" if questions_dir.is_dir()
+                 else "that folder does not exist")
+        raise FileNotFoundError(f"MedQA is missing or incomplete: the splits (data.splits) read {', '.join(expected)} "
+                                f"in {questions_dir}, and {where}. {GET_MEDQA}")
     for role in order:
         spec = SplitSpec.parse(specs[role])
         if spec.name not in files:
@@ -548,10 +558,7 @@ def read_textbooks(textbooks_dir: str | Path) -> list[Book]:
     textbooks_dir = Path(textbooks_dir)
     files = sorted(textbooks_dir.glob("*.txt"))
     if not files:
-        raise FileNotFoundError(
-            f"{textbooks_dir}: no *.txt textbooks. Point MEDQA_DIR at MedQA's data_clean folder "
-            f"(it holds textbooks/zh_paragraph/*.txt)."
-        )
+        raise FileNotFoundError(f"{textbooks_dir}: no *.txt textbooks (MedQA's textbooks/zh_paragraph holds 33). {GET_MEDQA}")
     return [read_textbook(p) for p in files]
 
 

@@ -701,7 +701,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         train_sampling_strategy="sequential",  # the stream is already shuffled, per epoch and seeded, and sorted within each step
         padding_free=s["packing"],  # each micro-batch in one row, position ids restarting at each example
         completion_only_loss=s["loss_on"] == "completion",
-        **{_checkpointing_field(): bool(s["gradient_checkpointing"])},
+        **{_checkpointing_field(): bool(s["activation_checkpointing"])},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
