@@ -573,14 +573,19 @@ SWITCHED_OFF = {
 }
 
 
-def test_the_series_runs_to_the_end_with_every_step_switched_off(tmp_path_factory):
-    run = _series(tmp_path_factory, SWITCHED_OFF)
+def _whole_series(run, label: str):
+    """Run :func:`_series`'s ``run`` to the end; the outputs folder and what each notebook printed, by number."""
     try:
-        project, nb = run("10_report")
+        project, _ = run("10_report")
     finally:
-        _report_seconds(run, "smoke series, every switch off")
+        _report_seconds(run, label)
     out = project / "outputs" / "smoke"
-    said = {name[:2]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))) for name in SERIES}
+    return out, {name[:2]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8")))
+                 for name in SERIES}
+
+
+def test_the_series_runs_to_the_end_with_every_step_switched_off(tmp_path_factory):
+    out, said = _whole_series(_series(tmp_path_factory, SWITCHED_OFF), "smoke series, every switch off")
     for name in steps.NAMES:  # each step says, where it would run, that it was skipped and which key turns it on
         step = steps.step(name)
         line = next((line for line in said[step.notebook].splitlines() if line.startswith(f"skipped: {step.what}: ")), "")
@@ -603,12 +608,7 @@ def test_the_series_runs_to_the_end_without_llama_cpp(tmp_path_factory):
     (helpers.without_llama_cpp), every setting is on. 04 and 07 skip what needs llama.cpp, saying which package is
     missing and how to get it; every other step runs; 10 lists the three and has every result but the GGUF's."""
     run = _series(tmp_path_factory, env=without_llama_cpp(tmp_path_factory.mktemp("no-llama-cpp")))
-    try:
-        project, _ = run("10_report")
-    finally:
-        _report_seconds(run, "smoke series without llama.cpp")
-    out = project / "outputs" / "smoke"
-    said = {name[:2]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))) for name in SERIES}
+    out, said = _whole_series(run, "smoke series without llama.cpp")
     need_llama = ("gguf", "gguf_quantization", "gguf_api")
     for name in steps.NAMES:
         step = steps.step(name)
