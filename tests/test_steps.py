@@ -111,9 +111,9 @@ def test_without_llama_cpp_its_steps_are_off_and_say_which_package_and_how_to_ge
     without the package (find_spec is None), not a switch of the test's own."""
     from medqa_zh import export, report
 
-    assert export.llama_cpp_missing() is None  # installed here
+    assert steps.llama_cpp_missing() is None  # installed here
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    why = export.llama_cpp_missing()
+    why = steps.llama_cpp_missing()
     assert why.startswith("llama.cpp is not installed") and all(s in why for s in GET_IT), why
     cfg = config.load("smoke")  # every setting on: only the environment turns these off
     off = {name: steps.off(cfg, name) for name in steps.NAMES if steps.off(cfg, name)}

@@ -245,9 +245,9 @@ def _check_together(cfg: Config) -> None:
                          "but gguf.export is false, so 04 exports none: set gguf.export: true, or serve.backend: auto "
                          "(vLLM on a GPU, else transformers)")
     if cfg["serve.backend"] == "llamacpp":
-        from . import export  # the environment, not a setting: a series that cannot serve stops here, not in 05
+        from . import steps  # the environment, not a setting: a series that cannot serve stops here, not in 05
 
-        if why := export.llama_cpp_missing():
+        if why := steps.llama_cpp_missing():
             raise ValueError(f"profile {cfg.name}: serve.backend is llamacpp, but {why}; or serve.backend: auto "
                              "(vLLM on a GPU, else transformers)")
 

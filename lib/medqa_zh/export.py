@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -40,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import debias, evaluate, files, models, prompts, serve_child
+from . import debias, evaluate, files, models, prompts, serve_child, steps
 
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast; so is llama_cpp.
@@ -61,30 +60,16 @@ QWEN2_PRE_TOKENIZER = {
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
     ],
 }
-INSTALL = "pip install -e '.[gguf]' && python -m medqa_zh.export install-tools"
-EXTRA = f"{INSTALL} (./run_all.sh does both)"
-# where llama.cpp is missing: ./run_all.sh installs the gguf extra only where it finds a C++ compiler to build it with
-GET_LLAMA_CPP = ("install a C++ compiler (Debian/Ubuntu: sudo apt install g++; conda: conda install -c conda-forge "
-                 f"cxx-compiler), then run ./run_all.sh again (by hand: {INSTALL})")
+EXTRA = f"{steps.LLAMA_CPP_INSTALL} (./run_all.sh does both)"
 
 
 class ExportError(RuntimeError):
     """The tools are missing, the converter or quantizer failed, or a GGUF file is not whole."""
 
 
-def llama_cpp_missing() -> str | None:
-    """Why llama.cpp cannot run in this environment, or None: its Python package ``llama_cpp`` (llama-cpp-python,
-    the ``gguf`` extra, which ``./run_all.sh`` leaves out on a machine without a C++ compiler) is not importable.
-    The one test that 04's and 07's steps (``steps``), ``serve``'s llamacpp backend and the profile check share."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return (f"llama.cpp is not installed (the package llama-cpp-python, the gguf extra, is not in {sys.prefix}): "
-                + GET_LLAMA_CPP)
-    return None
-
-
 def llama_cpp_version() -> str:
     """The installed llama-cpp-python's version; an error naming the fix when it is not installed."""
-    if why := llama_cpp_missing():
+    if why := steps.llama_cpp_missing():
         raise ExportError(why)
     try:
         return importlib.metadata.version("llama_cpp_python")
@@ -169,7 +154,7 @@ def export_models(cfg, progress: bool = True):
     if not cfg["gguf.export"]:
         print("gguf.export is false: no GGUF files are made (serve.backend llamacpp needs them)")
         return pd.DataFrame(columns=columns)
-    if why := llama_cpp_missing():
+    if why := steps.llama_cpp_missing():
         print(f"no GGUF files are made: {why}")
         return pd.DataFrame(columns=columns)
     quantizations = list(cfg["gguf.quantizations"])

@@ -339,9 +339,9 @@ def start(model_dir, backend: str = "auto", host: str = "127.0.0.1", port: int |
     """
     backend = pick_backend(backend)
     if backend == "llamacpp":
-        from . import export  # the GGUF checks; only for this backend
+        from . import export, steps  # the GGUF checks; only for this backend
 
-        if why := export.llama_cpp_missing():  # no runtime (a machine without a C++ compiler): say so, not a traceback
+        if why := steps.llama_cpp_missing():  # no runtime (a machine without a C++ compiler): say so, not a traceback
             raise ServerError(f"serve backend llamacpp: {why}")
         export.check_file(model_dir)  # a GGUF, whole
         model_dir = str(Path(model_dir).expanduser().resolve())

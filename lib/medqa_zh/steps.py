@@ -3,19 +3,19 @@
 Each optional step of the series (a learning curve, the GGUF export, the debiased readings, ...) is
 turned on by a setting of ``profiles/base.yaml``: a switch (``gguf.export: false``), an empty list
 (``rag.models: []``) or a 0 (``train.curve_questions: 0``); the steps that run llama.cpp (04's GGUF export, 07's
-evaluation through llama.cpp's server) are off, too, where llama.cpp is not installed (``export.llama_cpp_missing``:
+evaluation through llama.cpp's server) are off, too, where llama.cpp is not installed (:func:`llama_cpp_missing`:
 ``./run_all.sh`` leaves it out on a machine without a C++ compiler). Where a step is off, its notebook calls
 :func:`skip`: it says in one line which setting turned it off, and deletes the files an earlier run
 of the step left (a table or figure of another run must not read as this run's). The later
 notebooks carry on without its outputs; 10 lists every step that was off (:func:`table`), and
 ``results.collect`` leaves out answers of an evaluation that is off (:func:`evaluation_off`).
 """
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-
-from . import export
 
 
 def _false(key: str):
@@ -38,8 +38,24 @@ def _step(name: str):
     return lambda cfg: off(cfg, name)
 
 
+# how llama.cpp gets into this environment (the gguf extra; ./run_all.sh installs it where it finds a C++ compiler)
+LLAMA_CPP_INSTALL = "pip install -e '.[gguf]' && python -m medqa_zh.export install-tools"
+GET_LLAMA_CPP = ("install a C++ compiler (Debian/Ubuntu: sudo apt install g++; conda: conda install -c conda-forge "
+                 f"cxx-compiler), then run ./run_all.sh again (by hand: {LLAMA_CPP_INSTALL})")
+
+
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot run in this environment, or None: its Python package ``llama_cpp`` (llama-cpp-python,
+    the ``gguf`` extra, which ``./run_all.sh`` leaves out on a machine without a C++ compiler) is not importable.
+    The one test that 04's and 07's steps, ``export``, ``serve``'s llamacpp backend and the profile check share."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (f"llama.cpp is not installed (the package llama-cpp-python, the gguf extra, is not in {sys.prefix}): "
+                + GET_LLAMA_CPP)
+    return None
+
+
 def _llama_cpp(cfg):
-    return export.llama_cpp_missing()  # not a setting: what this environment lacks, and how to get it
+    return llama_cpp_missing()  # not a setting: what this environment lacks, and how to get it
 
 
 @dataclass(frozen=True)
