@@ -253,12 +253,3 @@ def test_an_fsdp_checkpoint_is_complete_only_once_its_shards_are_all_written(tmp
         (folder / shards / ".metadata").write_bytes(b"x")
     assert train.checkpoint_missing(folder) == []
 
-
-def test_a_run_recorded_before_runs_could_span_processes_is_still_the_same_run():
-    """run.json and the checkpoints' settings written before world_size was recorded ran in one process:
-    a finished run is not trained again, and its checkpoints still resume."""
-    key = {"mode": "lora", "seed": 0, "world_size": 1}
-    recorded = {"mode": "lora", "seed": 0}
-    assert train.same_run(recorded, key)
-    assert not train.same_run(recorded, {**key, "world_size": 2})
-    assert not train.same_run({**recorded, "seed": 1}, key) and not train.same_run(None, key)

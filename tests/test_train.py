@@ -414,18 +414,69 @@ def test_a_checkpoint_half_written_by_a_crash_is_skipped_and_the_one_before_resu
     assert f"checkpoint-4 is incomplete (no {lost}" in capsys.readouterr().out
 
 
-def test_resuming_with_other_settings_is_refused(smoke):
-    cfg = smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32"})
-    run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "changed")
+def _crashed(smoke, name: str, **changes):
+    """A run that crashed after its checkpoint at step 2, and the same run prepared again with ``changes``."""
+    settings = {"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32"}
+    run = train.prepare(smoke(**settings), "lora", out_dir=smoke().out / "models" / name)
     run.trainer.add_callback(crash_at(3))
     with pytest.raises(Crash):
         train.train(run)
-    other = train.prepare(smoke(**{"train.max_steps": 6, "train.save_steps": 2, "train.precision": "fp32",
-                                   "train.learning_rate": 0.01}), "lora", out_dir=cfg.out / "models" / "changed")
-    with pytest.raises(RuntimeError, match=r"other settings \(changed: settings\).*train.resume"):
-        train.train(other)
-    train.train(other, resume=False)  # starting over is allowed, and deletes the old checkpoints
-    assert runs.read_run(other.out_dir)["settings"]["learning_rate"] == 0.01
+    return run, lambda: train.prepare(smoke(**{**settings, **changes}), "lora", out_dir=run.out_dir)
+
+
+def test_resuming_with_other_settings_starts_over_and_keeps_the_earlier_checkpoints(smoke, capsys):
+    run, again = _crashed(smoke, "changed", **{"train.learning_rate": 0.01})
+    metrics = train.train(again())
+    out = capsys.readouterr().out
+    assert metrics["resumed_from"] is None and metrics["optimizer_steps"] == 6
+    assert "holds checkpoints of another run (train.learning_rate changed)" in out and "starts over" in out
+    aside = run.out_dir / train.ASIDE  # set aside, not deleted: with the log of the run they belong to
+    assert (aside / "checkpoint-2" / "optimizer.pt").is_file() and runs.read_log_file(aside / runs.LOG_FILE)
+    assert runs.read_run(run.out_dir)["settings"]["learning_rate"] == 0.01
+    assert [r["step"] for r in runs.read_log(run.out_dir)][0] == 0  # the new run's log, from its start
+
+
+def test_an_edited_system_prompt_refuses_the_resume_and_names_the_prompt(smoke, monkeypatch, capsys):
+    run, again = _crashed(smoke, "prompt")
+    monkeypatch.setattr(prompts, "SYSTEM_PROMPT", prompts.SYSTEM_PROMPT + "请简洁。")
+    metrics = train.train(again())
+    out = capsys.readouterr().out
+    assert metrics["resumed_from"] is None
+    assert "(the prompt (prompts.py: the system prompt, the instruction or the answer's form) changed)" in out
+    assert (run.out_dir / train.ASIDE / "checkpoint-2").is_dir()
+
+
+@pytest.mark.parametrize("change", [{"train.logging_steps": 2, "train.eval_steps": 3, "train.save_steps": 4, "train.save_total_limit": 1},
+                                    {"train.tokens_per_device": 2048, "train.eval_batch_size": 3}])
+def test_settings_that_do_not_change_training_do_not_block_a_resume(smoke, change):
+    run, again = _crashed(smoke, "logging-" + "-".join(change)[:40].replace(".", ""), **change)
+    metrics = train.train(again())
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["optimizer_steps"] == 6
+    assert not (run.out_dir / train.ASIDE).exists()
+
+
+def test_a_run_key_names_each_input_that_changed():
+    key = {"mode": "lora", "seed": 0, "world_size": 1, "optimizer": {"learning_rate": 1e-4, "lora": {"r": 8}},
+           "inputs": {"data": "a", "prompt": "p", "template": "t", "tokens": "x", "eval_tokens": "y"}}
+    change = lambda part, **kw: {**key, part: {**key[part], **kw}}  # noqa: E731
+    assert train.what_changed(key, key) == [] and train.same_run(key, key) and not train.same_run(None, key)
+    assert train.what_changed(change("inputs", template="u", tokens="z"), key) == ["the chat template"]
+    assert train.what_changed(change("inputs", data="b", tokens="z"), key) == [train.KEY_WORDS["data"]]
+    assert train.what_changed(change("inputs", tokens="z"), key) == [train.KEY_WORDS["tokens"]]  # nothing else explains it
+    assert train.what_changed(change("optimizer", lora={"r": 16}), key) == ["train.lora"]
+    assert train.what_changed({**key, "seed": 1}, key) == ["the seed (seed)"]
+    assert train.what_changed({**key, "world_size": 2}, key) == ["the number of processes"]
+    old = {k: v for k, v in key.items() if k != "inputs"}  # written by an earlier version of the project
+    assert train.what_changed(old, key) == ["the run key's form (an earlier version of the project wrote it)"]
+
+
+def test_the_token_digest_follows_the_tokens_and_the_loss_mask_in_order(lora_run):
+    dataset = lora_run[1].trainer.train_dataset
+    digest = train.token_digest(dataset)
+    assert digest == train.token_digest(dataset.select(range(len(dataset))))
+    assert digest != train.token_digest(dataset.select([1, 0, *range(2, len(dataset))]))  # the order
+    every = dataset.map(lambda row, i: {"labels": row["input_ids"]} if i == 0 else row, with_indices=True)
+    assert digest != train.token_digest(every)  # the same tokens, the loss on all of them
 
 
 # --------------------------------------------------------------------------- errors
@@ -679,7 +730,7 @@ def test_the_loss_covers_what_the_switches_say(smoke, completion, loss_on):
             assert in_loss == answer + "<|im_end|>\n"
         else:  # every token of the example (the loss reads each from the position before it)
             assert in_loss == "".join(token for token, _ in view) and in_loss.endswith(answer + "<|im_end|>\n")
-    assert run.run_key["settings"]["completion"] == completion and run.run_key["settings"]["shuffle_options"] is True
+    assert run.run_key["optimizer"]["completion"] == completion and run.run_key["optimizer"]["shuffle_options"] is True
 
 
 @pytest.mark.parametrize(("key", "value"), [("completion", "text"), ("loss_on", "prompt"), ("shuffle_options", "yes")])

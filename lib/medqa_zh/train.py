@@ -35,6 +35,7 @@ with ``train.launch.num_processes`` above 1 a notebook or a plain ``python -m`` 
 from __future__ import annotations
 
 import argparse
+import array
 import codecs
 import contextlib
 import copy
@@ -71,8 +72,11 @@ from . import children, config, dashboards, data, files, models, prompts, runs
 MODES = ("lora", "full")
 LOSS_ON = ("completion", "all")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")  # train.attn_implementation
-# settings that change what is kept or scored after training, not the training: a change never restarts a run
-NOT_THE_RUN = ("resume", "launch", "save_total_limit", "curve_questions", "report_to")
+# the settings that change the optimizer's path, beside the inputs (the tokens trained on): a run resumes across a
+# change of any other one (how a step reaches the device, what is logged, evaluated, kept or launched), whose steps
+# are the same; examples_per_step is one process's share of a step (per_device_train_batch_size x accumulation)
+OPTIMIZER_PATH = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "max_steps",
+                  "num_train_epochs", "shuffle_options", "completion", "loss_on", "lora")
 
 
 # --------------------------------------------------------------------------- settings
@@ -527,6 +531,55 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def token_digest(dataset) -> str:
+    """A hash of what the trainer reads from ``dataset`` (trl's tokenized one), in order: each example's token ids and
+    labels (-100 where the loss reads nothing; trl's masks where it keeps them instead). Whatever changes the training
+    stream changes it: the data, the prompt, the chat template, the tokenizer, the order, the shuffled options."""
+    digest = hashlib.sha256()
+    for column in ("input_ids", "labels", "completion_mask", "assistant_masks"):
+        if column in dataset.column_names:
+            digest.update(column.encode())
+            for row in dataset[column]:
+                digest.update(len(row).to_bytes(4, "little") + array.array("i", row).tobytes())
+    return digest.hexdigest()
+
+
+def prompt_digest() -> str:
+    """A hash of the prompt format (``prompts``: the system prompt, the instruction, the options' and the answer's
+    form), rendered for a question of placeholders with each completion."""
+    probe = [prompts.build_messages("{question}", {"A": "{A}", "B": "{B}"}, answer="A", completion=completion)
+             for completion in prompts.COMPLETIONS]
+    return hashlib.sha256(json.dumps(probe, ensure_ascii=False).encode()).hexdigest()
+
+
+# what each part of a run key is, in words, for a run that cannot resume
+KEY_WORDS = {"mode": "the mode (LoRA or full)", "base_model": "the base model (model.base)",
+             "base_fingerprint": "the base model's weights", "precision": "the precision (train.precision)",
+             "seed": "the seed (seed)", "world_size": "the number of processes",
+             "examples_per_step": "the examples per step (per_device_train_batch_size x gradient_accumulation_steps)",
+             "data": "the training data (data/questions/train.jsonl)",
+             "prompt": "the prompt (prompts.py: the system prompt, the instruction or the answer's form)",
+             "template": "the chat template", "tokens": "the tokens trained on (the tokenizer, or how trl tokenizes)",
+             "eval_tokens": "the eval-loss questions (train.eval_questions, the validation split)"}
+DERIVED = ("tokens", "eval_tokens")  # they change with the other inputs: named only when nothing else changed
+
+
+def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
+    """What differs between a recorded run key and ``run_key``, in words (empty: the same run)."""
+    recorded = recorded or {}
+    if set(recorded) != set(run_key):
+        return ["the run key's form (an earlier version of the project wrote it)"]
+    changed = []
+    for part, value in run_key.items():
+        if isinstance(value, dict):
+            was = recorded[part] if isinstance(recorded[part], dict) else {}
+            changed += [k for k in sorted(set(value) | set(was)) if was.get(k) != value.get(k)]
+        elif recorded[part] != value:
+            changed.append(part)
+    root = [k for k in changed if k not in DERIVED]
+    return [KEY_WORDS.get(k, f"train.{k}") for k in (root or changed)]
+
+
 def _checkpointing_field() -> str:
     """transformers 5.x renames ``gradient_checkpointing`` to ``activation_checkpointing``."""
     return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
@@ -741,10 +794,13 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
                   f"{world} processes train data-parallel ({trainer.accelerator.distributed_type.value}), each with "
                   "the whole model")
     run_key = {  # what makes two runs the same run: resuming across a change would mix them
-        "mode": mode, "settings": {k: v for k, v in s.items() if k not in NOT_THE_RUN}, "precision": precision,
-        "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "seed": seed, "world_size": world,
-        "train_sha256": _sha256(data.split_path(cfg, "train")),
-        "eval_questions": [q.id for q in eval_qs],
+        "mode": mode, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
+        "seed": seed, "world_size": world,
+        "optimizer": {"examples_per_step": s["per_device_train_batch_size"] * s["gradient_accumulation_steps"],
+                      **{k: s[k] for k in OPTIMIZER_PATH if k in s}},
+        "inputs": {"data": _sha256(data.split_path(cfg, "train")), "prompt": prompt_digest(),
+                   "template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+                   "tokens": token_digest(trainer.train_dataset), "eval_tokens": token_digest(trainer.eval_dataset)},
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
     trainer.args.project, trainer.args.run_name = watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
@@ -802,44 +858,57 @@ def _complete_checkpoints(run: Run) -> tuple[str | None, list[tuple[Path, list[s
 
 
 def same_run(recorded: dict | None, run_key: dict) -> bool:
-    """Whether a recorded run key (``run.json``, the checkpoints' settings) is ``run_key``'s run. Keys
-    recorded before runs could span processes have no ``world_size``: they ran in one."""
-    return recorded is not None and {"world_size": 1, **recorded} == run_key
+    """Whether a recorded run key (``run.json``, the checkpoints' settings) is ``run_key``'s run."""
+    return recorded is not None and not what_changed(recorded, run_key)
 
 
-def _resume_point(run: Run, resume: bool) -> str | None:
-    """The checkpoint to resume from, after checking it belongs to a run with these settings and as
-    many processes. Reads only: every process of a launched run calls it and must agree."""
+ASIDE = "checkpoints.previous"  # in a run's folder: the checkpoints (and log) of the run before, set aside
+
+
+def _resume_point(run: Run, resume: bool) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from, and what changed when the checkpoints there belong to another run (then
+    none is resumed: the run starts over). As many processes as the checkpoints' run is required. Reads only: every
+    process of a launched run calls it and must agree."""
     if not resume:
-        return None
+        return None, []
     checkpoint, _ = _complete_checkpoints(run)
     if not checkpoint:
-        return None
+        return None, []
     recorded_path = run.checkpoints / runs.SETTINGS_FILE
     recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else {}
-    fix = f"set train.resume to false (starts over and deletes them), or delete {run.checkpoints}"
     was, now = recorded.get("world_size", 1), run.run_key["world_size"]
     if was != now:
         step = runs.examples_per_step(run.settings)
         raise RuntimeError(
             f"{checkpoint} was written by a run in {was} process(es) ({step * was} examples per optimizer step); this run "
             f"has {now} ({step * now} per step). Resuming would skip the wrong examples and change the batch mid-run. "
-            f"Fix: train with {was} process(es) again (train.launch.num_processes, or the launcher's), or {fix}."
+            f"Fix: train with {was} process(es) again (train.launch.num_processes, or the launcher's), or set "
+            f"train.resume to false (starts over; the checkpoints are set aside in {run.out_dir / ASIDE})."
         )
-    if not same_run(recorded, run.run_key):
-        changed = sorted(k for k in run.run_key if {"world_size": 1, **recorded}.get(k) != run.run_key[k])
-        raise RuntimeError(
-            f"{run.checkpoints} holds checkpoints of a run with other settings (changed: {', '.join(changed)}), "
-            f"so resuming would mix two runs. Fix: {fix}."
-        )
-    return checkpoint
+    changes = what_changed(recorded, run.run_key)
+    return (None, changes) if changes else (checkpoint, [])
 
 
-def _tidy(run: Run, resume: bool, checkpoint: str | None) -> None:
-    """Make the run folder fit the checkpoint resumed from (one process writes this): drop half-written
-    checkpoints (or all of them when not resuming), record the settings, cut the log back to the checkpoint."""
-    if not resume and run.checkpoints.exists():
-        shutil.rmtree(run.checkpoints)
+def _set_aside(run: Run, why: str) -> None:
+    """Move the checkpoints (and the log) of the run before to :data:`ASIDE`, replacing any set aside earlier."""
+    aside = run.out_dir / ASIDE
+    if aside.exists():
+        shutil.rmtree(aside)
+    run.checkpoints.rename(aside)
+    log_path = run.out_dir / runs.LOG_FILE
+    if log_path.is_file():
+        log_path.rename(aside / runs.LOG_FILE)
+    print(f"{why}: this run starts over. The earlier run's checkpoints and log are kept in {aside} (delete it to free the "
+          "disk; the next run set aside replaces it)")
+
+
+def _tidy(run: Run, resume: bool, checkpoint: str | None, changes: list[str]) -> None:
+    """Make the run folder fit the checkpoint resumed from (one process writes this): set the checkpoints aside when
+    not resuming them, drop half-written ones, record the run key, cut the log back to the checkpoint."""
+    if run.checkpoints.is_dir() and any(run.checkpoints.glob("checkpoint-*")) and (not resume or changes):
+        _set_aside(run, "train.resume is false" if not resume else
+                   f"{run.checkpoints} holds checkpoints of another run ({', '.join(changes)} changed), and resuming "
+                   "them would mix two runs")
     for folder, missing in _complete_checkpoints(run)[1]:
         print(f"{folder} is incomplete (no {', '.join(missing)}: a crash while saving it); removed, "
               "resuming from the one before")
@@ -884,10 +953,10 @@ def train(run: Run, resume: bool | None = None) -> dict:
                 run.watch.restart(run.run_key, runs.read_log(run.out_dir), keep_curve=True)
             return previous
     accelerator = run.trainer.accelerator
-    checkpoint = _resume_point(run, resume)  # every process, before any of them changes the folder
+    checkpoint, changes = _resume_point(run, resume)  # every process, before any of them changes the folder
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _tidy(run, resume, checkpoint)
+        _tidy(run, resume, checkpoint, changes)
         run.watch.restart(run.run_key, runs.read_log(run.out_dir))  # the dashboards show the log as it now is
     accelerator.wait_for_everyone()
     run.trainer.args.eval_on_start = checkpoint is None  # the base model's eval loss is the curve's step 0
