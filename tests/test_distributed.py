@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -93,6 +94,45 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(smoke_
         with safe_open(folder / "model.safetensors", "pt") as saved, safe_open(base_dir / "model.safetensors", "pt") as base:
             assert sorted(saved.keys()) == sorted(base.keys())
         models.load_model(str(folder))
+
+
+# one process of a launch on this host, as torchrun starts it, planning its micro-batches with tokens_per_device: auto;
+# each reads the free memory at its own moment, here made to differ (MEMORY_MIB, per rank), as it does under load
+_PLAN = """
+import json, os, sys, types
+import torch
+from accelerate import PartialState
+from medqa_zh import train
+PartialState(cpu=True)
+rank = int(os.environ["RANK"])
+train.device_memory_bytes = lambda device: int(os.environ["MEMORY_MIB"].split(",")[rank]) * 2**20
+shape = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=1000)
+model = types.SimpleNamespace(parameters=lambda: [torch.zeros(10_000)], config=shape)
+s = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "tokens_per_device": "auto", "packing": False}
+plan = train.plan_micro_batches(s, [100] * 64, model, "fp32", "lora", "cpu", head_share=0.1)
+print("PLAN " + json.dumps(plan))
+"""
+
+
+def test_every_process_of_a_launch_gets_the_same_micro_batches(tmp_path):
+    """``tokens_per_device: auto`` is planned once, by the main process, from the host's memory divided among the
+    processes on it, and every process takes that plan: rank 1, reading under a third of rank 0's free memory, would
+    otherwise split each step into more micro-batches than rank 0 (wrong batches, or a gradient sync that hangs)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29500 + os.getpid() % 1000), "MEMORY_MIB": "40,12", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    procs = [subprocess.Popen([sys.executable, "-c", _PLAN], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    plans = [json.loads(next(line[5:] for line in out.splitlines() if line.startswith("PLAN "))) for out in outs]
+    assert plans[0] == plans[1]
+    per_token = train.activation_bytes_per_token(types.SimpleNamespace(hidden_size=64, intermediate_size=128,
+                                                                       num_hidden_layers=2, vocab_size=1000), "fp32", True, 0.1)
+    # rank 0's memory, shared by the two processes on this host: 20 MiB each, less the 40 kB of weights
+    assert plans[0]["token_budget"] == int((20 * 2**20 - 40_000) * train.AUTO_MEMORY_SHARE / per_token)
+    alone = int((6 * 2**20 - 40_000) * train.AUTO_MEMORY_SHARE / per_token)  # rank 1 by itself: 12 MiB / 2
+    assert train.micro_batches([100] * 64, 8, alone, False) != plans[0]["per_step"]  # so the test can fail
 
 
 def _complete(checkpoint) -> bool:

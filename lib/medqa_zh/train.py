@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -327,13 +328,24 @@ def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode:
     per_process = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
     budget = s["tokens_per_device"]
     if budget == "auto":
-        budget = auto_tokens(model, precision, mode == "lora", device_memory_bytes(device), head_share)
+        memory = device_memory_bytes(device)
+        if device == "cpu":  # the processes of a launch on this host share its memory
+            memory //= local_processes()
+        budget = auto_tokens(model, precision, mode == "lora", memory, head_share)
     count = micro_batches(lengths, per_process, budget, s["packing"]) if budget else s["gradient_accumulation_steps"]
     size = per_process // count
     tokens = [micro_batch_tokens(lengths[i:i + size], s["packing"]) for i in range(0, len(lengths), size)]
-    return {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
+    plan = {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
             "tokens_mean": statistics.fmean(tokens), "tokens_max": max(tokens),
             "padding_share": 1 - sum(lengths) / sum(tokens)}
+    # one plan for every process of a launch: the main process's. Each reads the free memory at its own moment, and
+    # processes that split a step differently would read other examples, or wait for each other's gradients forever
+    return plan if world_size() == 1 else broadcast_object_list([plan])[0]
+
+
+def local_processes() -> int:
+    """Processes of this run on this machine: the launcher's ``LOCAL_WORLD_SIZE`` (torchrun, accelerate launch)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def loss_share(tokenizer, examples: list[dict], lengths: list[int], loss_on: str, sample: int = 512) -> float:
