@@ -79,8 +79,10 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(smoke_
     assert (one["world_size"], one["examples_per_step"], one["parallelism"]) == (1, 16, "NO")
     one_first = _first_step(folder)
     assert two_first["num_input_tokens_seen"] == one_first["num_input_tokens_seen"]  # the same examples
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "entropy"):
         assert two_first[key] == pytest.approx(one_first[key], rel=1e-5), key
+    # the answer tokens of both processes: the same counts as one process's two micro-batches
+    assert (two_first["mean_token_accuracy"], two_first["num_tokens"]) == (one_first["mean_token_accuracy"], one_first["num_tokens"])
     evals = {r["step"]: r["eval_loss"] for r in two_log if "eval_loss" in r}
     assert evals[0] == pytest.approx(runs.read_log(folder)[0]["eval_loss"], rel=1e-5)
 

@@ -75,6 +75,54 @@ def test_answer_only_loss_equals_trls_loss_and_gradients(smoke):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_logged_metrics_are_trls_weighted_by_tokens_over_the_whole_point(lora_run):
+    """mean_token_accuracy and entropy as trl logs them for one micro-batch; over several, weighted by their answer
+    tokens (trl averages the micro-batches' means); num_tokens, the input tokens trained on so far."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    trainer, model = lora_run[1].trainer, lora_run[1].trainer.model
+    seen = []
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    jsonl = trainer.pop_callback(train.JsonlLog)  # the fixture's train_log.jsonl stays as its run wrote it
+    trainer.add_callback(Capture)
+    try:
+        model.train()
+        batches = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in ([0], [1, 2, 3, 4, 5])]
+        hand = []  # answer tokens right, answer tokens, summed entropy: by hand, per micro-batch
+        with torch.no_grad():
+            for batch in batches:
+                logits, targets, _ = train.answer_logits(model, dict(batch), model.get_output_embeddings(),
+                                                         trainer.accelerator.autocast)
+                logp = logits.log_softmax(-1)
+                hand.append(((logits.argmax(-1) == targets).sum().item(), targets.numel(), -(logp.exp() * logp).sum().item()))
+        SFTTrainer.compute_loss(trainer, model, dict(batches[0]))
+        SFTTrainer.log(trainer, {})
+        trainer.compute_loss(model, dict(batches[0]))
+        trainer.log({})
+        theirs, ours = seen[-2], seen[-1]
+        for key in ("mean_token_accuracy", "entropy"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+        assert "num_tokens" in theirs and ours["num_tokens"] == trainer.state.num_input_tokens_seen > 0
+
+        for batch in batches:
+            trainer.compute_loss(model, dict(batch))
+        trainer.log({})
+        correct, tokens, entropy = map(sum, zip(*hand, strict=True))
+        assert 0 < correct < tokens and hand[0][1] < hand[1][1]  # the test can tell the two ways of averaging apart
+        assert seen[-1]["mean_token_accuracy"] == pytest.approx(correct / tokens, rel=1e-6)
+        assert seen[-1]["entropy"] == pytest.approx(entropy / tokens, rel=1e-4)
+        assert seen[-1]["mean_token_accuracy"] != pytest.approx(sum(h[0] / h[1] for h in hand) / 2)  # not trl's way
+    finally:
+        trainer.pop_callback(Capture)
+        trainer.add_callback(jsonl)
+
+
 @pytest.mark.parametrize("loss_on, kernel", [("completion", "sdpa"), ("all", "sdpa"), ("completion", "eager")])
 def test_packed_rows_give_the_unpacked_loss_and_gradients(smoke, loss_on, kernel):
     """train.packing puts a micro-batch's examples in one row, with position ids restarting at each: the loss
@@ -299,6 +347,7 @@ def test_training_loss_falls_and_outputs_are_written(lora_run):
     eval_accuracy = [r["eval_mean_token_accuracy"] for r in log if "eval_loss" in r]
     assert len(accuracy) == len(losses) and len(eval_accuracy) == len(evals)
     assert all(0 <= a <= 1 for a in accuracy + eval_accuracy)
+    assert all(r["entropy"] > 0 and r["num_tokens"] == r["num_input_tokens_seen"] for r in log if "loss" in r)
     assert metrics["first_train_loss"] == losses[0] and metrics["last_train_loss"] == losses[-1]
     assert metrics["optimizer_steps"] == len(run.log.step_seconds) > 0
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_gib"] > 0

@@ -635,7 +635,8 @@ class AnswerOnlySFTTrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.accuracies = {"train": [], "eval": []}  # each micro-batch's answer-token accuracy since the last log
+        # since the last logged point, every process's: answer tokens predicted right, answer tokens, their entropy
+        self.sums = {mode: torch.zeros(3, dtype=torch.float64) for mode in ("train", "eval")}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_fsdp_enabled:
@@ -652,20 +653,35 @@ class AnswerOnlySFTTrainer(SFTTrainer):
             # processes' gradients: each process's share of the sum is scaled back up, as the Trainer does
             loss = loss * self.accelerator.num_processes
         with torch.no_grad():
-            mode = "train" if model.training else "eval"
-            accuracy = (logits.argmax(-1) == targets).float().mean().item() if targets.numel() else 0.0
-            self.accuracies[mode].append(accuracy)
+            sums = torch.stack([(logits.argmax(-1) == targets).sum().double(),
+                                torch.tensor(targets.numel(), dtype=torch.float64, device=logits.device),
+                                entropy_sum(logits)])
+            self.sums["train" if model.training else "eval"] += self.accelerator.gather(sums[None]).sum(0).cpu()
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
-        """The logged point with ``mean_token_accuracy`` (``eval_mean_token_accuracy`` in an evaluation): the mean
-        over the micro-batches since the last point, as trl logs it for its own loss."""
+        """The logged point with trl's metrics of the answer tokens since the last point, over every process:
+        ``mean_token_accuracy`` (weighted by tokens: the share predicted right), ``entropy`` (the mean entropy of the
+        predicted distribution) and ``num_tokens`` (the input tokens trained on so far); ``eval_`` before each in an
+        evaluation."""
         mode = "train" if self.model.training else "eval"
-        if self.accuracies[mode]:
-            key = "mean_token_accuracy" if mode == "train" else "eval_mean_token_accuracy"
-            logs = {**logs, key: sum(self.accuracies[mode]) / len(self.accuracies[mode])}
-            self.accuracies[mode].clear()
+        correct, tokens, entropy = self.sums[mode].tolist()
+        if tokens:
+            prefix = "" if mode == "train" else "eval_"
+            logs = {**logs, f"{prefix}mean_token_accuracy": correct / tokens, f"{prefix}entropy": entropy / tokens,
+                    f"{prefix}num_tokens": self.state.num_input_tokens_seen}
+            self.sums[mode].zero_()
         return super().log(logs, *args, **kwargs)
+
+
+def entropy_sum(logits, chunk: int = 1024):
+    """The summed entropy (nats) of the distributions ``logits`` [tokens, vocab] give, a chunk of rows at a time (with
+    ``train.loss_on: all`` every token is a row: a whole log-softmax at once would double the logits' memory)."""
+    total = logits.new_zeros((), dtype=torch.float64)
+    for rows in logits.split(chunk):
+        logp = rows.float().log_softmax(-1)
+        total += -(logp.exp() * logp).sum().double()
+    return total
 
 
 class OneDeviceConfig(SFTConfig):
