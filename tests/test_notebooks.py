@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from helpers import REPO, processes_of, server_processes, without_llama_cpp
-from medqa_zh import export, merge, prompts, report, steps, tiny
+from medqa_zh import evaluate, export, merge, prompts, report, steps, tiny
 
 pytestmark = pytest.mark.slow
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
@@ -475,9 +475,16 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
             assert r["detectable_vs_base"] == "" or float(r["detectable_vs_base"]) > 0  # "": the two never disagree
     assert {r["primary"] for r in rows.values() if r["primary"]} == {"merged vs base", "merged+rag bm25 vs merged"}
     assert rows["merged", "debiased"]["primary"] == "merged vs base"
-    family = [(r["p_vs_base"], r["p_adj_vs_base"]) for r in rows.values() if r["p_vs_base"]]
-    family += [(r["p_vs_no_rag"], r["p_adj_vs_no_rag"]) for r in rows.values() if r["p_vs_no_rag"]]
-    assert family and all(float(adj) >= float(p) for p, adj in family)  # every p beside its Holm-adjusted p
+    family = [(r["p_vs_base"], r["p_adj_vs_base"], r["family_vs_base"]) for r in rows.values() if r["p_vs_base"]]
+    family += [(r["p_vs_no_rag"], r["p_adj_vs_no_rag"], r["family_vs_no_rag"]) for r in rows.values() if r["p_vs_no_rag"]]
+    assert family and all(float(adj) >= float(p) for p, adj, _ in family)  # every p beside its Holm-adjusted p
+    # two Holm families: the pre-registered comparisons among themselves, every other difference on its own
+    assert rows["merged", "debiased"]["family_vs_base"] == "primary" == rows["merged", "debiased+rag bm25"]["family_vs_no_rag"]
+    primary = [(float(p), float(adj)) for p, adj, name in family if name == "primary"]
+    exploratory = [(float(p), float(adj)) for p, adj, name in family if name == "exploratory"]
+    assert len(primary) == 2 and len(primary) + len(exploratory) == len(family)
+    for members in (primary, exploratory):
+        assert [adj for _, adj in members] == pytest.approx(evaluate.holm([p for p, _ in members]), rel=1e-9)
     # the pre-registered comparisons on the whole eval split, its two halves and the replication set
     with open(out / "tables" / "10_primary.csv", encoding="utf-8") as f:
         checks = [(r["comparison"], r["set"], int(r["n"])) for r in csv.DictReader(f)]
@@ -497,12 +504,20 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     verdict = (out / "tables" / f"{report.VERDICT_TEXT}.md").read_text(encoding="utf-8")
     said = [_outputs_text(nb, i) for i in range(len(nb["cells"]))]
     where = [next(i for i, t in enumerate(said) if mark in t) for mark in
-             (verdict, f"Holm by hand equals the table's p_adj_* for all {len(family)} p-values", "accuracy [95% CI]")]
+             (verdict, f"Holm by hand equals the table's p_adj_* in both families: the {len(primary)} pre-registered "
+                       f"comparisons among themselves, the {len(exploratory)} exploratory differences on their own",
+              "accuracy [95% CI]")]
     assert where == sorted(where) and len(set(where)) == 3, where
-    assert f"adjusted over all {len(family)} paired differences" in verdict
+    assert f"adjusted among the {len(primary)} pre-registered comparisons alone" in verdict
+    assert f"the table's other {len(exploratory)} paired differences are exploratory" in verdict
+    assert "[unadjusted 95% CI" in verdict and "[95% CI" not in verdict  # the intervals beside adjusted decisions
     assert "  merged vs base: p = " in said[where[1]] and "  merged+rag bm25 vs merged: p = " in said[where[1]]
     index = (out / "reports" / "index.html").read_text(encoding="utf-8")
     assert index.index("<section id='verdict'>") < index.index("<strong>merged vs base</strong>") < index.index("<table")
+    # each adjusted p with its family in words, the intervals labelled unadjusted, the detectable Δ as observed
+    assert index.count(" (primary)</td>") == len(primary) and index.count(" (exploratory)</td>") == len(exploratory)
+    assert "<th>Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)</th>" in index
+    assert "<th>detectable Δ (80% power, from the observed disagreement)</th>" in index
     for fig in ("accuracy", "loss_curves", "learning_curve", "letters", "sections", "rag_ablation", "retrieval_quality"):
         assert (out / "figures" / f"10_{fig}.png").stat().st_size > 5000, fig
 

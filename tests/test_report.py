@@ -197,18 +197,21 @@ def test_significance_names_each_difference_below_alpha_and_only_those():
     base, better, same = _rows([0] * 12), _rows([1] * 12), _rows([0] * 11 + [1])
     table = report.results_table({("base", "letter"): base, ("lora", "letter"): better, ("full", "letter"): same})
     text = report.significance(table)
-    assert text.startswith("1 of 2 paired differences have a Holm-adjusted p < 0.05 (adjusted over these 2; 1 unadjusted)")
+    assert text.startswith("1 of 2 paired differences have a Holm-adjusted p < 0.05 (1 unadjusted; each adjusted within "
+                           "its family: 2 exploratory)")
     lines = {line.split("**")[1]: line for line in text.splitlines()[1:]}
     assert set(lines) == {"lora / letter", "full / letter"}  # every difference, said in words
-    assert "a significant gain of +100.0 points [95% CI" in lines["lora / letter"]
+    assert "a significant gain of +100.0 points [unadjusted 95% CI" in lines["lora / letter"]
     assert lines["lora / letter"].startswith("- exploratory: ")  # nothing was pre-registered here
     # not significant: how large a gain the data still allow, and what these questions could detect
     low, high = (100 * v for v in evaluate.paired_difference_ci(0, 1, 0, 11))
-    assert f"no significant difference, +8.3 points [95% CI {low:+.1f}, {high:+.1f}], p = 1, adjusted p = 1" in lines[
+    assert f"no significant difference, +8.3 points [unadjusted 95% CI {low:+.1f}, {high:+.1f}], p = 1, adjusted p = 1" in lines[
         "full / letter"]
     detectable = 100 * evaluate.detectable_difference(12, 1)
     assert f"a gain larger than {high:.1f} points" in lines["full / letter"]
-    assert f"these questions detect {detectable:.1f} points with 80% power" in lines["full / letter"]
+    assert "are ruled out by the unadjusted 95% interval" in lines["full / letter"]
+    assert (f"these questions detect {detectable:.1f} points with 80% power, given the disagreement observed here"
+            in lines["full / letter"])
     assert report.significance(report.results_table({("base", "letter"): base, ("full", "letter"): same})).startswith(
         "0 of 1 paired differences have a Holm-adjusted p")
     assert report.significance(report.results_table({("base", "letter"): base})).startswith("No paired test yet")
@@ -348,6 +351,97 @@ def test_the_verdict_names_only_the_preregistered_comparison():
     assert "no significant difference" in text and "not replicated" in text
     words = report.significance(table)
     assert "exploratory: **merged / letter**" in words and "primary: **merged / generate**" in words
+
+
+PRE_REGISTERED = ["merged vs base", "merged+rag bm25 vs merged"]
+
+
+def _two_families():
+    """The pre-registered comparisons measured in the letter reading (merged vs base: p = 2 / 2**10; with passages:
+    4 discordant, p = 0.125), and exploratory steps beside them: generated answers, and the API with passages."""
+    primary = {("base", "letter"): _rows([0] * 40), ("merged", "letter"): _rows([1] * 10 + [0] * 30),
+               ("merged", "letter+rag bm25"): _rows([1] * 14 + [0] * 26), ("full", "letter"): _rows([1] * 6 + [0] * 34)}
+    exploratory = {("base", "generate"): _rows([0] * 40), ("merged", "generate"): _rows([1] * 7 + [0] * 33),
+                   ("merged", "api"): _rows([0] * 40), ("merged", "api+rag bm25"): _rows([1] * 8 + [0] * 32)}
+    return primary, exploratory, report.primary_comparisons("letter", PRE_REGISTERED)
+
+
+def _adjusted(table, model, evaluation, suffix):
+    return table.set_index(["model", "evaluation"]).loc[(model, evaluation), f"p_adj_{suffix}"]
+
+
+def test_turning_an_exploratory_step_off_leaves_the_primary_verdicts_adjusted_p_unchanged():
+    primary, exploratory, comparisons = _two_families()
+    with_all = report.results_table({**primary, **exploratory}, primary=comparisons)
+    without = report.results_table(primary, primary=comparisons)  # 06's generated answers and 07/08's API off
+    for c in comparisons:
+        assert _adjusted(with_all, c.model, c.evaluation, c.suffix) == _adjusted(without, c.model, c.evaluation, c.suffix)
+    # the primary family is the two pre-registered comparisons, adjusted among themselves
+    p = 2 / 2**10
+    assert _adjusted(with_all, "merged", "letter", "vs_base") == pytest.approx(2 * p)
+    assert _adjusted(with_all, "merged", "letter+rag bm25", "vs_no_rag") == pytest.approx(0.125)
+    # and the verdict says the same adjusted p, whatever else the report shows
+    words = [report.verdict(t, report.primary_checks(comparisons, {"eval": (answers, None)}), comparisons, "letter")
+             for t, answers in ((with_all, {**primary, **exploratory}), (without, primary))]
+    said = [re.search(r"\*\*merged vs base\*\*.*?adjusted p = ([\d.e-]+)", w).group(1) for w in words]
+    assert said[0] == said[1] == f"{2 * p:.2g}"
+    assert "adjusted among the 2 pre-registered comparisons alone" in words[0] and "other 3 paired differences" in words[0]
+    assert "other 1 paired differences" in words[1]  # full vs base: exploratory in both
+
+
+def test_a_pre_registered_comparison_not_measured_still_counts_in_the_primary_family():
+    primary, _, comparisons = _two_families()
+    del primary["merged", "letter+rag bm25"], primary["full", "letter"]  # 08 off: the passages comparison not measured
+    table = report.results_table(primary, primary=comparisons)
+    p = 2 / 2**10
+    assert _adjusted(table, "merged", "letter", "vs_base") == pytest.approx(2 * p)  # m = 2 all the same (p = 1 for it)
+    assert "not measured in this run" in report.verdict(table, report.primary_checks(comparisons, {}), comparisons, "letter")
+
+
+def test_exploratory_differences_are_adjusted_within_their_own_family_and_the_table_says_which():
+    primary, exploratory, comparisons = _two_families()
+    table = report.results_table({**primary, **exploratory}, primary=comparisons)
+    tested = [(i, s) for s in report.SUFFIXES for i in table.index if table.at[i, f"p_{s}"] == table.at[i, f"p_{s}"]]
+    family = {(table.at[i, "model"], table.at[i, "evaluation"], s): table.at[i, f"family_{s}"] for i, s in tested}
+    assert family == {("merged", "letter", "vs_base"): "primary", ("merged", "letter+rag bm25", "vs_no_rag"): "primary",
+                      ("full", "letter", "vs_base"): "exploratory", ("merged", "generate", "vs_base"): "exploratory",
+                      ("merged", "api+rag bm25", "vs_no_rag"): "exploratory"}
+    for name in ("primary", "exploratory"):
+        members = [(i, s) for i, s in tested if table.at[i, f"family_{s}"] == name]
+        assert [table.at[i, f"p_adj_{s}"] for i, s in members] == evaluate.holm([table.at[i, f"p_{s}"] for i, s in members])
+    # no test, no family: the base rows, and vs_no_rag of a row without passages
+    assert set(table.loc[table["p_vs_base"].isna(), "family_vs_base"]) == {""}
+    assert set(table.loc[table["p_vs_no_rag"].isna(), "family_vs_no_rag"]) == {""}
+    # nothing pre-registered: every difference is exploratory, one family (06's and 08's tables)
+    alone = report.results_table({**primary, **exploratory})
+    p = alone["p_vs_base"].dropna().tolist() + alone["p_vs_no_rag"].dropna().tolist()
+    got = alone["p_adj_vs_base"].dropna().tolist() + alone["p_adj_vs_no_rag"].dropna().tolist()
+    assert got == evaluate.holm(p) and set(alone["family_vs_base"]) | set(alone["family_vs_no_rag"]) == {"", "exploratory"}
+
+
+def test_intervals_beside_adjusted_decisions_say_unadjusted_and_the_detectable_difference_says_observed(tmp_path):
+    primary, exploratory, comparisons = _two_families()
+    answers = {**primary, **exploratory}
+    table = report.results_table(answers, primary=comparisons)
+    readable = report.readable_frame(table).set_index(["model", "reading"])
+    assert "Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)" in readable.columns
+    assert "detectable Δ (80% power, from the observed disagreement)" in readable.columns
+    cell = readable.loc[("merged", "letter"), "Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)"]
+    assert cell.endswith(f"adjusted {2 * 2 / 2**10:.2g} (primary)"), cell
+    assert readable.loc[("full", "letter"), "Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)"].endswith(
+        "(exploratory)")
+    assert "unadjusted 95% interval" in report.READING_NOTE and "observed disagreement" in report.READING_NOTE
+    checks = report.primary_checks(comparisons, {"eval": (answers, None)})
+    text = report.verdict(table, checks, comparisons, "letter")
+    assert "+25.0 points [unadjusted 95% CI" in text and "The 95% intervals are unadjusted" in text
+    assert "ruled out by the unadjusted 95% interval" in text  # the passages comparison: not significant
+    assert "[95% CI" not in text and "ruled out at 95%" not in text
+    assert "| Δ [unadjusted 95% CI] | p (unadjusted) |" in report.readable_checks(checks)
+    # the index shows the family in words beside each adjusted p
+    files.write_table(table, tmp_path / "tables" / f"{report.RESULTS_TABLE}.csv")
+    page = report.write_index(tmp_path, ["10_report"]).read_text(encoding="utf-8")
+    assert "<th>Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)</th>" in page
+    assert page.count(" (primary)</td>") == 2 and page.count(" (exploratory)</td>") == 3
 
 
 def test_primary_comparisons_parse_the_two_kinds_and_refuse_others():

@@ -382,10 +382,11 @@ def _against(model: str, evaluation: str, suffix: str) -> tuple[str, str] | None
 def results_table(answers: dict, baselines=None, primary=()):
     """One row per (model, reading) of :func:`readings`: n, accuracy, its 95% interval, invalid and
     failed answers, and two paired comparisons on the same questions, each the difference in
-    accuracy with its 95% interval (:func:`evaluate.paired_difference_ci`), the exact McNemar p,
-    the Holm-adjusted p (``p_adj_*``, :func:`evaluate.holm`: the family is every paired difference in
-    this table) and the smallest difference those questions could detect (80% power, alpha 0.05,
-    :func:`evaluate.detectable_difference`): against the base model on the same reading
+    accuracy with its 95% interval (:func:`evaluate.paired_difference_ci`, unadjusted: one comparison at a
+    time), the exact McNemar p, the Holm-adjusted p (``p_adj_*``, :func:`evaluate.holm`) with the family it is
+    adjusted in (``family_*``, :func:`holm_families`: ``primary`` or ``exploratory``) and the smallest difference
+    those questions could detect (80% power, alpha 0.05, :func:`evaluate.detectable_difference`, from the share
+    of questions the two readings disagree on in this run): against the base model on the same reading
     (``vs_base``) and, for RAG rows, against the same model without passages (``vs_no_rag``).
     ``primary``: the pre-registered :class:`Comparison` objects; column ``primary`` names the one a row
     carries (every other difference is exploratory). ``baselines`` (:func:`evaluate.baselines`) come
@@ -408,17 +409,43 @@ def results_table(answers: dict, baselines=None, primary=()):
         rows.append({"model": b["model"], "evaluation": "baseline", "n": b["n"], "accuracy": b["accuracy"],
                      "ci_low": b["ci_low"], "ci_high": b["ci_high"], "primary": ""})
     columns = ["model", "evaluation", "n", "accuracy", "ci_low", "ci_high", "consistency", "invalid_rate", "failed"]
-    columns += [c for suffix in SUFFIXES for c in _comparison(suffix, None)] + ["primary"]
-    table = pd.DataFrame(rows, columns=columns)
-    family = [(i, suffix) for suffix in SUFFIXES for i in range(len(table)) if table.at[i, f"p_{suffix}"] == table.at[i, f"p_{suffix}"]]
-    for (i, suffix), adjusted in zip(family, evaluate.holm([table.at[i, f"p_{suffix}"] for i, suffix in family]),
-                                     strict=True):
-        table.at[i, f"p_adj_{suffix}"] = adjusted
+    for suffix in SUFFIXES:  # family_<suffix> beside p_adj_<suffix>
+        comparison = list(_comparison(suffix, None))
+        comparison.insert(comparison.index(f"p_adj_{suffix}") + 1, f"family_{suffix}")
+        columns += comparison
+    table = pd.DataFrame(rows, columns=columns + ["primary"]).assign(**{f"family_{s}": "" for s in SUFFIXES})
+    for family, members in holm_families(table, primary).items():
+        for (i, suffix), adjusted in members:
+            table.at[i, f"p_adj_{suffix}"] = adjusted
+            table.at[i, f"family_{suffix}"] = family
     order = tuple(e.replace(results.ROTATIONS, "debiased") for e in results.ORDER)
     key = table.apply(lambda r: (results.position(r["evaluation"], order),  # baselines last, as given
                                  results.position(r["model"], models.NAMES) if r["evaluation"] != "baseline" else ()),
                       axis=1)
     return table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
+
+
+PRIMARY_FAMILY, EXPLORATORY_FAMILY = "primary", "exploratory"  # the two Holm families of a results table
+
+
+def holm_families(table, primary=()) -> dict:
+    """Holm's adjustment of a results table's paired differences (``p_vs_base``, ``p_vs_no_rag``) in two families,
+    each adjusted on its own (:func:`evaluate.holm`): ``primary``, the pre-registered comparisons (``primary``:
+    :class:`Comparison` objects) among themselves, and ``exploratory``, every other difference in ``table``.
+    The primary family is what was named before the run, whatever else the table shows: its size is the number of
+    pre-registered comparisons, and one this run did not measure counts as p = 1 (so turning a step off can make
+    no other look stronger); turning an exploratory step on or off changes no primary adjusted p. Returns
+    ``{family: [((row index, suffix), adjusted p), ...]}``, measured differences only, the primary family first."""
+    named = list(dict.fromkeys((c.model, c.evaluation, c.suffix) for c in primary))
+    tested = {(table.at[i, "model"], table.at[i, "evaluation"], suffix): (i, suffix)
+              for suffix in SUFFIXES for i in table.index if table.at[i, f"p_{suffix}"] == table.at[i, f"p_{suffix}"]}
+    families = {}
+    others = [k for k in tested if k not in set(named)]
+    for family, keys, missing in ((PRIMARY_FAMILY, named, 1.0), (EXPLORATORY_FAMILY, others, None)):
+        p = [table.at[tested[k][0], f"p_{tested[k][1]}"] if k in tested else missing for k in keys]
+        families[family] = [(tested[k], adjusted) for k, adjusted in zip(keys, evaluate.holm(p), strict=True)
+                            if k in tested]
+    return families
 
 
 def _comparison(suffix: str, test: dict | None) -> dict:
@@ -516,7 +543,7 @@ def validation_check(curve) -> dict | None:
 
 
 def _points(d, low, high) -> str:
-    return f"{100 * d:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}]"
+    return f"{100 * d:+.1f} points [unadjusted 95% CI {100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def _shows(d, p, alpha) -> int:
@@ -530,16 +557,19 @@ FINE_TUNED = ("lora", "merged")  # the models 02's learning curve (validation) s
 def verdict(table, checks, comparisons, reading: str, validation: dict | None = None,
             replication_note: str | None = None, alpha: float = 0.05) -> str:
     """10's verdict, in words, on the pre-registered comparisons only (markdown). For each: the difference in
-    ``reading`` on the eval split with its 95% interval, p and Holm-adjusted p (from ``table``,
-    :func:`results_table`); the same on each half of the eval split and on the replication set (``checks``,
-    :func:`primary_checks`); and, for fine-tuning, the run's validation evidence (``validation``,
-    :func:`validation_check`). A difference is *significant* when its adjusted p is below ``alpha``; it is
+    ``reading`` on the eval split with its 95% interval (unadjusted, and said so), p and Holm-adjusted p (from
+    ``table``, :func:`results_table`: adjusted among the pre-registered comparisons only); the same on each half of
+    the eval split and on the replication set (``checks``, :func:`primary_checks`); and, for fine-tuning, the run's
+    validation evidence (``validation``, :func:`validation_check`). A difference is *significant* when its adjusted p is below ``alpha``; it is
     *replicated* only when the replication set shows it too (p below ``alpha``, same sign), and *unconfirmed*
     when validation, the replication set or the two halves do not agree with it."""
-    family = int(sum(table[f"p_{s}"].notna().sum() for s in SUFFIXES))
+    family = len({(c.model, c.evaluation, c.suffix) for c in comparisons})
+    others = int(sum((table[f"family_{s}"] == EXPLORATORY_FAMILY).sum() for s in SUFFIXES))
     lines = [f"**Pre-registered** (`eval.primary_reading`: **{reading}**; `eval.primary_comparisons`). Significant "
-             f"means a Holm-adjusted p below {alpha}, adjusted over all {family} paired differences this report shows; "
-             "every other difference in the table is exploratory."]
+             f"means a Holm-adjusted p below {alpha}, adjusted among the {family} pre-registered comparisons alone "
+             "(the primary family, fixed before the run: one not measured counts as p = 1, and nothing else the "
+             f"report shows changes it); the table's other {others} paired differences are exploratory, adjusted as "
+             "a family of their own. The 95% intervals are unadjusted, one comparison at a time."]
     if not comparisons:
         return lines[0] + "\n\nNo comparison is pre-registered (`eval.primary_comparisons` is empty)."
     rows = table.set_index(["model", "evaluation"])
@@ -589,8 +619,8 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
                               + ", eval " + ("none" if shown == 0 else "a gain" if shown > 0 else "a loss"))
         if shown == 0:
             head = (f"no significant difference: a gain larger than {100 * high:.1f} points and a loss larger than "
-                    f"{-100 * low:.1f} are ruled out at 95%" if low < 0 < high else
-                    "no significant difference after the adjustment for the differences reported")
+                    f"{-100 * low:.1f} are ruled out by the unadjusted 95% interval" if low < 0 < high else
+                    "no significant difference after the adjustment among the pre-registered comparisons")
             head += "".join(f"; {doubt}" for doubt in doubts)
         elif doubts:
             head = f"a {'gain' if shown > 0 else 'loss'} on eval, **unconfirmed**: " + "; ".join(doubts)
@@ -645,11 +675,12 @@ def rag_table(answers: dict, baselines=None):
 
 def significance(table, alpha: float = 0.05) -> str:
     """What :func:`results_table` says, in words, one line per paired comparison: a difference whose
-    Holm-adjusted p is below ``alpha`` as a finding with its size and 95% interval; any other as what it
-    rules out (the interval's bounds: "a gain larger than Y points is ruled out at 95%"), with the smallest
-    difference those questions could have detected. Each line gives p and the adjusted p and says whether the
-    comparison was pre-registered (``primary``) or is exploratory. Markdown."""
-    lines, found, raw, tested = [], 0, 0, 0
+    Holm-adjusted p is below ``alpha`` as a finding with its size and unadjusted 95% interval; any other as what
+    it rules out (the interval's bounds: "a gain larger than Y points is ruled out by the unadjusted 95%
+    interval"), with the smallest difference those questions could have detected (from the disagreement observed
+    in this run). Each line gives p and the adjusted p and says which Holm family the comparison is adjusted in:
+    pre-registered (``primary``) or exploratory. Markdown."""
+    lines, found, raw, tested, families = [], 0, 0, 0, Counter()
     for _, r in table.iterrows():
         for suffix, against in (("vs_base", "the base model"), ("vs_no_rag", "the same model without passages")):
             p = r.get(f"p_{suffix}")
@@ -657,38 +688,34 @@ def significance(table, alpha: float = 0.05) -> str:
                 continue
             tested += 1
             raw += p < alpha
-            p_adj = r[f"p_adj_{suffix}"]
+            p_adj, role = r[f"p_adj_{suffix}"], r[f"family_{suffix}"]
+            families[role] += 1
             d, low, high = (100 * r[f"diff_{suffix}{end}"] for end in ("", "_low", "_high"))
-            role = "primary" if _primary_suffix(r.get("primary")) == suffix else "exploratory"
             what = f"{role}: **{r['model']} / {r['evaluation']}** against {against} (n = {int(r['n'])})"
-            size = f"{d:+.1f} points [95% CI {low:+.1f}, {high:+.1f}], p = {p:.3g}, adjusted p = {p_adj:.3g}"
+            size = f"{d:+.1f} points [unadjusted 95% CI {low:+.1f}, {high:+.1f}], p = {p:.3g}, adjusted p = {p_adj:.3g}"
             if p_adj < alpha:
                 found += 1
                 lines.append(f"- {what}: a significant {'gain' if d > 0 else 'loss'} of {size}.")
             else:
                 if low < 0 < high:
-                    bound = f"a gain larger than {high:.1f} points, and a loss larger than {-low:.1f}, are ruled out at 95%"
+                    bound = (f"a gain larger than {high:.1f} points, and a loss larger than {-low:.1f}, are ruled out by "
+                             "the unadjusted 95% interval")
                 elif p < alpha:
                     bound = "significant alone, but not once adjusted for the differences reported"
                 else:  # the interval misses 0 while the exact test, more conservative, stays above alpha
-                    bound = "the interval excludes no change, but the exact test does not reach the threshold: borderline"
+                    bound = ("the unadjusted interval excludes no change, but the exact test does not reach the threshold: "
+                             "borderline")
                 detectable = r.get(f"detectable_{suffix}")
                 power = ("" if detectable is None or detectable != detectable else
-                         f"; these questions detect {100 * detectable:.1f} points with 80% power")
+                         f"; these questions detect {100 * detectable:.1f} points with 80% power, given the "
+                         "disagreement observed here")
                 lines.append(f"- {what}: no significant difference, {size}: {bound}{power}.")
     if not tested:
         return "No paired test yet: it needs the base model and another model (or a RAG run) on the same questions."
-    head = (f"{found} of {tested} paired differences have a Holm-adjusted p < {alpha} (adjusted over these {tested}; "
-            f"{raw} unadjusted). Each difference, with what it shows:")
+    split = ", ".join(f"{n} {family}" for family, n in sorted(families.items(), key=lambda f: f[0] != PRIMARY_FAMILY))
+    head = (f"{found} of {tested} paired differences have a Holm-adjusted p < {alpha} ({raw} unadjusted; each adjusted "
+            f"within its family: {split}). Each difference, with what it shows:")
     return "\n".join([head, *lines])
-
-
-def _primary_suffix(name) -> str | None:
-    """Which test of its row a results table's ``primary`` name is (``vs_base`` or ``vs_no_rag``, as
-    :func:`primary_comparisons` parses it; the reading does not change it); None for no name (exploratory)."""
-    if not isinstance(name, str) or not name:
-        return None
-    return primary_comparisons(READINGS[0], [name])[0].suffix
 
 
 def letter_table(answers: dict, evaluation: str = "letter"):
@@ -789,22 +816,28 @@ def _pct(v) -> str:
 
 
 def _difference(row, suffix: str) -> str:
-    """``+2.9 [-2.0, +7.8], p = 0.28, adjusted 1`` (points), or ``—`` where the row has no such comparison."""
+    """``+2.9 [-2.0, +7.8], p = 0.28, adjusted 1 (exploratory)`` (points; the interval unadjusted, the adjusted p
+    with its Holm family), or ``—`` where the row has no such comparison."""
     p = row.get(f"p_{suffix}")
     if p is None or p != p:
         return "—"
     d, low, high = (100 * row[f"diff_{suffix}{end}"] for end in ("", "_low", "_high"))
-    return f"{d:+.1f} [{low:+.1f}, {high:+.1f}], p = {p:.2g}, adjusted {row[f'p_adj_{suffix}']:.2g}"
+    return (f"{d:+.1f} [{low:+.1f}, {high:+.1f}], p = {p:.2g}, adjusted {row[f'p_adj_{suffix}']:.2g} "
+            f"({row[f'family_{suffix}']})")
 
 
-READABLE_COLUMNS = ("model", "reading", "n", "accuracy [95% CI]", "Δ vs base [95% CI], p",
-                    "Δ vs no passages [95% CI], p", "detectable Δ (80% power)", "pre-registered")
+READABLE_COLUMNS = ("model", "reading", "n", "accuracy [95% CI]",
+                    "Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)",
+                    "Δ vs no passages [unadjusted 95% CI], p, Holm-adjusted p (family)",
+                    "detectable Δ (80% power, from the observed disagreement)", "pre-registered")
 
 
 def readable_frame(table) -> pd.DataFrame:
     """:func:`results_table` as a reader wants it: accuracy [95% CI] in percent, each difference in points with its
-    interval, p and Holm-adjusted p, the detectable difference, the pre-registered comparison a row carries, and
-    the baselines as rows of their own (``READABLE_COLUMNS``; every cell text but ``n``)."""
+    (unadjusted) interval, p and Holm-adjusted p with the family it is adjusted in (``primary``: the pre-registered
+    comparisons among themselves; ``exploratory``), the detectable difference (from the disagreement observed in
+    this run), the pre-registered comparison a row carries, and the baselines as rows of their own
+    (``READABLE_COLUMNS``; every cell text but ``n``)."""
     rows = []
     for _, r in table.iterrows():
         detectable = r["detectable_vs_no_rag"] if r["detectable_vs_no_rag"] == r["detectable_vs_no_rag"] \
@@ -823,8 +856,9 @@ def readable_results(table) -> str:
 
 
 def readable_checks(checks) -> str:
-    """:func:`primary_checks` as markdown: each pre-registered comparison on each question set, in points."""
-    lines = ["| comparison | questions | n | Δ [95% CI] | p |", "|---|---|---|---|---|"]
+    """:func:`primary_checks` as markdown: each pre-registered comparison on each question set, in points (the
+    interval and p unadjusted: each a check of one difference)."""
+    lines = ["| comparison | questions | n | Δ [unadjusted 95% CI] | p (unadjusted) |", "|---|---|---|---|---|"]
     for _, r in checks.iterrows():
         lines.append(f"| {r['comparison']} | {r['set']} | {int(r['n'])} | {100 * r['diff']:+.1f} "
                      f"[{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}] | {r['p']:.2g} |")
@@ -856,9 +890,12 @@ def _both(english: str, chinese: str) -> str:
 
 
 READING_NOTE = ("Accuracy in percent with its 95% interval; each Δ in percentage points, paired on the same "
-                "questions, with its 95% interval, p (exact McNemar) and p adjusted for every difference the table "
-                "shows (Holm); the detectable Δ is the smallest difference these questions find 80% of the time. "
-                "The baselines are rows of their own (chance, always the commonest training letter).")
+                "questions, with its unadjusted 95% interval (one comparison at a time), p (exact McNemar) and p "
+                "adjusted by Holm within its family: primary (the pre-registered comparisons, among themselves; the "
+                "verdict's) or exploratory (every other difference, as a family of its own); the detectable Δ is the "
+                "smallest difference these questions find 80% of the time, given how often the two readings disagree "
+                "in this run (the observed disagreement, not a share planned before the run). The baselines are rows "
+                "of their own (chance, always the commonest training letter).")
 RESULTS_TABLE = "10_results"  # results_table as 10 writes it: .csv and .md (the index shows it)
 PRIMARY_TABLE = "10_primary"  # primary_checks as 10 writes it: .csv
 VERDICT_TEXT = "10_verdict"  # verdict as 10 writes it: .md (the index opens with it)
