@@ -635,7 +635,7 @@ def quantization_table(reference: dict, quantized: dict, name: str = "merged"):
     """What quantization costs (04): one row per file and reading (``letter``: plain; ``pride``: debiased with the
     file's own calibration prior), with its accuracy and 95% interval, how often it chooses the model's option,
     and the paired comparison with the model itself on the same reading (difference with its 95% interval, exact
-    McNemar p, the smallest difference these questions could detect). ``reference``: the model's
+    McNemar p, the smallest difference these questions could detect, given how often the two disagree here). ``reference``: the model's
     ``{"letter": rows, "calibration": rows}``; ``quantized``: ``{quantization: the same}`` (``results.gguf_cached``)."""
     def read(got):
         prior = debias.estimate_prior(got[results.CALIBRATION])
