@@ -196,6 +196,13 @@ def test_the_llamacpp_server_checks_the_key_and_answers_like_the_file(exported, 
         assert unknown.status_code == 400
         other = httpx.post(server.url + "/v1/chat/completions", json={**body, "model": "x"}, headers=server.headers())
         assert other.status_code == 404
+        for bad, param in (({"logit_bias": {"99999999": 5}}, "logit_bias"), ({"seed": 2**80}, "seed"),
+                           ({"stream_options": {"include_usage": True}}, "stream_options")):
+            r = httpx.post(server.url + "/v1/chat/completions", json={**body, **bad}, headers=server.headers())
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+        both = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_completion_tokens": 2},
+                          headers=server.headers(), timeout=60)
+        assert both.json()["usage"]["completion_tokens"] <= 2, both.text  # max_completion_tokens over max_tokens
         reply = server.client().chat.completions.create(**body)
         prompt = len(export.server_tokens(export.load(exported["q8_0"]), messages))
         assert reply.usage.prompt_tokens == prompt

@@ -2,17 +2,23 @@
 queue, the stream mender and the error shape (medqa_zh.serve_child). test_serve.py checks them on a live server."""
 import asyncio
 import json
+import threading
 
 import pytest
 
 from medqa_zh import serve_child as child
 
 OK = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+VOCAB = 1000  # the served model's token ids: 0 to 999
 
 
-def refused(body):
+def check(body, backend="transformers"):
+    return child.check_request(body, "m", VOCAB, backend=backend)
+
+
+def refused(body, backend="transformers"):
     with pytest.raises(child.ApiError) as e:
-        child.check_request(body, "m")
+        check(body, backend)
     return e.value
 
 
@@ -53,6 +59,16 @@ MALFORMED = [  # (what, body, status, param)
     ("top_logprobs above 20", {**OK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("logit_bias with a word for a key", {**OK, "logit_bias": {"hello": 1}}, 400, "logit_bias"),
     ("logit_bias out of range", {**OK, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("logit_bias below the range", {**OK, "logit_bias": {"5": -100.5}}, 400, "logit_bias"),
+    ("logit_bias an id beyond the vocabulary", {**OK, "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+    ("logit_bias the first id past the vocabulary", {**OK, "logit_bias": {str(VOCAB): 5}}, 400, "logit_bias"),
+    ("logit_bias a negative id", {**OK, "logit_bias": {"-1": 5}}, 400, "logit_bias"),
+    ("seed beyond 64 bits", {**OK, "seed": 2**80}, 400, "seed"),
+    ("seed just beyond int64", {**OK, "seed": 2**63}, 400, "seed"),
+    ("seed below int64", {**OK, "seed": -2**63 - 1}, 400, "seed"),
+    ("stream_options with stream false", {**OK, "stream": False, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("stream_options without stream", {**OK, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("response_format of an unknown type", {**OK, "response_format": {"type": "xml"}}, 400, "response_format.type"),
     ("a field the API does not have", {**OK, "max_token": 16}, 400, "max_token"),
     ("transformers' own generation_config", {**OK, "generation_config": "{}"}, 400, "generation_config"),
@@ -84,29 +100,52 @@ def test_a_good_body_passes_as_the_handler_takes_it():
             "response_format": {"type": "text"}, "user": "u", "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                          {"role": "assistant", "content": "a"}, {"role": "user", "content": "again"}]}
-    out = child.check_request(body, "m")
+    out = check(body)
     assert out["stop"] == ["\n"] and out["logit_bias"] == {"12": -100} and out["stream_options"]["include_usage"]
     assert not {"n", "user", "presence_penalty", "frequency_penalty", "response_format"} & set(out)
-    assert child.check_request({**OK, "max_completion_tokens": 5}, "m") == {**OK, "max_tokens": 5}
-    assert "stop" not in child.check_request({**OK, "stop": []}, "m")  # lm-evaluation-harness sends []
-    assert child.check_request({**OK, "stop": "x"}, "m")["stop"] == ["x"]
-    assert "model" in child.check_request(OK, "m") and child.check_request({"messages": OK["messages"]}, "m")
+    assert check({**OK, "max_completion_tokens": 5}) == {**OK, "max_tokens": 5}
+    assert "stop" not in check({**OK, "stop": []})  # lm-evaluation-harness sends []
+    assert check({**OK, "stop": "x"})["stop"] == ["x"]
+    assert "model" in check(OK) and check({"messages": OK["messages"]})
+    edges = {**OK, "logit_bias": {"0": -100, str(VOCAB - 1): 100}, "seed": -2**63}
+    assert check(edges)["logit_bias"] == edges["logit_bias"] and check({**OK, "seed": 2**63 - 1})["seed"] == 2**63 - 1
+
+
+def test_a_refused_logit_bias_names_the_token_and_the_range():
+    beyond = refused({**OK, "logit_bias": {"99999999": 5}})
+    assert "99999999" in beyond.message and f"0 to {VOCAB - 1}" in beyond.message, beyond.message
+    strong = refused({**OK, "logit_bias": {"5": 101}})
+    assert "101" in strong.message and "[-100, 100]" in strong.message, strong.message
+    for backend in ("transformers", "llamacpp"):
+        assert refused({**OK, "logit_bias": {"99999999": 5}}, backend).param == "logit_bias"
+        assert refused({**OK, "seed": 2**80}, backend).param == "seed"
+    assert "stream=True" in refused({**OK, "stream_options": {"include_usage": True}}).message  # as vLLM says it
+
+
+@pytest.mark.parametrize("backend", ["transformers", "llamacpp"])
+def test_max_completion_tokens_wins_over_max_tokens(backend):
+    both = {**OK, "max_tokens": 4, "max_completion_tokens": 2}
+    out = check(both, backend)
+    assert out["max_tokens"] == 2 and "max_completion_tokens" not in out  # the newer name first, as vLLM and OpenAI
+    assert check({**OK, "max_tokens": 4}, backend)["max_tokens"] == 4
+    # the context check counts the number that is generated: 2 fits, the 5000 that is not used does not matter
+    assert child.context_check(check({**both, "max_tokens": 5000}, backend), 90, 100)["max_tokens"] == 2
 
 
 def test_the_llamacpp_backend_refuses_what_llama_cpp_python_would_ignore_and_keeps_what_it_honours():
     for field, value in (("n", 2), ("logprobs", True), ("top_logprobs", 2), ("tool_choice", "none"),
                          ("chat_template_kwargs", {"enable_thinking": False}), ("stream_options", {"include_usage": True})):
         with pytest.raises(child.ApiError) as e:
-            child.check_request({**OK, field: value}, "m", backend="llamacpp")
+            check({**OK, field: value, "stream": True}, backend="llamacpp")
         assert e.value.status == 400 and e.value.param == field and "llamacpp backend" in e.value.message
     honoured = {**OK, "presence_penalty": 0.5, "frequency_penalty": -1.5, "response_format": {"type": "json_object"},
                 "stop": "x", "max_completion_tokens": 7}
-    out = child.check_request(honoured, "m", backend="llamacpp")
+    out = check(honoured, backend="llamacpp")
     assert out["presence_penalty"] == 0.5 and out["response_format"] == {"type": "json_object"}
     assert out["max_tokens"] == 7 and "max_completion_tokens" not in out  # llama-cpp-python's name for it
-    assert child.check_request({**honoured, "max_tokens": 3}, "m", backend="llamacpp")["max_tokens"] == 3
+    assert check({**honoured, "max_tokens": 3}, backend="llamacpp")["max_tokens"] == 7  # the newer name wins
     with pytest.raises(child.ApiError):  # the transformers backend would get these wrong: refused there
-        child.check_request({**OK, "presence_penalty": 0.5}, "m")
+        check({**OK, "presence_penalty": 0.5})
 
 
 def test_the_context_is_enforced_and_a_missing_max_tokens_capped_to_what_fits():
@@ -306,3 +345,195 @@ def test_the_gate_serves_the_waiting_in_the_order_they_came():
         return order
 
     assert asyncio.run(scenario()) == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- the apps, in this process (no server)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_assets):
+    return child.Engine.load(str(tiny_assets["model"]), "float32")
+
+
+def _asgi(app, body: dict, hang_up: asyncio.Event | None = None):
+    """``POST /v1/chat/completions`` straight into the ASGI ``app``, as uvicorn calls it (ASGI spec 2.3); the
+    client hangs up once ``hang_up`` is set. Returns the status and the body's bytes."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": child.CHAT, "raw_path": child.CHAT.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    sent, out = False, {"status": None, "body": b""}
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await (hang_up or asyncio.Event()).wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    async def call():
+        await app(scope, receive, send)
+        return out["status"], out["body"]
+
+    return call()
+
+
+async def _until(condition, within=30.0):
+    """Wait for ``condition()`` (a state the code reaches, not a time), failing after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the server never got there"
+        await asyncio.sleep(0.01)
+
+
+def test_the_transformers_app_refuses_before_it_generates(engine):
+    """The served model's own vocabulary bounds logit_bias: a 400 on the app, streamed or not, and nothing started."""
+    app = child.app_for(engine, "m", None, {"max_queue": 4, "request_timeout": None})
+    vocab = engine.vocab
+    assert vocab == engine.model.get_output_embeddings().weight.shape[0]
+    base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    for bad, param in (({"logit_bias": {str(vocab): 5}}, "logit_bias"),
+                       ({"logit_bias": {"99999999": 5}, "stream": True}, "logit_bias"),
+                       ({"seed": 2**80}, "seed"), ({"seed": 2**80, "stream": True}, "seed"),
+                       ({"stream_options": {"include_usage": True}}, "stream_options")):
+        status, raw = asyncio.run(_asgi(app, {**base, **bad}))
+        error = json.loads(raw)["error"]
+        assert (status, error["param"], error["code"]) == (400, param, 400), (bad, raw)
+    status, raw = asyncio.run(_asgi(app, {**base, "logit_bias": {str(vocab - 1): 5}, "seed": 2**63 - 1}))
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2, raw
+
+
+def test_max_completion_tokens_over_max_tokens_generates_at_most_that_many(engine):
+    app = child.app_for(engine, "m", None, {"max_queue": 4, "request_timeout": None})
+    base = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    usage = lambda body: json.loads(asyncio.run(_asgi(app, {**base, **body}))[1])["usage"]  # noqa: E731
+    assert usage({"max_tokens": 4})["completion_tokens"] == 4  # the tiny model does write 4 tokens
+    assert usage({"max_tokens": 4, "max_completion_tokens": 2})["completion_tokens"] <= 2
+    # the context check counts the same number: a max_tokens beyond the context does not matter
+    assert usage({"max_tokens": engine.limit + 1, "max_completion_tokens": 2})["completion_tokens"] <= 2
+
+
+HELD = 3  # max_tokens of a request whose generation HeldEngine holds
+
+
+class HeldEngine(child.Engine):
+    """The tiny model's engine, whose generations of ``HELD`` tokens hold the worker thread until the test lets
+    them go (streamed ones send no text); ``log`` says in which order the requests started and their workers
+    finished."""
+
+    def __init__(self, engine):
+        super().__init__(engine.model, engine.tokenizer)
+        self.log, self.runs = [], []
+        self.holding, self.let_go = threading.Event(), threading.Event()
+        self.awaiting_result = None  # set once the stream has sent its text and waits for the result
+
+    def start(self, ids, body):
+        self.log.append(("start", body["max_tokens"]))
+        run = super().start(ids, body)
+        self.runs.append(run)
+        if body.get("stream"):
+            async def no_text():  # the stream goes on to wait for the result (`await run.done`) at once
+                self.awaiting_result.set()
+                return
+                yield
+
+            run.pieces = no_text
+        return run
+
+    def _generate(self, run, config):
+        if run.body["max_tokens"] != HELD:
+            return super()._generate(run, config)
+        self.holding.set()
+        self.let_go.wait(60)  # the worker is busy until the test says so, whatever the client does
+        self.log.append(("worker done", run.body["max_tokens"], run.cancelled.is_set()))
+        return [5, 6, 7]
+
+
+def test_a_client_that_leaves_mid_generation_keeps_its_slot_until_the_worker_is_done(engine):
+    """slots = 1: a client hangs up while its stream waits for the worker (`await run.done`). The worker is told
+    to stop, and the next request waits at the gate (not in the executor's own queue, which has no timeout)
+    until the worker has let go; only then does it start."""
+    held = HeldEngine(engine)
+
+    async def scenario():
+        held.awaiting_result = asyncio.Event()
+        app = child.app_for(held, "m", None, {"max_queue": 4, "request_timeout": None})
+        gate = app.state.gate
+        messages = [{"role": "user", "content": "hi"}]
+        hang_up = asyncio.Event()
+        first = asyncio.create_task(_asgi(app, {"messages": messages, "max_tokens": HELD, "stream": True}, hang_up))
+        await held.awaiting_result.wait()
+        await _until(held.holding.is_set)  # the worker generates the first request
+        hang_up.set()  # ... and its client leaves
+        await first
+        assert held.runs[0].cancelled.is_set()  # the worker was told to stop early
+        second = asyncio.create_task(_asgi(app, {"messages": messages, "max_tokens": 2, "temperature": 0}))
+        await _until(lambda: gate.waiting == 1 or len(held.log) > 1)  # it queued, or it went straight in
+        assert held.log == [("start", HELD)], "the slot was given away while the worker still generates"
+        held.let_go.set()
+        status, raw = await second
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2, raw
+        assert held.log == [("start", HELD), ("worker done", HELD, True), ("start", 2)]
+        assert gate.waiting == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        held.let_go.set()
+        held.worker.shutdown(wait=True)
+
+
+def test_a_plain_reply_whose_client_leaves_tells_the_worker_to_stop(engine):
+    """Not streamed: the handler checks on its client while the worker generates (each second); one that left
+    cancels the generation, and the slot is free once the worker has stopped."""
+    held = HeldEngine(engine)
+
+    async def scenario():
+        app = child.app_for(held, "m", None, {"max_queue": 4, "request_timeout": None})
+        hang_up = asyncio.Event()
+        messages = [{"role": "user", "content": "hi"}]
+        first = asyncio.create_task(_asgi(app, {"messages": messages, "max_tokens": HELD}, hang_up))
+        await _until(held.holding.is_set)
+        hang_up.set()
+        await _until(lambda: held.runs[0].cancelled.is_set(), within=10)  # the client's leaving reached the worker
+        held.let_go.set()
+        await first
+        status, raw = await _asgi(app, {"messages": messages, "max_tokens": 2, "temperature": 0})
+        assert status == 200 and held.log == [("start", HELD), ("worker done", HELD, True), ("start", 2)]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        held.let_go.set()
+        held.worker.shutdown(wait=True)
+
+
+class FakeVocab:
+    """What :class:`serve_child._CheckedChat` asks of a GGUF's vocabulary before it renders a prompt."""
+
+    def n_vocab(self):
+        return VOCAB
+
+
+def test_the_llamacpp_checks_refuse_before_llama_cpp_python_sees_the_request():
+    seen = []
+
+    async def llama_cpp_python(scope, receive, send):  # what would generate: it must never be reached
+        seen.append(scope["path"])
+
+    app = child._CheckedChat(llama_cpp_python, name="m", vocab=FakeVocab(), n_ctx=64)
+    base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for bad, param in (({"logit_bias": {"99999999": 5}}, "logit_bias"), ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"seed": 2**80}, "seed"),
+                       ({"stream_options": {"include_usage": True}}, "stream_options")):
+        status, raw = asyncio.run(_asgi(app, {**base, **bad}))
+        error = json.loads(raw)["error"]
+        assert (status, error["param"], error["type"]) == (400, param, "BadRequestError"), (bad, raw)
+    assert seen == []

@@ -10,16 +10,19 @@ request goes through them:
 
 1. **The body is validated** against one request model written from the OpenAI API reference
    (:class:`ChatCompletionRequest`: required fields, types, roles, content as a string or text parts,
-   ranges). Anything wrong is a 400 in the OpenAI error shape with the field in ``param``
-   (``messages[0].role``); a field the API does not have is refused the same way.
+   ranges: ``seed`` an int64, ``logit_bias`` token ids of the served model with biases in [-100, 100],
+   ``stream_options`` only with ``stream``). Anything wrong is a 400 in the OpenAI error shape with the field in
+   ``param`` (``messages[0].role``); a field the API does not have is refused the same way.
 2. **Fields the backend would ignore** although they change the reply are refused (400):
    :func:`unsupported`. Another model name is a 404.
 3. **The context is enforced**: the prompt is tokenized once, with the model's chat template; prompt tokens +
    ``max_tokens`` above the context (``serve.max_model_len``, else the model's own) is a 400 naming both
-   numbers, before anything is generated. A missing ``max_tokens`` is the room left (as vLLM).
+   numbers, before anything is generated. ``max_completion_tokens`` wins over ``max_tokens`` (as vLLM and OpenAI);
+   a missing one is the room left (as vLLM).
 4. **A bounded queue** (:class:`Gate`, transformers backend): the model generates one request at a time; at most
    ``max_queue`` more wait. Beyond that a request gets a 429 with ``Retry-After``; one that waits longer than
-   ``request_timeout`` gets a 503; one whose client hung up while waiting is dropped.
+   ``request_timeout`` gets a 503; one whose client hung up while waiting is dropped. A request keeps its slot
+   until the worker thread has let go of it, even when its client left earlier (its generation is told to stop).
 5. **Streams** stop before a ``stop`` string, as a plain reply does, end with ``data: [DONE]``, and report
    an error after the first byte as an error event; a client that hangs up stops its generation.
 
@@ -122,7 +125,7 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM (torch.manual_seed takes no more)
     n: int | None = Field(None, ge=1, le=128)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -186,11 +189,13 @@ def unsupported(request: ChatCompletionRequest, backend: str = "transformers") -
     return [key for key, bad in checks.items() if getattr(request, key) is not None and bad(getattr(request, key))]
 
 
-def check_request(body, name: str, backend: str = "transformers") -> dict:
+def check_request(body, name: str, vocab: int, backend: str = "transformers") -> dict:
     """The body of a chat request, validated (:class:`ChatCompletionRequest`, :func:`unsupported`, the served
-    ``name``), as the ``backend`` takes it: unset fields left out, ``max_completion_tokens`` as ``max_tokens``;
-    for ``transformers``, ``stop`` a list of non-empty strings (or absent), and the fields that change nothing
-    there (checked above) left out. Raises :class:`ApiError`."""
+    ``name``, ``logit_bias`` keys among the served model's ``vocab`` token ids, ``stream_options`` only with
+    ``stream``), as the ``backend`` takes it: unset fields left out, ``max_completion_tokens`` as ``max_tokens``
+    (the newer name first, where both are given: vLLM's ``max_completion_tokens or max_tokens``); for
+    ``transformers``, ``stop`` a list of non-empty strings (or absent), and the fields that change nothing there
+    (checked above) left out. Raises :class:`ApiError`: everything is refused before anything is generated."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     try:
@@ -206,17 +211,22 @@ def check_request(body, name: str, backend: str = "transformers") -> dict:
         if m.role == "tool" and not m.tool_call_id:
             raise ApiError(400, f"messages[{i}]: a tool message needs tool_call_id", f"messages[{i}].tool_call_id")
     for token, bias in (request.logit_bias or {}).items():
-        if not token.isdigit() or not -100 <= bias <= 100:
-            raise ApiError(400, f"logit_bias: keys are token ids and values lie in [-100, 100], not {token!r}: {bias}",
+        if not (token.isascii() and token.isdigit() and int(token) < vocab):
+            raise ApiError(400, f"logit_bias: {token!r} is not a token id of this model: the keys are token ids, "
+                                f"0 to {vocab - 1}", "logit_bias")
+        if not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias: the bias of token {token} is {bias:g}; a bias lies in [-100, 100]",
                            "logit_bias")
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "Stream options can only be defined when `stream=True`.", "stream_options")  # vLLM's words
     ignored = unsupported(request, backend)
     if ignored:
         raise ApiError(400, f"not supported by this server ({backend} backend): {', '.join(ignored)}; leave "
                             f"{'it' if len(ignored) == 1 else 'them'} out, or serve with vLLM on a GPU", ignored[0])
     out = {k: v for k, v in body.items() if v is not None}
     tokens = out.pop("max_completion_tokens", None)
-    if tokens is not None and "max_tokens" not in out:
-        out["max_tokens"] = tokens  # the newer name wins only where the older is not given (as vLLM)
+    if tokens is not None:
+        out["max_tokens"] = tokens  # the newer name wins (vLLM: max_completion_tokens or max_tokens): checked and generated
     if backend == "llamacpp":
         return out
     # one list of non-empty strings; none at all (lm-evaluation-harness sends []) means no stop string
@@ -346,9 +356,35 @@ def _event(payload) -> str:
 # --------------------------------------------------------------------------- what every backend's app gets
 
 
+class _KeyCheck:
+    """ASGI middleware: the key on every path but ``/health`` (when one is set), and the endpoints not offered
+    answered 404. A plain ASGI middleware, not starlette's ``BaseHTTPMiddleware`` (``app.middleware("http")``):
+    behind that one a handler's ``Request.is_disconnected`` never sees its client leave, so a plain reply would
+    generate to the end for nobody."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            given = dict(scope["headers"]).get(b"authorization", b"")  # ASGI header names are lower case
+            refused = None
+            if self.key and path not in OPEN_PATHS and not secrets.compare_digest(given, f"Bearer {self.key}".encode()):
+                refused = (401, "missing or wrong API key")
+            elif path in NOT_OFFERED:
+                refused = (404, f"{path} is not offered by this server: use {CHAT} (and /v1/models)")
+            if refused:
+                from starlette.responses import JSONResponse
+
+                return await JSONResponse(openai_error(*refused), status_code=refused[0])(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _guarded(app, key: str | None):
     """The app with every path but ``/health`` behind the key (when one is set), the endpoints not offered
-    answered 404, and every error in the OpenAI API's shape (an unexpected one too: 500, logged)."""
+    answered 404 (:class:`_KeyCheck`), and every error in the OpenAI API's shape (an unexpected one too: 500,
+    logged)."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -356,15 +392,7 @@ def _guarded(app, key: str | None):
     def error_response(status, message, param=None, headers=None):
         return JSONResponse(openai_error(status, message, param), status_code=status, headers=headers)
 
-    @app.middleware("http")
-    async def check_key(request, call_next):
-        path = request.url.path
-        given = request.headers.get("authorization", "")
-        if key and path not in OPEN_PATHS and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            return error_response(401, "missing or wrong API key")
-        if path in NOT_OFFERED:
-            return error_response(404, f"{path} is not offered by this server: use {CHAT} (and /v1/models)")
-        return await call_next(request)
+    app.add_middleware(_KeyCheck, key=key)
 
     @app.exception_handler(HTTPException)
     async def as_openai_error(request, exc):
@@ -431,6 +459,7 @@ class Engine:
 
         self.model, self.tokenizer = model, tokenizer
         self.limit = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        self.vocab = model.get_output_embeddings().weight.shape[0]  # the token ids it scores: logit_bias's keys
         self.default_new_tokens = model.generation_config.max_new_tokens  # None: the room left, as vLLM
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -496,7 +525,8 @@ class Engine:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) \
             if body.get("stream") else None
         run = Generation(self, ids, body, streamer)
-        run.done = asyncio.wrap_future(self.worker.submit(self._generate, run, self.generation_config(body)))
+        run.job = self.worker.submit(self._generate, run, self.generation_config(body))
+        run.done = asyncio.wrap_future(run.job)
         return run
 
     def _generate(self, run: Generation, config) -> list[int]:
@@ -541,13 +571,16 @@ def _gone(run: Generation):
 
 class Generation:
     """One request's generation: ``done`` (an asyncio future of the new token ids), its text as it comes
-    (:meth:`pieces`, when streamed), and :meth:`cancel`."""
+    (:meth:`pieces`, when streamed), and :meth:`cancel`. ``job`` is the worker's own future: done only once the
+    worker thread has let go of the request (finished, failed, or cancelled before it began); an awaiter of
+    ``done`` that is cancelled (its client left) cancels ``done`` at once, while the worker may still run."""
 
     def __init__(self, engine: Engine, ids: list[int], body: dict, streamer=None):
         import threading
 
         self.engine, self.ids, self.body, self.streamer = engine, ids, body, streamer
         self.cancelled = threading.Event()
+        self.job = None  # a concurrent.futures.Future
         self.done: asyncio.Future | None = None
 
     def cancel(self) -> None:
@@ -574,10 +607,14 @@ def completion(name: str, text: str, finish: str, prompt: int, completion_tokens
 
 async def reply(engine: Engine, run: Generation, name: str, disconnected) -> dict:
     """The whole reply, once generated; a client that hangs up meanwhile cancels the generation."""
-    while not run.done.done():
-        await asyncio.wait({run.done}, timeout=1.0)
-        if not run.done.done() and await disconnected():
-            run.cancel()
+    try:
+        while not run.done.done():
+            await asyncio.wait({run.done}, timeout=1.0)
+            if not run.done.done() and await disconnected():
+                run.cancel()
+    except asyncio.CancelledError:
+        run.cancel()  # the handler itself was cancelled: nobody will read the reply
+        raise
     new_ids = run.done.result()
     text, found = cut_at_stop(engine.text(new_ids), run.body.get("stop") or [])
     finish = engine.finish_reason(new_ids, run.body["max_tokens"], found)
@@ -632,7 +669,7 @@ def app_for(engine: Engine, name: str, key: str | None, settings: dict):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title=f"medqa-zh server: {name}")
-    gate = Gate(1, settings["max_queue"], settings["request_timeout"])
+    gate = app.state.gate = Gate(1, settings["max_queue"], settings["request_timeout"])
 
     @app.get("/health")
     async def health():
@@ -644,7 +681,7 @@ def app_for(engine: Engine, name: str, key: str | None, settings: dict):
                                             "owned_by": "medqa-zh", "max_model_len": engine.limit}]}
 
     async def chat(request: Request):
-        body = check_request(_read_body(await request.body()), name)
+        body = check_request(_read_body(await request.body()), name, engine.vocab)
         ids = engine.prompt(body)
         body = context_check(body, len(ids), engine.limit, engine.default_new_tokens)
         try:
@@ -657,12 +694,16 @@ def app_for(engine: Engine, name: str, key: str | None, settings: dict):
             gate.leave(since)
             raise
 
-        def release(done: asyncio.Future) -> None:  # when the generation has ended, however it ended
-            gate.leave(since)
-            if not done.cancelled() and done.exception() is not None:
-                log.error("a generation failed", exc_info=done.exception())
+        loop = asyncio.get_running_loop()
 
-        run.done.add_done_callback(release)
+        def release(job) -> None:  # on the worker thread, once it has let go of this request, however it ended
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped, nobody waits
+                loop.call_soon_threadsafe(gate.leave, since)  # not when `done` is cancelled: the worker may still run
+            if not job.cancelled() and job.exception() is not None:
+                log.error("a generation failed", exc_info=job.exception())
+
+        run.job.add_done_callback(release)
+        run.done.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: logged above
         if body.get("stream"):
             return StreamingResponse(stream(engine, run, name), media_type="text/event-stream")
         return JSONResponse(await reply(engine, run, name, request.is_disconnected))
@@ -755,7 +796,7 @@ class _CheckedChat:
             raw += message.get("body", b"")
             more = message.get("more_body", False)
         try:
-            body = check_request(_read_body(raw), self.name, backend="llamacpp")
+            body = check_request(_read_body(raw), self.name, self.vocab.n_vocab(), backend="llamacpp")
             prompt = llama_prompt_tokens(self.vocab, body["messages"], tools=body.get("tools"))
             body = context_check(body, len(prompt), self.n_ctx)  # llama-cpp-python itself would shorten max_tokens
         except ApiError as e:
