@@ -12,6 +12,7 @@ children  child processes that die with the notebook: start in a process group, 
 train     LoRA / full SFT with trl + peft: resumable, logged, measured; in one process or many (accelerate)
 dashboards  train.report_to: TensorBoard and trackio, kept equal to train_log.jsonl; the learning curve in them
 merge     merge a LoRA adapter into its base and prove merged == base + adapter
+grpo      GRPO with trl: the reward (the parsed letter is the gold one), shuffled draws, the grpo model
 export    GGUF files (f16, q8_0, Q4_K_M) with llama.cpp's converter and quantizer; the template proof; Modelfiles
 serve     start and stop an OpenAI-compatible server (vLLM, transformers or llama.cpp)
 serve_child  inside the transformers / llama.cpp server: requests validated, context, queue, streams, OpenAI errors

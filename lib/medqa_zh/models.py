@@ -477,8 +477,9 @@ def free_memory() -> None:
 
 # --------------------------------------------------------------------------- the models of a run
 
-NAMES = ("base", "lora", "full", "merged")  # the models a run can have, in the order the series makes them
-WEIGHTS = {"lora": runs.ADAPTER_WEIGHTS, "full": runs.MODEL_WEIGHTS, "merged": runs.MODEL_WEIGHTS}
+NAMES = ("base", "lora", "full", "merged", "grpo")  # the models a run can have, in the order the series makes them
+WEIGHTS = {"lora": runs.ADAPTER_WEIGHTS, "full": runs.MODEL_WEIGHTS, "merged": runs.MODEL_WEIGHTS,
+           "grpo": runs.MODEL_WEIGHTS}
 
 
 def folder(cfg, name: str) -> Path:

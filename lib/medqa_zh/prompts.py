@@ -30,6 +30,8 @@ SYSTEM_PROMPT = "你是一名医学专家，正在解答中国执业医师资格
 INSTRUCTION = "以下是一道单项选择题，请从选项中选出一个最佳答案。"
 ANSWER_PREFIX = "答案："
 ANSWER_FORMAT_HINT = f"请只回答“{ANSWER_PREFIX}”加上选项字母，例如“{ANSWER_PREFIX}A”。"
+# GRPO's reasoning arm (grpo.arm: reasoning) only: a short analysis first, the same answer line last
+REASONING_HINT = f"请先简要分析，最后单独一行写“{ANSWER_PREFIX}”加上选项字母，例如“{ANSWER_PREFIX}A”。"
 CONTEXT_INTRO = "以下是可能相关的教材段落，仅供参考："
 
 
@@ -45,10 +47,12 @@ def format_context(passages) -> str:
     return CONTEXT_INTRO + "\n" + "\n".join(lines)
 
 
-def format_user(question: str, options: Mapping[str, str], context=None) -> str:
+def format_user(question: str, options: Mapping[str, str], context=None, reasoning: bool = False) -> str:
     """The user turn: instruction, question, options, answer-format hint; with ``context`` (RAG:
-    (book, text) pairs) the passages come first. Without context it is exactly the training prompt."""
-    body = f"{INSTRUCTION}\n\n{question.strip()}\n\n{format_options(options)}\n\n{ANSWER_FORMAT_HINT}"
+    (book, text) pairs) the passages come first. Without context it is exactly the training prompt.
+    ``reasoning``: :data:`REASONING_HINT` instead of the hint (GRPO's reasoning arm only)."""
+    hint = REASONING_HINT if reasoning else ANSWER_FORMAT_HINT
+    body = f"{INSTRUCTION}\n\n{question.strip()}\n\n{format_options(options)}\n\n{hint}"
     return f"{format_context(context)}\n\n{body}" if context else body
 
 
@@ -62,7 +66,7 @@ def format_answer(letter: str, text: str | None = None) -> str:
 
 
 def build_messages(question: str, options: Mapping[str, str], answer: str | None = None, context=None,
-                   completion: str = "letter") -> list[dict]:
+                   completion: str = "letter", reasoning: bool = False) -> list[dict]:
     """Chat messages for one question; with ``answer`` (a letter) the assistant turn is included,
     as ``completion`` says (``letter``: ``答案：B``; ``letter_text``: ``答案：B. <its text>``); with
     ``context`` ((book, text) pairs from retrieval) the passages precede the question."""
@@ -72,7 +76,7 @@ def build_messages(question: str, options: Mapping[str, str], answer: str | None
         raise ValueError(f"completion must be one of {COMPLETIONS}, not {completion!r} (train.completion in the profile)")
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": format_user(question, options, context)},
+        {"role": "user", "content": format_user(question, options, context, reasoning)},
     ]
     if answer is not None:
         text = options[answer] if completion == "letter_text" else None

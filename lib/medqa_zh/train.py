@@ -893,7 +893,7 @@ def same_run(recorded: dict | None, run_key: dict) -> bool:
 ASIDE = "checkpoints.previous"  # in a run's folder: the checkpoints (and log) of the run before, set aside
 
 
-def _resume_point(run: Run, resume: bool) -> tuple[str | None, list[str]]:
+def resume_point(run: Run, resume: bool) -> tuple[str | None, list[str]]:
     """The checkpoint to resume from, and what changed when the checkpoints there belong to another run (then
     none is resumed: the run starts over). As many processes as the checkpoints' run is required. Reads only: every
     process of a launched run calls it and must agree."""
@@ -930,7 +930,7 @@ def _set_aside(run: Run, why: str) -> None:
           "disk; the next run set aside replaces it)")
 
 
-def _tidy(run: Run, resume: bool, checkpoint: str | None, changes: list[str]) -> None:
+def tidy(run: Run, resume: bool, checkpoint: str | None, changes: list[str]) -> None:
     """Make the run folder fit the checkpoint resumed from (one process writes this): set the checkpoints aside when
     not resuming them, drop half-written ones, record the run key, cut the log back to the checkpoint."""
     if run.checkpoints.is_dir() and any(run.checkpoints.glob("checkpoint-*")) and (not resume or changes):
@@ -981,10 +981,10 @@ def train(run: Run, resume: bool | None = None) -> dict:
                 run.watch.restart(run.run_key, runs.read_log(run.out_dir), keep_curve=True)
             return previous
     accelerator = run.trainer.accelerator
-    checkpoint, changes = _resume_point(run, resume)  # every process, before any of them changes the folder
+    checkpoint, changes = resume_point(run, resume)  # every process, before any of them changes the folder
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _tidy(run, resume, checkpoint, changes)
+        tidy(run, resume, checkpoint, changes)
         run.watch.restart(run.run_key, runs.read_log(run.out_dir))  # the dashboards show the log as it now is
     accelerator.wait_for_everyone()
     run.trainer.args.eval_on_start = checkpoint is None  # the base model's eval loss is the curve's step 0

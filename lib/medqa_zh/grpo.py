@@ -1,0 +1,287 @@
+"""Reinforcement learning with a verifiable reward: GRPO (trl's ``GRPOTrainer``) after SFT and merge (notebook 04b).
+
+A multiple-choice question needs no reward model: the completion names exactly one option letter and it is the
+gold one (reward 1), or it does not (0). GRPO samples ``grpo.num_generations`` completions of each prompt (a
+group), and each completion's advantage is its reward against the group's (``scale_rewards: group``):
+
+    advantage_i = (reward_i - mean(group)) / (std(group) + 1e-4)
+
+so a group whose completions are all right, or all wrong, teaches nothing (its advantages are 0: trl logs the
+share of such groups as ``frac_reward_zero_std``). The policy starts from the merged SFT model (04) with a fresh
+LoRA adapter; the KL term (``grpo.beta``) is measured against that start, which is the same model with the adapter
+switched off (no second copy in memory). Each time a question is drawn its options are shuffled anew (seeded, the
+gold letter moved with its content), so a preferred letter earns nothing. Two arms (``grpo.arm``): ``answer``
+(``答案：X``, a few tokens: a CPU can run it) and ``reasoning`` (a short analysis, then ``答案：X``; a GPU, with vLLM
+colocated where it is installed). The trained adapter is merged into the start model and saved as a plain model,
+``models/grpo/``, which 06-08 evaluate like ``merged``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import shutil
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import GRPOConfig, GRPOTrainer
+
+from . import answers, dashboards, data, files, models, prompts, runs, train
+
+ARMS = ("answer", "reasoning")
+NAME = "grpo"  # the model it writes: models.folder(cfg, NAME)
+START = "merged"  # the model it starts from
+
+
+# --------------------------------------------------------------------------- the reward
+
+
+def correct(text: str, gold: str, letters: str = answers.LETTERS) -> float:
+    """The reward of one completion: 1.0 when ``text`` names exactly one option letter (``answers.extract_letter``,
+    the parser every evaluation uses) and it is ``gold``; 0.0 for a wrong letter, several letters or none."""
+    return float(answers.extract_letter(text, letters) == gold)
+
+
+def completion_text(completion) -> str:
+    """A completion as trl passes it: a string, or (conversational) a list with the assistant's message."""
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+class Reward:
+    """trl's reward function (:func:`correct` over a batch of completions), keeping what it saw: each call's step,
+    gold letters, chosen letters and rewards (``calls``), and the first call's prompts and texts (``first``), which
+    04b's advantage check reads."""
+
+    __name__ = "correct"  # the name trl logs its mean under: rewards/correct/mean
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.first: dict | None = None
+
+    def __call__(self, prompts, completions, gold, letters, trainer_state=None, **kwargs) -> list[float]:
+        texts = [completion_text(c) for c in completions]
+        chosen = [answers.extract_letter(t, ls) for t, ls in zip(texts, letters, strict=True)]
+        rewards = [correct(t, g, ls) for t, g, ls in zip(texts, gold, letters, strict=True)]
+        step = trainer_state.global_step if trainer_state is not None else None
+        self.calls.append({"step": step, "gold": list(gold), "chosen": chosen, "rewards": rewards})
+        if self.first is None:
+            self.first = {"prompts": prompts, "texts": texts, "rewards": rewards}
+        return rewards
+
+    def letters(self, calls: list[dict]) -> Counter:
+        """How often each letter was chosen in ``calls`` (None: no single letter)."""
+        return Counter(letter for call in calls for letter in call["chosen"])
+
+
+def group_advantages(rewards: list[float], scale: str = "group") -> list[float]:
+    """GRPO's advantages of one group's rewards: each reward less the group's mean, divided by the group's standard
+    deviation (Bessel-corrected, plus 1e-4) with ``scale: group``; not divided with ``none``."""
+    mean = statistics.fmean(rewards)
+    std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
+    return [(r - mean) / (std + 1e-4) if scale == "group" else r - mean for r in rewards]
+
+
+# --------------------------------------------------------------------------- the prompts
+
+
+def stream(questions: list[data.Question], draws: int, seed: int) -> list[data.Question]:
+    """The questions in the order GRPO draws them: ``draws`` passes, each in its own seeded order and with every
+    question's options shuffled anew (``train.shuffled``: the gold letter moves with its content)."""
+    return train.stream(questions, draws, seed, shuffle_options=True)
+
+
+def prompt_rows(questions: list[data.Question], arm: str) -> list[dict]:
+    """One dataset row per drawn question: the prompt (system + user, as every evaluation asks it; the reasoning arm
+    asks for a short analysis first), the gold letter and the option letters."""
+    return [{"id": q.id, "prompt": prompts.build_messages(q.question, q.options, reasoning=arm == "reasoning"),
+             "gold": q.answer_idx, "letters": "".join(sorted(q.options))} for q in questions]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def settings(cfg) -> dict:
+    """The profile's ``grpo`` section, checked."""
+    s = copy.deepcopy(dict(cfg["grpo"]))
+    s["resume"] = cfg["train.resume"]  # as 02's runs: continue from the last checkpoint of the same run
+    if s["arm"] not in ARMS:
+        raise ValueError(f"{cfg.source.name}: grpo.arm is {s['arm']!r}; it must be one of {list(ARMS)}")
+    batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    if s["num_generations"] < 2 or batch % s["num_generations"]:
+        raise ValueError(f"{cfg.source.name}: grpo.per_device_train_batch_size x grpo.gradient_accumulation_steps "
+                         f"({batch} completions a step) must be a multiple of grpo.num_generations "
+                         f"({s['num_generations']}, at least 2): a step learns from whole groups")
+    return s
+
+
+def lora_config(s: dict) -> LoraConfig:
+    """The fresh adapter GRPO trains on the start model (``grpo.lora``)."""
+    lora = s["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+class Trainer(GRPOTrainer):
+    """trl's ``GRPOTrainer``, keeping what the loss of the first optimizer step saw: each completion's prompt and
+    text, and the advantage trl gave it (``seen``), for 04b's check of the advantages by hand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[dict] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.state.global_step == 0 and model.training:
+            decode = self.processing_class.decode
+            for i in range(len(inputs["advantages"])):
+                prompt = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()]
+                completion = inputs["completion_ids"][i][inputs["completion_mask"][i].bool()]
+                self.seen.append({"prompt": decode(prompt), "text": decode(completion, skip_special_tokens=True),
+                                  "advantage": float(inputs["advantages"][i])})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@dataclass
+class Run(train.Run):
+    """A GRPO run: :class:`train.Run`'s fields, and the reward it is trained on."""
+
+    reward: Reward | None = None
+
+
+def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None) -> Run:
+    """The start model (04's merged SFT model) with a fresh LoRA, the prompts from the train split (or ``rows``, in
+    the form of :func:`prompt_rows`), and trl's ``GRPOTrainer`` with the profile's ``grpo`` settings."""
+    s = settings(cfg)
+    start = models.available(cfg).get(START)
+    if start is None:
+        raise FileNotFoundError(f"GRPO starts from the merged SFT model, and {models.folder(cfg, START)} has none: "
+                                "run notebooks 02 and 04 first")
+    device = models.best_device(cfg["model.device"])
+    precision = models.training_precision(cfg["train.precision"], device)
+    out_dir = Path(out_dir) if out_dir else models.folder(cfg, NAME)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg["seed"])
+    questions = data.load_split(cfg, "train")[: s["questions"]]
+    prompts_per_step = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] // s["num_generations"]
+    draws = -(-s["max_steps"] * prompts_per_step // len(questions))  # enough passes for max_steps
+    rows = rows if rows is not None else prompt_rows(stream(questions, draws, seed), s["arm"])
+    tokenizer = models.load_tokenizer(start, setting=START)
+    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    torch.manual_seed(seed)
+    model = models.load_model(start, half or "float32", setting=START)
+    watch = dashboards.watch(cfg, out_dir)
+    use_vllm = s["arm"] == "reasoning" and device == "cuda" and importlib.util.find_spec("vllm") is not None
+    args = GRPOConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=s["max_steps"],
+        per_device_train_batch_size=s["per_device_train_batch_size"],
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],
+        num_generations=s["num_generations"],
+        max_completion_length=s["max_completion_length"],
+        temperature=float(s["temperature"]),
+        learning_rate=float(s["learning_rate"]),
+        beta=float(s["beta"]),
+        loss_type=s["loss_type"],
+        scale_rewards=s["scale_rewards"],
+        shuffle_dataset=False,  # the rows are already the draws, each pass in its own seeded order
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        logging_steps=s["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=s["save_steps"],
+        seed=seed,
+        data_seed=seed,
+        report_to=watch.others,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    reward = Reward()
+    log = train.JsonlLog(out_dir / runs.LOG_FILE)
+    trainer = Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer, peft_config=lora_config(s), callbacks=[log, *watch.callbacks()])
+    run_key = {
+        "mode": NAME, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
+        "seed": seed, "world_size": train.world_size(),
+        "optimizer": {k: s[k] for k in ("max_steps", "arm", "num_generations", "max_completion_length", "temperature",
+                                        "learning_rate", "beta", "loss_type", "scale_rewards", "lora")}
+        | {"examples_per_step": s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]},
+        "inputs": {"data": _digest(rows), "start": models.answers_fingerprint(cfg, START), "prompt": train.prompt_digest(),
+                   "template": _digest(tokenizer.chat_template)},
+    }
+    run_key = json.loads(json.dumps(run_key, default=str))
+    trainer.args.run_name = dashboards.run_name(run_key)
+    return Run(NAME, out_dir, s, precision, start, tokenizer, trainer.model, trainer, {}, log, run_key, watch=watch,
+               reward=reward)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_run(run: Run, resume: bool | None = None) -> dict:
+    """Train (resuming from the last checkpoint of the same run, as 02 does: ``train.resume``), merge the adapter into
+    the start model and save it as ``models/grpo/`` with ``run.json``; a finished run is not trained again."""
+    resume = bool(run.settings["resume"]) if resume is None else resume
+    done = run.out_dir / runs.RUN_FILE
+    if resume and done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if train.same_run(previous.get("run_key"), run.run_key):
+            print(f"{run.out_dir} already holds this GRPO run, finished; returning its measurements "
+                  "(set train.resume to false to train again)")
+            return previous
+    accelerator = run.trainer.accelerator
+    checkpoint, changes = train.resume_point(run, resume)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        train.tidy(run, resume, checkpoint, changes)
+        run.watch.restart(run.run_key, runs.read_log(run.out_dir))
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    with train.peak_memory() as memory:
+        result = run.trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - start
+    log = runs.read_log(run.out_dir)
+    steps = len(run.log.step_seconds)
+    metrics = {
+        "mode": NAME, "arm": run.settings["arm"], "start_model": run.base_model, "precision": run.precision,
+        "device": memory["device"], "optimizer_steps": run.trainer.state.global_step, "steps_this_session": steps,
+        "resumed_from": checkpoint, "wall_seconds": wall,
+        "median_step_seconds": statistics.median(run.log.step_seconds) if steps else None,
+        "completions_per_step": run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"],
+        "peak_memory_gib": memory["peak_gib"], "train_loss_mean": result.training_loss if steps else None,
+        "reward_first": next((r["reward"] for r in log if "reward" in r), None),
+        "reward_last": next((r["reward"] for r in reversed(log) if "reward" in r), None),
+        "settings": run.settings, "out_dir": str(run.out_dir), "run_key": run.run_key,
+    }
+    save(run, metrics)
+    return metrics
+
+
+def save(run: Run, metrics: dict) -> Path:
+    """The adapter merged into the start model (peft's ``merge_and_unload``), saved in the start model's dtype with
+    the tokenizer and ``run.json``: a plain model folder, which 06-08 load, serve and export like ``merged``."""
+    out = run.out_dir
+    accelerator = run.trainer.accelerator
+    if accelerator.is_main_process:
+        tmp = out.with_name(out.name + ".saving")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = accelerator.unwrap_model(run.trainer.model_wrapped).merge_and_unload()
+        model.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        (tmp / runs.RUN_FILE).write_text(json.dumps(metrics, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+        files.move_into(tmp, out, last=(runs.MODEL_WEIGHTS, runs.RUN_FILE))
+    accelerator.wait_for_everyone()
+    return out
