@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the environment and run the notebook series, or the tests.
 #
-#   ./run_all.sh [--profile NAME] [--from NN | --only NN]
+#   ./run_all.sh [--profile NAME] [--from NN | --only NN]   (NN: a notebook's number, 04b included)
 #                                   run notebooks/NN_*.ipynb in order with papermill
 #                                   (default profile: smoke), export each to HTML and
 #                                   write outputs/<profile>/reports/index.html;
@@ -170,10 +170,14 @@ run_notebooks() {
         log "SMOKE PROFILE: a tiny random model and synthetic data, built locally."
         log "It checks that the series runs; its numbers mean nothing. Real runs: --profile cpu or --profile gpu."
     fi
-    for nb in notebooks/[0-9][0-9]_*.ipynb; do
+    local series
+    # NN_*.ipynb and NNx_*.ipynb, in byte order whatever the locale: 04_merge, 04b_grpo, 05_serve
+    mapfile -t series < <(printf '%s\n' notebooks/[0-9][0-9]_*.ipynb notebooks/[0-9][0-9][a-z]_*.ipynb | LC_ALL=C sort)
+    for nb in "${series[@]}"; do
+        [ -f "$nb" ] || continue
         name=$(basename "$nb" .ipynb); num=${name%%_*}
         if [ -n "$only" ] && [ "$num" != "$only" ]; then continue; fi
-        if [ -n "$from" ] && [ "$((10#$num))" -lt "$((10#$from))" ]; then continue; fi
+        if [ -n "$from" ] && [ "$(printf '%s\n%s\n' "$num" "$from" | LC_ALL=C sort | head -1)" != "$from" ]; then continue; fi
         out="$runs/$name.ipynb"; t0=$SECONDS; ran=$((ran + 1))
         rm -f "$out" "$reports/$name.html"  # no stale copy from an earlier run can pass for this one
         log "$name: running (profile $profile)"
@@ -224,8 +228,9 @@ else
             --profile) [ $# -ge 2 ] || die "--profile needs a name"; profile=$2; shift 2 ;;
             --profile=*) profile=${1#*=}; shift ;;
             --from|--only)
-                [ $# -ge 2 ] && [[ $2 =~ ^[0-9]{1,2}$ ]] || die "$1 needs a notebook number, e.g. $1 06"
-                if [ "$1" = --from ]; then from=$(printf '%02d' "$((10#$2))"); else only=$(printf '%02d' "$((10#$2))"); fi
+                [ $# -ge 2 ] && [[ $2 =~ ^[0-9]{1,2}[a-z]?$ ]] || die "$1 needs a notebook number, e.g. $1 06 (or 04b)"
+                number=$(printf '%02d%s' "$((10#${2%%[a-z]}))" "${2##*[0-9]}")  # 4 -> 04, 4b -> 04b
+                if [ "$1" = --from ]; then from=$number; else only=$number; fi
                 shift 2 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown argument '$1'" ;;

@@ -231,3 +231,27 @@ def test_gguf_serving_compares_the_transformers_server_with_every_gguf(tiny_asse
                                                   ("llamacpp", "q8_0"), ("llamacpp", "Q4_K_M")) for c in ("1", "2")]
     assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in lines)  # questions/s, peak memory
     assert len([line for line in paired.splitlines() if line.strip().startswith(("transformers", "llamacpp"))]) == 4
+
+
+def test_grpo_step_times_the_answer_arm_through_the_projects_own_grpo_run(tmp_path):
+    """The bench places the start model where 04 leaves the merged one, trains GRPO's answer arm through
+    grpo.prepare() and grpo.train_run(), and prints each step's time, its generate time and trl's token counts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQA_")}
+    out = subprocess.run([sys.executable, REPO / "bench" / "grpo_step.py", "--profile", "smoke", "--steps", "2",
+                          "--work", tmp_path / "work", "grpo.num_generations=2", "grpo.per_device_train_batch_size=4",
+                          "grpo.max_completion_length=4"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "arm answer" in out.stdout and "2 prompts x 2 generations = 4 completions a step" in out.stdout
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    assert measured["completions_per_step"] == 4 and [s["step"] for s in measured["steps"]] == [1, 2]
+    for step in measured["steps"]:
+        assert 0 < step["generate"] < step["seconds"]  # generating is a part of the step, timed inside it
+        assert 1 <= step["length"] <= 4 and step["tokens"] > 4 * step["length"]  # the prompts are trained on too
+    assert measured["median_step_seconds"] == measured["steps"][1]["seconds"]  # the warm-up step is left out
+    assert measured["peak_memory_gib"] > 0
+    for line in ("median step (steps 2-2): ", "median generate: ", "generated tokens/s: ", "trained tokens/s: ",
+                 "peak memory: "):
+        assert line in out.stdout
+    work = tmp_path / "work" / "outputs" / "smoke" / "models"
+    assert (work / "merged").is_symlink() and (work / "grpo" / "run.json").is_file()  # its own project, not outputs/

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from helpers import at_root
-from medqa_zh import config, data, grpo, models, prompts, train
+from helpers import Crash, at_root, crash_at
+from medqa_zh import config, data, grpo, models, prompts, runs, train
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,19 @@ def test_a_planted_task_only_reinforcement_learning_can_teach_raises_the_reward(
     print(f"planted task: mean reward {first:.2f} in the first 6 steps, {last:.2f} in the last 6; letters {before} -> {after}")
     assert first < 0.4 and last > first + 0.2, rewards
     assert after["B"] / sum(after.values()) > before["B"] / sum(before.values())
+
+
+def test_a_crashed_grpo_run_resumes_from_its_last_checkpoint(start, smoke):
+    cfg = smoke(**{"grpo.max_steps": 4, "grpo.save_steps": 2})
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-crash")
+    run.trainer.add_callback(crash_at(3))
+    with pytest.raises(Crash):
+        grpo.train_run(run, resume=False)
+    first = grpo.first_step(run.out_dir)  # written when the crash came: the first step is the run's, not the resume's
+    resumed = grpo.prepare(cfg, out_dir=run.out_dir)
+    metrics = grpo.train_run(resumed)
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["optimizer_steps"] == 4
+    assert grpo.first_step(run.out_dir) == first
+    steps = [r["step"] for r in runs.read_log(run.out_dir) if "reward" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # steps 3-4 redone, each logged once
+    assert grpo.train_run(grpo.prepare(cfg, out_dir=run.out_dir)) == runs.read_run(run.out_dir)  # finished: not again

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from helpers import REPO, processes_of, server_processes, without_llama_cpp
-from medqa_zh import evaluate, export, merge, prompts, report, steps, tiny
+from medqa_zh import evaluate, export, merge, prompts, report, runs, steps, tiny
 
 pytestmark = pytest.mark.slow
-SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "05_serve", "06_eval_direct", "07_eval_api",
+SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "04b_grpo", "05_serve", "06_eval_direct", "07_eval_api",
           "08_eval_rag", "09_chat_demo", "10_report")
 
 
@@ -55,7 +55,7 @@ def _run_only(root: Path, name: str, env: dict | None = None) -> dict:
     env = {**{k: v for k, v in os.environ.items()
               if k not in ("MEDQA_DIR", "MEDQA_BASE_MODEL", "MEDQA_EMBEDDER", "MEDQA_PROFILE", "MEDQA_ROOT")}, **(env or {})}
     env.update(MEDQA_USE_VENV="1", MEDQA_SKIP_SETUP="1")
-    proc = subprocess.run(["./run_all.sh", "--only", name[:2]], cwd=root, env=env, capture_output=True, text=True,
+    proc = subprocess.run(["./run_all.sh", "--only", name.split("_")[0]], cwd=root, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
     return json.loads((root / "outputs" / "smoke" / "runs" / f"{name}.ipynb").read_text(encoding="utf-8"))
@@ -105,7 +105,7 @@ def _series(tmp_path_factory, changes: dict | None = None, env: dict | None = No
 def _report_seconds(run, label):
     if run.seconds:
         print(f"\n{label}: {len(run.seconds)} notebooks in {sum(run.seconds.values()):.0f} s "
-              f"({', '.join(f'{k[:2]} {v:.0f}s' for k, v in run.seconds.items())})")
+              f"({', '.join(f'{k.split(chr(95))[0]} {v:.0f}s' for k, v in run.seconds.items())})")
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +273,7 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     assert float(baselines[0]["accuracy"]) == pytest.approx(0.2)  # five options
     assert (out / "figures" / "06_accuracy.png").stat().st_size > 5000
     assert {(r["model"], r["method"]) for r in rows} == {
-        (m, k) for m in ("base", "lora", "full", "merged") for k in ("letter", "generate")}
+        (m, k) for m in ("base", "lora", "full", "merged", "grpo") for k in ("letter", "generate")}
     for r in rows:
         assert int(r["n"]) == n_eval  # invalid answers stay in the denominator
         assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
@@ -284,13 +284,14 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     assert merged == lora  # the merge changed nothing that decides an answer
     results = sorted(p for p in (out / "eval" / "direct").glob("*.jsonl") if "-rotations-" not in p.name
                      and "-calibration-" not in p.name)
-    assert len(results) == 8 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
+    assert len(results) == 10 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
     with open(out / "tables" / "06_mcnemar.csv", encoding="utf-8") as f:
-        assert len(list(csv.DictReader(f))) == 2 * 6  # every pair of four models, both methods
+        assert len(list(csv.DictReader(f))) == 2 * 10  # every pair of five models, both methods
     # section 5: debiased two ways, every model: PriDe on every question, every rotation (smoke: all of them too)
     with open(out / "tables" / "06_debiased.csv", encoding="utf-8") as f:
         debiased = {(r["model"], r["evaluation"]): r for r in csv.DictReader(f)}
-    assert list(debiased) == [(m, e) for e in ("letter", "pride", "debiased") for m in ("base", "lora", "full", "merged")]
+    assert list(debiased) == [(m, e) for e in ("letter", "pride", "debiased")
+                              for m in ("base", "lora", "full", "merged", "grpo")]
     letter = {r["model"]: float(r["accuracy"]) for r in rows if r["method"] == "letter"}
     for (name, evaluation), r in debiased.items():
         assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
@@ -303,7 +304,7 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
         assert (r["consistency"] == "") == (evaluation != "debiased")
     with open(out / "tables" / "06_pride_vs_cyclic.csv", encoding="utf-8") as f:
         compared = {r[""]: r for r in csv.DictReader(f)}
-    assert list(compared) == ["base", "lora", "full", "merged"]
+    assert list(compared) == ["base", "lora", "full", "merged", "grpo"]
     assert all(int(float(r["n"])) == n_eval and 0 <= float(r["same_choice"]) <= 1 for r in compared.values())
     with open(out / "tables" / "06_letter_prior.csv", encoding="utf-8") as f:
         prior = list(csv.DictReader(f))
@@ -311,18 +312,42 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     assert sum(float(r["merged PriDe prior"]) for r in prior) == pytest.approx(1)
     for fig in ("06_debiased", "06_cyclic"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
-    assert len(list((out / "eval" / "direct").glob("*-rotations-*.jsonl"))) == 4
+    assert len(list((out / "eval" / "direct").glob("*-rotations-*.jsonl"))) == 5
     # section 6: the pre-registered fine-tuning comparison (merged vs base, debiased) on the replication set
     with open(out / "tables" / "06_replication.csv", encoding="utf-8") as f:
         replication = list(csv.DictReader(f))
-    assert [(r["comparison"], r["set"], int(r["n"])) for r in replication] == [("merged vs base", "replication", tiny.TEST_EXTRA)]
+    assert [(r["comparison"], r["set"], int(r["n"])) for r in replication] == [
+        ("merged vs base", "replication", tiny.TEST_EXTRA), ("grpo vs merged", "replication", tiny.TEST_EXTRA)]
     assert float(replication[0]["diff_low"]) <= float(replication[0]["diff"]) <= float(replication[0]["diff_high"])
     assert sorted(p.name.split("-")[0] for p in (out / "eval" / "replication" / "direct").glob("*-rotations-*.jsonl")) == [
-        "base", "merged"]
+        "base", "grpo", "merged"]
     validation = (out / "data" / "questions" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
     for path in (out / "eval" / "direct").glob("*-calibration-*.jsonl"):  # PriDe's prior: validation questions only
         assert [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()] == [
             json.loads(line)["id"] for line in validation]
+
+
+def test_04b_grpo_trains_from_the_merged_model_and_shows_its_technique(series):
+    project, nb = series("04b_grpo")
+    out = project / "outputs" / "smoke"
+    said = _said(nb)
+    assert ("the reward of four hand-made answers to a question whose gold letter is B: right 1, wrong 0, "
+            "two letters 0, none 0") in said
+    assert re.search(r"three draws of \S+: the gold text stays under the gold letter \([A-E] -> [A-E] -> [A-E]\)", said)
+    assert re.search(r"the trainer's GRPOConfig has the profile's 10 grpo settings; a fresh LoRA \(r = 8\)", said)
+    spread = re.search(r"(\d+) of 8 training prompts have a reward spread under the start model", said)
+    with open(out / "tables" / "04b_spread.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert spread and len(rows) == 8 and int(spread.group(1)) == sum(r["spread"] == "True" for r in rows)
+    assert re.search(r"one group of 4: rewards \[[01, ]+\], mean [\d.]+, std [\d.]+; the advantages by hand equal the "
+                     r"trainer's", said), said
+    metrics = runs.read_run(out / "models" / "grpo")
+    assert metrics["optimizer_steps"] == 6 and metrics["arm"] == "answer"
+    assert [r["step"] for r in runs.read_log(out / "models" / "grpo") if "reward" in r][-1] == 6
+    for rel in ("models/grpo/model.safetensors", "tables/04b_letters.csv", "figures/04b_curves.png",
+                "figures/04b_letters.png", "models/grpo/checkpoints/first_step.json"):
+        assert (out / rel).is_file(), rel
+    assert re.search(r"mean reward on these prompts: [\d.]+ before training, [\d.]+ after", said)
 
 
 def test_05_serves_a_model_and_answers_plain_and_streamed(series):
@@ -434,7 +459,7 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
 def test_09_chat_turn_runs_through_the_panel_with_passages(series):
     project, nb = series("09_chat_demo")
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
-    assert "models: base, lora, full, merged (in this kernel); retrievers: bm25, dense, hybrid" in text
+    assert "models: base, lora, full, merged, grpo (in this kernel); retrievers: bm25, dense, hybrid" in text
     turn = next(line for line in text.splitlines() if line.startswith("answer "))
     assert "gold" in turn and "unparseable" not in turn  # the trained smoke model answers in the format
     pieces = next(line for line in text.splitlines() if "streamed pieces" in line)
@@ -457,7 +482,7 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     assert baselines[0] == "chance" and baselines[1].startswith("always ") and len(baselines) == 2
     assert (out / "tables" / "10_results.md").read_text(encoding="utf-8").count("\n") == len(rows) + 2
     rows = {key: r for key, r in rows.items() if key[1] != "baseline"}
-    models = ("base", "lora", "full", "merged")
+    models = ("base", "lora", "full", "merged", "grpo")
     expected = {(m, e) for m in models for e in ("letter", "generate")}
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}
     expected |= {(m, e) for m in models for e in ("pride", "debiased")}  # 06's debiased readings
@@ -473,23 +498,24 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
         if model != "base" and not through_llama:
             assert float(r["diff_vs_base_low"]) <= float(r["diff_vs_base"]) <= float(r["diff_vs_base_high"])
             assert r["detectable_vs_base"] == "" or float(r["detectable_vs_base"]) > 0  # "": the two never disagree
-    assert {r["primary"] for r in rows.values() if r["primary"]} == {"merged vs base", "merged+rag bm25 vs merged"}
+    assert {r["primary"] for r in rows.values() if r["primary"]} == {"merged vs base", "grpo vs merged",
+                                                                     "merged+rag bm25 vs merged"}
+    assert rows["grpo", "debiased"]["primary"] == "grpo vs merged" and rows["grpo", "debiased"]["family_vs_start"] == "primary"
     assert rows["merged", "debiased"]["primary"] == "merged vs base"
-    family = [(r["p_vs_base"], r["p_adj_vs_base"], r["family_vs_base"]) for r in rows.values() if r["p_vs_base"]]
-    family += [(r["p_vs_no_rag"], r["p_adj_vs_no_rag"], r["family_vs_no_rag"]) for r in rows.values() if r["p_vs_no_rag"]]
+    family = [(r[f"p_{x}"], r[f"p_adj_{x}"], r[f"family_{x}"]) for x in report.SUFFIXES for r in rows.values() if r[f"p_{x}"]]
     assert family and all(float(adj) >= float(p) for p, adj, _ in family)  # every p beside its Holm-adjusted p
     # two Holm families: the pre-registered comparisons among themselves, every other difference on its own
     assert rows["merged", "debiased"]["family_vs_base"] == "primary" == rows["merged", "debiased+rag bm25"]["family_vs_no_rag"]
     primary = [(float(p), float(adj)) for p, adj, name in family if name == "primary"]
     exploratory = [(float(p), float(adj)) for p, adj, name in family if name == "exploratory"]
-    assert len(primary) == 2 and len(primary) + len(exploratory) == len(family)
+    assert len(primary) == 3 and len(primary) + len(exploratory) == len(family)
     for members in (primary, exploratory):
         assert [adj for _, adj in members] == pytest.approx(evaluate.holm([p for p, _ in members]), rel=1e-9)
     # the pre-registered comparisons on the whole eval split, its two halves and the replication set
     with open(out / "tables" / "10_primary.csv", encoding="utf-8") as f:
         checks = [(r["comparison"], r["set"], int(r["n"])) for r in csv.DictReader(f)]
     half = (n_eval + 1) // 2, n_eval // 2
-    for name in ("merged vs base", "merged+rag bm25 vs merged"):
+    for name in ("merged vs base", "grpo vs merged", "merged+rag bm25 vs merged"):
         got = [(s, n) for c, s, n in checks if c == name]
         assert got[0] == ("eval", n_eval) and got[3] == ("replication", tiny.TEST_EXTRA)
         assert [s for s, _ in got[1:3]] == ["eval, half 1", "eval, half 2"] and sum(n for _, n in got[1:3]) == n_eval
@@ -584,7 +610,7 @@ def test_index_and_report_render_in_a_real_browser(series):
 SWITCHED_OFF = {
     "train.shuffle_options": True, "train.activation_checkpointing": True, "train.resume": False,
     "train.curve_questions": 0, "gguf.export": False, "gguf.models": [], "gguf.evaluate": [], "gguf.api_models": [],
-    "eval.rotations": False, "eval.generate_questions": 0, "eval.api_models": [], "rag.models": [],
+    "eval.rotations": False, "eval.generate_questions": 0, "eval.api_models": [], "rag.models": [], "grpo.max_steps": 0,
 }
 
 
@@ -595,7 +621,7 @@ def _whole_series(run, label: str):
     finally:
         _report_seconds(run, label)
     out = project / "outputs" / "smoke"
-    return out, {name[:2]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8")))
+    return out, {name.split("_")[0]: _said(json.loads((out / "runs" / f"{name}.ipynb").read_text(encoding="utf-8")))
                  for name in SERIES}
 
 
@@ -660,10 +686,11 @@ def test_steps_turned_off_after_a_run_leave_none_of_its_results(series, tmp_path
                                                                "train.resume")}
     # the base model where the run found it: a run is keyed by its base's path, and this is the same run
     _change_profile(root, {**off, "model.base": str(project / "outputs" / "smoke" / "assets" / "tiny-qwen2")})
-    said = {name[:2]: _said(_run_only(root, name)) for name in ("02_lora_sft", "04_merge", "06_eval_direct",
-                                                                "07_eval_api", "08_eval_rag", "10_report")}
+    said = {name.split("_")[0]: _said(_run_only(root, name)) for name in ("02_lora_sft", "04_merge", "04b_grpo",
+                                                                "06_eval_direct", "07_eval_api", "08_eval_rag", "10_report")}
     assert [rel for rel in written if (out / rel).exists()] == []
     assert "removed an earlier run's tables/04_gguf_template.csv" in said["04"]
+    assert "skipped: GRPO" in said["04b"] and "grpo.max_steps is 0" in said["04b"]
     with open(out / "tables" / "10_results.csv", encoding="utf-8") as f:
         assert {r["evaluation"] for r in csv.DictReader(f)} == {"letter", "baseline"}
     assert "an earlier run's answers: this profile turns the evaluation off (eval.rotations is false" in said["10"]
@@ -676,7 +703,7 @@ def test_notebooks_are_committed_without_outputs():
         nb = json.loads(path.read_text(encoding="utf-8"))
         # the title and what it teaches, a Chinese summary, then papermill's parameters
         first, summary, parameters = nb["cells"][:3]
-        assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith(f"# {path.name[:2]} · "), \
+        assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith(f"# {path.name.split('_')[0]} · "), \
             f"{path.name}: the first cell must be the title"
         text = "".join(summary["source"])
         assert summary["cell_type"] == "markdown" and text.startswith("**中文摘要**"), \

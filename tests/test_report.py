@@ -536,3 +536,118 @@ def test_the_verdict_says_so_when_only_validation_or_the_replication_set_shows_a
     assert "the independent replication set shows a difference that eval does not" in text
     assert "a gain there that eval does not show" in text
     assert "validation and eval disagree: validation shows a gain, eval none" in text
+
+
+# GRPO's comparison with the model it was trained from (vs_start): ten questions, by hand
+#   base   right on none;  merged on q0-q2;  grpo on q0, q1, q3-q7
+#   grpo vs merged: both right 2 (q0, q1), merged only 1 (q2), grpo only 5 (q3-q7), neither 2 (q8, q9)
+#   exact McNemar: 1 of 6 discordant, two-sided 2 * P(X <= 1 | 6, 1/2) = 2 * 7/64 = 14/64; difference +4/10
+#   merged vs base: 3 of 3 discordant one way, p = 2/8; grpo vs base: 7 of 7, p = 2/128
+#   Holm over the two pre-registered ones: 14/64 * 2 = 0.4375, then max(0.4375, 2/8 * 1): both 0.4375
+GRPO_CASE = {("base", "letter"): _rows([0] * 10), ("merged", "letter"): _rows([1, 1, 1] + [0] * 7),
+             ("grpo", "letter"): _rows([1, 1, 0, 1, 1, 1, 1, 1, 0, 0])}
+
+
+def test_grpo_vs_merged_parses_as_the_comparison_with_the_model_it_started_from():
+    plain, passages = report.primary_comparisons("debiased", ["grpo vs merged", "grpo+rag bm25 vs merged+rag bm25"])
+    assert (plain.model, plain.evaluation, plain.suffix, plain.other) == ("grpo", "debiased", "vs_start",
+                                                                          ("merged", "debiased"))
+    assert (passages.suffix, passages.evaluation, passages.other) == ("vs_start", "debiased+rag bm25",
+                                                                      ("merged", "debiased+rag bm25"))
+    for wrong in ("merged vs grpo", "full vs merged", "grpo vs full", "grpo+rag bm25 vs merged"):
+        with pytest.raises(ValueError, match=f"'{re.escape(wrong)}' is neither .*'grpo vs merged'"):
+            report.primary_comparisons("debiased", [wrong])
+
+
+def test_the_start_models_are_what_grpo_starts_from():
+    from medqa_zh import grpo
+
+    assert report.START_MODELS == {grpo.NAME: grpo.START}
+
+
+def test_results_table_compares_grpo_with_merged_on_the_same_questions_in_the_primary_family():
+    comparisons = report.primary_comparisons("letter", ["merged vs base", "grpo vs merged"])
+    table = report.results_table(GRPO_CASE, primary=comparisons)
+    row = table.set_index(["model", "evaluation"])
+    grpo = row.loc[("grpo", "letter")]
+    assert grpo["p_vs_start"] == pytest.approx(14 / 64) and grpo["diff_vs_start"] == pytest.approx(0.4)
+    assert (grpo["diff_vs_start_low"], grpo["diff_vs_start_high"]) == evaluate.paired_difference_ci(2, 5, 1, 2)
+    assert grpo["detectable_vs_start"] == evaluate.detectable_difference(10, 6)
+    assert grpo["p_adj_vs_start"] == pytest.approx(0.4375) and grpo["family_vs_start"] == "primary"
+    assert row.loc[("merged", "letter"), "p_adj_vs_base"] == pytest.approx(0.4375)
+    # grpo against the base: measured, exploratory (a family of one)
+    assert grpo["p_vs_base"] == pytest.approx(2 / 128) == grpo["p_adj_vs_base"]
+    assert grpo["family_vs_base"] == "exploratory"
+    assert grpo["primary"] == "grpo vs merged"
+    # only a model trained from another has the comparison
+    assert row[["p_vs_start"]].drop(("grpo", "letter")).isna().all().all()
+    assert set(row.drop(("grpo", "letter"))["family_vs_start"]) == {""}
+    # the families are those of holm_families, over all three suffixes
+    families = report.holm_families(table, comparisons)
+    grpo_index = list(table.index[(table["model"] == "grpo")])[0]
+    assert ((grpo_index, "vs_start"), pytest.approx(0.4375)) in families["primary"]
+
+
+def test_the_verdict_speaks_of_grpo_vs_merged_and_says_it_has_no_validation_evidence():
+    comparisons = report.primary_comparisons("letter", ["merged vs base", "grpo vs merged"])
+    table = report.results_table(GRPO_CASE, primary=comparisons)
+    rising = {"step": 24, "n": 100, "diff": 0.2, "diff_low": 0.1, "diff_high": 0.3, "p": 0.001}
+    text = report.verdict(table, report.primary_checks(comparisons, {"eval": (GRPO_CASE, None)}), comparisons, "letter",
+                          rising)
+    line = next(s for s in text.splitlines() if s.startswith("- **grpo vs merged**"))
+    assert line.startswith("- **grpo vs merged** (letter): no significant difference")
+    assert "eval, n = 10: +40.0 points [unadjusted 95% CI" in line and "p = 0.22, adjusted p = 0.44" in line
+    assert "no validation evidence (grpo was trained on train-split prompts" in line
+    assert "02's learning curve" not in line  # that curve is merged's SFT run, not GRPO's
+    merged = next(s for s in text.splitlines() if s.startswith("- **merged vs base**"))
+    assert "validation (02's learning curve" in merged and "no validation evidence" not in merged
+    assert "adjusted among the 2 pre-registered comparisons alone" in text and "other 1 paired differences" in text
+    words = report.significance(table)
+    assert "primary: **grpo / letter** against the model it was trained from, merged (n = 10)" in words
+    assert "exploratory: **grpo / letter** against the base model" in words
+
+
+def test_the_readable_table_and_the_index_show_the_difference_with_the_start_model(tmp_path):
+    comparisons = report.primary_comparisons("letter", ["merged vs base", "grpo vs merged"])
+    table = report.results_table(GRPO_CASE, primary=comparisons)
+    readable = report.readable_frame(table).set_index(["model", "reading"])
+    column = "Δ vs start model [unadjusted 95% CI], p, Holm-adjusted p (family)"
+    low, high = evaluate.paired_difference_ci(2, 5, 1, 2)
+    assert readable.loc[("grpo", "letter"), column] == \
+        f"+40.0 [{100 * low:+.1f}, {100 * high:+.1f}], p = 0.22, adjusted 0.44 (primary)"
+    assert readable.loc[("merged", "letter"), column] == "—"
+    # the detectable difference of grpo's row is its comparison with merged (the nearer one), not with the base
+    assert readable.loc[("grpo", "letter"), "detectable Δ (80% power, from the observed disagreement)"] == \
+        f"{100 * evaluate.detectable_difference(10, 6):.1f}"
+    # a grpo that answers as merged does: no question discordant, so no detectable difference, not the base's instead
+    same = {**GRPO_CASE, ("grpo", "letter"): GRPO_CASE["merged", "letter"]}
+    same_row = report.readable_frame(report.results_table(same)).set_index(["model", "reading"]).loc[("grpo", "letter")]
+    assert same_row["detectable Δ (80% power, from the observed disagreement)"] == ""
+    assert same_row[column].startswith("+0.0 [") and same_row[column].endswith("p = 1, adjusted 1 (exploratory)")
+    files.write_table(table, tmp_path / "tables" / f"{report.RESULTS_TABLE}.csv")
+    page = report.write_index(tmp_path, ["10_report"]).read_text(encoding="utf-8")
+    assert f"<th>{column}</th>" in page and "(grpo: merged)" in page
+
+
+def test_the_index_lists_a_notebook_between_two_in_series_order(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name in ("10_report", "04b_grpo", "05_serve", "04_merge", "README"):
+        (notebooks / f"{name}.ipynb").write_text("{}")
+    out = tmp_path / "outputs" / "smoke"
+    report.main(["index", str(out), "--notebooks", str(notebooks)])
+    page = (out / "reports" / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r"<tr><td>(\w+)</td>", page) == ["04_merge", "04b_grpo", "05_serve", "10_report"]
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu", "gpu-multi"])
+def test_every_profiles_pre_registration_parses_and_the_gpu_runs_name_grpo_vs_merged(project, profile):
+    from medqa_zh import config
+
+    cfg = config.load(profile)
+    reading, comparisons = report.primary(cfg)
+    named = {c.name: c.suffix for c in comparisons}
+    if profile == "cpu":  # GRPO off there (grpo.max_steps: 0): nothing about it is pre-registered
+        assert "grpo vs merged" not in named
+    else:
+        assert named["grpo vs merged"] == "vs_start" and "grpo" in cfg["eval.direct_models"]

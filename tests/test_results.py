@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medqa_zh import config, models, results
+from medqa_zh import config, models, results, runs
 
 QUESTIONS = [SimpleNamespace(id=f"dev:{i}", answer_idx="A") for i in range(8)]
 
@@ -187,3 +187,23 @@ def test_replicate_says_which_setting_leaves_its_reading_unmade(smoke):
         got, why = results.replicate(off, ["base"], reading, progress=False)
         assert got == {} and key in why and f"no {reading} reading to replicate" in why
     assert results.replicate(off, [], "letter", progress=False) == ({}, None)  # letter scores need neither
+
+
+def test_collect_leaves_out_answers_of_a_model_whose_step_is_off_and_says_which_setting(project):
+    """grpo.max_steps: 0 keeps an earlier run's grpo model on disk (models.available leaves it out): its answers are
+    no result of this run, and the reason names the setting, not a model that is gone."""
+    cfg = config.load("smoke")
+    questions = [SimpleNamespace(id=f"q{i}") for i in range(4)]
+    weights = models.folder(cfg, "grpo") / runs.MODEL_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"not read: the fingerprint is patched below")
+    answer = lambda batch: [{"id": q.id, "gold": "B", "pred": "B"} for q in batch]  # noqa: E731
+    results.run_cached(results.path_for(cfg, "grpo", "letter", "0123abcd"), questions, answer, label=("grpo", "letter"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "answers_fingerprint", lambda cfg, name: "0123abcd")
+        got, skipped = results.collect(cfg, questions)
+        assert list(got) == [("grpo", "letter")] and skipped == []
+        got, skipped = results.collect(config.load("smoke", {"grpo.max_steps": 0}), questions)
+    assert got == {} and weights.is_file()
+    assert skipped == [{"model": "grpo", "evaluation": "letter", "reason": "an earlier run's grpo model: this profile "
+                        "turns its step off (grpo.max_steps is 0 (a number of steps turns it on))"}]

@@ -86,6 +86,25 @@ def test_from_resumes_and_only_runs_one(fake_project):
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
 
 
+def test_a_notebook_between_two_runs_between_them_and_is_named_by_its_number(fake_project):
+    """04b_grpo runs after 04 and before 05 whatever the locale's collation, and --only / --from take its number."""
+    (fake_project / "notebooks" / "02_fail.ipynb").unlink()
+    _notebook(fake_project / "notebooks" / "01b_between.ipynb", "open('ran_01b', 'w').close()")
+    env = {**os.environ, "MEDQA_USE_VENV": "1", "MEDQA_SKIP_SETUP": "1", "LC_ALL": "en_US.UTF-8"}
+    proc = subprocess.run(["./run_all.sh"], cwd=fake_project, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    order = [line.split(": running")[0].split()[-1] for line in proc.stdout.splitlines() if ": running" in line]
+    assert order == ["01_ok", "01b_between", "03_after"]
+    runs = fake_project / "outputs" / "smoke" / "runs"
+    for args, ran in ((["--only", "1b"], ["01b_between"]), (["--from", "01b"], ["01b_between", "03_after"])):
+        shutil.rmtree(runs)
+        proc = subprocess.run(["./run_all.sh", *args], cwd=fake_project, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0 and sorted(p.stem for p in runs.iterdir()) == ran, (args, proc.stderr)
+    page = (fake_project / "outputs" / "smoke" / "reports" / "index.html").read_text(encoding="utf-8")
+    assert page.index("01_ok") < page.index("01b_between") < page.index("03_after")
+
+
 def test_a_notebook_that_cannot_start_is_reported_without_a_copy(fake_project):
     (fake_project / "notebooks" / "02_fail.ipynb").write_text("{not a notebook", encoding="utf-8")
     env = {**os.environ, "MEDQA_USE_VENV": "1", "MEDQA_SKIP_SETUP": "1"}

@@ -1,15 +1,18 @@
 """steps: a switch set to off turns its step off, says which setting did, and leaves no earlier run's files."""
+import ast
 import sys
+from pathlib import Path
 
 import pytest
 
-from medqa_zh import config, steps
+from medqa_zh import config, models, runs, steps
 
 # each step, and a setting that turns it off on its own (the smoke profile has every step on)
 OFF = {
     "learning_curve": ({"train.curve_questions": 0}, "train.curve_questions"),
     "gguf": ({"gguf.export": False}, "gguf.export"),
     "gguf_quantization": ({"gguf.evaluate": []}, "gguf.evaluate"),
+    "grpo": ({"grpo.max_steps": 0}, "grpo.max_steps"),
     "generate": ({"eval.generate_questions": 0}, "eval.generate_questions"),
     "rotations": ({"eval.rotations": False}, "eval.rotations"),
     "api": ({"eval.api_models": []}, "eval.api_models"),
@@ -147,3 +150,33 @@ def test_serving_the_gguf_without_llama_cpp_stops_when_the_profile_loads(project
         config.load("smoke", {"serve.backend": "llamacpp"})
     assert all(s in str(e.value) for s in GET_IT) and "serve.backend: auto" in str(e.value)
     config.load("smoke")  # the transformers backend: llama.cpp not needed
+
+
+def test_grpo_off_says_so_in_one_line_and_its_model_is_kept_but_not_this_runs(project, capsys):
+    """grpo.max_steps: 0 turns 04b off: its tables and figures go, the model an earlier run trained stays on disk
+    (expensive to train again) but models.available leaves it out, so 06-08 do not evaluate it as this run's."""
+    on = config.load("smoke")
+    weights = models.folder(on, "grpo") / runs.MODEL_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"an earlier run's grpo model")
+    (on.out / "tables").mkdir(parents=True)
+    (on.out / "tables" / "04b_spread.csv").write_text("prompt,spread\n")
+    assert models.available(on)["grpo"] == str(models.folder(on, "grpo"))
+    cfg = config.load("smoke", {"grpo.max_steps": 0})
+    assert steps.off(cfg, "grpo") == "grpo.max_steps is 0 (a number of steps turns it on)"
+    assert steps.skip(cfg, "grpo") is True
+    line = capsys.readouterr().out.strip()
+    assert line == (f"skipped: {steps.step('grpo').what}: grpo.max_steps is 0 (a number of steps turns it on); "
+                    "removed an earlier run's tables/04b_spread.csv")
+    assert "grpo" not in models.available(cfg) and weights.is_file()  # left out, not deleted
+    assert "merged" not in models.available(cfg)  # nothing else appears: merged was never made here
+    # 04b runs after 04's GGUF steps and before 06's
+    order = list(steps.NAMES)
+    assert order.index("gguf_quantization") < order.index("grpo") < order.index("generate")
+
+
+def test_steps_imports_none_of_the_projects_modules():
+    tree = ast.parse(Path(steps.__file__).read_text(encoding="utf-8"))
+    imported = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and (node.level or (node.module or "").startswith("medqa_zh"))]
+    assert imported == []  # models imports steps (available): steps importing back would be a cycle

@@ -17,6 +17,7 @@ colocated where it is installed). The trained adapter is merged into the start m
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -24,6 +25,7 @@ import json
 import shutil
 import statistics
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from . import answers, dashboards, data, files, models, prompts, runs, train
@@ -38,6 +41,7 @@ from . import answers, dashboards, data, files, models, prompts, runs, train
 ARMS = ("answer", "reasoning")
 NAME = "grpo"  # the model it writes: models.folder(cfg, NAME)
 START = "merged"  # the model it starts from
+FIRST_STEP = "first_step.json"  # in checkpoints/: what the first optimizer step's rewards and loss saw (04b's check)
 
 
 # --------------------------------------------------------------------------- the reward
@@ -128,13 +132,25 @@ def lora_config(s: dict) -> LoraConfig:
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def quiet():
+    """trl and peft ask the model for properties transformers 5 renamed (``is_gradient_checkpointing``, ...): noise
+    about the libraries' versions, not about this run, kept out of the notebook."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
+
+
 class Trainer(GRPOTrainer):
     """trl's ``GRPOTrainer``, keeping what the loss of the first optimizer step saw: each completion's prompt and
-    text, and the advantage trl gave it (``seen``), for 04b's check of the advantages by hand."""
+    text, and the advantage trl gave it (``seen``), for 04b's check of the advantages by hand. Once that step is
+    done, it and the reward's first call are written to ``checkpoints/first_step.json`` (:func:`first_step`), which a
+    resumed run keeps."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, reward: Reward, **kwargs):
+        super().__init__(*args, reward_funcs=[reward], **kwargs)
         self.seen: list[dict] = []
+        self.add_callback(_FirstStep(self, reward))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.state.global_step == 0 and model.training:
@@ -145,6 +161,16 @@ class Trainer(GRPOTrainer):
                 self.seen.append({"prompt": decode(prompt), "text": decode(completion, skip_special_tokens=True),
                                   "advantage": float(inputs["advantages"][i])})
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class _FirstStep(TrainerCallback):
+    def __init__(self, trainer: Trainer, reward: Reward):
+        self.trainer, self.reward = trainer, reward
+
+    def on_step_end(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / FIRST_STEP
+        if state.global_step == 1 and state.is_world_process_zero and self.reward.first and not path.exists():
+            files.write_text(path, json.dumps({**self.reward.first, "seen": self.trainer.seen}, ensure_ascii=False))
 
 
 @dataclass
@@ -190,6 +216,7 @@ def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = No
         loss_type=s["loss_type"],
         scale_rewards=s["scale_rewards"],
         shuffle_dataset=False,  # the rows are already the draws, each pass in its own seeded order
+        **{train.checkpointing_field(): bool(s["activation_checkpointing"])},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -207,8 +234,9 @@ def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = No
     )
     reward = Reward()
     log = train.JsonlLog(out_dir / runs.LOG_FILE)
-    trainer = Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
-                      processing_class=tokenizer, peft_config=lora_config(s), callbacks=[log, *watch.callbacks()])
+    with quiet():
+        trainer = Trainer(model=model, reward=reward, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=lora_config(s), callbacks=[log, *watch.callbacks()])
     run_key = {
         "mode": NAME, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
         "seed": seed, "world_size": train.world_size(),
@@ -228,7 +256,43 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------- sampling outside the trainer
+
+
+def sample(model, tokenizer, rows: list[dict], generations: int, max_new_tokens: int, temperature: float,
+           seed: int = 0) -> list[dict]:
+    """Each row's prompt sampled ``generations`` times (as the trainer samples a group), scored with :func:`correct`:
+    one dict per completion (``id``, ``gold``, ``text``, ``chosen`` letter or None, ``reward``). 04b runs it under the
+    start model before training (which prompts have a reward spread) and under the trained model after (the letters
+    each chooses)."""
+    torch.manual_seed(seed)
+    out = []
+    model.eval()
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True).to(model.device)
+        with torch.no_grad():
+            new = model.generate(**ids, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                                 max_new_tokens=max_new_tokens, num_return_sequences=generations,
+                                 pad_token_id=tokenizer.pad_token_id)[:, ids["input_ids"].shape[1]:]
+        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+            out.append({"id": row["id"], "gold": row["gold"], "text": text,
+                        "chosen": answers.extract_letter(text, row["letters"]),
+                        "reward": correct(text, row["gold"], row["letters"])})
+    return out
+
+
+def spread(samples: list[dict]) -> list[dict]:
+    """Per prompt of :func:`sample`'s completions: the mean reward, and whether the group has a spread (some right,
+    some wrong: only such a group has non-zero advantages, and teaches anything)."""
+    by_id: dict[str, list[float]] = {}
+    for s in samples:
+        by_id.setdefault(s["id"], []).append(s["reward"])
+    return [{"id": i, "mean_reward": statistics.fmean(r), "spread": len(set(r)) > 1} for i, r in by_id.items()]
+
+
 # --------------------------------------------------------------------------- training
+
 
 
 def train_run(run: Run, resume: bool | None = None) -> dict:
@@ -250,7 +314,7 @@ def train_run(run: Run, resume: bool | None = None) -> dict:
         run.watch.restart(run.run_key, runs.read_log(run.out_dir))
     accelerator.wait_for_everyone()
     start = time.perf_counter()
-    with train.peak_memory() as memory:
+    with train.peak_memory() as memory, quiet():
         result = run.trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
     log = runs.read_log(run.out_dir)
@@ -285,3 +349,12 @@ def save(run: Run, metrics: dict) -> Path:
         files.move_into(tmp, out, last=(runs.MODEL_WEIGHTS, runs.RUN_FILE))
     accelerator.wait_for_everyone()
     return out
+
+
+def first_step(run_dir: str | Path) -> dict:
+    """What the first optimizer step of the run in ``run_dir`` saw: the prompts, completion texts and rewards of its
+    first generation (``Reward.first``) and each completion's advantage in the loss (``seen``: ``Trainer.seen``)."""
+    path = Path(run_dir) / "checkpoints" / FIRST_STEP
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: train the GRPO run first (grpo.train_run())")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from . import runs
+from . import runs, steps
 
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
@@ -490,9 +490,13 @@ def folder(cfg, name: str) -> Path:
 
 def available(cfg) -> dict[str, str]:
     """The models this profile's run has so far: the base (always) and whichever of the LoRA
-    adapter (02), the full SFT model (03) and the merged model (04) exist. name -> location."""
+    adapter (02), the full SFT model (03), the merged model (04) and the GRPO model (04b) exist. name -> location.
+    A model whose step the profile turns off (``grpo`` with ``grpo.max_steps: 0``, :func:`steps.off`) is left out
+    though its folder is there: an earlier run trained it, and it is kept (training is expensive), not this run's."""
     found = {"base": cfg.base_model}
     for name, weights in WEIGHTS.items():
+        if name in steps.STEPS and steps.off(cfg, name):
+            continue
         if (folder(cfg, name) / weights).is_file():
             found[name] = str(folder(cfg, name))
     return found

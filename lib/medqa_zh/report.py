@@ -175,6 +175,48 @@ def plot_learning_curve(curve):
     return fig
 
 
+GRPO_CURVES = (("reward", "reward_std", "reward (mean ± spread)"), ("frac_reward_zero_std", None,
+               "groups with no spread (teach nothing)"), ("completions/mean_length", None, "completion length (tokens)"),
+               ("kl", None, "KL to the start model"))
+
+
+def plot_grpo_curves(log: list[dict]):
+    """04b's curves from its ``train_log.jsonl`` rows, one panel each: the mean reward per step with its spread, the
+    share of groups whose rewards do not differ, the completions' mean length and the KL to the start model (absent
+    with ``grpo.beta: 0``, and said so)."""
+    fig, axes = plt.subplots(1, len(GRPO_CURVES), figsize=(13, 3.0))
+    for ax, (key, band, title) in zip(axes, GRPO_CURVES, strict=True):
+        points = [(r["step"], r[key], r.get(band, 0.0) if band else 0.0) for r in log if key in r]
+        if points:
+            steps, values, spread = (list(v) for v in zip(*points, strict=True))
+            ax.plot(steps, values, marker="o", ms=3, lw=1.2)
+            if band:
+                ax.fill_between(steps, [v - d for v, d in zip(values, spread, strict=True)],
+                                [v + d for v, d in zip(values, spread, strict=True)], alpha=0.2)
+        else:
+            ax.text(0.5, 0.5, "not logged" + (" (grpo.beta is 0)" if key == "kl" else ""), ha="center",
+                    va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_letter_shares(table):
+    """Each letter's share of the chosen answers (columns: before and after training, and the gold letters), as
+    grouped bars: a policy that learned a preferred letter shows a peak the gold letters do not have."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    width = 0.8 / len(table.columns)
+    for i, column in enumerate(table.columns):
+        ax.bar([x + i * width for x in range(len(table))], table[column], width, label=column)
+    ax.set_xticks([x + width * (len(table.columns) - 1) / 2 for x in range(len(table))], list(table.index))
+    ax.set_ylabel("share")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
 def plot_retrieval_quality(table):
     """From :func:`medqa_zh.rag.retrieval_quality`: per retriever, how often the top k contain the
     correct option (solid) and one wrong option on average (dashed), against k."""
@@ -368,26 +410,33 @@ def readings(answers: dict) -> dict:
     return out
 
 
-SUFFIXES = ("vs_base", "vs_no_rag")  # the two paired comparisons of a results-table row
+# a model trained from another of the run's models, and that model: its results-table rows are also compared with it
+# (vs_start). grpo: 04b's GRPO starts from the merged SFT model (grpo.START; tests/test_report.py checks they agree)
+START_MODELS = {"grpo": "merged"}
+SUFFIXES = ("vs_base", "vs_start", "vs_no_rag")  # the three paired comparisons of a results-table row
 
 
 def _against(model: str, evaluation: str, suffix: str) -> tuple[str, str] | None:
-    """The (model, reading) a row is compared with: the base model on the same reading (``vs_base``), or
-    the same model without passages (``vs_no_rag``, for a reading with passages); None where there is none."""
+    """The (model, reading) a row is compared with: the base model on the same reading (``vs_base``), the model it
+    was trained from on the same reading (``vs_start``, :data:`START_MODELS`: grpo against merged), or the same model
+    without passages (``vs_no_rag``, for a reading with passages); None where there is none."""
     if suffix == "vs_base":
         return ("base", evaluation) if model != "base" else None
+    if suffix == "vs_start":
+        return (START_MODELS[model], evaluation) if model in START_MODELS else None
     return (model, evaluation.split("+rag")[0]) if "+rag" in evaluation else None
 
 
 def results_table(answers: dict, baselines=None, primary=()):
     """One row per (model, reading) of :func:`readings`: n, accuracy, its 95% interval, invalid and
-    failed answers, and two paired comparisons on the same questions, each the difference in
+    failed answers, and up to three paired comparisons on the same questions, each the difference in
     accuracy with its 95% interval (:func:`evaluate.paired_difference_ci`, unadjusted: one comparison at a
     time), the exact McNemar p, the Holm-adjusted p (``p_adj_*``, :func:`evaluate.holm`) with the family it is
     adjusted in (``family_*``, :func:`holm_families`: ``primary`` or ``exploratory``) and the smallest difference
     those questions could detect (80% power, alpha 0.05, :func:`evaluate.detectable_difference`, from the share
     of questions the two readings disagree on in this run): against the base model on the same reading
-    (``vs_base``) and, for RAG rows, against the same model without passages (``vs_no_rag``).
+    (``vs_base``), for a model trained from another (:data:`START_MODELS`: grpo) against that model on the same reading
+    (``vs_start``) and, for RAG rows, against the same model without passages (``vs_no_rag``).
     ``primary``: the pre-registered :class:`Comparison` objects; column ``primary`` names the one a row
     carries (every other difference is exploratory). ``baselines`` (:func:`evaluate.baselines`) come
     last, as evaluation ``baseline``."""
@@ -429,9 +478,10 @@ PRIMARY_FAMILY, EXPLORATORY_FAMILY = "primary", "exploratory"  # the two Holm fa
 
 
 def holm_families(table, primary=()) -> dict:
-    """Holm's adjustment of a results table's paired differences (``p_vs_base``, ``p_vs_no_rag``) in two families,
-    each adjusted on its own (:func:`evaluate.holm`): ``primary``, the pre-registered comparisons (``primary``:
-    :class:`Comparison` objects) among themselves, and ``exploratory``, every other difference in ``table``.
+    """Holm's adjustment of a results table's paired differences (``p_vs_base``, ``p_vs_start``, ``p_vs_no_rag``) in
+    two families, each adjusted on its own (:func:`evaluate.holm`): ``primary``, the pre-registered comparisons
+    (``primary``: :class:`Comparison` objects) among themselves, and ``exploratory``, every other difference in
+    ``table``.
     The primary family is what was named before the run, whatever else the table shows: its size is the number of
     pre-registered comparisons, and one this run did not measure counts as p = 1 (so turning a step off can make
     no other look stronger); turning an exploratory step on or off changes no primary adjusted p. Returns
@@ -469,9 +519,10 @@ READINGS = ("letter", "pride", "debiased", "generate")  # what eval.primary_read
 @dataclass(frozen=True)
 class Comparison:
     """One pre-registered comparison (``eval.primary_comparisons``) in the primary reading: the results-table
-    row ``(model, evaluation)`` and its paired test ``suffix`` (``vs_base`` or ``vs_no_rag``) against ``other``."""
+    row ``(model, evaluation)`` and its paired test ``suffix`` (``vs_base``, ``vs_start`` or ``vs_no_rag``) against
+    ``other``."""
 
-    name: str                # as the profile says it: "merged vs base", "merged+rag bm25 vs merged"
+    name: str                # as the profile says it: "merged vs base", "grpo vs merged", "merged+rag bm25 vs merged"
     model: str
     evaluation: str          # the reading's row name: "debiased", "debiased+rag bm25"
     suffix: str
@@ -479,9 +530,10 @@ class Comparison:
 
 
 def primary_comparisons(reading: str, names) -> list[Comparison]:
-    """Parse ``eval.primary_comparisons`` (``"A vs B"``) in ``reading`` (``eval.primary_reading``). Two kinds
-    exist, the two a results table tests: fine-tuning, ``model vs base`` (with the same passages on both sides,
-    ``model+rag R vs base+rag R``), and passages, ``model+rag R vs model``."""
+    """Parse ``eval.primary_comparisons`` (``"A vs B"``) in ``reading`` (``eval.primary_reading``). Three kinds
+    exist, the three a results table tests: fine-tuning, ``model vs base`` (with the same passages on both sides,
+    ``model+rag R vs base+rag R``); a model against the model it was trained from, ``grpo vs merged``
+    (:data:`START_MODELS`, the same passages on both sides too); and passages, ``model+rag R vs model``."""
     if reading not in READINGS:
         raise ValueError(f"eval.primary_reading: {reading!r} is none of {', '.join(READINGS)}; fix it in the profile")
     out = []
@@ -497,9 +549,13 @@ def primary_comparisons(reading: str, names) -> list[Comparison]:
             out.append(Comparison(name, a, evaluation, "vs_no_rag", (a, reading)))
         elif ra == rb and b == "base" and a != "base":
             out.append(Comparison(name, a, evaluation, "vs_base", ("base", evaluation)))
+        elif ra == rb and START_MODELS.get(a) == b:
+            out.append(Comparison(name, a, evaluation, "vs_start", (b, evaluation)))
         else:
-            raise ValueError(f"eval.primary_comparisons: {name!r} is neither 'model vs base' nor 'model+rag <retriever> "
-                             "vs model': the two comparisons the results table tests")
+            starts = ", ".join(f"'{m} vs {start}'" for m, start in START_MODELS.items())
+            raise ValueError(f"eval.primary_comparisons: {name!r} is neither 'model vs base', a model against the "
+                             f"model it was trained from ({starts}), nor 'model+rag <retriever> vs model': the three "
+                             "comparisons the results table tests")
     return out
 
 
@@ -560,7 +616,8 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
     ``reading`` on the eval split with its 95% interval (unadjusted, and said so), p and Holm-adjusted p (from
     ``table``, :func:`results_table`: adjusted among the pre-registered comparisons only); the same on each half of
     the eval split and on the replication set (``checks``, :func:`primary_checks`); and, for fine-tuning, the run's
-    validation evidence (``validation``, :func:`validation_check`). A difference is *significant* when its adjusted p is below ``alpha``; it is
+    validation evidence (``validation``, :func:`validation_check`; a model of :data:`START_MODELS`, which has none,
+    is said to have none). A difference is *significant* when its adjusted p is below ``alpha``; it is
     *replicated* only when the replication set shows it too (p below ``alpha``, same sign), and *unconfirmed*
     when validation, the replication set or the two halves do not agree with it."""
     family = len({(c.model, c.evaluation, c.suffix) for c in comparisons})
@@ -608,7 +665,10 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
                               "the independent replication set shows a difference that eval does not")
         else:
             words.append(f"no replication set ({replication_note or 'data.splits.replication'}), so it is not replicated")
-        if validation is not None and c.model in FINE_TUNED and c.suffix == "vs_base" and "+rag" not in c.evaluation:
+        if c.model in START_MODELS and "+rag" not in c.evaluation:  # grpo: nothing of it was read on validation
+            words.append(f"no validation evidence ({c.model} was trained on train-split prompts, and its notebook keeps "
+                         "no learning curve on validation)")
+        elif validation is not None and c.model in FINE_TUNED and c.suffix == "vs_base" and "+rag" not in c.evaluation:
             v_shown = _shows(validation["diff"], validation["p"], alpha)
             words.append(f"validation (02's learning curve, PriDe on {validation['n']} validation questions, step "
                          f"{validation['step']} against the base): {_points(validation['diff'], validation['diff_low'], validation['diff_high'])}, "
@@ -682,7 +742,9 @@ def significance(table, alpha: float = 0.05) -> str:
     pre-registered (``primary``) or exploratory. Markdown."""
     lines, found, raw, tested, families = [], 0, 0, 0, Counter()
     for _, r in table.iterrows():
-        for suffix, against in (("vs_base", "the base model"), ("vs_no_rag", "the same model without passages")):
+        for suffix, against in (("vs_base", "the base model"),
+                                ("vs_start", f"the model it was trained from, {START_MODELS.get(r['model'])}"),
+                                ("vs_no_rag", "the same model without passages")):
             p = r.get(f"p_{suffix}")
             if p is None or p != p:
                 continue
@@ -828,6 +890,7 @@ def _difference(row, suffix: str) -> str:
 
 READABLE_COLUMNS = ("model", "reading", "n", "accuracy [95% CI]",
                     "Δ vs base [unadjusted 95% CI], p, Holm-adjusted p (family)",
+                    "Δ vs start model [unadjusted 95% CI], p, Holm-adjusted p (family)",
                     "Δ vs no passages [unadjusted 95% CI], p, Holm-adjusted p (family)",
                     "detectable Δ (80% power, from the observed disagreement)", "pre-registered")
 
@@ -836,15 +899,20 @@ def readable_frame(table) -> pd.DataFrame:
     """:func:`results_table` as a reader wants it: accuracy [95% CI] in percent, each difference in points with its
     (unadjusted) interval, p and Holm-adjusted p with the family it is adjusted in (``primary``: the pre-registered
     comparisons among themselves; ``exploratory``), the detectable difference (from the disagreement observed in
-    this run), the pre-registered comparison a row carries, and the baselines as rows of their own
+    this run; of the row's nearest comparison: without passages, else with the start model, else with the base; empty
+    where that one has none: no question discordant), the
+    pre-registered comparison a row carries, and the baselines as rows of their own
     (``READABLE_COLUMNS``; every cell text but ``n``)."""
     rows = []
     for _, r in table.iterrows():
-        detectable = r["detectable_vs_no_rag"] if r["detectable_vs_no_rag"] == r["detectable_vs_no_rag"] \
-            else r["detectable_vs_base"]
+        # the nearest comparison the row has (.get: a table written before vs_start has no such columns); its
+        # detectable difference, empty where none is (no question discordant), never another comparison's
+        nearest = next((s for s in ("vs_no_rag", "vs_start", "vs_base") if (p := r.get(f"p_{s}")) is not None and p == p),
+                       None)
+        detectable = r[f"detectable_{nearest}"] if nearest else float("nan")
         rows.append((r["model"], r["evaluation"], int(r["n"]),
                      f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]",
-                     _difference(r, "vs_base"), _difference(r, "vs_no_rag"), _pct(detectable),
+                     *(_difference(r, s) for s in ("vs_base", "vs_start", "vs_no_rag")), _pct(detectable),
                      r["primary"] if isinstance(r["primary"], str) else ""))
     return pd.DataFrame(rows, columns=list(READABLE_COLUMNS))
 
@@ -890,8 +958,9 @@ def _both(english: str, chinese: str) -> str:
 
 
 READING_NOTE = ("Accuracy in percent with its 95% interval; each Δ in percentage points, paired on the same "
-                "questions, with its unadjusted 95% interval (one comparison at a time), p (exact McNemar) and p "
-                "adjusted by Holm within its family: primary (the pre-registered comparisons, among themselves; the "
+                "questions (against the base model, the model it was trained from (grpo: merged), or the same model "
+                "without passages), with its unadjusted 95% interval (one comparison at a time), p (exact McNemar) and "
+                "p adjusted by Holm within its family: primary (the pre-registered comparisons, among themselves; the "
                 "verdict's) or exploratory (every other difference, as a family of its own); the detectable Δ is the "
                 "smallest difference these questions find 80% of the time, given how often the two readings disagree "
                 "in this run (the observed disagreement, not a share planned before the run). The baselines are rows "
@@ -991,7 +1060,8 @@ def main(argv=None) -> None:
         return
     if a.timing:
         record_timing(a.out_dir, a.timing[0], float(a.timing[1]), a.timing[2])
-    names = [f.stem for f in sorted(Path(a.notebooks).glob("[0-9][0-9]_*.ipynb"))]
+    names = sorted(f.stem for pattern in ("[0-9][0-9]_*.ipynb", "[0-9][0-9][a-z]_*.ipynb")  # 04_merge, 04b_grpo
+                   for f in Path(a.notebooks).glob(pattern))
     print(write_index(a.out_dir, names))
 
 

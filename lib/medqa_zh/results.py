@@ -384,9 +384,9 @@ def position(value: str, known: tuple) -> tuple:
 def collect(cfg, questions, role: str = "eval") -> tuple[dict, list[dict]]:
     """Every evaluation the run recorded (``eval/index.json``, written by 06-08), as
     ``{(model, evaluation): rows}`` in series and model order, and the entries left out with the
-    reason: a missing file, a model trained again since (its weights no longer match the file's
-    fingerprint), an evaluation the profile turns off (:func:`steps.evaluation_off`), or answers to other
-    questions than :func:`questions_for` gives the evaluation
+    reason: a missing file, a model gone or whose step the profile turns off (``grpo.max_steps: 0``), a model
+    trained again since (its weights no longer match the file's fingerprint), an evaluation the profile turns off
+    (:func:`steps.evaluation_off`), or answers to other questions than :func:`questions_for` gives the evaluation
     (``questions``: the eval split at this profile's ``eval.max_questions``; with ``role``
     ``replication``, the replication set, whose answers 06 and 08 keep apart)."""
     index = folder(cfg, role) / INDEX
@@ -400,8 +400,10 @@ def collect(cfg, questions, role: str = "eval") -> tuple[dict, list[dict]]:
             why = f"an earlier run's answers: this profile turns the evaluation off ({why})"
         elif not path.is_file():
             why = f"{entry['file']} is missing"
-        elif model not in found:
-            why = f"the {model} model is gone from {cfg.out / 'models'}"
+        elif model not in found:  # a model whose step is off (grpo.max_steps: 0) may still be there: not this run's
+            why = (f"an earlier run's {model} model: this profile turns its step off ({off})"
+                   if model in steps.STEPS and (off := steps.off(cfg, model)) else
+                   f"the {model} model is gone from {cfg.out / 'models'}")
         else:
             if model not in fingerprints:
                 fingerprints[model] = models.answers_fingerprint(cfg, model)

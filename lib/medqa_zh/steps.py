@@ -8,7 +8,9 @@ evaluation through llama.cpp's server) are off, too, where llama.cpp is not inst
 :func:`skip`: it says in one line which setting turned it off, and deletes the files an earlier run
 of the step left (a table or figure of another run must not read as this run's). The later
 notebooks carry on without its outputs; 10 lists every step that was off (:func:`table`), and
-``results.collect`` leaves out answers of an evaluation that is off (:func:`evaluation_off`).
+``results.collect`` leaves out answers of an evaluation that is off (:func:`evaluation_off`). A step that trains a
+model (04b's ``grpo``) deletes its tables and figures but never the model (training is expensive): ``models.available``
+leaves the model out while its step is off, so no later notebook takes it for this run's.
 """
 import importlib.util
 import sys
@@ -78,6 +80,10 @@ STEPS = {
                  ("tables/04_gguf_template.csv", "tables/04_gguf_f16_letters.csv"), GGUF),
     "gguf_quantization": Step("04", "the GGUF quantizations scored against the merged model",
                               ("tables/04_quantization.csv",), (*GGUF, _empty("gguf.evaluate", "quantizations, e.g. [q8_0],"))),
+    "grpo": Step("04b", "GRPO (reinforcement learning with the answer's correctness as its reward)",
+                 ("tables/04b_spread.csv", "tables/04b_letters.csv", "figures/04b_curves.png",
+                  "figures/04b_letters.png"),
+                 (_zero("grpo.max_steps", "a number of steps turns it on"),)),
     "generate": Step("06", "generate-and-parse (06's generate reading)", (), (GENERATED,)),
     "rotations": Step("06", "the debiased readings (PriDe's calibration, every rotation)",
                       ("tables/06_debiased.csv", "figures/06_debiased.png", "tables/06_pride_vs_cyclic.csv",

@@ -592,7 +592,7 @@ def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
     return [KEY_WORDS.get(k, f"train.{k}") for k in (root or changed)]
 
 
-def _checkpointing_field() -> str:
+def checkpointing_field() -> str:
     """transformers 5.x renames ``gradient_checkpointing`` to ``activation_checkpointing``."""
     return "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
 
@@ -782,7 +782,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
         train_sampling_strategy="sequential",  # the stream is already shuffled, per epoch and seeded, and sorted within each step
         padding_free=s["packing"],  # each micro-batch in one row, position ids restarting at each example
         completion_only_loss=s["loss_on"] == "completion",
-        **{_checkpointing_field(): bool(s["activation_checkpointing"])},
+        **{checkpointing_field(): bool(s["activation_checkpointing"])},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -941,6 +941,8 @@ def tidy(run: Run, resume: bool, checkpoint: str | None, changes: list[str]) -> 
         print(f"{folder} is incomplete (no {', '.join(missing)}: a crash while saving it); removed, "
               "resuming from the one before")
         shutil.rmtree(folder)
+    if checkpoint is None and run.checkpoints.exists():  # a fresh start keeps nothing of an earlier try's folder
+        shutil.rmtree(run.checkpoints)
     (run.out_dir / runs.RUN_FILE).unlink(missing_ok=True)  # a folder whose run is training holds no finished run
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     files.write_text(run.checkpoints / runs.SETTINGS_FILE, json.dumps(run.run_key, indent=2, default=str, ensure_ascii=False))
