@@ -118,3 +118,13 @@ def test_a_crashed_grpo_run_resumes_from_its_last_checkpoint(start, smoke):
     steps = [r["step"] for r in runs.read_log(run.out_dir) if "reward" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 4  # steps 3-4 redone, each logged once
     assert grpo.train_run(grpo.prepare(cfg, out_dir=run.out_dir)) == runs.read_run(run.out_dir)  # finished: not again
+
+
+def test_the_reasoning_arm_asks_for_an_analysis_first_and_trains(start, smoke):
+    cfg = smoke(**{"grpo.arm": "reasoning", "grpo.max_steps": 1, "grpo.max_completion_length": 16})
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-reasoning")
+    user = run.trainer.train_dataset[0]["prompt"][1]["content"]
+    assert user.endswith(prompts.REASONING_HINT) and prompts.ANSWER_FORMAT_HINT not in user
+    metrics = grpo.train_run(run, resume=False)
+    assert metrics["arm"] == "reasoning" and metrics["optimizer_steps"] == 1
+    assert max(r["completions/max_length"] for r in runs.read_log(run.out_dir) if "completions/max_length" in r) <= 16
