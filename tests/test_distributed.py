@@ -112,7 +112,9 @@ shape = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_
 model = types.SimpleNamespace(parameters=lambda: [torch.zeros(10_000)], config=shape)
 s = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "tokens_per_device": "auto", "packing": False}
 plan = train.plan_micro_batches(s, [100] * 64, model, "fp32", "lora", "cpu", head_share=0.1)
-print("PLAN " + json.dumps(plan))
+print("PLAN " + json.dumps(plan), flush=True)
+torch.distributed.barrier()  # neither leaves while the other still talks to it, then the group ends cleanly
+torch.distributed.destroy_process_group()
 """
 
 

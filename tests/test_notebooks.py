@@ -572,7 +572,7 @@ def test_index_and_report_render_in_a_real_browser(series):
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         assert len(images) == 7 and all(ok for _, ok in images), images
         results = (project / "outputs" / "smoke" / "tables" / "10_results.csv").read_text(encoding="utf-8").splitlines()
-        assert len(results) == 1 + 31 + 2  # header, every result (test_10 names them), chance and always-X
+        assert len(results) == 1 + 35 + 2  # header, every result (test_10 names them), chance and always-X
         assert page.locator("table.results tr").count() == len(results)
         # read as a reader reads it: the readable columns, accuracy in percent with its interval, no raw names
         assert page.locator("table.results th").all_inner_texts() == list(report.READABLE_COLUMNS)
@@ -586,7 +586,7 @@ def test_index_and_report_render_in_a_real_browser(series):
         assert order[:4] == ["h1", "smoke", "verdict", "h2"], order
         verdict = page.locator("#verdict").inner_text()
         assert "merged vs base" in verdict and "adjusted p = " in verdict and "**" not in verdict  # rendered markdown
-        assert page.locator("#verdict li").count() == 2  # one item per pre-registered comparison
+        assert page.locator("#verdict li").count() == 3  # one item per pre-registered comparison
         assert page.locator("#verdict").bounding_box()["y"] < page.locator("table.results").bounding_box()["y"]
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

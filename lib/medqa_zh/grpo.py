@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -123,13 +122,6 @@ def settings(cfg) -> dict:
                          f"({batch} completions a step) must be a multiple of grpo.num_generations "
                          f"({s['num_generations']}, at least 2): a step learns from whole groups")
     return s
-
-
-def lora_config(s: dict) -> LoraConfig:
-    """The fresh adapter GRPO trains on the start model (``grpo.lora``)."""
-    lora = s["lora"]
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
 @contextlib.contextmanager
@@ -236,7 +228,7 @@ def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = No
     log = train.JsonlLog(out_dir / runs.LOG_FILE)
     with quiet():
         trainer = Trainer(model=model, reward=reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora_config(s), callbacks=[log, *watch.callbacks()])
+                          processing_class=tokenizer, peft_config=train.lora_config(s), callbacks=[log, *watch.callbacks()])
     run_key = {
         "mode": NAME, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
         "seed": seed, "world_size": train.world_size(),

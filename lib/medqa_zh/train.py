@@ -705,7 +705,7 @@ class OneDeviceConfig(SFTConfig):
 
 
 def lora_config(s: dict) -> LoraConfig:
-    """peft's ``LoraConfig`` from the ``train`` settings (:func:`settings`): rank, alpha (the update is scaled by
+    """peft's ``LoraConfig`` from the ``train`` settings (:func:`settings`; GRPO's fresh adapter from ``grpo.lora`` too): rank, alpha (the update is scaled by
     alpha / r), dropout and the adapted modules of ``train.lora`` (``all-linear``: every linear layer but the output
     head, resolved by peft when it wraps the model)."""
     lora = s["lora"]
