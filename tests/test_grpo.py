@@ -128,3 +128,16 @@ def test_the_reasoning_arm_asks_for_an_analysis_first_and_trains(start, smoke):
     metrics = grpo.train_run(run, resume=False)
     assert metrics["arm"] == "reasoning" and metrics["optimizer_steps"] == 1
     assert max(r["completions/max_length"] for r in runs.read_log(run.out_dir) if "completions/max_length" in r) <= 16
+
+
+def test_a_grpo_run_with_another_setting_starts_over_and_names_it(start, smoke, capsys):
+    cfg = smoke(**{"grpo.max_steps": 3, "grpo.save_steps": 1})
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-changed")
+    run.trainer.add_callback(crash_at(2))
+    with pytest.raises(Crash):
+        grpo.train_run(run, resume=False)
+    other = grpo.prepare(smoke(**{"grpo.max_steps": 3, "grpo.save_steps": 1, "grpo.learning_rate": 1.0e-4}),
+                         out_dir=run.out_dir)
+    metrics = grpo.train_run(other)
+    assert metrics["resumed_from"] is None and "(grpo.learning_rate changed)" in capsys.readouterr().out
+    assert (run.out_dir / train.ASIDE / "checkpoint-1").is_dir()

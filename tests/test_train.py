@@ -513,6 +513,8 @@ def test_a_run_key_names_each_input_that_changed():
     assert train.what_changed(change("inputs", data="b", tokens="z"), key) == [train.KEY_WORDS["data"]]
     assert train.what_changed(change("inputs", tokens="z"), key) == [train.KEY_WORDS["tokens"]]  # nothing else explains it
     assert train.what_changed(change("optimizer", lora={"r": 16}), key) == ["train.lora"]
+    grpo = {**key, "mode": "grpo"}  # a GRPO run's settings are the grpo section's
+    assert train.what_changed({**grpo, "optimizer": {**key["optimizer"], "learning_rate": 1.0}}, grpo) == ["grpo.learning_rate"]
     assert train.what_changed({**key, "seed": 1}, key) == ["the seed (seed)"]
     assert train.what_changed({**key, "world_size": 2}, key) == ["the number of processes"]
     old = {k: v for k, v in key.items() if k != "inputs"}  # written by an earlier version of the project

@@ -572,7 +572,8 @@ KEY_WORDS = {"mode": "the mode (LoRA or full)", "base_model": "the base model (m
              "data": "the training data (data/questions/train.jsonl)",
              "prompt": "the prompt (prompts.py: the system prompt, the instruction or the answer's form)",
              "template": "the chat template", "tokens": "the tokens trained on (the tokenizer, or how trl tokenizes)",
-             "eval_tokens": "the eval-loss questions (train.eval_questions, the validation split)"}
+             "eval_tokens": "the eval-loss questions (train.eval_questions, the validation split)",
+             "start": "the start model (04's merged model)"}
 DERIVED = ("tokens", "eval_tokens")  # they change with the other inputs: named only when nothing else changed
 
 
@@ -589,7 +590,8 @@ def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
         elif recorded[part] != value:
             changed.append(part)
     root = [k for k in changed if k not in DERIVED]
-    return [KEY_WORDS.get(k, f"train.{k}") for k in (root or changed)]
+    section = "grpo" if run_key.get("mode") == "grpo" else "train"  # where a setting of the key lives in the profile
+    return [KEY_WORDS.get(k, f"{section}.{k}") for k in (root or changed)]
 
 
 def checkpointing_field() -> str:
