@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from helpers import Crash, at_root, crash_at
-from medqa_zh import config, data, grpo, models, prompts, runs, train
+from medqa_zh import config, dashboards, data, grpo, models, prompts, runs, train
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,15 @@ def test_a_grpo_run_with_another_setting_starts_over_and_names_it(start, smoke, 
     metrics = grpo.train_run(other)
     assert metrics["resumed_from"] is None and "(grpo.learning_rate changed)" in capsys.readouterr().out
     assert (run.out_dir / train.ASIDE / "checkpoint-1").is_dir()
+
+
+def test_grpo_curves_reach_the_dashboard_as_they_are_logged(start, smoke):
+    pytest.importorskip("tensorboard")
+    cfg = smoke(**{"grpo.max_steps": 2, "train.report_to": "tensorboard"})
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-watched")
+    grpo.train_run(run, resume=False)
+    logged = [(r["step"], r["reward"]) for r in runs.read_log(run.out_dir) if "reward" in r]
+    shown = dashboards.read_tensorboard(run.out_dir / runs.TENSORBOARD_DIR, "train/reward")
+    assert len(logged) == 2 and [s for s, _ in shown] == [s for s, _ in logged]
+    assert [v for _, v in shown] == pytest.approx([v for _, v in logged])
+    assert dashboards.read_tensorboard(run.out_dir / runs.TENSORBOARD_DIR, "train/frac_reward_zero_std")
