@@ -115,3 +115,32 @@ def without_llama_cpp(folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(HIDE_LLAMA_CPP, encoding="utf-8")
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+# a chat request as the servers' tests send it, to the served name "m"
+OK = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+GOOD = json.dumps(OK)
+
+
+def nested(depth: int) -> bytes:
+    """``OK`` with ``metadata`` nested ``depth`` lists deep (json.dumps itself cannot write 10,000 levels)."""
+    return GOOD.replace('"model"', f'"metadata": {"[" * depth}{"]" * depth}, "model"', 1).encode()
+
+
+HOSTILE = [  # (what, raw body, param): each one was a 500 (or a reset connection) on at least one backend
+    ("JSON nested 10,000 deep", nested(10_000), None),
+    ("JSON nested 65 deep", nested(64), "metadata" + "[0]" * 63),
+    ("a seed of 5,000 digits", GOOD.replace("{", '{"seed": ' + "9" * 5000 + ", ", 1).encode(), "seed"),
+    ("a seed of 21 digits", GOOD.replace("{", '{"seed": -' + "9" * 21 + ", ", 1).encode(), "seed"),
+    ("an integer of 5,000 digits in a list", GOOD.replace("{", '{"stop": [' + "1" * 5000 + "], ", 1).encode(), "stop[0]"),
+    ("a logit_bias key of 5,000 digits", json.dumps({**OK, "logit_bias": {"7" * 5000: 1}}).encode(), "logit_bias"),
+    ("a lone surrogate in a message", json.dumps({**OK, "messages": [{"role": "user", "content": "\ud800"}]}).encode(),
+     "messages[0].content"),
+    ("a lone surrogate in a text part",
+     json.dumps({**OK, "messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfffb"}]}]}).encode(),
+     "messages[0].content[0].text"),
+    ("a lone surrogate in a key", json.dumps({**OK, "metadata": {"\ud83d": "x"}}).encode(), "metadata"),
+    ("NaN", GOOD.replace("{", '{"temperature": NaN, ', 1).encode(), "temperature"),
+    ("Infinity", GOOD.replace("{", '{"top_p": -Infinity, ', 1).encode(), "top_p"),
+    ("bytes that are not UTF-8", b'{"messages": [{"role": "user", "content": "\xff"}]}', None),
+]

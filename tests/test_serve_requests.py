@@ -1,14 +1,16 @@
 """The CPU server's request checks, without a server: the validated request model, the context check, the
 queue, the stream mender and the error shape (medqa_zh.serve_child). test_serve.py checks them on a live server."""
 import asyncio
+import contextlib
 import json
 import threading
+import time
 
 import pytest
 
+from helpers import HOSTILE, OK, nested
 from medqa_zh import serve_child as child
 
-OK = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
 VOCAB = 1000  # the served model's token ids: 0 to 999
 
 
@@ -134,13 +136,15 @@ def test_max_completion_tokens_wins_over_max_tokens(backend):
 
 def test_the_llamacpp_backend_refuses_what_llama_cpp_python_would_ignore_and_keeps_what_it_honours():
     for field, value in (("n", 2), ("logprobs", True), ("top_logprobs", 2), ("tool_choice", "none"),
-                         ("chat_template_kwargs", {"enable_thinking": False}), ("stream_options", {"include_usage": True})):
+                         ("chat_template_kwargs", {"enable_thinking": False})):
         with pytest.raises(child.ApiError) as e:
             check({**OK, field: value, "stream": True}, backend="llamacpp")
         assert e.value.status == 400 and e.value.param == field and "llamacpp backend" in e.value.message
     honoured = {**OK, "presence_penalty": 0.5, "frequency_penalty": -1.5, "response_format": {"type": "json_object"},
                 "stop": "x", "max_completion_tokens": 7}
     out = check(honoured, backend="llamacpp")
+    usage = {**OK, "stream": True, "stream_options": {"include_usage": True}}
+    assert check(usage, backend="llamacpp")["stream_options"] == {"include_usage": True}  # _CheckedChat answers it
     assert out["presence_penalty"] == 0.5 and out["response_format"] == {"type": "json_object"}
     assert out["max_tokens"] == 7 and "max_completion_tokens" not in out  # llama-cpp-python's name for it
     assert check({**honoured, "max_tokens": 3}, backend="llamacpp")["max_tokens"] == 7  # the newer name wins
@@ -301,22 +305,24 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_app_goes_on():
 
     app = FastAPI()
 
-    @app.get("/boom")
+    @app.post(child.CHAT)
     def boom():
         raise KeyError("something the server did not expect")
 
-    @app.get("/fine")
+    @app.get("/v1/models")
     def fine():
         return {"ok": True}
 
-    client = TestClient(child._guarded(app, key="k"), raise_server_exceptions=False)
-    assert client.get("/fine").status_code == 401  # no key
+    # the exception is answered, not raised on (the test client would raise it, as uvicorn would close the connection)
+    client = TestClient(child._guarded(app, key="k"), raise_server_exceptions=True)
+    assert client.get("/v1/models").status_code == 401  # no key
     headers = {"Authorization": "Bearer k"}
-    r = client.get("/boom", headers=headers)
+    r = client.post(child.CHAT, headers=headers)
     assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
     assert "KeyError" in r.json()["error"]["message"]
-    assert client.get("/fine", headers=headers).json() == {"ok": True}
-    assert client.post("/v1/completions", headers=headers, json={}).json()["error"]["code"] == 404
+    assert client.get("/v1/models", headers=headers).json() == {"ok": True}
+    for path in ("/v1/completions", "/v1/engines/copilot-codex/completions", "/boom"):  # only what is offered
+        assert client.post(path, headers=headers, json={}).json()["error"]["code"] == 404
 
 
 def test_the_gate_serves_the_waiting_in_the_order_they_came():
@@ -355,9 +361,10 @@ def engine(tiny_assets):
     return child.Engine.load(str(tiny_assets["model"]), "float32")
 
 
-def _asgi(app, body: dict, hang_up: asyncio.Event | None = None):
-    """``POST /v1/chat/completions`` straight into the ASGI ``app``, as uvicorn calls it (ASGI spec 2.3); the
-    client hangs up once ``hang_up`` is set. Returns the status and the body's bytes."""
+def _asgi(app, body: dict | bytes, hang_up: asyncio.Event | None = None):
+    """``POST /v1/chat/completions`` straight into the ASGI ``app``, as uvicorn calls it (ASGI spec 2.3), with
+    ``body`` as JSON (or these bytes); the client hangs up once ``hang_up`` is set. Returns the status and the body's
+    bytes."""
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": child.CHAT, "raw_path": child.CHAT.encode(),
              "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
@@ -368,7 +375,8 @@ def _asgi(app, body: dict, hang_up: asyncio.Event | None = None):
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            return {"type": "http.request", "body": raw, "more_body": False}
         await (hang_up or asyncio.Event()).wait()
         return {"type": "http.disconnect"}
 
@@ -399,25 +407,37 @@ def test_the_transformers_app_refuses_before_it_generates(engine):
     vocab = engine.vocab
     assert vocab == engine.model.get_output_embeddings().weight.shape[0]
     base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
-    for bad, param in (({"logit_bias": {str(vocab): 5}}, "logit_bias"),
-                       ({"logit_bias": {"99999999": 5}, "stream": True}, "logit_bias"),
-                       ({"seed": 2**80}, "seed"), ({"seed": 2**80, "stream": True}, "seed"),
-                       ({"stream_options": {"include_usage": True}}, "stream_options")):
-        status, raw = asyncio.run(_asgi(app, {**base, **bad}))
-        error = json.loads(raw)["error"]
-        assert (status, error["param"], error["code"]) == (400, param, 400), (bad, raw)
-    status, raw = asyncio.run(_asgi(app, {**base, "logit_bias": {str(vocab - 1): 5}, "seed": 2**63 - 1}))
-    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2, raw
+
+    async def scenario():  # one event loop for every request, as uvicorn has
+        for bad, param in (({"logit_bias": {str(vocab): 5}}, "logit_bias"),
+                           ({"logit_bias": {"99999999": 5}, "stream": True}, "logit_bias"),
+                           ({"seed": 2**80}, "seed"), ({"seed": 2**80, "stream": True}, "seed"),
+                           ({"stream_options": {"include_usage": True}}, "stream_options"),
+                           ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+                           ({"chat_template_kwargs": {"eos_token": "x"}}, "chat_template_kwargs")):
+            status, raw = await _asgi(app, {**base, **bad})
+            error = json.loads(raw)["error"]
+            assert (status, error["param"], error["code"]) == (400, param, 400), (bad, raw)
+        status, raw = await _asgi(app, {**base, "logit_bias": {str(vocab - 1): 5}, "seed": 2**63 - 1})
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2, raw
+
+    asyncio.run(scenario())
 
 
 def test_max_completion_tokens_over_max_tokens_generates_at_most_that_many(engine):
-    app = child.app_for(engine, "m", None, {"max_queue": 4, "request_timeout": None})
-    base = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
-    usage = lambda body: json.loads(asyncio.run(_asgi(app, {**base, **body}))[1])["usage"]  # noqa: E731
-    assert usage({"max_tokens": 4})["completion_tokens"] == 4  # the tiny model does write 4 tokens
-    assert usage({"max_tokens": 4, "max_completion_tokens": 2})["completion_tokens"] <= 2
-    # the context check counts the same number: a max_tokens beyond the context does not matter
-    assert usage({"max_tokens": engine.limit + 1, "max_completion_tokens": 2})["completion_tokens"] <= 2
+    async def scenario():  # one event loop for every request, as uvicorn has
+        app = child.app_for(engine, "m", None, {"max_queue": 4, "request_timeout": None})
+        base = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+        async def usage(body):
+            return json.loads((await _asgi(app, {**base, **body}))[1])["usage"]
+
+        assert (await usage({"max_tokens": 4}))["completion_tokens"] == 4  # the tiny model does write 4 tokens
+        assert (await usage({"max_tokens": 4, "max_completion_tokens": 2}))["completion_tokens"] <= 2
+        # the context check counts the same number: a max_tokens beyond the context does not matter
+        assert (await usage({"max_tokens": engine.limit + 1, "max_completion_tokens": 2}))["completion_tokens"] <= 2
+
+    asyncio.run(scenario())
 
 
 HELD = 3  # max_tokens of a request whose generation HeldEngine holds
@@ -515,6 +535,37 @@ def test_a_plain_reply_whose_client_leaves_tells_the_worker_to_stop(engine):
         held.worker.shutdown(wait=True)
 
 
+def test_a_slot_whose_request_loop_has_closed_is_given_back(engine):
+    """A client leaves while the worker still generates, and its event loop ends before the worker does (a test's
+    ``asyncio.run``, a server stopping): the worker gives the slot back all the same, so the next request, on another
+    loop, is answered instead of waiting for ever."""
+    held = HeldEngine(engine)
+    app = child.app_for(held, "m", None, {"max_queue": 4, "request_timeout": None})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def leaves():
+        held.awaiting_result = asyncio.Event()
+        hang_up = asyncio.Event()
+        first = asyncio.create_task(_asgi(app, {"messages": messages, "max_tokens": HELD, "stream": True}, hang_up))
+        await held.awaiting_result.wait()
+        await _until(held.holding.is_set)
+        hang_up.set()
+        await first  # the stream has ended; the worker still holds the request
+
+    async def next_request():
+        return await asyncio.wait_for(_asgi(app, {"messages": messages, "max_tokens": 2, "temperature": 0}), 30)
+
+    try:
+        asyncio.run(leaves())  # this loop is closed now
+        held.let_go.set()
+        held.worker.submit(lambda: None).result(timeout=30)  # the worker has let go of the first request
+        status, raw = asyncio.run(next_request())
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2, raw
+    finally:
+        held.let_go.set()
+        held.worker.shutdown(wait=True)
+
+
 class FakeVocab:
     """What :class:`serve_child._CheckedChat` asks of a GGUF's vocabulary before it renders a prompt."""
 
@@ -530,10 +581,210 @@ def test_the_llamacpp_checks_refuse_before_llama_cpp_python_sees_the_request():
 
     app = child._CheckedChat(llama_cpp_python, name="m", vocab=FakeVocab(), n_ctx=64)
     base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for bad, param in (({"logit_bias": {"99999999": 5}}, "logit_bias"), ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
-                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"seed": 2**80}, "seed"),
-                       ({"stream_options": {"include_usage": True}}, "stream_options")):
-        status, raw = asyncio.run(_asgi(app, {**base, **bad}))
-        error = json.loads(raw)["error"]
-        assert (status, error["param"], error["type"]) == (400, param, "BadRequestError"), (bad, raw)
+
+    async def scenario():
+        for bad, param in (({"logit_bias": {"99999999": 5}}, "logit_bias"),
+                           ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+                           ({"logit_bias": {"5": 101}}, "logit_bias"), ({"seed": 2**80}, "seed"),
+                           ({"stream_options": {"include_usage": True}}, "stream_options")):
+            status, raw = await _asgi(app, {**base, **bad})
+            error = json.loads(raw)["error"]
+            assert (status, error["param"], error["type"]) == (400, param, "BadRequestError"), (bad, raw)
+
+    asyncio.run(scenario())
     assert seen == []
+
+
+# --------------------------------------------------------------------------- hostile bodies: refused before anything reads them
+
+@pytest.mark.parametrize("what, raw, param", HOSTILE, ids=[h[0] for h in HOSTILE])
+@pytest.mark.parametrize("backend", ["transformers", "llamacpp"])
+def test_a_hostile_body_is_a_400_naming_its_field(what, raw, param, backend):
+    with pytest.raises(child.ApiError) as e:
+        child.check_request(child._read_body(raw), "m", VOCAB, backend=backend)
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
+    assert len(e.value.message) < 400  # a 5,000-digit number is quoted, not repeated
+
+
+def test_nesting_up_to_the_limit_is_read_and_beyond_it_refused():
+    assert child._read_body(nested(child.MAX_DEPTH - 1))["metadata"]  # the body's own object is the first level
+    with pytest.raises(child.ApiError, match="nested deeper than 64 levels"):
+        child._read_body(nested(child.MAX_DEPTH))
+    twenty = json.dumps(OK).replace("{", '{"seed": ' + "9" * child.MAX_DIGITS + ", ", 1).encode()
+    assert child._read_body(twenty)["seed"] == int("9" * child.MAX_DIGITS)  # read: the request model refuses it
+
+
+@pytest.mark.parametrize("backend", ["transformers", "llamacpp"])
+def test_a_temperature_below_the_sampling_epsilon_is_greedy_as_in_vllm(backend):
+    assert check({**OK, "temperature": 1e-300}, backend)["temperature"] == 0
+    assert check({**OK, "temperature": 0.5 * child.GREEDY_BELOW}, backend)["temperature"] == 0
+    assert check({**OK, "temperature": child.GREEDY_BELOW}, backend)["temperature"] == child.GREEDY_BELOW
+
+
+def test_the_transformers_app_answers_hostile_bodies_with_a_400_and_then_answers(engine):
+    app = child.app_for(engine, "m", None, {"max_queue": 4, "request_timeout": None})
+
+    async def scenario():
+        for what, raw, param in HOSTILE:
+            status, out = await _asgi(app, raw)
+            assert (status, json.loads(out)["error"]["param"]) == (400, param), (what, out[:300])
+        tiny = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 1e-300}
+        for stream in (False, True):
+            status, out = await _asgi(app, {**tiny, "stream": stream})
+            assert status == 200 and b'"error"' not in out, out  # greedy, not inf/nan probabilities
+        return out
+
+    asyncio.run(scenario())
+
+
+class TemplateVocab(FakeVocab):
+    """A GGUF's vocabulary as :func:`serve_child.llama_prompt_tokens` reads it: a chat template, a byte a token."""
+
+    metadata = {"tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+
+    def detokenize(self, ids, special=False):
+        return b""
+
+    def token_eos(self):
+        return -1
+
+    def token_bos(self):
+        return -1
+
+    def tokenize(self, text, add_bos=False, special=False):
+        return list(text)
+
+
+def test_llamacpp_gets_text_parts_as_one_string_and_no_stream_options():
+    seen = []
+
+    async def llama_cpp_python(scope, receive, send):
+        seen.append(json.loads((await receive())["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    pytest.importorskip("llama_cpp")  # its chat formatter renders the prompt
+    app = child._CheckedChat(llama_cpp_python, name="m", vocab=TemplateVocab(), n_ctx=64)
+    parts = {"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": "!"}]}
+    status, _ = asyncio.run(_asgi(app, {"messages": [parts], "max_tokens": 2, "stream": True,
+                                        "stream_options": {"include_usage": True}}))
+    assert status == 200 and seen[0]["messages"] == [{"role": "user", "content": "你好\n!"}]
+    assert "stream_options" not in seen[0] and seen[0]["stream"] is True
+
+
+def test_a_llamacpp_stream_gets_its_usage_before_done():
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    class Vocab:
+        def tokenize(self, text, add_bos=False, special=False):
+            return list(text.decode("utf-8"))  # a token per character
+
+    def chunk(content, finish=None):
+        return {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]}
+
+    async def scenario(finish):
+        sent.clear()
+        usage = child._StreamUsage(send, Vocab(), prompt_tokens=7, max_tokens=9)
+        await usage({"type": "http.response.start", "status": 200, "headers": []})
+        stream = (child._event(chunk("答案")) + child._event(chunk("：B", finish)) + "data: [DONE]\n\n").encode()
+        for i in range(0, len(stream), 10):  # the events split anywhere across the body's messages
+            await usage({"type": "http.response.body", "body": stream[i:i + 10], "more_body": True})
+        await usage({"type": "http.response.body", "body": b"", "more_body": False})
+        body = b"".join(m.get("body", b"") for m in sent).decode()
+        events = [e.removeprefix("data: ") for e in body.split("\n\n") if e]
+        assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["content"] == "答案"
+        return json.loads(events[-2])
+
+    last = asyncio.run(scenario("stop"))
+    assert last["choices"] == [] and last["id"] == "c1"
+    assert last["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+    assert asyncio.run(scenario("length"))["usage"]["completion_tokens"] == 9  # cut at max_tokens: exactly that many
+
+
+# --------------------------------------------------------------------------- one connection, after a failure
+
+
+@contextlib.contextmanager
+def uvicorn_serving(app):
+    """``app`` served by uvicorn on a free local port, in a thread of this process; yields its URL."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def one_connection(url: str):
+    """An HTTP client with one keep-alive connection, and the local port each response came through."""
+    import httpx
+
+    client = httpx.Client(base_url=url, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                          timeout=60)
+    port = lambda r: r.extensions["network_stream"].get_extra_info("client_addr")[1]  # noqa: E731
+    return client, port
+
+
+def test_a_500_leaves_the_connection_usable_on_both_backends_apps():
+    """An unexpected exception in a handler (the transformers backend's routes) or in the checks in front of
+    llama-cpp-python (the llamacpp backend's middleware) is a 500 in the OpenAI shape, and the same connection's next
+    request is answered (starlette's own 500 handler raises again, and uvicorn then closes the connection)."""
+    from fastapi import FastAPI
+
+    pytest.importorskip("llama_cpp")  # its chat formatter renders the prompt
+
+    class Broken(TemplateVocab):
+        calls = 0
+
+        def n_vocab(self):
+            Broken.calls += 1
+            if Broken.calls == 1:
+                raise KeyError("the checks failed once")
+            return VOCAB
+
+    transformers_like = FastAPI()
+
+    @transformers_like.post(child.CHAT)
+    async def chat(body: dict):
+        if body.get("fail"):
+            raise KeyError("the handler failed")
+        return {"ok": True}
+
+    llamacpp_like = FastAPI()  # llama-cpp-python's app, with the checks in front as llamacpp_main puts them
+
+    @llamacpp_like.post(child.CHAT)
+    async def llama_cpp_python(body: dict):
+        return {"ok": True}
+
+    llamacpp_like.add_middleware(child._CheckedChat, name="m", vocab=Broken(), n_ctx=64)
+
+    bodies = {"transformers": ({"fail": True, "messages": []}, {"messages": []}),
+              "llamacpp": ({**OK, "max_tokens": 2}, {**OK, "max_tokens": 2})}
+    for backend, app in (("transformers", transformers_like), ("llamacpp", llamacpp_like)):
+        failing, good = bodies[backend]
+        with uvicorn_serving(child._guarded(app, key=None)) as url:
+            client, port = one_connection(url)
+            with client:
+                first = client.post(child.CHAT, json=failing)
+                assert first.status_code == 500 and first.json()["error"]["type"] == "InternalServerError", first.text
+                assert "KeyError" in first.json()["error"]["message"]
+                second = client.post(child.CHAT, json=good)
+                assert second.status_code == 200, (backend, second.text)
+                assert port(first) == port(second)  # the same connection

@@ -8,7 +8,9 @@ criterion that cancels a request whose client left), ``TextIteratorStreamer``, F
 backend (:func:`llamacpp_main`) is llama-cpp-python's server with the same checks put in front of it. Every chat
 request goes through them:
 
-1. **The body is validated** against one request model written from the OpenAI API reference
+1. **The body is read** (:func:`_read_body`): JSON nested deeper than 64 levels, an integer of more than 20 digits,
+   NaN or Infinity, or a string with a lone surrogate is a 400 naming its field, before anything else reads it.
+   **It is validated** against one request model written from the OpenAI API reference
    (:class:`ChatCompletionRequest`: required fields, types, roles, content as a string or text parts,
    ranges: ``seed`` an int64, ``logit_bias`` token ids of the served model with biases in [-100, 100],
    ``stream_options`` only with ``stream``). Anything wrong is a 400 in the OpenAI error shape with the field in
@@ -26,8 +28,9 @@ request goes through them:
 5. **Streams** stop before a ``stop`` string, as a plain reply does, end with ``data: [DONE]``, and report
    an error after the first byte as an error event; a client that hangs up stops its generation.
 
-Besides: an API-key check on every path but ``/health``, every error (an unexpected one too: 500, logged with its
-traceback) in the OpenAI shape, and ``temperature`` 0 greedy and above 0 sampling, whatever the model's generation
+Besides (:class:`_Front`): an API-key check on every path but ``/health``, every path but the few offered a 404,
+every error (an unexpected one too: 500, logged with its traceback) in the OpenAI shape with the client's keep-alive
+connection kept; and ``temperature`` below 1e-5 greedy and above it sampling, whatever the model's generation
 config says.
 
 Nothing here runs in the notebook's process: ``serve`` holds the parent's side (start, check, stop).
@@ -49,9 +52,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 API_KEY_ENV = "MEDQA_SERVE_API_KEY"  # the key reaches the child this way, so it does not show in `ps`
 OPEN_PATHS = ("/health",)  # answered without the key, as vLLM does
-# llama-cpp-python's endpoints this project does not offer (the transformers server has none of them)
-NOT_OFFERED = ("/v1/completions", "/v1/embeddings", "/extras/tokenize", "/extras/tokenize/count", "/extras/detokenize")
+# the paths a server answers (both backends; the API's and FastAPI's own docs): any other is a 404, whatever the
+# backend has (llama-cpp-python's raw completions, embeddings, tokenizer, ...)
 CHAT = "/v1/chat/completions"
+OFFERED = ("/health", "/v1/models", CHAT, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
                404: "NotFoundError", 429: "RateLimitError", 500: "InternalServerError",
                503: "ServiceUnavailableError"}
@@ -143,6 +147,7 @@ class ChatCompletionRequest(_Strict):
     chat_template_kwargs: dict | None = None
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy decoding, as vLLM's _SAMPLING_EPS
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # how pydantic names a union's branches
 
 
@@ -179,13 +184,14 @@ def unsupported(request: ChatCompletionRequest, backend: str = "transformers") -
     auto. ``transformers``: ``presence_penalty`` and ``frequency_penalty`` ≠ 0 (``generate`` has only a
     multiplicative repetition penalty, another thing), a ``response_format`` other than text, and ``tools`` (the
     server parses no tool calls out of a reply; vLLM too needs a tool parser for them). ``llamacpp``
-    (llama-cpp-python's server): ``chat_template_kwargs`` and ``stream_options`` (it has neither)."""
+    (llama-cpp-python's server): ``chat_template_kwargs`` (it has none; ``stream_options`` it lacks too, and
+    :class:`_CheckedChat` answers it)."""
     checks = {"n": lambda v: v != 1, "logprobs": bool, "top_logprobs": bool, "tool_choice": lambda v: v != "auto"}
     if backend == "transformers":
         checks |= {"presence_penalty": lambda v: v != 0, "frequency_penalty": lambda v: v != 0,
                    "response_format": lambda v: v.type != "text", "tools": bool}
     else:
-        checks |= {"chat_template_kwargs": bool, "stream_options": lambda v: True}
+        checks |= {"chat_template_kwargs": bool}
     return [key for key, bad in checks.items() if getattr(request, key) is not None and bad(getattr(request, key))]
 
 
@@ -211,8 +217,8 @@ def check_request(body, name: str, vocab: int, backend: str = "transformers") ->
         if m.role == "tool" and not m.tool_call_id:
             raise ApiError(400, f"messages[{i}]: a tool message needs tool_call_id", f"messages[{i}].tool_call_id")
     for token, bias in (request.logit_bias or {}).items():
-        if not (token.isascii() and token.isdigit() and int(token) < vocab):
-            raise ApiError(400, f"logit_bias: {token!r} is not a token id of this model: the keys are token ids, "
+        if not (token.isascii() and token.isdigit() and len(token) <= MAX_DIGITS and int(token) < vocab):
+            raise ApiError(400, f"logit_bias: {_short(token)!r} is not a token id of this model: the keys are token ids, "
                                 f"0 to {vocab - 1}", "logit_bias")
         if not -100 <= bias <= 100:
             raise ApiError(400, f"logit_bias: the bias of token {token} is {bias:g}; a bias lies in [-100, 100]",
@@ -224,6 +230,8 @@ def check_request(body, name: str, vocab: int, backend: str = "transformers") ->
         raise ApiError(400, f"not supported by this server ({backend} backend): {', '.join(ignored)}; leave "
                             f"{'it' if len(ignored) == 1 else 'them'} out, or serve with vLLM on a GPU", ignored[0])
     out = {k: v for k, v in body.items() if v is not None}
+    if request.temperature is not None and request.temperature < GREEDY_BELOW:
+        out["temperature"] = 0.0  # as vLLM: greedy (dividing the logits by 1e-300 gives inf, and sampling fails)
     tokens = out.pop("max_completion_tokens", None)
     if tokens is not None:
         out["max_tokens"] = tokens  # the newer name wins (vLLM: max_completion_tokens or max_tokens): checked and generated
@@ -356,35 +364,62 @@ def _event(payload) -> str:
 # --------------------------------------------------------------------------- what every backend's app gets
 
 
-class _KeyCheck:
-    """ASGI middleware: the key on every path but ``/health`` (when one is set), and the endpoints not offered
-    answered 404. A plain ASGI middleware, not starlette's ``BaseHTTPMiddleware`` (``app.middleware("http")``):
-    behind that one a handler's ``Request.is_disconnected`` never sees its client leave, so a plain reply would
-    generate to the end for nobody."""
+class _Front:
+    """ASGI middleware, the outermost: the key on every path but ``/health`` (when one is set), every path not in
+    :data:`OFFERED` answered 404 (an allow-list: a backend's other routes, llama-cpp-python's raw completions among
+    them, are never reached), and an exception of the app answered here. starlette's own answer to an exception (an
+    ``exception_handler(Exception)``) sends the 500 and raises again, and uvicorn then closes the keep-alive
+    connection, so the client's next request on it fails; here the 500 is sent in the OpenAI shape, the traceback
+    logged, and the connection stays usable. An error after a stream began ends it with an error event and
+    ``data: [DONE]``. A plain ASGI middleware, not starlette's ``BaseHTTPMiddleware``: behind that one a handler's
+    ``Request.is_disconnected`` never sees its client leave, so a plain reply would generate to the end for nobody."""
 
     def __init__(self, app, key: str | None):
         self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope["path"]
-            given = dict(scope["headers"]).get(b"authorization", b"")  # ASGI header names are lower case
-            refused = None
-            if self.key and path not in OPEN_PATHS and not secrets.compare_digest(given, f"Bearer {self.key}".encode()):
-                refused = (401, "missing or wrong API key")
-            elif path in NOT_OFFERED:
-                refused = (404, f"{path} is not offered by this server: use {CHAT} (and /v1/models)")
-            if refused:
-                from starlette.responses import JSONResponse
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
 
-                return await JSONResponse(openai_error(*refused), status_code=refused[0])(scope, receive, send)
-        return await self.app(scope, receive, send)
+        path = scope["path"]
+        given = dict(scope["headers"]).get(b"authorization", b"")  # ASGI header names are lower case
+        refused = None
+        if self.key and path not in OPEN_PATHS and not secrets.compare_digest(given, f"Bearer {self.key}".encode()):
+            refused = (401, "missing or wrong API key")
+        elif path not in OFFERED:
+            refused = (404, f"{path} is not offered by this server: use {CHAT} (and /v1/models)")
+        if refused:
+            return await JSONResponse(openai_error(*refused), status_code=refused[0])(scope, receive, send)
+        state = {"start": None, "ended": False}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                state["start"] = message
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:  # noqa: BLE001 - answered in the OpenAI shape and logged with its traceback
+            log.error("unexpected error on %s", path, exc_info=exc)
+            message = f"the server failed on this request ({type(exc).__name__}); its log has the traceback"
+            if state["start"] is None:
+                return await JSONResponse(openai_error(500, message), status_code=500)(scope, receive, send)
+            if state["ended"]:
+                return None  # the reply was whole before the failure: nothing to add
+            if b"text/event-stream" not in dict(state["start"]["headers"]).get(b"content-type", b""):
+                raise  # a plain reply cut short: only closing the connection says so
+            tail = (_event(openai_error(500, message)) + "data: [DONE]\n\n").encode()
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return None
 
 
 def _guarded(app, key: str | None):
-    """The app with every path but ``/health`` behind the key (when one is set), the endpoints not offered
-    answered 404 (:class:`_KeyCheck`), and every error in the OpenAI API's shape (an unexpected one too: 500,
-    logged)."""
+    """The app with every path but ``/health`` behind the key (when one is set), every path not offered answered 404,
+    and every error in the OpenAI API's shape (an unexpected one too: 500, logged), the connection kept
+    (:class:`_Front`)."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -392,7 +427,7 @@ def _guarded(app, key: str | None):
     def error_response(status, message, param=None, headers=None):
         return JSONResponse(openai_error(status, message, param), status_code=status, headers=headers)
 
-    app.add_middleware(_KeyCheck, key=key)
+    app.add_middleware(_Front, key=key)  # added last, so it runs first
 
     @app.exception_handler(HTTPException)
     async def as_openai_error(request, exc):
@@ -406,36 +441,95 @@ def _guarded(app, key: str | None):
     async def api_error(request, exc):
         return error_response(exc.status, exc.message, exc.param, exc.headers)
 
-    @app.exception_handler(Exception)
-    async def server_error(request, exc):
-        log.error("unexpected error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"the server failed on this request ({type(exc).__name__}); its log has the "
-                                   "traceback")
-
     return app
 
 
+MAX_DEPTH = 64  # JSON nesting a request may have (a chat request needs 6; a tool's parameter schema a few more)
+MAX_DIGITS = 20  # digits an integer in a request may have (an int64 has 19 and a sign): no int() of 5,000 digits
+
+
+class _Refused(str):
+    """A literal that ``json.loads`` hands over as it is, refused by :func:`_read_body` with its field's name."""
+
+    reason = ""
+
+
+class _LongInteger(_Refused):
+    reason = f"an integer of more than {MAX_DIGITS} digits"
+
+
+class _Constant(_Refused):
+    reason = "NaN or Infinity, which JSON does not have"
+
+
+def _integer(text: str):
+    return _LongInteger(text) if len(text.lstrip("-")) > MAX_DIGITS else int(text)
+
+
 def _read_body(raw: bytes):
+    """The request body as JSON, refused (400) where it is not valid JSON, is nested deeper than :data:`MAX_DEPTH`,
+    holds an integer of more than :data:`MAX_DIGITS` digits, NaN or Infinity, or a string no UTF-8 can carry (a lone
+    surrogate, ``"\\ud800"``): each named by its field, before anything reads it."""
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_int=_integer, parse_constant=_Constant)
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    stack = [(body, (), 1)]  # without recursion: the depth is what is checked
+    while stack:
+        value, loc, depth = stack.pop()
+        param = param_of(loc)
+        if isinstance(value, _Refused):
+            raise ApiError(400, f"{param or 'body'}: {value.reason} ({_short(value)})", param)
+        if isinstance(value, str):
+            _utf8(value, param)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels (at {param})", param)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                _utf8(key, param)
+            stack.append((item, (*loc, key), depth + 1))
+    return body
+
+
+def _short(text: str, most: int = 24) -> str:
+    """``text`` as an error message quotes it: its first ``most`` characters."""
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def _utf8(text: str, param: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param or 'body'}: a string with a lone surrogate ({text[e.start:e.end]!a}), which no "
+                            "UTF-8 text can hold", param) from None
 
 
 # --------------------------------------------------------------------------- the transformers server (serve.backend transformers)
 
-# apply_chat_template's own parameters: a request's chat_template_kwargs are the template's variables, not these
+# apply_chat_template's own parameters, and the variables it gives every template itself (with the tokenizer's special
+# tokens): a request's chat_template_kwargs are the template's other variables, never these
 TEMPLATE_PARAMETERS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
                        "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages"}
+
+
+def text_message(message: dict) -> dict:
+    """``message`` with its content as one string: text parts joined by newlines, as vLLM joins them."""
+    if not isinstance(message.get("content"), list):
+        return message
+    return {**message, "content": "\n".join(part["text"] for part in message["content"])}
 
 
 def template_message(message: dict) -> dict:
     """A validated request message as chat templates read it: text parts joined by newlines (as vLLM joins
     them), a tool call's JSON arguments as a dict."""
-    out = {k: v for k, v in message.items() if v is not None and k != "tool_calls"}
-    if isinstance(out.get("content"), list):
-        out["content"] = "\n".join(part["text"] for part in out["content"])
+    out = {k: v for k, v in text_message(message).items() if v is not None and k != "tool_calls"}
     if message.get("tool_calls"):
         calls = []
         for call in message["tool_calls"]:
@@ -481,7 +575,7 @@ class Engine:
         from jinja2 import TemplateError
 
         variables = body.get("chat_template_kwargs") or {}
-        reserved = sorted(TEMPLATE_PARAMETERS & set(variables))
+        reserved = sorted((TEMPLATE_PARAMETERS | set(self.tokenizer.special_tokens_map)) & set(variables))
         if reserved:
             raise ApiError(400, f"chat_template_kwargs: {', '.join(reserved)} is set by the server, not by a request",
                            "chat_template_kwargs")
@@ -503,7 +597,7 @@ class Engine:
         config.max_new_tokens = body["max_tokens"]
         temperature = body.get("temperature")
         if temperature is not None:
-            config.do_sample = temperature > 0
+            config.do_sample = temperature > 0  # check_request made one below GREEDY_BELOW 0
             if temperature > 0:
                 config.temperature = temperature
         if body.get("top_p") is not None:
@@ -697,8 +791,10 @@ def app_for(engine: Engine, name: str, key: str | None, settings: dict):
         loop = asyncio.get_running_loop()
 
         def release(job) -> None:  # on the worker thread, once it has let go of this request, however it ended
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped, nobody waits
-                loop.call_soon_threadsafe(gate.leave, since)  # not when `done` is cancelled: the worker may still run
+            try:  # not when `done` is cancelled: the worker may still run
+                loop.call_soon_threadsafe(gate.leave, since)
+            except RuntimeError:  # the request's loop has closed: nothing runs on it, so the slot is given back here
+                gate.leave(since)
             if not job.cancelled() and job.exception() is not None:
                 log.error("a generation failed", exc_info=job.exception())
 
@@ -781,8 +877,9 @@ def llama_prompt_tokens(llm, messages: list[dict], add_generation_prompt: bool =
 class _CheckedChat:
     """ASGI middleware: the body of every ``POST /v1/chat/completions`` is read, checked (:func:`check_request`,
     llama.cpp's list of fields it would ignore, :func:`context_check` on the prompt's tokens, counted with
-    ``vocab``, a vocabulary-only ``Llama`` of the same GGUF) and handed on as rewritten; a bad one is answered
-    here, in the OpenAI shape."""
+    ``vocab``, a vocabulary-only ``Llama`` of the same GGUF) and handed on as llama-cpp-python takes it: text parts
+    joined into one string (:func:`text_message`; its own request model takes strings only), ``stream_options``
+    answered here (:class:`_StreamUsage`); a bad one is answered here, in the OpenAI shape."""
 
     def __init__(self, app, name: str, vocab, n_ctx: int):
         self.app, self.name, self.vocab, self.n_ctx = app, name, vocab, n_ctx
@@ -797,12 +894,15 @@ class _CheckedChat:
             more = message.get("more_body", False)
         try:
             body = check_request(_read_body(raw), self.name, self.vocab.n_vocab(), backend="llamacpp")
+            body["messages"] = [text_message(m) for m in body["messages"]]
             prompt = llama_prompt_tokens(self.vocab, body["messages"], tools=body.get("tools"))
             body = context_check(body, len(prompt), self.n_ctx)  # llama-cpp-python itself would shorten max_tokens
         except ApiError as e:
             from starlette.responses import JSONResponse
 
             return await JSONResponse(openai_error(e.status, e.message, e.param), status_code=e.status)(scope, receive, send)
+        if (body.pop("stream_options", None) or {}).get("include_usage"):
+            send = _StreamUsage(send, self.vocab, len(prompt), body["max_tokens"])
         data = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": headers + [(b"content-length", str(len(data)).encode())]}
@@ -816,6 +916,52 @@ class _CheckedChat:
             return {"type": "http.request", "body": data, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+class _StreamUsage:
+    """The ASGI ``send`` of a llama.cpp stream that asked for ``stream_options.include_usage``: the chunks pass as
+    they come, and before ``data: [DONE]`` comes a last chunk with no choices and the usage, as vLLM and OpenAI send
+    it. llama-cpp-python's stream carries no token count, so the completion's tokens are ``max_tokens`` for a reply
+    cut at the limit (``finish_reason: length``) and otherwise its text as the GGUF's tokenizer splits it: the tokens
+    generated, wherever the model wrote its text as the tokenizer would split it (greedy decoding of a trained model
+    does)."""
+
+    def __init__(self, send, vocab, prompt_tokens: int, max_tokens: int):
+        self.send, self.vocab, self.prompt, self.max_tokens = send, vocab, prompt_tokens, max_tokens
+        self.pending, self.text, self.head, self.finish = b"", "", None, None
+
+    async def __call__(self, message):
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        self.pending += message.get("body", b"")
+        *events, self.pending = self.pending.replace(b"\r\n", b"\n").split(b"\n\n")
+        out = b""
+        for event in events:
+            data = event.removeprefix(b"data: ").strip()
+            if data == b"[DONE]":
+                out += _event(self.usage()).encode()
+            elif event.startswith(b"data: "):
+                self.read(json.loads(data))
+            out += event + b"\n\n"
+        more = message.get("more_body", False)
+        if not more:
+            out, self.pending = out + self.pending, b""
+        return await self.send({**message, "body": out, "more_body": more})
+
+    def read(self, chunk: dict) -> None:
+        for choice in chunk.get("choices") or []:
+            self.text += (choice.get("delta") or {}).get("content") or ""
+            self.finish = choice.get("finish_reason") or self.finish
+        if self.head is None and "id" in chunk:
+            self.head = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+
+    def usage(self) -> dict:
+        if self.finish == "length":
+            n = self.max_tokens
+        else:
+            n = len(self.vocab.tokenize(self.text.encode("utf-8"), add_bos=False, special=False)) if self.text else 0
+        return {**(self.head or {"object": "chat.completion.chunk"}), "choices": [],
+                "usage": {"prompt_tokens": self.prompt, "completion_tokens": n, "total_tokens": self.prompt + n}}
 
 
 def llamacpp_main(args_json: str) -> None:
