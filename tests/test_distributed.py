@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,36 +108,75 @@ from accelerate import PartialState
 from medqa_zh import train
 PartialState(cpu=True)
 rank = int(os.environ["RANK"])
-train.device_memory_bytes = lambda device: int(os.environ["MEMORY_MIB"].split(",")[rank]) * 2**20
+train.device_memory_bytes = lambda device: int(float(os.environ["MEMORY_MIB"].split(",")[rank]) * 2**20)
 shape = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=1000)
 model = types.SimpleNamespace(parameters=lambda: [torch.zeros(10_000)], config=shape)
 s = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "tokens_per_device": "auto", "packing": False}
-plan = train.plan_micro_batches(s, [100] * 64, model, "fp32", "lora", "cpu", head_share=0.1)
-print("PLAN " + json.dumps(plan), flush=True)
+try:
+    plan = train.plan_micro_batches(s, [100] * 64, model, "fp32", "lora", "cpu", head_share=0.1)
+    print("PLAN " + json.dumps(plan), flush=True)
+except ValueError as error:
+    print("ERROR " + str(error), flush=True)
 torch.distributed.barrier()  # neither leaves while the other still talks to it, then the group ends cleanly
 torch.distributed.destroy_process_group()
 """
+_SHAPE = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=1000)
 
 
-def test_every_process_of_a_launch_gets_the_same_micro_batches(tmp_path):
-    """``tokens_per_device: auto`` is planned once, by the main process, from the host's memory divided among the
-    processes on it, and every process takes that plan: rank 1, reading under a third of rank 0's free memory, would
-    otherwise split each step into more micro-batches than rank 0 (wrong batches, or a gradient sync that hangs)."""
+def _plans(memory_mib: str) -> list[str]:
+    """What each of two processes of a launch (gloo, on this host) printed after planning with ``MEMORY_MIB``."""
+    with socket.socket() as sock:  # a free port for this launch's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(29500 + os.getpid() % 1000), "MEMORY_MIB": "40,12", "OMP_NUM_THREADS": "1",
+           "MASTER_PORT": str(port), "MEMORY_MIB": memory_mib, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     procs = [subprocess.Popen([sys.executable, "-c", _PLAN], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:  # one left waiting for the other (a plan never sent) is not left behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert all(p.returncode == 0 for p in procs), outs
-    plans = [json.loads(next(line[5:] for line in out.splitlines() if line.startswith("PLAN "))) for out in outs]
+    return [next(line for line in out.splitlines() if line.startswith(("PLAN ", "ERROR "))) for out in outs]
+
+
+def _budget(memory_mib: float) -> int:
+    """auto's budget by hand, for one of two processes sharing ``memory_mib``: 60% of their half, less the 40 kB of
+    weights, less the logged entropy's temporaries, over the activations a token keeps (``_PLAN``'s shape)."""
+    per_token = train.activation_bytes_per_token(_SHAPE, "fp32", True, 0.1)
+    return max(int(((memory_mib / 2 * 2**20 - 40_000) * train.AUTO_MEMORY_SHARE - train.entropy_bytes(_SHAPE.vocab_size))
+                   / per_token), 1)
+
+
+@pytest.mark.parametrize("rank1_mib", [12, 2])
+def test_every_process_of_a_launch_gets_the_same_micro_batches(rank1_mib):
+    """``tokens_per_device: auto`` is planned once, by the main process, from the host's memory divided among the
+    processes on it, and every process takes that plan. Rank 1, reading under a third of rank 0's free memory, would
+    otherwise split each step into more micro-batches than rank 0 (wrong batches, or a gradient sync that hangs); and
+    reading 2 MiB, too little for even one example, its own plan would stop it while rank 0's fits."""
+    lines = _plans(f"40,{rank1_mib}")
+    assert all(line.startswith("PLAN ") for line in lines), lines
+    plans = [json.loads(line[5:]) for line in lines]
     assert plans[0] == plans[1]
-    per_token = train.activation_bytes_per_token(types.SimpleNamespace(hidden_size=64, intermediate_size=128,
-                                                                       num_hidden_layers=2, vocab_size=1000), "fp32", True, 0.1)
-    # rank 0's memory, shared by the two processes on this host: 20 MiB each, less the 40 kB of weights
-    assert plans[0]["token_budget"] == int((20 * 2**20 - 40_000) * train.AUTO_MEMORY_SHARE / per_token)
-    alone = int((6 * 2**20 - 40_000) * train.AUTO_MEMORY_SHARE / per_token)  # rank 1 by itself: 12 MiB / 2
-    assert train.micro_batches([100] * 64, 8, alone, False) != plans[0]["per_step"]  # so the test can fail
+    assert plans[0]["token_budget"] == _budget(40) and plans[0]["per_step"] == 1  # rank 0's: 20 MiB each
+    alone = _budget(rank1_mib)  # rank 1's own, so the test can fail
+    if rank1_mib == 12:
+        assert train.micro_batches([100] * 64, 8, alone, False) != plans[0]["per_step"]
+    else:
+        with pytest.raises(ValueError, match="smaller than the longest training example"):
+            train.micro_batches([100] * 64, 8, alone, False)
+
+
+def test_when_the_main_processs_plan_does_not_fit_every_process_stops_with_its_error():
+    """Rank 0 reads too little memory for one example; rank 1, with plenty, must not wait for a plan that never
+    comes: both stop with the main process's error, which says what to set."""
+    lines = _plans("2,40")
+    assert lines[0].startswith("ERROR train.tokens_per_device = ") and "smaller than the longest" in lines[0]
+    assert lines[1] == lines[0]
 
 
 def _complete(checkpoint) -> bool:

@@ -228,6 +228,61 @@ def test_auto_sizes_the_micro_batches_from_the_devices_memory(smoke):
     assert micro["token_budget"] > micro["tokens_max"] and micro["per_step"] == 1  # this machine's RAM holds a whole step
 
 
+def _peak_extra_bytes(work) -> int:
+    """The most memory ``work()`` held at once beyond what this process held before it (Linux: the peak resident set,
+    ``VmHWM``, reset to the resident set first, as :func:`train.peak_memory` does)."""
+    status = Path("/proc/self/status")
+    if not Path("/proc/self/clear_refs").is_file():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+
+    def read(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith(key))
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = read("VmRSS:")
+    work()
+    return read("VmHWM:") - before
+
+
+@pytest.mark.parametrize("memory_gib, share", [(4, 0.05), (16, 0.05), (1, 1.0)])
+def test_the_logged_entropy_fits_in_the_memory_the_auto_plan_counts(memory_gib, share):
+    """entropy_sum runs on the loss's float32 logits before the backward pass, with every activation kept, and allocates
+    float32 [rows, vocabulary] temporaries of its own. Of the plan's three copies of the head's logits
+    (activation_bytes_per_token), the third, their gradient, is not allocated yet then: what the entropy holds beyond it
+    must fit in what auto_tokens leaves, inside its share of the memory, beside the activations of its budget.
+    Measured on Qwen2.5-0.5B's shape and 151,936-token vocabulary, at budgets whose micro-batch sends about 60 and 260
+    answer rows through the head (train.loss_on: completion) and about 130 rows (loss_on: all)."""
+    import math
+    import types
+
+    import torch
+
+    shape = types.SimpleNamespace(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, vocab_size=151_936)
+    model = types.SimpleNamespace(parameters=lambda: [torch.zeros(10_000)], config=shape)  # the memory is the activations'
+    memory = memory_gib * 2**30
+    tokens = train.auto_tokens(model, "bf16", True, memory, share)
+    left = (memory - 40_000) * train.AUTO_MEMORY_SHARE - tokens * train.activation_bytes_per_token(shape, "bf16", True, share)
+    rows = math.ceil(tokens * share)  # the head's rows in a micro-batch of the budget's tokens
+    torch.manual_seed(0)
+    logits = torch.randn(rows, shape.vocab_size)
+    gradient = logits.numel() * 4  # the plan's third copy, free until the backward pass
+    extra = _peak_extra_bytes(lambda: train.entropy_sum(logits))
+    assert extra > 0.9 * gradient  # the measurement sees the entropy's temporaries (at least one of its rows' size)
+    assert extra - gradient <= left, (f"{rows} rows: the entropy holds {extra / 2**20:.0f} MiB, {(extra - gradient) / 2**20:.0f} "
+                                      f"MiB beyond the gradient's copy; the plan leaves {left / 2**20:.1f} MiB")
+
+
+def test_the_entropy_is_the_same_whatever_its_chunk():
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(300, 1000) * 3
+    logp = logits.log_softmax(-1)
+    whole = -(logp.exp() * logp).sum().double()
+    for chunk in (1, 128, 299, 300, 1024):
+        torch.testing.assert_close(train.entropy_sum(logits, chunk), whole, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("key, value", [("train.packing", "yes"), ("train.tokens_per_device", 0),
                                         ("train.tokens_per_device", "lots"), ("train.attn_implementation", "flash")])
 def test_a_bad_batching_setting_names_the_key(smoke, key, value):
@@ -504,9 +559,20 @@ def test_settings_that_do_not_change_training_do_not_block_a_resume(smoke, chang
     assert not (run.out_dir / train.ASIDE).exists()
 
 
+def test_the_eval_loss_questions_do_not_block_a_resume(smoke):
+    """train.eval_questions changes which validation questions the eval loss reads, never a training step: a run that
+    reached checkpoint-2 resumes from it with other eval questions, and sets nothing aside."""
+    run, again = _crashed(smoke, "eval-questions", **{"train.eval_questions": 20})
+    resumed = again()
+    assert len(resumed.examples["eval"]) == 20 < len(run.examples["eval"])  # the eval-loss questions did change
+    metrics = train.train(resumed)
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["optimizer_steps"] == 6
+    assert not (run.out_dir / train.ASIDE).exists()
+
+
 def test_a_run_key_names_each_input_that_changed():
     key = {"mode": "lora", "seed": 0, "world_size": 1, "optimizer": {"learning_rate": 1e-4, "lora": {"r": 8}},
-           "inputs": {"data": "a", "prompt": "p", "template": "t", "tokens": "x", "eval_tokens": "y"}}
+           "inputs": {"data": "a", "prompt": "p", "template": "t", "tokens": "x"}}
     change = lambda part, **kw: {**key, part: {**key[part], **kw}}  # noqa: E731
     assert train.what_changed(key, key) == [] and train.same_run(key, key) and not train.same_run(None, key)
     assert train.what_changed(change("inputs", template="u", tokens="z"), key) == ["the chat template"]
@@ -517,6 +583,9 @@ def test_a_run_key_names_each_input_that_changed():
     assert train.what_changed({**grpo, "optimizer": {**key["optimizer"], "learning_rate": 1.0}}, grpo) == ["grpo.learning_rate"]
     assert train.what_changed({**key, "seed": 1}, key) == ["the seed (seed)"]
     assert train.what_changed({**key, "world_size": 2}, key) == ["the number of processes"]
+    # the eval-loss questions' tokens, which earlier versions recorded: they decide nothing, whatever they were
+    assert train.same_run(change("inputs", eval_tokens="y"), key)
+    assert train.what_changed(change("inputs", eval_tokens="y", data="b"), key) == [train.KEY_WORDS["data"]]
     old = {k: v for k, v in key.items() if k != "inputs"}  # written by an earlier version of the project
     assert train.what_changed(old, key) == ["the run key's form (an earlier version of the project wrote it)"]
 

@@ -283,6 +283,11 @@ def micro_batches(lengths: list[int], per_step: int, budget: int, packed: bool) 
 # against what an H200 measured (docs/training.md, Speed): within 10% at 32k tokens a step, LoRA and full SFT.
 ACTIVATION_HIDDEN, ACTIVATION_INTERMEDIATE, LORA_INPUTS, LOGIT_COPIES = 8, 4, 7, 3
 AUTO_MEMORY_SHARE = 0.6  # of the device's memory left after the weights and the optimizer state: the rest is headroom
+# the logged entropy (entropy_sum) runs on the head's float32 logits before the backward pass, ENTROPY_CHUNK rows at a
+# time (trl's entropy_from_logits' chunk), holding ENTROPY_COPIES float32 [rows, vocabulary] tensors of its own: their
+# log-probabilities and the products with the probabilities. Qwen2.5's 151,936-token vocabulary: 156 MB, which
+# auto_tokens sets aside (1,024 rows and three such tensors held 1.9 GB that no estimate counted)
+ENTROPY_CHUNK, ENTROPY_COPIES = 128, 2
 
 
 def activation_bytes_per_token(model_config, precision: str, lora: bool, head_share: float) -> float:
@@ -306,16 +311,23 @@ def device_memory_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def entropy_bytes(vocab_size: int) -> int:
+    """The most memory :func:`entropy_sum` holds at once beside the logits it reads: :data:`ENTROPY_COPIES` float32
+    tensors of :data:`ENTROPY_CHUNK` rows of the vocabulary."""
+    return ENTROPY_COPIES * ENTROPY_CHUNK * vocab_size * 4
+
+
 def auto_tokens(model, precision: str, lora: bool, memory: int, head_share: float) -> int:
-    """``train.tokens_per_device: auto``: the tokens whose activations fill :data:`AUTO_MEMORY_SHARE` of ``memory``
-    left after the model's state: its weights, and for full SFT float32 weights, gradients and AdamW's two moments
-    (:data:`runs.FULL_SFT_BYTES_PER_PARAMETER`). A LoRA adapter's own state (under 2% of the weights at r = 16) is left
-    in the headroom."""
+    """``train.tokens_per_device: auto``: the tokens whose activations, with the logged entropy's temporaries
+    (:func:`entropy_bytes`), fill :data:`AUTO_MEMORY_SHARE` of ``memory`` left after the model's state: its weights,
+    and for full SFT float32 weights, gradients and AdamW's two moments (:data:`runs.FULL_SFT_BYTES_PER_PARAMETER`). A
+    LoRA adapter's own state (under 2% of the weights at r = 16) is left in the headroom."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     parameters = sum(p.numel() for p in model.parameters())
     state = weights if lora else parameters * sum(runs.FULL_SFT_BYTES_PER_PARAMETER.values())
     per_token = activation_bytes_per_token(model.config, precision, lora, head_share)
-    return max(int((memory - state) * AUTO_MEMORY_SHARE / per_token), 1)
+    activations = (memory - state) * AUTO_MEMORY_SHARE - entropy_bytes(model.config.vocab_size)
+    return max(int(activations / per_token), 1)
 
 
 def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode: str, device: str,
@@ -324,7 +336,29 @@ def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode:
     ``gradient_accumulation_steps`` examples) is fed to the device: with ``train.tokens_per_device`` null, as
     the profile says; with a number or ``auto`` (:func:`auto_tokens`), in the fewest micro-batches that fit it
     (:func:`micro_batches`). ``lengths``: the training stream's token lengths, in training order; ``head_share``:
-    the share of them the loss reads (:func:`loss_share`; only ``auto`` needs it)."""
+    the share of them the loss reads (:func:`loss_share`; only ``auto`` needs it).
+
+    In a launch every process calls it and gets the main process's plan: only the main process plans (each process
+    reads the free memory at its own moment, and processes that split a step differently would read other examples,
+    or wait for each other's gradients forever; one that reads less could not even plan). When the main process's
+    plan fails, every process stops with its error."""
+    if world_size() == 1:
+        return _plan(s, lengths, model, precision, mode, device, head_share)
+    plan, failure = None, None
+    if PartialState().is_main_process:
+        try:
+            plan = _plan(s, lengths, model, precision, mode, device, head_share)
+        except ValueError as error:  # the others are waiting for a plan: they stop with this error too
+            failure, plan = error, {"error": str(error)}
+    plan = broadcast_object_list([plan])[0]  # every process takes part, the main one sending
+    if failure:
+        raise failure
+    if "error" in plan:
+        raise ValueError(plan["error"])
+    return plan
+
+
+def _plan(s: dict, lengths: list[int], model, precision: str, mode: str, device: str, head_share: float | None) -> dict:
     per_process = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
     budget = s["tokens_per_device"]
     if budget == "auto":
@@ -335,12 +369,9 @@ def plan_micro_batches(s: dict, lengths: list[int], model, precision: str, mode:
     count = micro_batches(lengths, per_process, budget, s["packing"]) if budget else s["gradient_accumulation_steps"]
     size = per_process // count
     tokens = [micro_batch_tokens(lengths[i:i + size], s["packing"]) for i in range(0, len(lengths), size)]
-    plan = {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
+    return {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
             "tokens_mean": statistics.fmean(tokens), "tokens_max": max(tokens),
             "padding_share": 1 - sum(lengths) / sum(tokens)}
-    # one plan for every process of a launch: the main process's. Each reads the free memory at its own moment, and
-    # processes that split a step differently would read other examples, or wait for each other's gradients forever
-    return plan if world_size() == 1 else broadcast_object_list([plan])[0]
 
 
 def local_processes() -> int:
@@ -572,9 +603,11 @@ KEY_WORDS = {"mode": "the mode (LoRA or full)", "base_model": "the base model (m
              "data": "the training data (data/questions/train.jsonl)",
              "prompt": "the prompt (prompts.py: the system prompt, the instruction or the answer's form)",
              "template": "the chat template", "tokens": "the tokens trained on (the tokenizer, or how trl tokenizes)",
-             "eval_tokens": "the eval-loss questions (train.eval_questions, the validation split)",
              "start": "the start model (04's merged model)"}
-DERIVED = ("tokens", "eval_tokens")  # they change with the other inputs: named only when nothing else changed
+DERIVED = ("tokens",)  # it changes with the other inputs: named only when nothing else changed
+# parts of the key that earlier versions of the project recorded and that decide nothing now (the eval loss's questions
+# change no training step): a checkpoint whose key has one resumes as if it had not
+RETIRED = {"inputs": ("eval_tokens",)}
 
 
 def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
@@ -586,6 +619,7 @@ def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
     for part, value in run_key.items():
         if isinstance(value, dict):
             was = recorded[part] if isinstance(recorded[part], dict) else {}
+            was = {k: v for k, v in was.items() if k not in RETIRED.get(part, ())}
             changed += [k for k in sorted(set(value) | set(was)) if was.get(k) != value.get(k)]
         elif recorded[part] != value:
             changed.append(part)
@@ -676,13 +710,15 @@ class AnswerOnlySFTTrainer(SFTTrainer):
         return super().log(logs, *args, **kwargs)
 
 
-def entropy_sum(logits, chunk: int = 1024):
+def entropy_sum(logits, chunk: int = ENTROPY_CHUNK):
     """The summed entropy (nats) of the distributions ``logits`` [tokens, vocab] give, a chunk of rows at a time (with
-    ``train.loss_on: all`` every token is a row: a whole log-softmax at once would double the logits' memory)."""
+    ``train.loss_on: all`` every token is a row: a whole log-softmax at once would double the logits' memory). Beside
+    ``logits`` it holds two float32 tensors of ``chunk`` rows at most (:func:`entropy_bytes`, which the auto plan sets
+    aside): the log-probabilities, and the probabilities multiplied by them in place."""
     total = logits.new_zeros((), dtype=torch.float64)
     for rows in logits.split(chunk):
         logp = rows.float().log_softmax(-1)
-        total += -(logp.exp() * logp).sum().double()
+        total -= logp.exp().mul_(logp).sum().double()
     return total
 
 
@@ -823,14 +859,17 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
             print(f"the accelerate config asks for FSDP, but accelerate shards models on GPUs only: these "
                   f"{world} processes train data-parallel ({trainer.accelerator.distributed_type.value}), each with "
                   "the whole model")
-    run_key = {  # what makes two runs the same run: resuming across a change would mix them
+    # what makes two runs the same run: resuming across a change would mix them. What is evaluated is not in it (the
+    # eval loss's questions, train.eval_questions, change no training step): a resume keeps the log of the steps before
+    # it, whose eval losses were on the questions of their time
+    run_key = {
         "mode": mode, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
         "seed": seed, "world_size": world,
         "optimizer": {"examples_per_step": s["per_device_train_batch_size"] * s["gradient_accumulation_steps"],
                       **{k: s[k] for k in OPTIMIZER_PATH if k in s}},
         "inputs": {"data": _sha256(data.split_path(cfg, "train")), "prompt": prompt_digest(),
                    "template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
-                   "tokens": token_digest(trainer.train_dataset), "eval_tokens": token_digest(trainer.eval_dataset)},
+                   "tokens": token_digest(trainer.train_dataset)},
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
     trainer.args.project, trainer.args.run_name = watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
