@@ -4,6 +4,9 @@ import shutil
 import statistics
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from helpers import Crash, at_root, crash_at
 from medqa_zh import config, dashboards, data, grpo, models, prompts, runs, train
@@ -57,10 +60,24 @@ def test_every_draw_shuffles_the_options_and_moves_the_gold_letter_with_its_text
     assert rows[0]["gold"] == drawn[0].answer_idx and rows[0]["letters"] == "".join(sorted(drawn[0].options))
 
 
-def test_group_advantages_are_the_rewards_against_their_group():
-    assert grpo.group_advantages([1, 1, 1, 1]) == [0, 0, 0, 0]  # no spread: nothing to learn
-    adv = grpo.group_advantages([1, 0, 0, 0])
-    assert adv[0] == pytest.approx(0.75 / (statistics.stdev([1, 0, 0, 0]) + 1e-4)) and sum(adv) == pytest.approx(0)
+@pytest.mark.parametrize("scale", ["group", "batch", "none", True, False])
+def test_group_advantages_center_each_group_and_scale_as_trl_says(scale):
+    rewards = [1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1]  # a step of three groups of 4: one with no spread
+    groups = [rewards[i:i + 4] for i in range(0, len(rewards), 4)]
+    std = {"group": [statistics.stdev(g) for g in groups], "batch": [statistics.stdev(rewards)] * len(groups),
+           "none": None}[{True: "group", False: "none"}.get(scale, scale)]  # trl's aliases: True is group, False none
+    expected = [(r - statistics.fmean(g)) / (std[k] + 1e-4) if std else r - statistics.fmean(g)
+                for k, g in enumerate(groups) for r in g]
+    got = grpo.group_advantages(rewards, 4, scale)
+    assert got == pytest.approx(expected) and got[8:] == [0, 0, 0, 0]  # no spread: nothing to learn
+    assert sum(got[:4]) == pytest.approx(0) and sum(got[4:8]) == pytest.approx(0)  # centred on each group's mean
+
+
+def test_group_advantages_refuse_a_scale_trl_does_not_know_and_partial_groups():
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo.group_advantages([1, 0], 2, "global")
+    with pytest.raises(ValueError, match="whole groups"):
+        grpo.group_advantages([1, 0, 1], 2)
 
 
 def test_a_group_needs_whole_groups_per_step(smoke):
@@ -68,24 +85,115 @@ def test_a_group_needs_whole_groups_per_step(smoke):
         grpo.settings(smoke(**{"grpo.num_generations": 3}))
 
 
-def test_the_advantages_by_hand_are_the_trainers(start, smoke):
-    cfg = smoke(**{"grpo.max_steps": 1})
-    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-check")
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_the_advantages_by_hand_are_the_trainers(start, smoke, scale):
+    """One step of two micro-batches (four groups) under each grpo.scale_rewards: group_advantages of the step's
+    rewards is what trl's loss saw for every completion (batch: divided by the std of the whole step's rewards)."""
+    cfg = smoke(**{"grpo.max_steps": 1, "grpo.scale_rewards": scale, "grpo.gradient_accumulation_steps": 2})
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / f"grpo-check-{scale}")
     metrics = grpo.train_run(run, resume=False)
     assert metrics["optimizer_steps"] == 1 and (run.out_dir / "model.safetensors").is_file()
     first, g = run.reward.first, run.settings["num_generations"]
-    checked = 0
+    assert len(first["rewards"]) == len(run.trainer.seen) == 2 * cfg["grpo.per_device_train_batch_size"]
+    by_hand = grpo.group_advantages(first["rewards"], g, scale)
     for start_row in range(0, len(first["texts"]), g):
-        texts, rewards = first["texts"][start_row:start_row + g], first["rewards"][start_row:start_row + g]
+        texts = first["texts"][start_row:start_row + g]
         prompt = run.tokenizer.apply_chat_template(first["prompts"][start_row], tokenize=False, add_generation_prompt=True)
-        by_hand = dict(zip(texts, grpo.group_advantages(rewards), strict=True))
         trainers = {row["text"]: row["advantage"] for row in run.trainer.seen if row["prompt"] == prompt}
-        assert trainers and trainers.keys() == by_hand.keys()
-        for text, advantage in by_hand.items():
+        assert trainers and trainers.keys() == set(texts)
+        for text, advantage in zip(texts, by_hand[start_row:start_row + g], strict=True):
             assert trainers[text] == pytest.approx(advantage, abs=1e-5)
-        checked += 1
-    assert checked == len(first["texts"]) // g
-    assert any(len(set(first["rewards"][i:i + g])) > 1 for i in range(0, len(first["rewards"]), g))  # a group with a spread
+    others = [grpo.group_advantages(first["rewards"], g, other) for other in ("group", "batch", "none") if other != scale]
+    assert all(other != pytest.approx(by_hand, abs=1e-3) for other in others)  # this step tells the three apart
+    assert grpo.first_step(run.out_dir)["seen"] == run.trainer.seen
+
+
+class _AdapterB(TrainerCallback):
+    """The largest |weight| of the LoRA adapter's B matrices when training ends (0: the adapter changes nothing)."""
+
+    largest = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.largest = max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("dtype, precision", [("float32", "bf16"), ("bfloat16", "fp32")])
+def test_grpo_keeps_the_start_models_dtype_from_load_to_save(start, smoke, monkeypatch, dtype, precision):
+    """A start model saved in ``dtype``, trained in another precision (bf16: the trainer's autocast over float32
+    weights; fp32: no autocast over bfloat16 weights): with the adapter's B still 0 after a step at learning rate 0, the saved
+    grpo model is the start model, bit for bit and in its dtype."""
+    cfg = smoke(**{"grpo.max_steps": 1, "grpo.learning_rate": 0.0, "train.precision": precision})
+    folder = cfg.out / "models" / f"start-{dtype}"  # merged, saved in dtype, as prepare's start
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(models.folder(cfg, grpo.START), folder, ignore=shutil.ignore_patterns("checkpoints*"))
+    model = models.load_model(str(folder), dtype)
+    with torch.no_grad():
+        for weight in model.parameters():  # float32 weights off the bfloat16 grid, so rounding them would show
+            weight.mul_(1 + 2**-12)
+    model.save_pretrained(folder)
+    available = models.available
+    monkeypatch.setattr(models, "available", lambda cfg: {**available(cfg), grpo.START: str(folder)})
+    before = load_file(folder / runs.MODEL_WEIGHTS)
+    assert {t.dtype for t in before.values()} == {models.torch_dtype(dtype)}
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / f"grpo-{dtype}")
+    assert run.base_model == str(folder) and run.trainer.args.bf16 == (precision == "bf16")
+    adapter = _AdapterB()
+    run.trainer.add_callback(adapter)
+    assert grpo.train_run(run, resume=False)["optimizer_steps"] == 1
+    assert adapter.largest == 0
+    saved = load_file(run.out_dir / runs.MODEL_WEIGHTS)
+    assert saved.keys() == before.keys()
+    differ = [k for k in before if saved[k].dtype != before[k].dtype or not torch.equal(saved[k], before[k])]
+    assert not differ, f"{len(differ)} of {len(before)} tensors differ from the start model's, e.g. {differ[:3]}"
+
+
+def test_the_sampler_draws_the_tokens_trl_draws(start, smoke, monkeypatch):
+    """trl's own sampling in training (its tokenizing, its GenerationConfig, its cut after the end of the turn: the
+    prompts and tokens its reward function is given), each generation started from seed 0, and grpo.sample of the
+    same prompt under seed 0 draw the same tokens. One prompt a step (a group of 8) at learning rate 0: the model the
+    sampler reads is the one trl sampled. At temperature 2 the draws spread over many tokens, so a difference in how
+    the logits are processed (the tiny model's own generation_config has repetition_penalty 1.05; trl's 1.0) shows."""
+    cfg = smoke(**{"grpo.max_steps": 3, "grpo.num_generations": 8, "grpo.per_device_train_batch_size": 8,
+                   "grpo.learning_rate": 0.0, "grpo.temperature": 2.0, "grpo.max_completion_length": 12})
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-sampler")
+    trainer = run.trainer
+    assert run.model.generation_config.repetition_penalty != trainer.generation_config.repetition_penalty
+    generate, drawn = run.model.generate, []
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(0)
+        return generate(*args, **kwargs)
+
+    def recorded(prompts, completions, completion_ids, **kwargs):
+        row = {"prompt": prompts[0], **{k: kwargs[k][0] for k in ("id", "gold", "letters")}}
+        drawn.append((row, completion_ids, [grpo.completion_text(c) for c in completions]))
+        return run.reward(prompts=prompts, completions=completions, **kwargs)
+
+    trainer.reward_funcs[0] = recorded
+    with monkeypatch.context() as patch:
+        patch.setattr(run.model, "generate", seeded)
+        trainer.train()
+    assert len(drawn) == 3 and all(len(ids) == 8 for _, ids, _ in drawn)
+    for row, ids, texts in drawn:
+        samples = grpo.sample(trainer, [row], seed=0)
+        assert [s["tokens"] for s in samples] == ids and [s["text"] for s in samples] == texts
+        assert len({tuple(t) for t in ids}) > 1  # the draws differ within the group
+    trls = trainer.generation_config.to_dict()
+    monkeypatch.delattr(trainer, "generation_config")  # as with vLLM: trl keeps none, and the sampler builds trl's
+    assert grpo.generation_config(trainer).to_dict() == trls
+
+
+def test_the_draws_cover_every_process_of_a_launched_run(start, smoke, monkeypatch):
+    """With 2 processes one step samples the prompts of both (trl's generation batch: per_device_train_batch_size x
+    gradient_accumulation_steps x processes completions), so the stream holds max_steps such steps of fresh draws:
+    a second pass over the same rows would repeat their shuffles."""
+    monkeypatch.setattr(train, "world_size", lambda: 2)
+    cfg = smoke(**{"grpo.questions": 8})
+    s = grpo.settings(cfg)
+    run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-two")
+    prompts_per_step = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] * 2 // s["num_generations"]
+    assert run.run_key["world_size"] == 2
+    assert len(run.trainer.train_dataset) >= s["max_steps"] * prompts_per_step
 
 
 def test_a_planted_task_only_reinforcement_learning_can_teach_raises_the_reward(start, smoke):

@@ -2,18 +2,23 @@
 
 A multiple-choice question needs no reward model: the completion names exactly one option letter and it is the
 gold one (reward 1), or it does not (0). GRPO samples ``grpo.num_generations`` completions of each prompt (a
-group), and each completion's advantage is its reward against the group's (``scale_rewards: group``):
+group), and each completion's advantage is its reward against its group's mean, scaled as ``grpo.scale_rewards``
+says (trl's three ways; std is the sample standard deviation, Bessel-corrected; the batch is every completion of
+one optimizer step, over all processes):
 
-    advantage_i = (reward_i - mean(group)) / (std(group) + 1e-4)
+    group:  advantage_i = (reward_i - mean(group)) / (std(group) + 1e-4)
+    batch:  advantage_i = (reward_i - mean(group)) / (std(batch) + 1e-4)
+    none:   advantage_i =  reward_i - mean(group)
 
 so a group whose completions are all right, or all wrong, teaches nothing (its advantages are 0: trl logs the
-share of such groups as ``frac_reward_zero_std``). The policy starts from the merged SFT model (04) with a fresh
-LoRA adapter; the KL term (``grpo.beta``) is measured against that start, which is the same model with the adapter
+share of such groups as ``frac_reward_zero_std``). The policy starts from the merged SFT model (04), in the dtype it
+was saved in, with a fresh LoRA adapter (``train.precision`` bf16 / fp16: the trainer's forward passes compute under
+autocast); the KL term (``grpo.beta``) is measured against that start, which is the same model with the adapter
 switched off (no second copy in memory). Each time a question is drawn its options are shuffled anew (seeded, the
 gold letter moved with its content), so a preferred letter earns nothing. Two arms (``grpo.arm``): ``answer``
 (``答案：X``, a few tokens: a CPU can run it) and ``reasoning`` (a short analysis, then ``答案：X``; a GPU, with vLLM
 colocated where it is installed). The trained adapter is merged into the start model and saved as a plain model,
-``models/grpo/``, which 06-08 evaluate like ``merged``.
+``models/grpo/``, in the start model's dtype, which 06-08 evaluate like ``merged``.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import GenerationConfig, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from . import answers, dashboards, data, files, models, prompts, runs, train
@@ -41,6 +46,7 @@ ARMS = ("answer", "reasoning")
 NAME = "grpo"  # the model it writes: models.folder(cfg, NAME)
 START = "merged"  # the model it starts from
 FIRST_STEP = "first_step.json"  # in checkpoints/: what the first optimizer step's rewards and loss saw (04b's check)
+SCALES = ("group", "batch", "none")  # grpo.scale_rewards: trl's ways to scale the centred rewards
 
 
 # --------------------------------------------------------------------------- the reward
@@ -83,12 +89,31 @@ class Reward:
         return Counter(letter for call in calls for letter in call["chosen"])
 
 
-def group_advantages(rewards: list[float], scale: str = "group") -> list[float]:
-    """GRPO's advantages of one group's rewards: each reward less the group's mean, divided by the group's standard
-    deviation (Bessel-corrected, plus 1e-4) with ``scale: group``; not divided with ``none``."""
-    mean = statistics.fmean(rewards)
-    std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
-    return [(r - mean) / (std + 1e-4) if scale == "group" else r - mean for r in rewards]
+def scale_rewards(value) -> str:
+    """``grpo.scale_rewards`` as trl reads it: ``group``, ``batch`` or ``none``, with trl's aliases ``True`` (group)
+    and ``False`` (none)."""
+    scale = {True: "group", False: "none"}[value] if isinstance(value, bool) else value
+    if scale not in SCALES:
+        raise ValueError(f"grpo.scale_rewards is {value!r}; it must be one of {list(SCALES)} (or true / false)")
+    return scale
+
+
+def group_advantages(rewards: list[float], num_generations: int, scale="group") -> list[float]:
+    """GRPO's advantages of one step's ``rewards`` (every completion the step sampled, its groups of
+    ``num_generations`` one after another, as trl scores them): each reward less its group's mean, divided by the
+    standard deviation (Bessel-corrected, plus 1e-4) of its group with ``scale: group``, of all ``rewards`` with
+    ``batch``; not divided with ``none`` (:func:`scale_rewards`)."""
+    scale = scale_rewards(scale)
+    if len(rewards) % num_generations:
+        raise ValueError(f"{len(rewards)} rewards are not whole groups of {num_generations}")
+    batch_std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
+    out = []
+    for start in range(0, len(rewards), num_generations):
+        group = rewards[start:start + num_generations]
+        mean = statistics.fmean(group)
+        std = {"group": statistics.stdev(group) if len(group) > 1 else 0.0, "batch": batch_std, "none": None}[scale]
+        out += [(r - mean) / (std + 1e-4) if std is not None else r - mean for r in group]
+    return out
 
 
 # --------------------------------------------------------------------------- the prompts
@@ -114,6 +139,7 @@ def settings(cfg) -> dict:
     """The profile's ``grpo`` section, checked."""
     s = copy.deepcopy(dict(cfg["grpo"]))
     s["resume"] = cfg["train.resume"]  # as 02's runs: continue from the last checkpoint of the same run
+    s["scale_rewards"] = scale_rewards(s["scale_rewards"])
     if s["arm"] not in ARMS:
         raise ValueError(f"{cfg.source.name}: grpo.arm is {s['arm']!r}; it must be one of {list(ARMS)}")
     batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
@@ -173,8 +199,9 @@ class Run(train.Run):
 
 
 def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None) -> Run:
-    """The start model (04's merged SFT model) with a fresh LoRA, the prompts from the train split (or ``rows``, in
-    the form of :func:`prompt_rows`), and trl's ``GRPOTrainer`` with the profile's ``grpo`` settings."""
+    """The start model (04's merged SFT model, in the dtype it was saved in) with a fresh LoRA, the prompts from the
+    train split (``grpo.max_steps`` steps of fresh draws, each step's prompts over all processes; or ``rows``, in the
+    form of :func:`prompt_rows`), and trl's ``GRPOTrainer`` with the profile's ``grpo`` settings."""
     s = settings(cfg)
     start = models.available(cfg).get(START)
     if start is None:
@@ -186,13 +213,16 @@ def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     questions = data.load_split(cfg, "train")[: s["questions"]]
-    prompts_per_step = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] // s["num_generations"]
-    draws = -(-s["max_steps"] * prompts_per_step // len(questions))  # enough passes for max_steps
+    # one step's prompts over all processes: trl's generation batch is per_device_train_batch_size x
+    # gradient_accumulation_steps x processes completions, whole groups of num_generations
+    prompts_per_step = runs.examples_per_step(s, train.world_size()) // s["num_generations"]
+    draws = -(-s["max_steps"] * prompts_per_step // len(questions))  # enough passes for max_steps: every draw fresh
     rows = rows if rows is not None else prompt_rows(stream(questions, draws, seed), s["arm"])
     tokenizer = models.load_tokenizer(start, setting=START)
-    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
     torch.manual_seed(seed)
-    model = models.load_model(start, half or "float32", setting=START)
+    # in the dtype it was saved in (auto): the policy starts as that model exactly, and save() stores that dtype;
+    # with train.precision bf16 / fp16 the trainer's forward passes compute under autocast (accelerate's)
+    model = models.load_model(start, "auto", setting=START)
     watch = dashboards.watch(cfg, out_dir)
     use_vllm = s["arm"] == "reasoning" and device == "cuda" and importlib.util.find_spec("vllm") is not None
     args = GRPOConfig(
@@ -251,24 +281,44 @@ def _digest(value) -> str:
 # --------------------------------------------------------------------------- sampling outside the trainer
 
 
-def sample(model, tokenizer, rows: list[dict], generations: int, max_new_tokens: int, temperature: float,
-           seed: int = 0) -> list[dict]:
-    """Each row's prompt sampled ``generations`` times (as the trainer samples a group), scored with :func:`correct`:
-    one dict per completion (``id``, ``gold``, ``text``, ``chosen`` letter or None, ``reward``). 04b runs it under the
-    start model before training (which prompts have a reward spread) and under the trained model after (the letters
-    each chooses)."""
+def generation_config(trainer: GRPOTrainer) -> GenerationConfig:
+    """How the trainer samples a completion: trl's own ``GenerationConfig``, built from the GRPOConfig (temperature,
+    top_p, top_k, min_p, repetition_penalty 1.0, max_completion_length, every end-of-turn id), not the model's
+    ``generation_config`` (the model's repetition_penalty, top_k and top_p do not apply). With vLLM trl keeps none
+    (vLLM samples with the same settings): built here as trl builds it for transformers."""
+    if getattr(trainer, "generation_config", None) is not None:
+        return trainer.generation_config
+    tokenizer = trainer.processing_class
+    return GenerationConfig(max_new_tokens=trainer.max_completion_length, do_sample=True,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=trainer.eos_token_ids, temperature=trainer.temperature, top_p=trainer.top_p,
+                            top_k=trainer.top_k, min_p=trainer.min_p, repetition_penalty=trainer.repetition_penalty,
+                            cache_implementation=trainer.args.cache_implementation,
+                            **(trainer.args.generation_kwargs or {}), disable_compile=True)
+
+
+def sample(trainer: GRPOTrainer, rows: list[dict], seed: int = 0, model=None) -> list[dict]:
+    """Each row's prompt sampled as the trainer samples a group: ``grpo.num_generations`` times, with the trainer's
+    :func:`generation_config`, cut after the first end-of-turn token as trl cuts it; scored with :func:`correct`. One
+    dict per completion (``id``, ``gold``, ``tokens``: the completion's token ids, ``text``, ``chosen`` letter or
+    None, ``reward``). ``model``: another model to sample (default: the trainer's). 04b runs it under the start model
+    before training (which prompts have a reward spread) and under the trained model after (the letters each
+    chooses)."""
+    tokenizer, config, eos = trainer.processing_class, generation_config(trainer), trainer.eos_token_ids
+    model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model_wrapped)
     torch.manual_seed(seed)
     out = []
     model.eval()
     for row in rows:
         ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True).to(model.device)
+                                            return_dict=True)
+        ids = {k: v.repeat(trainer.num_generations, 1).to(model.device) for k, v in ids.items()}  # a group, as trl
         with torch.no_grad():
-            new = model.generate(**ids, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=generations,
-                                 pad_token_id=tokenizer.pad_token_id)[:, ids["input_ids"].shape[1]:]
-        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-            out.append({"id": row["id"], "gold": row["gold"], "text": text,
+            new = model.generate(**ids, generation_config=config)[:, ids["input_ids"].shape[1]:].tolist()
+        for tokens in new:
+            end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+            text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+            out.append({"id": row["id"], "gold": row["gold"], "tokens": tokens[:end], "text": text,
                         "chosen": answers.extract_letter(text, row["letters"]),
                         "reward": correct(text, row["gold"], row["letters"])})
     return out
@@ -316,7 +366,7 @@ def train_run(run: Run, resume: bool | None = None) -> dict:
         "device": memory["device"], "optimizer_steps": run.trainer.state.global_step, "steps_this_session": steps,
         "resumed_from": checkpoint, "wall_seconds": wall,
         "median_step_seconds": statistics.median(run.log.step_seconds) if steps else None,
-        "completions_per_step": run.settings["per_device_train_batch_size"] * run.settings["gradient_accumulation_steps"],
+        "completions_per_step": runs.examples_per_step(run.settings, run.run_key["world_size"]),  # all processes
         "peak_memory_gib": memory["peak_gib"], "train_loss_mean": result.training_loss if steps else None,
         "reward_first": next((r["reward"] for r in log if "reward" in r), None),
         "reward_last": next((r["reward"] for r in reversed(log) if "reward" in r), None),
