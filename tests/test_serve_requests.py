@@ -788,3 +788,33 @@ def test_a_500_leaves_the_connection_usable_on_both_backends_apps():
                 second = client.post(child.CHAT, json=good)
                 assert second.status_code == 200, (backend, second.text)
                 assert port(first) == port(second)  # the same connection
+
+
+def test_a_stream_that_fails_after_its_first_byte_ends_with_an_error_event():
+    """What no handler caught, after a stream began (llama-cpp-python's, say): the client gets an error event and
+    ``data: [DONE]``, not a stream cut off without an end, and the same client's next request is answered."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+
+    @app.post(child.CHAT)
+    def chat():
+        def events():
+            yield child._event({"choices": [{"index": 0, "delta": {"content": "答案"}}]})
+            raise RuntimeError("the model fell over mid-stream")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    def models():
+        return {"ok": True}
+
+    with TestClient(child._guarded(app, key=None)) as client:
+        r = client.post(child.CHAT)
+        events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+        assert r.status_code == 200 and events[-1] == "[DONE]", r.text
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 500 and "RuntimeError" in error["message"]
+        assert client.get("/v1/models").json() == {"ok": True}
