@@ -9,6 +9,8 @@ import torch
 
 from medqa_zh import chat, models, prompts, rag, serve
 
+pytestmark = pytest.mark.timeout(1200)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+
 QUESTION = "下列哪种药物首选用于治疗虚拟甲一综合征？\nA. 示例药07号\nB. 阿司匹林\nC. 青霉素"
 
 

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from helpers import REPO, at_root, logged, processes_of, same_points, trackio_points
 from medqa_zh import config, dashboards, models, runs, train
 
+pytestmark = pytest.mark.timeout(1200)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+
 # 6 steps of per_device_train_batch_size 8 (the smoke profile's): evaluation at steps 0 and 5 (eval_steps 5)
 STEPS = ("train.max_steps=6", "train.eval_steps=5", "train.logging_steps=1", "train.resume=false")
 
@@ -106,6 +108,7 @@ import json, os, sys, types
 import torch
 from accelerate import PartialState
 from medqa_zh import train
+
 PartialState(cpu=True)
 rank = int(os.environ["RANK"])
 train.device_memory_bytes = lambda device: int(float(os.environ["MEMORY_MIB"].split(",")[rank]) * 2**20)

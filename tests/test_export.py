@@ -8,6 +8,8 @@ import pytest
 
 from medqa_zh import data, evaluate, export, prompts, serve
 
+pytestmark = pytest.mark.timeout(1200)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_assets):

@@ -11,6 +11,8 @@ from transformers import TrainerCallback
 from helpers import Crash, at_root, crash_at
 from medqa_zh import config, dashboards, data, grpo, models, prompts, runs, train
 
+pytestmark = pytest.mark.timeout(1200)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+
 
 @pytest.fixture(scope="module")
 def start(smoke_root):

@@ -23,7 +23,7 @@ import yaml
 from helpers import REPO, processes_of, server_processes, without_llama_cpp
 from medqa_zh import evaluate, export, merge, prompts, report, runs, steps, tiny
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "04b_grpo", "05_serve", "06_eval_direct", "07_eval_api",
           "08_eval_rag", "09_chat_demo", "10_report")
 

@@ -14,7 +14,7 @@ import yaml
 
 from helpers import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 
 
 def _notebook(path: Path, *cells: str) -> None:

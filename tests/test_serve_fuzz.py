@@ -20,7 +20,7 @@ from helpers import HOSTILE, OK, server_processes
 from medqa_zh import serve
 from medqa_zh import serve_child as child
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 
 FUZZ_BODIES = int(os.environ.get("MEDQA_FUZZ_BODIES", "60"))  # per backend; more: MEDQA_FUZZ_BODIES=1000
 CONTEXT = 192  # tokens of prompt + completion: a generation is short whatever max_tokens a body asks for

@@ -7,6 +7,8 @@ import pytest
 from helpers import Crash, at_root, crash_at
 from medqa_zh import config, data, merge, models, prompts, runs, tiny, train
 
+pytestmark = pytest.mark.timeout(1200)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+
 
 @pytest.fixture(scope="module")
 def lora_run(smoke_root):
