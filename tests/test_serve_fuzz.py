@@ -46,7 +46,7 @@ BODIES = from_schema(child.ChatCompletionRequest.model_json_schema())
 
 
 PLAUSIBLE = ("messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
-             "stream_options", "seed", "logit_bias", "user", "metadata", "response_format")
+             "stream_options", "seed", "user", "metadata")
 
 
 TEXT = st.text(max_size=120)  # any code point but surrogates: Chinese, emoji, controls, NUL

@@ -672,6 +672,34 @@ def test_llamacpp_gets_text_parts_as_one_string_and_no_stream_options():
     assert "stream_options" not in seen[0] and seen[0]["stream"] is True
 
 
+def test_llamacpp_gets_what_its_request_model_takes_and_a_body_it_refuses_is_a_400():
+    """llama-cpp-python's server answers a body its own request model refuses with a 500: a null ``tool_calls`` (valid
+    OpenAI), which is mended here, and a ``tools`` entry that is no function, which is a 400 naming the field."""
+    pytest.importorskip("llama_cpp")
+    seen = []
+
+    async def llama_cpp_python(scope, receive, send):
+        seen.append(json.loads((await receive())["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = child._CheckedChat(llama_cpp_python, name="m", vocab=TemplateVocab(), n_ctx=64)
+    nulls = {"messages": [{"role": "user", "content": []}, {"role": "assistant", "tool_calls": None, "content": []}],
+             "max_tokens": 2, "metadata": {"k": "v"}, "store": False}
+
+    async def scenario():
+        status, _ = await _asgi(app, nulls)
+        assert status == 200 and seen[0]["messages"] == [{"role": "user", "content": ""},
+                                                         {"role": "assistant", "content": ""}]
+        assert "metadata" not in seen[0] and "store" not in seen[0]  # fields llama.cpp does not have: they change nothing
+        status, raw = await _asgi(app, {**nulls, "tools": [{"not": "a function"}]})
+        error = json.loads(raw)["error"]
+        assert (status, error["param"], error["type"]) == (400, "tools[0].type", "BadRequestError"), raw
+        assert len(seen) == 1  # never handed on
+
+    asyncio.run(scenario())
+
+
 def test_a_llamacpp_stream_gets_its_usage_before_done():
     sent = []
 

@@ -152,12 +152,13 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # how pyda
 
 
 def param_of(loc: tuple) -> str | None:
-    """A pydantic error location as the OpenAI API names a field: ``messages[0].content``."""
+    """A pydantic error location as the OpenAI API names a field: ``messages[0].content`` (a union's branch, which
+    pydantic names by its type, ``str`` or ``ChatCompletionRequestUserMessage``, left out)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part not in _TYPE_TAGS and "[" not in part and part.isidentifier():
+        elif part not in _TYPE_TAGS and "[" not in part and part.isidentifier() and not part[0].isupper():
             out += ("." if out else "") + part
     return out or None
 
@@ -894,14 +895,16 @@ class _CheckedChat:
             more = message.get("more_body", False)
         try:
             body = check_request(_read_body(raw), self.name, self.vocab.n_vocab(), backend="llamacpp")
-            body["messages"] = [text_message(m) for m in body["messages"]]
+            body["messages"] = [llama_message(m) for m in body["messages"]]
             prompt = llama_prompt_tokens(self.vocab, body["messages"], tools=body.get("tools"))
             body = context_check(body, len(prompt), self.n_ctx)  # llama-cpp-python itself would shorten max_tokens
+            usage = (body.pop("stream_options", None) or {}).get("include_usage")
+            body = llama_request(body)
         except ApiError as e:
             from starlette.responses import JSONResponse
 
             return await JSONResponse(openai_error(e.status, e.message, e.param), status_code=e.status)(scope, receive, send)
-        if (body.pop("stream_options", None) or {}).get("include_usage"):
+        if usage:
             send = _StreamUsage(send, self.vocab, len(prompt), body["max_tokens"])
         data = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
@@ -916,6 +919,29 @@ class _CheckedChat:
             return {"type": "http.request", "body": data, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+def llama_message(message: dict) -> dict:
+    """A validated request message as llama-cpp-python's request model takes it: text parts joined
+    (:func:`text_message`), and no field set to null (its typed messages refuse ``"tool_calls": null``)."""
+    return {k: v for k, v in text_message(message).items() if v is not None}
+
+
+def llama_request(body: dict) -> dict:
+    """``body`` (checked) as llama-cpp-python's server takes it: only the fields its request model has (the others,
+    ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``, change no reply), validated against that model
+    here. Its server answers a body its model refuses with a 500 (its route's error handler catches FastAPI's
+    validation error); here such a body is a 400 naming the field (a ``tools`` entry that is not a function, a
+    ``response_format`` llama.cpp does not have, ...)."""
+    from llama_cpp.server.types import CreateChatCompletionRequest
+
+    out = {k: v for k, v in body.items() if k in CreateChatCompletionRequest.model_fields}
+    try:
+        CreateChatCompletionRequest.model_validate(out)
+    except ValidationError as e:
+        error = _invalid(e)
+        raise ApiError(400, f"{error.message} (as llama-cpp-python's server reads the request)", error.param) from None
+    return out
 
 
 class _StreamUsage:
