@@ -8,7 +8,7 @@ import pytest
 
 from helpers import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 
 
 def test_train_throughput_compares_padded_and_packed_batches_through_the_trainer(tiny_assets, tmp_path):

@@ -10,6 +10,8 @@ import pytest
 
 from medqa_zh import evaluate, files, report
 
+pytestmark = pytest.mark.timeout(900)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+
 matplotlib.use("Agg")
 
 

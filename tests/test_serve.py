@@ -15,7 +15,7 @@ import pytest
 from helpers import server_processes, without_llama_cpp
 from medqa_zh import evaluate, results, serve
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 
 
 def gone(pid: int, within: float = 15.0) -> bool:
