@@ -339,8 +339,8 @@ def test_04b_grpo_trains_from_the_merged_model_and_shows_its_technique(series):
     with open(out / "tables" / "04b_spread.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert spread and len(rows) == 8 and int(spread.group(1)) == sum(r["spread"] == "True" for r in rows)
-    assert re.search(r"one group of 4: rewards \[[01, ]+\], mean [\d.]+, std [\d.]+; the advantages by hand equal the "
-                     r"trainer's", said), said
+    assert re.search(r"one group of 4: rewards \[[01, ]+\], mean [\d.]+, std [\d.]+ \(scale_rewards: group\); the "
+                     r"advantages by hand equal the trainer's", said), said  # smoke scales by the group's std
     metrics = runs.read_run(out / "models" / "grpo")
     assert metrics["optimizer_steps"] == 6 and metrics["arm"] == "answer"
     assert [r["step"] for r in runs.read_log(out / "models" / "grpo") if "reward" in r][-1] == 6
