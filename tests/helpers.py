@@ -117,6 +117,11 @@ def without_llama_cpp(folder: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
 
 
+def client_port(response) -> int:
+    """The local port an httpx response came through: the same port, the same keep-alive connection."""
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
 # a chat request as the servers' tests send it, to the served name "m"
 OK = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
 GOOD = json.dumps(OK)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from helpers import HOSTILE, OK, server_processes
+from helpers import HOSTILE, OK, client_port, server_processes
 from medqa_zh import serve
 from medqa_zh import serve_child as child
 
@@ -120,7 +120,6 @@ def test_no_body_is_a_500_and_the_connection_stays_usable(served):
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     seen = Counter()
     with httpx.Client(base_url=served.url, limits=limits, timeout=120, headers=served.headers()) as client:
-        port = lambda r: r.extensions["network_stream"].get_extra_info("client_addr")[1]  # noqa: E731
 
         @settings(max_examples=FUZZ_BODIES, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
@@ -138,7 +137,7 @@ def test_no_body_is_a_500_and_the_connection_stays_usable(served):
                     (body, r.status_code, text[:500])
                 seen[f"{r.status_code} {json.loads(text)['error']['param']}"] += 1
             after = client.post(child.CHAT, json=good)
-            assert after.status_code == 200 and port(after) == port(r), (body, after.text[:300])
+            assert after.status_code == 200 and client_port(after) == client_port(r), (body, after.text[:300])
 
         any_body()
     print(f"\n{served.backend}: {sum(seen.values())} bodies: {dict(seen.most_common())}")
@@ -151,14 +150,13 @@ def test_the_hostile_bodies_are_400s_naming_their_field_on_one_connection(served
     refused: text parts, ``stream_options.include_usage``, a temperature of 1e-300."""
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     with httpx.Client(base_url=served.url, limits=limits, timeout=120, headers=served.headers()) as client:
-        port = lambda r: r.extensions["network_stream"].get_extra_info("client_addr")[1]  # noqa: E731
         first = None
         for what, raw, param in HOSTILE:
             r = client.post(child.CHAT, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400 and openai_shaped(r) and r.json()["error"]["param"] == param, (what, r.text)
-            first = first or port(r)
+            first = first or client_port(r)
             good = client.post(child.CHAT, json={**OK, "max_tokens": 1})
-            assert good.status_code == 200 and port(good) == first, (what, good.text)
+            assert good.status_code == 200 and client_port(good) == first, (what, good.text)
         template = client.post(child.CHAT, json={**OK, "max_tokens": 1, "chat_template_kwargs": {"messages": []}})
         assert template.status_code == 400 and template.json()["error"]["param"] == "chat_template_kwargs"
         for path in ("/v1/completions", "/v1/engines/copilot-codex/completions", "/v1/embeddings", "/tokenize"):
