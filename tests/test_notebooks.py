@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from helpers import REPO, processes_of, server_processes, without_llama_cpp
-from medqa_zh import evaluate, export, merge, prompts, report, runs, steps, tiny
+from medqa_zh import config, evaluate, export, merge, planted, prompts, report, runs, steps, tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 SERIES = ("01_data", "02_lora_sft", "03_full_sft", "04_merge", "04b_grpo", "05_serve", "06_eval_direct", "07_eval_api",
@@ -137,7 +137,7 @@ def test_01_data_runs_on_the_smoke_profile(series):
     assert (f"train: 'train' → SplitSpec(name='train', start=None, stop=None): {table['train']['rows_in_slice']} rows of "
             f"train.jsonl, {tiny.PLANTED['train_duplicates']} duplicates, 0 in an earlier role → "
             f"{table['train']['questions']}") in drawn
-    assert (f"eval: 'test[:43]' → SplitSpec(name='test', start=None, stop=43): 43 rows of test.jsonl, 0 duplicates, "
+    assert (f"eval: 'test[:153]' → SplitSpec(name='test', start=None, stop=153): 153 rows of test.jsonl, 0 duplicates, "
             f"{tiny.PLANTED['test_in_train']} in an earlier role → {table['eval']['questions']}") in drawn
     ids = {}
     for role in ("train", "validation", "eval"):
@@ -256,6 +256,11 @@ def test_04_exports_gguf_files_that_answer_like_the_model(series):
     assert len(list((out / "eval" / "gguf").glob("merged-*.jsonl"))) == 4  # two quantizations x letter, calibration
 
 
+def _generated(n_eval: int) -> int:
+    """The eval questions generation answers (06's generate, 07 and 08's API): smoke's eval.generate_questions."""
+    return min(n_eval, config.load("smoke")["eval.generate_questions"])
+
+
 def test_06_evaluates_every_model_both_ways_with_intervals(series):
     project, nb = series("06_eval_direct")
     out = project / "outputs" / "smoke"
@@ -274,8 +279,8 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     assert (out / "figures" / "06_accuracy.png").stat().st_size > 5000
     assert {(r["model"], r["method"]) for r in rows} == {
         (m, k) for m in ("base", "lora", "full", "merged", "grpo") for k in ("letter", "generate")}
-    for r in rows:
-        assert int(r["n"]) == n_eval  # invalid answers stay in the denominator
+    for r in rows:  # invalid answers stay in the denominator
+        assert int(r["n"]) == (_generated(n_eval) if r["method"] == "generate" else n_eval)
         assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
         if r["method"] == "letter":
             assert int(r["invalid"]) == 0
@@ -284,7 +289,8 @@ def test_06_evaluates_every_model_both_ways_with_intervals(series):
     assert merged == lora  # the merge changed nothing that decides an answer
     results = sorted(p for p in (out / "eval" / "direct").glob("*.jsonl") if "-rotations-" not in p.name
                      and "-calibration-" not in p.name)
-    assert len(results) == 10 and all(sum(1 for _ in open(p, encoding="utf-8")) == n_eval for p in results)
+    assert len(results) == 10 and all(sum(1 for _ in open(p, encoding="utf-8"))
+                                      == (_generated(n_eval) if "-generate-" in p.name else n_eval) for p in results)
     with open(out / "tables" / "06_mcnemar.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 2 * 10  # every pair of five models, both methods
     # section 5: debiased two ways, every model: PriDe on every question, every rotation (smoke: all of them too)
@@ -384,7 +390,7 @@ def test_07_api_answers_match_direct_generation(series):
         api = {r["model"]: r for r in csv.DictReader(f)}
     assert set(api) == {"base", "merged"}  # the smoke profile's eval.api_models
     for r in api.values():
-        assert int(r["n"]) == n_eval and int(r["failed"]) == 0
+        assert int(r["n"]) == _generated(n_eval) and int(r["failed"]) == 0
         assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
     assert float(api["merged"]["invalid_rate"]) < 0.5  # real letters, so agreement below is not on empty answers
     with open(out / "tables" / "07_agreement.csv", encoding="utf-8") as f:
@@ -394,7 +400,7 @@ def test_07_api_answers_match_direct_generation(series):
     # the merged model's GGUF through llama.cpp's server too (gguf.api_models), against the transformers server
     with open(out / "tables" / "07_gguf_api.csv", encoding="utf-8") as f:
         gguf = {r["model"]: r for r in csv.DictReader(f)}
-    assert set(gguf) == {"merged"} and int(gguf["merged"]["n"]) == n_eval and gguf["merged"]["GGUF"] == "q8_0"
+    assert set(gguf) == {"merged"} and int(gguf["merged"]["n"]) == _generated(n_eval) and gguf["merged"]["GGUF"] == "q8_0"
     assert float(gguf["merged"]["diff_ci_low"]) <= float(gguf["merged"]["difference"]) <= float(gguf["merged"]["diff_ci_high"])
     assert len(list((out / "eval" / "api").glob("*.jsonl"))) == 3
     assert list((out / "logs").glob("serve-merged-*.log"))
@@ -427,7 +433,7 @@ def test_08_retrieval_finds_the_synthetic_facts_and_rag_is_evaluated_per_retriev
     assert {(r["model"], r["condition"]) for r in rows} == {
         (m, c) for m in ("base", "merged") for c in ("no RAG", "bm25", "dense", "hybrid")}
     for r in rows:
-        assert int(r["n"]) == n_eval and int(r["failed"]) == 0 and 0 <= float(r["vs_no_rag_p"]) <= 1
+        assert int(r["n"]) == _generated(n_eval) and int(r["failed"]) == 0 and 0 <= float(r["vs_no_rag_p"]) <= 1
     rag_results = list((out / "eval" / "rag").glob("*.jsonl"))
     assert len(rag_results) == 2 * 3 + 2 * 3  # API per retriever; letter, calibration, rotations with bm25
     for path in rag_results:
@@ -489,8 +495,9 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     expected |= {(m, f"{e}+rag bm25") for m in ("base", "merged") for e in ("letter", "pride", "debiased")}  # 08's
     expected |= {("merged", "api@llamacpp-q8_0")}  # 07 asks the merged GGUF through llama.cpp's server too
     assert set(rows) == expected
-    for (model, evaluation), r in rows.items():
-        assert int(r["n"]) == n_eval and float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+    for (model, evaluation), r in rows.items():  # generation: the first eval.generate_questions only
+        assert int(r["n"]) == (_generated(n_eval) if evaluation.startswith(("generate", "api")) else n_eval)
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
         assert (r["consistency"] == "") == (not evaluation.startswith("debiased"))
         through_llama = "@" in evaluation  # no base row on that reading: nothing to pair with
         assert (r["p_vs_base"] == "") == (model == "base" or through_llama)
@@ -546,6 +553,17 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     assert "<th>detectable Δ (80% power, from the observed disagreement)</th>" in index
     for fig in ("accuracy", "loss_curves", "learning_curve", "letters", "sections", "rag_ablation", "retrieval_quality"):
         assert (out / "figures" / f"10_{fig}.png").stat().st_size > 5000, fig
+    # the planted world: one row per planted effect, what was planted beside what was found. The base model's letter
+    # skew, PriDe's estimate of it and retrieval of the gold passages are found; what the tiny model does not learn
+    # stays in the table, marked not found
+    with open(out / "tables" / planted.TABLE, encoding="utf-8") as f:
+        found = {r["effect"]: r for r in csv.DictReader(f)}
+    for effect in ("letter skew, plain reading", "PriDe estimates the prior", "retrieval finds the gold passage"):
+        assert found[effect]["found"] == "found", (effect, found[effect])
+    assert {r["found"] for r in found.values()} <= {"found", "not found", "not measured"}
+    assert "SFT teaches facts (replication)" in found and "passages supply facts (eval)" in found
+    assert "planted: " in text and " effects found" in text
+    assert index.index("<section id='verdict'>") < index.index("What was planted, and what this run found")
 
 
 def _browser():

@@ -4,7 +4,7 @@ from itertools import pairwise
 
 import pytest
 
-from medqa_zh import data, rag
+from medqa_zh import data, evaluate, rag
 
 TEXT = "肺炎是常见病。病因包括细菌、病毒等！治疗？“抗生素。”然后；最后一句没有句号"
 
@@ -211,6 +211,44 @@ def test_retrieval_quality_on_a_hand_made_example():
     with pytest.raises(ValueError, match="1 rankings for 2 questions"):
         rag.retrieval_quality(questions, {"short": [[0]]}, passages, ks=(1,))
 
+
+
+def test_gold_recall_counts_the_gold_sentence_whole_in_one_of_the_top_k():
+    from types import SimpleNamespace as NS
+
+    passages = [NS(text="示例药07号是虚拟甲一综合征的首选治疗药物。其他。"), NS(text="无关的段落。"),
+                NS(text="另一段。虚拟乙二病变最常"), NS(text="累及肝。"), NS(text="又一段无关。")]
+    gold = {"test:1": "示例药07号是虚拟甲一综合征的首选治疗药物。",
+            "test:2": "虚拟乙二病变最常累及肝。",  # cut across passages 2 and 3: in no passage whole
+            "test:3": None, "dev:9": "不在这些问题里。"}  # test:3 and test:4 have no gold sentence
+    questions = [NS(id="test:1"), NS(id="test:2"), NS(id="test:3"), NS(id="test:4")]
+    rankings = {"first": [[0, 1, 4], [2, 3, 1], [1, 0, 4], [0, 1, 4]],
+                "third": [[1, 4, 0], [2, 3, 1], [0, 1, 4], [0, 1, 4]]}
+    table = rag.gold_recall(questions, rankings, passages, gold, ks=(1, 2, 3)).set_index(["retriever", "k"])
+    assert list(table.reset_index().columns[:6]) == ["retriever", "k", "recall", "ci_low", "ci_high", "found"]
+    assert (table["n"] == 2).all() and (table["without_gold"] == 2).all()  # only test:1 and test:2 are scored
+    assert table["found"].to_dict() == {("first", 1): 1, ("first", 2): 1, ("first", 3): 1,
+                                        ("third", 1): 0, ("third", 2): 0, ("third", 3): 1}
+    assert table.loc[("first", 1), "recall"] == 0.5 and table.loc[("third", 3), "recall"] == 0.5
+    assert table.loc[("third", 1), "recall"] == 0.0  # the cut sentence never counts, even with both halves in view
+    low, high = table.loc[("first", 1), ["ci_low", "ci_high"]]
+    assert (low, high) == pytest.approx(evaluate.wilson(1, 2)) and low < 0.5 < high
+
+
+def test_gold_recall_without_any_gold_sentence_is_nan_not_an_error():
+    from types import SimpleNamespace as NS
+
+    table = rag.gold_recall([NS(id="a")], {"bm25": [[0]]}, [NS(text="x")], {}, ks=(1,))
+    assert table["n"].tolist() == [0] and table["without_gold"].tolist() == [1]
+    assert table[["recall", "ci_low", "ci_high"]].isna().all(axis=None)
+
+
+def test_gold_recall_refuses_rankings_that_do_not_match_the_questions():
+    from types import SimpleNamespace as NS
+
+    questions = [NS(id="a"), NS(id="b")]
+    with pytest.raises(ValueError, match="short: 1 rankings for 2 questions"):
+        rag.gold_recall(questions, {"short": [[0]]}, [NS(text="x")], {"a": "x"}, ks=(1,))
 
 # --------------------------------------------------------------------------- dense
 

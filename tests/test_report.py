@@ -6,9 +6,10 @@ import re
 from types import SimpleNamespace
 
 import matplotlib
+import pandas as pd
 import pytest
 
-from medqa_zh import evaluate, files, report
+from medqa_zh import evaluate, files, planted, report
 
 pytestmark = pytest.mark.timeout(900)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 
@@ -653,3 +654,23 @@ def test_every_profiles_pre_registration_parses_and_the_gpu_runs_name_grpo_vs_me
         assert "grpo vs merged" not in named
     else:
         assert named["grpo vs merged"] == "vs_start" and "grpo" in cfg["eval.direct_models"]
+
+
+def test_the_index_shows_the_planted_effects_after_the_verdict_where_10_wrote_them(tmp_path):
+    """smoke: 10's table of planted effects (planted.TABLE) follows the verdict on the index, as a reader wants it;
+    a run without one (real data) shows no such section."""
+    tables = tmp_path / "tables"
+    files.write_text(tables / f"{report.VERDICT_TEXT}.md", "- **merged vs base** (debiased): no difference.")
+    page = report.write_index(tmp_path, ["10_report"]).read_text(encoding="utf-8")
+    assert "What was planted" not in page
+    found = pd.DataFrame([
+        {"effect": "SFT teaches facts (eval)", "planted": "trained-fact questions", "measured": 0.35, "ci_low": 0.22,
+         "ci_high": 0.47, "n": 60, "kind": "difference", "threshold": "95% low end >= +0.20", "found": "found",
+         "how": "merged vs base"},
+        {"effect": "letter skew, plain reading", "planted": "C in 60%", "measured": 0.97, "ci_low": 0.93,
+         "ci_high": 0.99, "n": 150, "kind": "share", "threshold": ">= 0.40", "found": "found", "how": "share"}])
+    files.write_table(found, tables / planted.TABLE)
+    page = report.write_index(tmp_path, ["10_report"]).read_text(encoding="utf-8")
+    body = page.split("</h1>", 1)[1]
+    assert body.index("</section>") < body.index("What was planted, and what this run found")
+    assert "<td>+0.35 [0.22, 0.47]</td>" in body and "<td>0.97 [0.93, 0.99]</td>" in body

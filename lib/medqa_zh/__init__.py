@@ -22,6 +22,7 @@ results   each evaluation's answers on disk: resumable caches, the index, collec
 rag       passages, BM25 / dense / hybrid retrieval, the passages of a prompt
 chat      the ipywidgets chat and its backends
 report    tables and plots for the notebooks, reports/index.html
-tiny      build the tiny smoke model and synthetic MedQA-format data
+tiny      build the tiny smoke model and synthetic MedQA-format data: a planted world, written down before the run
+planted   the smoke world's planted effects measured from a run: planted beside found, for each notebook and 10
 """
 __version__ = "0.1.0"

@@ -43,9 +43,9 @@ PACKAGES = (
     "bm25s", "rank-bm25", "pandas", "matplotlib", "papermill", "vllm",
 )
 SMOKE_WARNING = (
-    "SMOKE PROFILE: a tiny random model and synthetic questions, built locally in seconds. "
-    "This run only checks that the pipeline works; its numbers mean nothing. "
-    "For real results run the cpu or gpu profile."
+    "SMOKE PROFILE: a tiny model and synthetic questions, built locally in seconds: a planted world whose effects "
+    "were built in and written down before the run (planted.json), which the report must find. "
+    "Its numbers say nothing about medicine: for real results run the cpu or gpu profile."
 )
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import data, files, models, prompts
+from . import data, evaluate, files, models, prompts
 
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
@@ -309,11 +309,19 @@ def option_hits(context: str, options, answer: str) -> dict:
 QUALITY_TABLE = "08_retrieval_quality.csv"  # retrieval_quality's table, as 08 writes it (10 reads it back)
 
 
+def _check_rankings(name: str, ranked, questions) -> None:
+    if len(ranked) != len(questions):
+        raise ValueError(f"{name}: {len(ranked)} rankings for {len(questions)} questions (one ranked list of "
+                         "passage indices per question, in the questions' order)")
+
+
 def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
-    """Per retriever and k: the share of questions whose top-k passages contain the correct
-    option's text, the share that contain a wrong option's text, and the difference. Without
-    gold passages this is the signal: a retriever that finds the *answer* more often than a
-    distractor is finding evidence, not just the topic.
+    """A **proxy** for retrieval quality, for data without gold passages (real MedQA): per
+    retriever and k, the share of questions whose top-k passages contain the correct option's
+    text, the share that contain a wrong option's text, and the difference. A retriever that
+    finds the *answer* more often than a distractor is finding evidence, not just the topic.
+    Where every question's gold passage is known (the smoke world), :func:`gold_recall`
+    measures the real thing.
 
     A question has one correct option and three or four wrong ones, so "contains *a* wrong option"
     has more chances than "contains *the* correct one". ``wrong_per_option`` is the share for one
@@ -324,8 +332,7 @@ def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
     at least ``max(ks)`` long); ``passages``: the corpus's passages (anything with ``.text``)."""
     rows = []
     for name, ranked in rankings.items():
-        if len(ranked) != len(questions):
-            raise ValueError(f"{name}: {len(ranked)} rankings for {len(questions)} questions")
+        _check_rankings(name, ranked, questions)
         for k in ks:
             hits = [option_hits("\n".join(passages[i].text for i in r[:k]), q.options, q.answer_idx)
                     for q, r in zip(questions, ranked, strict=True)]
@@ -336,6 +343,37 @@ def retrieval_quality(questions, rankings: dict, passages, ks=(1, 3, 5, 10)):
                          "difference": correct - wrong, "wrong_per_option": per_option,
                          "lift": correct - per_option, "n": len(hits)})
     return pd.DataFrame(rows)
+
+
+GOLD_RECALL_TABLE = "08_gold_recall.csv"  # gold_recall's table, as 08 writes it where the data plants gold passages
+
+
+def gold_recall(questions, rankings: dict, passages, gold: dict, ks=(1, 3, 5, 10)):
+    """Recall@k against known gold passages: per retriever and k, the share of questions whose
+    top-k passages hold the question's gold sentence, with its Wilson 95% interval
+    (:func:`evaluate.wilson`) and ``n``, the questions that have one.
+
+    ``gold``: question id -> the sentence that states its answer (the smoke world's planted file
+    knows it for every question it planted a fact for). A question with no gold sentence (not in
+    ``gold``, or None / empty there) is left out of ``n`` and counted in ``without_gold``.
+    ``rankings`` and ``passages`` as for :func:`retrieval_quality`.
+
+    "Holds" is exact: the sentence is a substring of one passage's text, verbatim. Passages are
+    chunks that may cut a paragraph, so a sentence cut across two chunks counts as found only where
+    one chunk holds it whole (``rag.overlap`` usually makes one do); two neighbouring chunks in the
+    top k that each hold part of it do not count, since each passage is checked alone."""
+    sentences = {q.id: (gold.get(q.id) or "").strip() for q in questions}
+    with_gold = [i for i, q in enumerate(questions) if sentences[q.id]]
+    rows = []
+    for name, ranked in rankings.items():
+        _check_rankings(name, ranked, questions)
+        for k in ks:
+            found = sum(any(sentences[questions[i].id] in passages[p].text for p in ranked[i][:k]) for i in with_gold)
+            n = len(with_gold)
+            low, high = evaluate.wilson(found, n)
+            rows.append({"retriever": name, "k": k, "recall": found / n if n else float("nan"), "ci_low": low,
+                         "ci_high": high, "found": found, "n": n, "without_gold": len(questions) - n})
+    return pd.DataFrame(rows, columns=["retriever", "k", "recall", "ci_low", "ci_high", "found", "n", "without_gold"])
 
 
 # --------------------------------------------------------------------------- dense (sentence-transformers)

@@ -17,7 +17,7 @@ import pandas as pd
 from markdown_it import MarkdownIt
 from matplotlib import font_manager
 
-from . import debias, evaluate, files, models, results
+from . import debias, evaluate, files, models, planted, results
 from .config import SMOKE_WARNING
 
 # Fonts with Simplified Chinese glyphs, most common first (Linux, macOS, Windows); one installed on the system wins
@@ -999,6 +999,11 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
     if manifest.get("settings", {}).get("smoke", profile == "smoke"):
         parts.append(f"<p class='smoke'>⚠ {html.escape(SMOKE_WARNING)}</p>")
     parts.append(verdict_html(out))  # the reader's first question: what did the run find?
+    planted_csv = out / "tables" / planted.TABLE
+    if planted_csv.is_file():  # smoke: the planted world's effects beside what the run found
+        found = pd.read_csv(planted_csv, keep_default_na=False, na_values=[""])
+        parts.append(f"<h2>{_both('What was planted, and what this run found', '埋设的效应与本次发现')}</h2>")
+        parts.append(planted.readable(found).to_html(index=False, classes="results", border=0))
     table_csv = out / "tables" / f"{RESULTS_TABLE}.csv"
     parts.append(f"<h2>{_both('Results', '结果')}</h2>")
     if table_csv.is_file():

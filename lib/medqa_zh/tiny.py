@@ -1,6 +1,7 @@
 """Smoke-test assets, built locally in seconds with no network.
 
-* A tiny Qwen2-architecture causal LM (2 layers, hidden 64, random weights) with a byte-level
+* A tiny Qwen2-architecture causal LM (2 layers, hidden 64), pretrained here for a few seconds to plant a
+  letter prior (:func:`pretrain`), with a byte-level
   BPE tokenizer trained here with the ``tokenizers`` library. It has Qwen's ChatML special tokens
   (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``), Qwen2.5's pre-tokenizer and chat
   template, and Qwen2.5-Instruct's sampling defaults in ``generation_config.json`` (so an
@@ -12,9 +13,13 @@
   fine-tuning and retrieval have something to learn and find. Every question starts with
   ``【合成题】`` and every book says it is synthetic; no MedQA text is used.
 
-The data has planted flaws that the data notebook must catch: exact duplicate rows in train and
-dev, and test questions that also appear in train (see ``PLANTED``). Everything is deterministic
-for a given seed.
+It is a planted world: its effects are built in and written down before any run, in ``planted.json``
+beside the questions (:func:`planted_record`): which questions ask about facts the train split teaches,
+which about facts only the textbooks state, which about facts nothing states (:data:`GROUPS`), each
+question's gold passage, the base model's letter skew (:data:`LETTER_SKEW`) and the thresholds the
+series must meet (:data:`THRESHOLDS`); ``medqa_zh.planted`` measures each from a run. The data also has
+planted flaws that the data notebook must catch: exact duplicate rows in train and dev, and test
+questions that also appear in train (see ``PLANTED``). Everything is deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from . import files, prompts
 # torch and the Hugging Face stack (transformers, peft, trl, datasets, sentence-transformers, vLLM) are
 # imported inside the functions that use them, so importing this module stays fast.
 
-ASSETS_VERSION = 4  # bump when the generator changes, so old assets are rebuilt
+ASSETS_VERSION = 5  # bump when the generator changes, so old assets are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-0.5B-Instruct)
 QWEN_SPLIT_REGEX = (
@@ -39,80 +44,132 @@ QWEN_SPLIT_REGEX = (
 # Qwen2.5-Instruct's generation defaults (sampling!): evaluation must override them
 QWEN_GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 
-SPLIT_SIZES = {"train": 240, "dev": 40, "test": 40}  # unique questions, before the planted flaws
-# unique questions appended to test after the planted ones (the smoke profile's replication set: test[43:])
-TEST_EXTRA = 20
+SPLIT_SIZES = {"train": 240, "dev": 60, "test": 150}  # unique questions, before the planted flaws
+# unique questions appended to test after the planted ones (the smoke profile's replication set: test[153:])
+TEST_EXTRA = 150
 PLANTED = {"train_duplicates": 3, "dev_duplicates": 2, "test_in_train": 3}
+PLANTED_FILE = "planted.json"  # what the world was built with, written beside the questions (planted())
 
 _STEMS = "甲乙丙丁戊己庚辛壬癸"
-_SYMPTOMS = [
-    "持续低热", "夜间咳嗽", "晨起头痛", "四肢环形皮疹", "餐后腹泻", "游走性关节痛", "活动后胸闷", "进行性乏力",
-    "视物模糊", "单侧耳鸣", "夜间腰痛", "晨起呕吐", "双下肢水肿", "口唇发绀", "指尖麻木", "反复鼻出血",
-    "手部震颤", "阵发性心悸", "皮肤瘙痒", "声音嘶哑",
-]
+_NUMERALS = "一二三四五六"
 _ORGANS = ["肝", "肺", "肾", "心", "脾", "胃", "脑", "皮肤", "骨", "眼"]
 _TESTS = ["血常规", "尿常规", "胸部X线", "心电图", "腹部超声", "头颅CT", "骨髓穿刺", "肝功能", "脑脊液检查", "肺功能"]
-_SECTIONS = {"diagnosis": "合成·诊断", "drug": "合成·治疗", "organ": "合成·病理", "test": "合成·检查"}
+_SECTIONS = {"drug": "合成·治疗", "organ": "合成·病理", "test": "合成·检查"}
+_BOOKS = {"drug": "合成药理学", "organ": "合成内科学", "test": "合成内科学"}
+# The world's diseases in four groups, by what teaches their facts (GROUP_SIZES diseases each, drawn by the seed):
+GROUPS = {
+    "trained": "asked in the train split (SFT learns them) and in eval, validation and replication, with other "
+               "distractors and option orders; stated in the textbooks",
+    "passage": "stated in the textbooks only: no training question asks them; asked in eval, validation and "
+               "replication (retrieval must bring them)",
+    "unknown": "in no training question and no textbook: no model can know them; asked in eval, validation and "
+               "replication (the held-out set on which a model's letter prior is measured)",
+    "pretraining": "only in the asset build's pretraining of the base model, whose gold letters are skewed "
+                   "(LETTER_SKEW); asked nowhere else",
+}
+GROUP_SIZES = {"trained": 24, "passage": 18, "unknown": 9, "pretraining": 9}
+# how each evaluated split is made up, by group (eval and replication: 150 each, 60 / 60 / 30)
+MIX = {"trained": 0.4, "passage": 0.4, "unknown": 0.2}
+# The base model's planted letter prior: the asset build pretrains the random model on questions about the
+# pretraining group whose gold letter is LETTER_SKEW["letter"] in LETTER_SKEW["share"] of them (the rest spread
+# evenly), for LETTER_SKEW["steps"] optimizer steps of LETTER_SKEW["batch"] questions. Every split's own gold letters
+# are spread evenly (each letter a fifth, to one question).
+LETTER_SKEW = {"letter": "C", "share": 0.6, "steps": 150, "batch": 16, "learning_rate": 3.0e-3}
+# What the series must find in this world, fixed with it (issue 51), never chosen after a run.
+THRESHOLDS = {
+    "sft_lower_bound": 0.20,       # merged vs base on the trained-fact questions: the 95% interval's low end at least this
+    "skew_plain_excess": 0.20,     # base, plain letter reading: the skewed letter's share at least this above its gold share
+    "skew_debiased_within": 0.05,  # base, debiased reading: the skewed letter's share within this of its gold share
+    "pride_within": 0.05,          # PriDe's prior of the skewed letter within this of the true prior (every rotation, unknown)
+    "retrieval_recall_at_k": 0.8,  # bm25's top rag.top_k passages hold the gold sentence for at least this share
+    "grpo_reward_rise": 0.20,      # 04b: the mean reward rises at least this
+    "grpo_spread_share": 0.5,      # 04b: at least this share of prompts have a reward spread at the start
+    "control_within": 0.10,        # the negative control's 95% interval within +-this
+}
 
 
 @dataclass(frozen=True)
 class Disease:
     name: str
-    symptom: str
     organ: str
     drug: str
     test: str
+    group: str
 
 
 def make_world(seed: int = 0) -> list[Disease]:
-    """Twenty fictional diseases, each with one symptom (unique), organ, drug (unique) and test."""
+    """Sixty fictional diseases, each with one organ, drug (unique) and test, and its group (:data:`GROUPS`)."""
     rng = random.Random(f"world-{seed}")
-    symptoms = rng.sample(_SYMPTOMS, len(_SYMPTOMS))
-    drugs = [f"示例药{n:02d}号" for n in rng.sample(range(1, 100), len(symptoms))]
-    world = []
-    for i, (symptom, drug) in enumerate(zip(symptoms, drugs, strict=True)):
-        name = f"虚拟{_STEMS[i % 10]}{'一二'[i // 10]}{'综合征' if i % 3 else '病'}"
-        world.append(Disease(name, symptom, rng.choice(_ORGANS), drug, rng.choice(_TESTS)))
-    return world
+    n = sum(GROUP_SIZES.values())
+    drugs = [f"示例药{k:02d}号" for k in rng.sample(range(1, 100), n)]
+    groups = [g for g, size in GROUP_SIZES.items() for _ in range(size)]
+    rng.shuffle(groups)
+    return [Disease(f"虚拟{_STEMS[i % 10]}{_NUMERALS[i // 10]}{'综合征' if i % 3 else '病'}", rng.choice(_ORGANS),
+                    drugs[i], rng.choice(_TESTS), groups[i]) for i in range(n)]
 
 
-def _question(rng: random.Random, world: list[Disease]) -> dict:
-    d = rng.choice(world)
-    kind = rng.choice(list(_SECTIONS))
-    if kind == "diagnosis":
-        sex, age, days = rng.choice("男女"), rng.randint(18, 80), rng.randint(2, 30)
-        stem = f"患者，{sex}，{age}岁。主诉{d.symptom}{days}天。最可能的诊断是（　　）。"
-        right, pool = d.name, [x.name for x in world]
-    elif kind == "drug":
+def fact_sentence(d: Disease, kind: str) -> str:
+    """The textbook sentence that states one fact: a question's gold passage holds it."""
+    return {"drug": f"{d.drug}是{d.name}的首选治疗药物。", "organ": f"{d.name}病变最常累及{d.organ}。",
+            "test": f"确诊{d.name}最常用的检查是{d.test}。"}[kind]
+
+
+def _question(rng: random.Random, world: list[Disease], d: Disease, kind: str, letter: str) -> dict:
+    """A question about one fact of ``d``, its right answer under ``letter``, four distractors drawn by ``rng``."""
+    if kind == "drug":
         stem, right, pool = f"{d.name}的首选治疗药物是（　　）。", d.drug, [x.drug for x in world]
     elif kind == "organ":
         stem, right, pool = f"{d.name}最常累及的器官是（　　）。", d.organ, _ORGANS
     else:
         stem, right, pool = f"确诊{d.name}最常用的检查是（　　）。", d.test, _TESTS
-    texts = [right] + rng.sample(sorted(set(pool) - {right}), 4)
-    rng.shuffle(texts)
-    options = dict(zip("ABCDE", texts, strict=True))
-    letter = "ABCDE"[texts.index(right)]
-    return {"question": f"【合成题】{stem}", "options": options, "answer": right,
-            "meta_info": _SECTIONS[kind], "answer_idx": letter}
+    wrong = rng.sample(sorted(set(pool) - {right}), 4)
+    i = "ABCDE".index(letter)
+    texts = wrong[:i] + [right] + wrong[i:]
+    return {"question": f"【合成题】{stem}", "options": dict(zip("ABCDE", texts, strict=True)), "answer": right,
+            "meta_info": _SECTIONS[kind], "answer_idx": letter, "_fact": (d.name, kind, d.group)}
 
 
-def make_questions(seed: int = 0) -> dict[str, list[dict]]:
-    """Synthetic MedQA rows per split, with the ``PLANTED`` duplicates and train/test overlaps; ``test`` ends
-    with ``TEST_EXTRA`` more unique questions."""
-    world = make_world(seed)
-    rng = random.Random(f"questions-{seed}")
-    seen: set = set()
-    splits: dict[str, list[dict]] = {}
-    for split, n in SPLIT_SIZES.items():
-        rows = []
-        while len(rows) < n:
-            row = _question(rng, world)
+def _letters(rng: random.Random, n: int) -> list[str]:
+    """n gold letters, each letter a fifth of them (to one), in a seeded order."""
+    letters = ["ABCDE"[i % 5] for i in range(n)]
+    rng.shuffle(letters)
+    return letters
+
+
+def _groups(rng: random.Random, n: int, mix: dict) -> list[str]:
+    counts = {g: round(n * share) for g, share in mix.items()}
+    counts[next(iter(mix))] += n - sum(counts.values())
+    groups = [g for g, c in counts.items() for _ in range(c)]
+    rng.shuffle(groups)
+    return groups
+
+
+def _unique_rows(rng, world, groups: list[str], seen: set) -> list[dict]:
+    """One new question per entry of ``groups`` (a disease of that group, a kind, a letter), none asked before."""
+    by_group = {g: [d for d in world if d.group == g] for g in GROUP_SIZES}
+    rows = []
+    for group, letter in zip(groups, _letters(rng, len(groups)), strict=True):
+        while True:
+            row = _question(rng, world, rng.choice(by_group[group]), rng.choice(list(_SECTIONS)), letter)
             key = (row["question"], tuple(row["options"].values()))
             if key not in seen:  # unique across all splits: the only repeats are the planted ones
                 seen.add(key)
                 rows.append(row)
-        splits[split] = rows
+                break
+    return rows
+
+
+def make_questions(seed: int = 0) -> dict[str, list[dict]]:
+    """Synthetic MedQA rows per split, with the ``PLANTED`` duplicates and train/test overlaps; ``test`` ends
+    with ``TEST_EXTRA`` more unique questions. train asks the trained group only; dev, test and its extra
+    questions mix the groups as :data:`MIX` says. Each row keeps ``_fact`` (disease, kind, group), which
+    :func:`write_medqa` moves to the planted file."""
+    world = make_world(seed)
+    rng = random.Random(f"questions-{seed}")
+    seen: set = set()
+    splits = {"train": _unique_rows(rng, world, ["trained"] * SPLIT_SIZES["train"], seen)}
+    for split in ("dev", "test"):
+        splits[split] = _unique_rows(rng, world, _groups(rng, SPLIT_SIZES[split], MIX), seen)
 
     def plant(rows: list[dict], copies: list[dict]) -> None:
         for row in copies:
@@ -122,29 +179,70 @@ def make_questions(seed: int = 0) -> dict[str, list[dict]]:
     plant(splits["train"], rng.sample(splits["train"], PLANTED["train_duplicates"]))
     plant(splits["dev"], rng.sample(splits["dev"], PLANTED["dev_duplicates"]))
     extra = random.Random(f"test-extra-{seed}")  # its own stream: the rows above stay as they were
-    while len(splits["test"]) < SPLIT_SIZES["test"] + PLANTED["test_in_train"] + TEST_EXTRA:
-        row = _question(extra, world)
-        key = (row["question"], tuple(row["options"].values()))
-        if key not in seen:
-            seen.add(key)
-            splits["test"].append(row)
+    splits["test"] += _unique_rows(extra, world, _groups(extra, TEST_EXTRA, MIX), seen)
     return splits
 
 
-def make_textbooks(seed: int = 0) -> dict[str, list[str]]:
-    """Three small synthetic books (lines, blank ones included) stating the world's facts."""
+def pretraining_questions(seed: int = 0, n: int | None = None) -> list[dict]:
+    """The asset build's pretraining questions: the pretraining group's facts, gold letters skewed as
+    :data:`LETTER_SKEW` says (``n``: steps x batch)."""
     world = make_world(seed)
+    rng = random.Random(f"pretraining-{seed}")
+    n = n or LETTER_SKEW["steps"] * LETTER_SKEW["batch"]
+    skewed, share = LETTER_SKEW["letter"], LETTER_SKEW["share"]
+    weights = [share if letter == skewed else (1 - share) / 4 for letter in "ABCDE"]
+    pool = [d for d in world if d.group == "pretraining"]
+    return [_question(rng, world, rng.choice(pool), rng.choice(list(_SECTIONS)), rng.choices("ABCDE", weights)[0])
+            for _ in range(n)]
+
+
+def make_textbooks(seed: int = 0) -> dict[str, list[str]]:
+    """Three small synthetic books (lines, blank ones included) stating the facts of the trained and passage
+    groups, one sentence per fact (:func:`fact_sentence`); the unknown and pretraining groups are in none."""
+    world = [d for d in make_world(seed) if d.group in ("trained", "passage")]
     note = "本书为程序自动生成的合成教材，仅用于冒烟测试，书中疾病与药物纯属虚构。"
     internal = [note, ""]
     for d in world:
-        internal.append(f"{d.name}是一种虚构的疾病。其典型表现为{d.symptom}，病变最常累及{d.organ}。")
-        internal.append(f"{d.name}的诊断：出现{d.symptom}的患者应考虑本病，确诊最常用的检查是{d.test}。")
+        internal.append(f"{d.name}是一种虚构的疾病。{fact_sentence(d, 'organ')}{fact_sentence(d, 'test')}")
     internal.append("")
-    pharmacology = [note] + [f"{d.drug}是{d.name}的首选治疗药物。{d.drug}为虚构药物，仅存在于本合成教材。" for d in world]
+    pharmacology = [note] + [f"{fact_sentence(d, 'drug')}{d.drug}为虚构药物，仅存在于本合成教材。" for d in world]
     # one paragraph of ~2,000 characters: real textbook lines run from a few characters to over 10,000
-    long_para = "".join(f"{d.name}患者常见{d.symptom}；首选{d.test}明确诊断，并注意{d.organ}的受累情况。" for d in world * 3)
+    long_para = "".join(f"{d.name}患者首选{d.test}明确诊断，并注意{d.organ}的受累情况。" for d in world * 2)
     diagnostics = [note, long_para, "", "   ", f"常用检查包括{'、'.join(_TESTS)}。"]
     return {"合成内科学": internal, "合成药理学": pharmacology, "合成诊断学": diagnostics}
+
+
+def planted_record(seed: int = 0, splits: dict | None = None) -> dict:
+    """What the world was built with, before any run (:data:`PLANTED_FILE`): the groups and their meaning, the
+    diseases in each, chance, the base model's letter skew, the thresholds the series must meet, and for every
+    question of dev and test (ids as ``data`` gives them, ``<split>:<line>``) its group, fact, disease and gold
+    passage (the book and the sentence that states its answer; null for the unknown group). Only what was built,
+    never a measured outcome."""
+    world = make_world(seed)
+    splits = splits or make_questions(seed)
+    questions = {}
+    for split in ("dev", "test"):
+        for line, row in enumerate(splits[split], start=1):
+            name, kind, group = row["_fact"]
+            d = next(x for x in world if x.name == name)
+            passage = ({"book": _BOOKS[kind], "sentence": fact_sentence(d, kind)}
+                       if group in ("trained", "passage") else None)
+            questions[f"{split}:{line}"] = {"group": group, "kind": kind, "disease": name, "passage": passage}
+    return {
+        "about": "What medqa_zh.tiny built into the smoke world, written by the asset build before any run. "
+                 "Nothing here is measured.",
+        "assets_version": ASSETS_VERSION, "seed": seed, "chance": 1 / 5, "letters": "ABCDE",
+        "groups": {g: {"meaning": GROUPS[g], "diseases": [d.name for d in world if d.group == g]} for g in GROUPS},
+        "mix": MIX, "letter_skew": LETTER_SKEW, "gold_letter_share": 1 / 5, "thresholds": THRESHOLDS,
+        "questions": questions,
+    }
+
+
+def planted(medqa_dir: str | Path) -> dict | None:
+    """The planted file of a synthetic MedQA folder (:func:`planted_record`), or None where there is none (real
+    MedQA)."""
+    path = Path(medqa_dir) / PLANTED_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def write_medqa(out_dir: str | Path, seed: int = 0) -> Path:
@@ -152,13 +250,17 @@ def write_medqa(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     qdir = out_dir / "questions" / "Mainland"
     qdir.mkdir(parents=True, exist_ok=True)
-    for split, rows in make_questions(seed).items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    splits = make_questions(seed)
+    for split, rows in splits.items():
+        text = "".join(json.dumps({k: v for k, v in r.items() if k != "_fact"}, ensure_ascii=False) + "\n"
+                       for r in rows)
         (qdir / f"{split}.jsonl").write_text(text, encoding="utf-8")
     tdir = out_dir / "textbooks" / "zh_paragraph"
     tdir.mkdir(parents=True, exist_ok=True)
     for book, lines in make_textbooks(seed).items():
         (tdir / f"{book}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out_dir / PLANTED_FILE).write_text(json.dumps(planted_record(seed, splits), ensure_ascii=False, indent=1),
+                                        encoding="utf-8")
     (out_dir / "README.md").write_text(
         "Synthetic MedQA-format data built by medqa_zh.tiny for smoke tests. Not MedQA; not medicine.\n",
         encoding="utf-8",
@@ -176,6 +278,7 @@ def _tokenizer_corpus(seed: int) -> list[str]:
         texts += [prompts.format_user(r["question"], r["options"]) for r in rows]
     for lines in make_textbooks(seed).values():
         texts += lines
+    texts += [prompts.format_user(r["question"], r["options"]) for r in pretraining_questions(seed, 100)]
     return texts
 
 
@@ -242,13 +345,53 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2
     return model
 
 
+def pretrain(model, tokenizer, seed: int = 0) -> list[float]:
+    """Plant the base model's letter prior (:data:`LETTER_SKEW`): AdamW steps on :func:`pretraining_questions`,
+    the loss on the answer turn only (``答案：X``), as SFT's. It also learns the answer format. Returns each step's
+    loss."""
+    import torch
+
+    rows = pretraining_questions(seed)
+    batch = LETTER_SKEW["batch"]
+    encoded = []
+    for r in rows:
+        messages = prompts.build_messages(r["question"], r["options"], r["answer_idx"])
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        encoded.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LETTER_SKEW["learning_rate"], weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(LETTER_SKEW["steps"]):
+        part = encoded[step * batch: (step + 1) * batch]
+        width = max(len(ids) for ids, _ in part)
+        input_ids = torch.full((len(part), width), tokenizer.pad_token_id)
+        labels = torch.full((len(part), width), -100)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for i, (ids, answer_from) in enumerate(part):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+            labels[i, answer_from: len(ids)] = torch.tensor(ids[answer_from:])
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 def write_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Tokenizer and model, saved with ``save_pretrained`` like any hub model folder."""
+    """Tokenizer and model, the model pretrained to plant its letter prior (:func:`pretrain`), saved with
+    ``save_pretrained`` like any hub model folder."""
     from transformers.utils import logging as hf_logging
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(seed)
     model = build_model(tokenizer, seed)
+    pretrain(model, tokenizer, seed)
     hf_logging.disable_progress_bar()  # a 0.6 MB file needs no progress bar
     try:
         model.save_pretrained(out_dir)
