@@ -255,3 +255,16 @@ def test_grpo_step_times_the_answer_arm_through_the_projects_own_grpo_run(tmp_pa
         assert line in out.stdout
     work = tmp_path / "work" / "outputs" / "smoke" / "models"
     assert (work / "merged").is_symlink() and (work / "grpo" / "run.json").is_file()  # its own project, not outputs/
+
+
+def test_planted_learnability_prints_both_readings_per_group_before_and_after_training():
+    """bench/planted_learnability.py: the smoke world's base model pretrained as the asset build does, fine-tuned,
+    and each eval group read two ways (letter, answer line), before and after."""
+    out = subprocess.run([sys.executable, REPO / "bench" / "planted_learnability.py", "--epochs", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "pretrained (letter skew)" in lines[0]
+    assert lines[1].startswith("base: trained (n=") and lines[2].startswith("epoch 2 (lora, lr 0.005, letter_text")
+    for line in lines[1:3]:
+        assert line.count("answer line ") == 3 and "passage (n=" in line and "unknown (n=" in line
