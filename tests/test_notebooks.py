@@ -345,8 +345,13 @@ def test_04b_grpo_trains_from_the_merged_model_and_shows_its_technique(series):
     with open(out / "tables" / "04b_spread.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert spread and len(rows) == 8 and int(spread.group(1)) == sum(r["spread"] == "True" for r in rows)
+    # the planted world: its thresholds for GRPO beside what this run did
+    assert re.search(r"planted world: \d+% of the prompts had a reward spread at the start \(it asks 50%\); the mean "
+                     r"reward went from [\d.]+ to [\d.]+ in 6 steps \(it asks a rise of 0\.20\)", said), said
     assert re.search(r"one group of 4: rewards \[[01, ]+\], mean [\d.]+, std [\d.]+ \(scale_rewards: group\); the "
                      r"advantages by hand equal the trainer's", said), said  # smoke scales by the group's std
+    checked = re.search(r"one group of 4: rewards \[([01, ]+)\]", said).group(1).split(", ")
+    assert {"0", "1"} <= set(checked), checked  # the planted letter prior gives groups right and wrong answers
     metrics = runs.read_run(out / "models" / "grpo")
     assert metrics["optimizer_steps"] == 6 and metrics["arm"] == "answer"
     assert [r["step"] for r in runs.read_log(out / "models" / "grpo") if "reward" in r][-1] == 6
