@@ -26,27 +26,6 @@ import torch
 from medqa_zh import evaluate, prompts, tiny
 
 
-def encode(tokenizer, row: dict, completion: str) -> tuple[list[int], int]:
-    """A question's ids with its answer turn, and where the answer turn starts (the loss is on it alone)."""
-    messages = prompts.build_messages(row["question"], row["options"], row["answer_idx"], completion=completion)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    return (tokenizer(full, add_special_tokens=False)["input_ids"],
-            len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-
-
-def loss(model, tokenizer, rows: list[dict], completion: str):
-    encoded = [encode(tokenizer, r, completion) for r in rows]
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    labels = torch.full((len(encoded), width), -100)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, (ids, start) in enumerate(encoded):
-        input_ids[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), 1
-        labels[i, start: len(ids)] = torch.tensor(ids[start:])
-    return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-
-
 @torch.no_grad()
 def readings(model, tokenizer, rows: list[dict], letter_ids: dict, skewed: str) -> tuple[float, float, float]:
     """(letter accuracy, answer-line accuracy, the skewed letter's share of the letter answers) on ``rows``."""
@@ -114,7 +93,7 @@ def main() -> None:
     for epoch in range(1, a.epochs + 1):
         rng.shuffle(train)
         for i in range(0, len(train), 8):
-            value = loss(model, tokenizer, train[i: i + 8], a.completion)
+            value = model(**tiny.answer_batch(tokenizer, train[i: i + 8], a.completion)).loss
             value.backward()
             optimizer.step()
             schedule.step()

@@ -201,7 +201,9 @@ def test_the_draws_cover_every_process_of_a_launched_run(start, smoke, monkeypat
 def test_a_planted_task_only_reinforcement_learning_can_teach_raises_the_reward(start, smoke):
     """Every gold letter is B (no shuffle, and no SFT example says so): the SFT model answers B about as often as any
     other letter, and GRPO's reward, B or not, must rise as it learns the preference."""
-    cfg = smoke(**{"grpo.max_steps": 30, "grpo.learning_rate": 5.0e-3, "grpo.beta": 0.0, "grpo.num_generations": 8,
+    # 40 steps: the tiny base model is pretrained now (the smoke world's planted letter prior), and its SFT start takes
+    # longer to move than a random model's (30 steps raised the reward 0.22 -> 0.39)
+    cfg = smoke(**{"grpo.max_steps": 40, "grpo.learning_rate": 5.0e-3, "grpo.beta": 0.0, "grpo.num_generations": 8,
                    "grpo.per_device_train_batch_size": 16})
     rows = [{**row, "gold": "B"} for row in grpo.prompt_rows(data.load_split(cfg, "train")[:48], "answer")]
     run = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-planted", rows=rows)

@@ -1003,7 +1003,7 @@ def write_index(out_dir, notebooks: list[str]) -> Path:
     if planted_csv.is_file():  # smoke: the planted world's effects beside what the run found
         found = pd.read_csv(planted_csv, keep_default_na=False, na_values=[""])
         parts.append(f"<h2>{_both('What was planted, and what this run found', '埋设的效应与本次发现')}</h2>")
-        parts.append(planted.readable(found).to_html(index=False, classes="results", border=0))
+        parts.append(planted.readable(found).to_html(index=False, classes="planted", border=0))
     table_csv = out / "tables" / f"{RESULTS_TABLE}.csv"
     parts.append(f"<h2>{_both('Results', '结果')}</h2>")
     if table_csv.is_file():

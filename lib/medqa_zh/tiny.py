@@ -345,36 +345,42 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2
     return model
 
 
+def answer_batch(tokenizer, rows: list[dict], completion: str = "letter") -> dict:
+    """Questions with their answer turn (``completion``: prompts.COMPLETIONS) as one right-padded batch, the labels
+    on the answer turn only (-100 elsewhere), as SFT's loss sees them: ``input_ids``, ``attention_mask``, ``labels``."""
+    import torch
+
+    encoded = []
+    for r in rows:
+        messages = prompts.build_messages(r["question"], r["options"], r["answer_idx"], completion=completion)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        encoded.append((tokenizer(full, add_special_tokens=False)["input_ids"],
+                        len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (ids, answer_from) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, answer_from: len(ids)] = torch.tensor(ids[answer_from:])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 def pretrain(model, tokenizer, seed: int = 0) -> list[float]:
     """Plant the base model's letter prior (:data:`LETTER_SKEW`): AdamW steps on :func:`pretraining_questions`,
     the loss on the answer turn only (``答案：X``), as SFT's. It also learns the answer format. Returns each step's
     loss."""
     import torch
 
-    rows = pretraining_questions(seed)
-    batch = LETTER_SKEW["batch"]
-    encoded = []
-    for r in rows:
-        messages = prompts.build_messages(r["question"], r["options"], r["answer_idx"])
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        encoded.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+    rows, batch = pretraining_questions(seed), LETTER_SKEW["batch"]
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LETTER_SKEW["learning_rate"], weight_decay=0.0)
     model.train()
     losses = []
     for step in range(LETTER_SKEW["steps"]):
-        part = encoded[step * batch: (step + 1) * batch]
-        width = max(len(ids) for ids, _ in part)
-        input_ids = torch.full((len(part), width), tokenizer.pad_token_id)
-        labels = torch.full((len(part), width), -100)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for i, (ids, answer_from) in enumerate(part):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-            labels[i, answer_from: len(ids)] = torch.tensor(ids[answer_from:])
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = model(**answer_batch(tokenizer, rows[step * batch: (step + 1) * batch])).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
