@@ -397,8 +397,10 @@ def test_training_loss_falls_and_outputs_are_written(lora_run):
     log = runs.read_log(run.out_dir)
     losses = [r["loss"] for r in log if "loss" in r]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
-    assert len(losses) >= 3 and losses[-1] < losses[0]
-    assert len(evals) >= 2 and evals[-1] < evals[0]  # first eval is the base model (eval_on_start)
+    assert len(losses) >= 3
+    # the held-out loss falls (the first eval is the base model's: eval_on_start); the training loss logged from step 5
+    # need not, since the smoke world's base is pretrained on the answer format and its letter skew goes in a few steps
+    assert len(evals) >= 2 and evals[-1] < evals[0]
     # the answer tokens' accuracy beside each loss, in [0, 1] (the trainer's own log, AnswerOnlySFTTrainer.log)
     accuracy = [r["mean_token_accuracy"] for r in log if "loss" in r]
     eval_accuracy = [r["eval_mean_token_accuracy"] for r in log if "eval_loss" in r]
