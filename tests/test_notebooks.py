@@ -158,7 +158,7 @@ def test_01_data_runs_on_the_smoke_profile(series):
     assert "01_data" in manifest["notebooks"]
 
 
-def test_02_lora_sft_loss_falls(series):
+def test_02_lora_sft_held_out_loss_falls(series):
     project, nb = series("02_lora_sft")
     lora = project / "outputs" / "smoke" / "models" / "lora"
     metrics = json.loads((lora / "run.json").read_text(encoding="utf-8"))

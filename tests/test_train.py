@@ -392,7 +392,7 @@ def test_one_process_trains_on_one_gpu_however_many_are_visible(smoke, monkeypat
 # --------------------------------------------------------------------------- training
 
 
-def test_training_loss_falls_and_outputs_are_written(lora_run):
+def test_the_held_out_loss_falls_and_outputs_are_written(lora_run):
     _, run, metrics = lora_run
     log = runs.read_log(run.out_dir)
     losses = [r["loss"] for r in log if "loss" in r]
