@@ -18,8 +18,8 @@ import pandas as pd
 from . import debias, evaluate, results, tiny
 
 TABLE = "10_planted.csv"  # table()'s rows, as 10 writes them
+# kind: "difference" (a paired difference of accuracies) or "share"; found: "found", "not found" or "not measured"
 COLUMNS = ["effect", "planted", "measured", "ci_low", "ci_high", "n", "kind", "threshold", "found", "how"]
-KINDS = ("difference", "share")  # a measured value is a paired difference of accuracies, or a share
 
 
 def read(cfg) -> dict | None:
@@ -112,9 +112,9 @@ def table(planted: dict, answers: dict, replication: dict | None = None, reading
 
     ``answers`` / ``replication``: :func:`results.collect`'s raw answers on eval and on the replication set;
     ``reading``: the pre-registered reading the differences are read in; ``retrieval``: 08's recall table
-    (``rag.gold_recall``), read for ``retriever`` at ``top_k``; ``grpo``: 04b's reward before and after and its share of prompts with a spread
-    (``{"reward_first", "reward_last", "spread_share"}``)."""
-    from . import report  # report imports this module's table for 10; the readings are report's
+    (``rag.gold_recall``), read for ``retriever`` at ``top_k``; ``grpo``: 04b's reward before and after and its
+    share of prompts with a spread (:func:`grpo_reward`)."""
+    from . import report  # here, not at the top: report imports this module (index.html shows the table)
 
     t = planted["thresholds"]
     read_eval = report.readings(answers)
