@@ -90,7 +90,8 @@ def readable(found: pd.DataFrame) -> pd.DataFrame:
         interval = f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["ci_low"] == r["ci_low"] else ""
         return f"{r['measured']:+.2f}{interval}" if r["kind"] == "difference" else f"{r['measured']:.2f}{interval}"
     return pd.DataFrame({"effect": found["effect"], "planted": found["planted"], "threshold": found["threshold"],
-                         "measured [95% CI]": found.apply(value, axis=1), "n": found["n"], "found": found["found"]})
+                         "measured [95% CI]": found.apply(value, axis=1),
+                         "n": found["n"].map(lambda n: "—" if pd.isna(n) else str(int(n))), "found": found["found"]})
 
 
 def _row(effect, planted_text, threshold_text, found, how, measured=math.nan, low=math.nan, high=math.nan, n=None,
