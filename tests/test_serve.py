@@ -40,11 +40,16 @@ def no_server_left_behind():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_assets):
+def tiny(tiny_assets, tmp_path_factory):
+    """The tiny model with random weights (the asset build's, before its pretraining), and the smoke questions. A random
+    model never ends a reply by itself, so every generation runs to its limit: what these tests of the server's limits
+    (max_tokens, stop strings, streams, the queue) need. The smoke run's own model, pretrained, ends after 答案：X."""
     from medqa_zh import data
+    from medqa_zh import tiny as assets
 
+    model = assets.write_model(tmp_path_factory.mktemp("random") / "tiny-qwen2", pretrained=False)
     questions, _ = data.read_questions(tiny_assets["medqa"] / "questions" / "Mainland" / "test.jsonl")
-    return str(tiny_assets["model"]), questions
+    return str(model), questions
 
 
 @pytest.fixture(scope="module")

@@ -389,15 +389,17 @@ def pretrain(model, tokenizer, seed: int = 0) -> list[float]:
     return losses
 
 
-def write_model(out_dir: str | Path, seed: int = 0) -> Path:
+def write_model(out_dir: str | Path, seed: int = 0, pretrained: bool = True) -> Path:
     """Tokenizer and model, the model pretrained to plant its letter prior (:func:`pretrain`), saved with
-    ``save_pretrained`` like any hub model folder."""
+    ``save_pretrained`` like any hub model folder. ``pretrained=False``: the random model before it, which never ends
+    a reply by itself (the serving tests use it: every generation runs to its limit)."""
     from transformers.utils import logging as hf_logging
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(seed)
     model = build_model(tokenizer, seed)
-    pretrain(model, tokenizer, seed)
+    if pretrained:
+        pretrain(model, tokenizer, seed)
     hf_logging.disable_progress_bar()  # a 0.6 MB file needs no progress bar
     try:
         model.save_pretrained(out_dir)
