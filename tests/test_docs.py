@@ -84,3 +84,24 @@ def test_the_readme_gives_medqa_s_layout_and_source():
                  "*.txt"):
         assert part in tree, part
     assert "[jind11/MedQA](https://github.com/jind11/MedQA)" in readme and "data_clean" in readme
+
+
+# Each notebook's English markdown, in characters (the 中文摘要 cell left out), when issue 52 began: a cell that shows
+# code replaces prose that described it, so no notebook's prose may grow past this. Lower it when a notebook shrinks.
+PROSE_BUDGET = {"01_data": 5149, "02_lora_sft": 7345, "03_full_sft": 1881, "04_merge": 7272, "04b_grpo": 5845,
+                "05_serve": 2827, "06_eval_direct": 8723, "07_eval_api": 2763, "08_eval_rag": 6182,
+                "09_chat_demo": 2812, "10_report": 7176}
+
+
+def prose_characters(path: Path) -> int:
+    """The characters of a notebook's markdown cells, its Chinese summary (the cell that opens with **中文摘要**) left out."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    texts = ("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return sum(len(t) for t in texts if not t.lstrip().startswith("**中文摘要**"))
+
+
+def test_no_notebooks_prose_grows():
+    found = {path.stem: prose_characters(path) for path in sorted((REPO / "notebooks").glob("*.ipynb"))}
+    assert sorted(found) == sorted(PROSE_BUDGET), "a notebook was added or renamed: give it its budget"
+    grown = {name: f"{PROSE_BUDGET[name]} -> {n}" for name, n in found.items() if n > PROSE_BUDGET[name]}
+    assert not grown, f"these notebooks' prose grew (characters, 中文摘要 left out): {grown}; show it in code instead"
