@@ -4,7 +4,7 @@
                                   [--mode lora] [--steps 2] [key=value ...]
 
 One run of ``medqa_zh.train`` (the profile's recipe and training split; ``key=value`` overrides on top, e.g.
-``train.packing=true``) in a project folder of its own: one warm-up optimizer step, then ``--steps`` steps under
+``train.padding_free=true``) in a project folder of its own: one warm-up optimizer step, then ``--steps`` steps under
 ``torch.profiler``. Printed: the operators (kernels on a GPU) launched per step, and the time per step in each
 kind of work, from the profiler's self times (CPU ops, and CUDA kernels when on a GPU):
 

@@ -10,9 +10,9 @@ never outputs/): the profile's recipe and training split (MEDQA_DIR as for the n
 order training reads them), ``--steps`` timed optimizer steps after one warm-up step, the eval loss once at step 0 on
 8 questions. Variants (``train.*`` overrides on top of the profile and the trailing ``key=value`` ones):
 
-    padded          train.packing false, train.tokens_per_device null: per_device_train_batch_size rows,
+    padded          train.padding_free false, train.tokens_per_device null: per_device_train_batch_size rows,
                     padded to the longest of each micro-batch (the project's batches before packing)
-    packed          train.packing true: the same micro-batches, each in one row without padding
+    packed          train.padding_free true: the same micro-batches, each in one row without padding
     padded+budget   train.tokens_per_device auto, unpacked: a step's examples in as few micro-batches as the
                     device's memory allows (fewer, larger launches; padding stays)
     packed+budget   both
@@ -43,11 +43,11 @@ from train_scaling import prepare_project, train_in  # noqa: E402
 
 QWEN_CONFIG = Path(__file__).with_name("qwen2.5-0.5b-instruct.config.json")
 VARIANTS = {
-    "padded": {"train.packing": False, "train.tokens_per_device": None},
-    "packed": {"train.packing": True, "train.tokens_per_device": None},
-    "padded+budget": {"train.packing": False, "train.tokens_per_device": "auto"},
-    "packed+budget": {"train.packing": True, "train.tokens_per_device": "auto"},
-    "packed+budget+nodropout": {"train.packing": True, "train.tokens_per_device": "auto", "train.lora.dropout": 0.0},
+    "padded": {"train.padding_free": False, "train.tokens_per_device": None},
+    "packed": {"train.padding_free": True, "train.tokens_per_device": None},
+    "padded+budget": {"train.padding_free": False, "train.tokens_per_device": "auto"},
+    "packed+budget": {"train.padding_free": True, "train.tokens_per_device": "auto"},
+    "packed+budget+nodropout": {"train.padding_free": True, "train.tokens_per_device": "auto", "train.lora.dropout": 0.0},
 }
 
 

@@ -114,7 +114,7 @@ rank = int(os.environ["RANK"])
 train.device_memory_bytes = lambda device: int(float(os.environ["MEMORY_MIB"].split(",")[rank]) * 2**20)
 shape = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=1000)
 model = types.SimpleNamespace(parameters=lambda: [torch.zeros(10_000)], config=shape)
-s = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "tokens_per_device": "auto", "packing": False}
+s = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "tokens_per_device": "auto", "padding_free": False}
 try:
     plan = train.plan_micro_batches(s, [100] * 64, model, "fp32", "lora", "cpu", head_share=0.1)
     print("PLAN " + json.dumps(plan), flush=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# `section.key`, optionally followed by a value (`train.packing: true`, `seed=1`, `eval.rotations false`)
+# `section.key`, optionally followed by a value (`train.padding_free: true`, `seed=1`, `eval.rotations false`)
 KEY = re.compile(r"^([a-z_]+)\.([a-z_][a-z_0-9.]*)(?:[:= ].*)?$")
 FILE = re.compile(r"\.(ya?ml|json|jsonl|safetensors|py|md|csv|png|html|gguf)$")
 
@@ -34,8 +34,8 @@ def settings_that_are_not(text: str, base: dict) -> list[tuple[int, str]]:
 
 
 def test_the_rule_tells_settings_from_functions_files_and_gone_keys():
-    base = {"train": {"packing": False, "lora": {"r": 16}}, "serve": {"backend": "auto"}, "seed": 0}
-    text = ("`train.packing: true` `train.lora.r` `train.auto_tokens()` `smoke.yaml` `seed`\n"
+    base = {"train": {"padding_free": False, "lora": {"r": 16}}, "serve": {"backend": "auto"}, "seed": 0}
+    text = ("`train.padding_free: true` `train.lora.r` `train.auto_tokens()` `smoke.yaml` `seed`\n"
             "`train.auto_tokens` and `serve.continuous_batching: false`, `train.lora.rank=8`, `model.dtype`")
     assert settings_that_are_not(text, base) == [
         (2, "train.auto_tokens"), (2, "serve.continuous_batching: false"), (2, "train.lora.rank=8")]

@@ -127,14 +127,14 @@ def test_the_logged_metrics_are_trls_weighted_by_tokens_over_the_whole_point(lor
 
 @pytest.mark.parametrize("loss_on, kernel", [("completion", "sdpa"), ("all", "sdpa"), ("completion", "eager")])
 def test_packed_rows_give_the_unpacked_loss_and_gradients(smoke, loss_on, kernel):
-    """train.packing puts a micro-batch's examples in one row, with position ids restarting at each: the loss
+    """train.padding_free puts a micro-batch's examples in one row, with position ids restarting at each: the loss
     and every gradient must be the padded batch's, answer-only masking included. Without the restarting
     position ids the examples would attend to each other, and the same check fails (the last lines)."""
     import torch
 
     runs_ = {}
     for packing in (False, True):
-        cfg = smoke(**{"train.precision": "fp32", "train.packing": packing, "train.loss_on": loss_on,
+        cfg = smoke(**{"train.precision": "fp32", "train.padding_free": packing, "train.loss_on": loss_on,
                        "train.attn_implementation": kernel})
         runs_[packing] = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"packing-{packing}-{loss_on}-{kernel}")
     padded, packed = runs_[False].trainer, runs_[True].trainer
@@ -176,7 +176,7 @@ def test_a_packed_run_trains_as_the_padded_one_does(smoke):
     settings = {"train.max_steps": 4, "train.eval_steps": 4, "train.logging_steps": 1, "train.precision": "fp32",
                 "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2}
     logs, metrics = {}, {}
-    for name, extra in (("padded", {}), ("packed", {"train.packing": True, "train.tokens_per_device": 700})):
+    for name, extra in (("padded", {}), ("packed", {"train.padding_free": True, "train.tokens_per_device": 700})):
         cfg = smoke(**settings, **extra)
         run = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / f"run-{name}")
         metrics[name] = train.train(run, resume=False)
@@ -227,7 +227,7 @@ def test_auto_sizes_the_micro_batches_from_the_devices_memory(smoke):
     share = train.loss_share(run.tokenizer, run.examples["train"], run.lengths["train"], "completion")
     assert 0 < share < 0.2  # 答案：X<|im_end|>\n of about a hundred tokens
     assert train.loss_share(run.tokenizer, run.examples["train"], run.lengths["train"], "all") == 1
-    cfg = smoke(**{"train.precision": "fp32", "train.packing": True, "train.tokens_per_device": "auto"})
+    cfg = smoke(**{"train.precision": "fp32", "train.padding_free": True, "train.tokens_per_device": "auto"})
     micro = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "auto-plan").micro
     assert micro["token_budget"] > micro["tokens_max"] and micro["per_step"] == 1  # this machine's RAM holds a whole step
 
@@ -287,7 +287,7 @@ def test_the_entropy_is_the_same_whatever_its_chunk():
         torch.testing.assert_close(train.entropy_sum(logits, chunk), whole, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("key, value", [("train.packing", "yes"), ("train.tokens_per_device", 0),
+@pytest.mark.parametrize("key, value", [("train.padding_free", "yes"), ("train.tokens_per_device", 0),
                                         ("train.tokens_per_device", "lots"), ("train.attn_implementation", "flash")])
 def test_a_bad_batching_setting_names_the_key(smoke, key, value):
     with pytest.raises(ValueError, match=key.replace(".", "\\.")):
@@ -594,6 +594,10 @@ def test_a_run_key_names_each_input_that_changed():
     assert train.what_changed(change("inputs", eval_tokens="y", data="b"), key) == [train.KEY_WORDS["data"]]
     old = {k: v for k, v in key.items() if k != "inputs"}  # written by an earlier version of the project
     assert train.what_changed(old, key) == ["the run key's form (an earlier version of the project wrote it)"]
+    # train.num_train_epochs, renamed train.epochs: a run recorded under the old name resumes; another value does not
+    epochs = change("optimizer", epochs=2)
+    assert train.same_run({**epochs, "optimizer": {**key["optimizer"], "num_train_epochs": 2}}, epochs)
+    assert train.what_changed({**epochs, "optimizer": {**key["optimizer"], "num_train_epochs": 3}}, epochs) == ["train.epochs"]
 
 
 def test_the_token_digest_follows_the_tokens_and_the_loss_mask_in_order(lora_run):

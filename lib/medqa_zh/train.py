@@ -15,7 +15,7 @@ the LM head (see :class:`AnswerOnlySFTTrainer`). Three switches decide what the 
                             letter scoring and answer parsing read the same position either way
     train.loss_on           completion (the answer only) | all (the prompt too)
 
-The training stream is built here (:func:`stream`): ``num_train_epochs`` passes over the split, each in its
+The training stream is built here (:func:`stream`): ``train.epochs`` passes over the split, each in its
 own seeded order, read in that order; inside each optimizer step the examples are sorted by
 length, so each micro-batch pads less and the step's gradient is unchanged. Every knob comes from
 the profile's ``train`` section (``train.full`` overrides it for full SFT). A run writes, under
@@ -67,6 +67,9 @@ from trl import SFTConfig, SFTTrainer
 
 from . import children, config, dashboards, data, files, models, prompts, runs
 
+# peft asks the model a property transformers 5 renamed while it wraps it (in SFTTrainer's __init__): noise, not a fault
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
 # unlike the other modules, this one imports torch and the training stack at the top: it trains,
 # and only the training notebooks (02, 03) and bench/recipes.py import it (a finished run is read with `runs`)
 
@@ -77,7 +80,7 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_at
 # change of any other one (how a step reaches the device, what is logged, evaluated, kept or launched), whose steps
 # are the same; examples_per_step is one process's share of a step (per_device_train_batch_size x accumulation)
 OPTIMIZER_PATH = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "max_steps",
-                  "num_train_epochs", "shuffle_options", "completion", "loss_on", "lora")
+                  "epochs", "shuffle_options", "completion", "loss_on", "lora")
 
 
 # --------------------------------------------------------------------------- settings
@@ -102,15 +105,15 @@ def settings(cfg, mode: str) -> dict:
     if missing:
         raise KeyError(f"{cfg.source.name}: train.{missing[0]} is not set")
     for key, allowed in (("completion", prompts.COMPLETIONS), ("loss_on", LOSS_ON), ("shuffle_options", (True, False)),
-                         ("packing", (True, False)), ("attn_implementation", ATTENTION)):
+                         ("padding_free", (True, False)), ("attn_implementation", ATTENTION)):
         if s[key] not in allowed:
             raise ValueError(f"{cfg.source.name}: train.{key} is {s[key]!r}; it must be one of {list(allowed)}")
     budget = s["tokens_per_device"]
     if budget not in (None, "auto") and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ValueError(f"{cfg.source.name}: train.tokens_per_device is {budget!r}; it must be null, auto or a whole "
                          "number of tokens")
-    if int(s["num_train_epochs"]) != s["num_train_epochs"]:
-        raise ValueError(f"{cfg.source.name}: train.num_train_epochs must be a whole number (use train.max_steps to stop "
+    if int(s["epochs"]) != s["epochs"]:
+        raise ValueError(f"{cfg.source.name}: train.epochs must be a whole number (use train.max_steps to stop "
                          "earlier)")
     return s
 
@@ -366,10 +369,10 @@ def _plan(s: dict, lengths: list[int], model, precision: str, mode: str, device:
         if device == "cpu":  # the processes of a launch on this host share its memory
             memory //= local_processes()
         budget = auto_tokens(model, precision, mode == "lora", memory, head_share)
-    count = micro_batches(lengths, per_process, budget, s["packing"]) if budget else s["gradient_accumulation_steps"]
+    count = micro_batches(lengths, per_process, budget, s["padding_free"]) if budget else s["gradient_accumulation_steps"]
     size = per_process // count
-    tokens = [micro_batch_tokens(lengths[i:i + size], s["packing"]) for i in range(0, len(lengths), size)]
-    return {"examples": size, "per_step": count, "packed": s["packing"], "token_budget": budget,
+    tokens = [micro_batch_tokens(lengths[i:i + size], s["padding_free"]) for i in range(0, len(lengths), size)]
+    return {"examples": size, "per_step": count, "packed": s["padding_free"], "token_budget": budget,
             "tokens_mean": statistics.fmean(tokens), "tokens_max": max(tokens),
             "padding_share": 1 - sum(lengths) / sum(tokens)}
 
@@ -608,6 +611,9 @@ DERIVED = ("tokens",)  # it changes with the other inputs: named only when nothi
 # parts of the key that earlier versions of the project recorded and that decide nothing now (the eval loss's questions
 # change no training step): a checkpoint whose key has one resumes as if it had not
 RETIRED = {"inputs": ("eval_tokens",)}
+# settings the project renamed (the old name in a recorded key reads as the new one): train.num_train_epochs became
+# train.epochs, which SFTConfig's num_train_epochs (always 1: one pass over the stream) no longer shadows
+RENAMED = {"optimizer": {"num_train_epochs": "epochs"}}
 
 
 def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
@@ -619,7 +625,7 @@ def what_changed(recorded: dict | None, run_key: dict) -> list[str]:
     for part, value in run_key.items():
         if isinstance(value, dict):
             was = recorded[part] if isinstance(recorded[part], dict) else {}
-            was = {k: v for k, v in was.items() if k not in RETIRED.get(part, ())}
+            was = {RENAMED.get(part, {}).get(k, k): v for k, v in was.items() if k not in RETIRED.get(part, ())}
             changed += [k for k in sorted(set(value) | set(was)) if was.get(k) != value.get(k)]
         elif recorded[part] != value:
             changed.append(part)
@@ -636,7 +642,7 @@ def checkpointing_field() -> str:
 def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
     """The LM head's logits at each row's labelled positions only, and their targets:
     ``(logits [labelled tokens, vocab] float32, targets [labelled tokens], model outputs)``.
-    Padded rows and packed ones (several examples in one row, ``train.packing``) alike.
+    Padded rows and packed ones (several examples in one row, ``train.padding_free``) alike.
 
     The model runs without its head (``logits_to_keep`` selects no position); each row's hidden
     states after the final norm are gathered where the next token is labelled, and only those go
@@ -647,7 +653,7 @@ def answer_logits(model, inputs: dict, head, autocast=contextlib.nullcontext):
     targets = inputs["labels"][:, 1:]  # the hidden state at position t predicts token t + 1
     mask = targets != -100
     no_logits = torch.empty(0, dtype=torch.long, device=targets.device)
-    # packed rows (train.packing) come with position_ids restarting at each example and no attention mask
+    # packed rows (train.padding_free) come with position_ids restarting at each example and no attention mask
     # (the model then lets no example attend to another), and with the varlen kernels' boundaries
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     outputs = model(**model_inputs, logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
@@ -751,14 +757,42 @@ def lora_config(s: dict) -> LoraConfig:
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
-def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
-    """Load the base model and the splits, check them, and build the ``SFTTrainer``.
+@dataclass
+class Parts:
+    """What an SFT trainer is built from (:func:`parts`): the ``train`` settings, the base model and its tokenizer,
+    the prompt/completion examples in training order, and how a step reaches the device (``micro``: the examples of
+    a micro-batch and the micro-batches of a step, :func:`plan_micro_batches`). 02 and 03 build their trainer from
+    these in a cell; :func:`prepare` builds the same from them (launched processes run that)."""
 
-    With ``train.launch.num_processes`` above 1, started outside a launcher (a notebook's kernel),
-    the run is built on the CPU for a look at its data and parameters only, and :func:`train`
-    starts the launched processes that train it. Raises a clear error for a base model that
-    cannot be loaded, a missing or empty split, or a ``train.max_length`` shorter than an example.
-    """
+    cfg: object
+    mode: str
+    settings: dict
+    precision: str
+    device: str
+    out_dir: Path
+    seed: int
+    world: int  # processes that train (the launched ones, or this one)
+    tokenizer: object
+    model: object
+    examples: dict  # role (train, eval) -> the prompt/completion examples, in training order
+    lengths: dict  # role -> token lengths
+    padding: dict  # share of padding in the micro-batches: random order vs sorted
+    micro: dict
+    watch: dashboards.Watch
+    launch: list | None  # the command that trains in train.launch.num_processes processes (None: here)
+
+    def dataset(self, role: str = "train") -> Dataset:
+        """The examples of ``role`` as trl's trainer takes them: a Dataset of prompt/completion rows."""
+        return Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in self.examples[role]])
+
+
+def parts(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Parts:
+    """Load the base model and the splits, check them and plan the micro-batches: everything an SFT trainer is
+    built from. Raises a clear error for a base model that cannot be loaded, a missing or empty split, or a
+    ``train.max_length`` shorter than an example.
+
+    With ``train.launch.num_processes`` above 1, started outside a launcher (a notebook's kernel), the parts are
+    built on the CPU for a look at the data and parameters only; :func:`train` starts the launched processes."""
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
     device = models.best_device(cfg["model.device"])
@@ -777,8 +811,7 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     eval_qs = data.load_split(cfg, "validation")[: s["eval_questions"]]  # never the eval split
     origin = models.setting_origin(cfg)
     tokenizer = models.load_tokenizer(cfg.base_model, setting=origin)
-    epochs = int(s["num_train_epochs"])
-    train_ex = to_examples(stream(train_qs, epochs, seed, s["shuffle_options"]), s["completion"])
+    train_ex = to_examples(stream(train_qs, int(s["epochs"]), seed, s["shuffle_options"]), s["completion"])
     eval_ex = to_examples(eval_qs, s["completion"])  # eval loss on validation: the options as the evaluations show them
     lengths = {"train": check_lengths(tokenizer, train_ex, s["max_length"], "training"),
                "eval": check_lengths(tokenizer, eval_ex, s["max_length"], "eval-loss")}
@@ -800,82 +833,101 @@ def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
     share = loss_share(tokenizer, train_ex, lengths["train"], s["loss_on"]) if s["tokens_per_device"] == "auto" else None
     micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device, share)
     padding["this run's micro-batches"] = micro["padding_share"]
+    return Parts(cfg, mode, s, precision, device, out_dir, seed, world, tokenizer, model,
+                 {"train": train_ex, "eval": eval_ex}, lengths, padding, micro, dashboards.watch(cfg, out_dir), command)
 
-    peft_config = lora_config(s) if mode == "lora" else None
-    watch = dashboards.watch(cfg, out_dir)
-    args = OneDeviceConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        num_train_epochs=1,  # one pass over the stream, which holds the epochs
-        max_steps=s["max_steps"] or -1,  # null: the epochs decide
-        per_device_train_batch_size=micro["examples"],  # the step's examples, as plan_micro_batches splits them
-        per_device_eval_batch_size=s["eval_batch_size"] or micro["examples"],
-        gradient_accumulation_steps=micro["per_step"],
-        learning_rate=float(s["learning_rate"]),
-        lr_scheduler_type=s["lr_scheduler_type"],
-        warmup_steps=float(s["warmup_ratio"]),  # < 1: a fraction of the steps
-        weight_decay=float(s["weight_decay"]),
-        max_grad_norm=float(s["max_grad_norm"]),
-        max_length=None if s["packing"] else s["max_length"],  # check_lengths has enforced it; trl cuts only unpacked rows
-        packing=False,  # trl's packing reorders examples across steps: the stream's order is the project's
-        train_sampling_strategy="sequential",  # the stream is already shuffled, per epoch and seeded, and sorted within each step
-        padding_free=s["packing"],  # each micro-batch in one row, position ids restarting at each example
-        completion_only_loss=s["loss_on"] == "completion",
-        **{checkpointing_field(): bool(s["activation_checkpointing"])},
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=device == "cpu",
-        eval_strategy="steps",
-        eval_steps=s["eval_steps"],
-        logging_steps=s["logging_steps"],
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=s["save_steps"],
-        save_total_limit=s["save_total_limit"],
-        seed=seed,
-        data_seed=seed,
+
+def bookkeeping(p: Parts) -> dict:
+    """The SFTConfig fields that say where a run writes and how it reads its stream, not how it learns: the
+    checkpoints' folder, the order (the stream's own: already shuffled per epoch, seeded, sorted within each step),
+    when to evaluate, log and save, the dashboards, the device."""
+    s = p.settings
+    return dict(
+        output_dir=str(p.out_dir / "checkpoints"),
+        per_device_eval_batch_size=s["eval_batch_size"] or p.micro["examples"],
+        train_sampling_strategy="sequential",
+        eval_strategy="steps", eval_steps=s["eval_steps"],
+        logging_steps=s["logging_steps"], logging_first_step=True,
+        save_strategy="steps", save_steps=s["save_steps"], save_total_limit=s["save_total_limit"],
+        data_seed=p.seed,
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
-        report_to=watch.others,  # TensorBoard and trackio are placed by `dashboards`
+        report_to=p.watch.others,  # TensorBoard and trackio are placed by `dashboards`
+        use_cpu=p.device == "cpu",
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    if args.visible_gpus > 1:
-        print(f"{args.visible_gpus} GPUs visible: this single-process run trains on {args.device} only "
+
+
+def sft_config(p: Parts) -> OneDeviceConfig:
+    """The run's SFTConfig, from the ``train`` settings: what 02's cell writes out field by field, and what
+    :func:`prepare` (and so every launched process) builds."""
+    s = p.settings
+    return OneDeviceConfig(
+        learning_rate=float(s["learning_rate"]),
+        lr_scheduler_type=s["lr_scheduler_type"],
+        warmup_steps=float(s["warmup_ratio"]),  # below 1, transformers reads it as a fraction of the steps
+        weight_decay=float(s["weight_decay"]),
+        max_grad_norm=float(s["max_grad_norm"]),
+        max_steps=s["max_steps"] or -1,  # -1: the epochs decide
+        num_train_epochs=1,  # one pass over the stream, which holds train.epochs passes
+        per_device_train_batch_size=p.micro["examples"],  # a step: these examples times the micro-batches of a step
+        gradient_accumulation_steps=p.micro["per_step"],
+        completion_only_loss=s["loss_on"] == "completion",
+        max_length=None if s["padding_free"] else s["max_length"],  # check_lengths has enforced it; trl cuts only padded rows
+        padding_free=s["padding_free"],
+        packing=False,  # trl's packing reorders examples across steps: the stream's order is the project's
+        bf16=p.precision == "bf16",
+        fp16=p.precision == "fp16",
+        **{checkpointing_field(): bool(s["activation_checkpointing"])},
+        seed=p.seed,
+        **bookkeeping(p),
+    )
+
+
+def adopt(p: Parts, trainer: AnswerOnlySFTTrainer) -> Run:
+    """The library's part around a trainer built from ``p``: the callbacks that write ``train_log.jsonl`` and feed
+    the dashboards, and the run key :func:`train` compares to resume. The trainer is the one :func:`train` trains."""
+    if trainer.args.visible_gpus > 1:
+        print(f"{trainer.args.visible_gpus} GPUs visible: this single-process run trains on {trainer.args.device} only "
               "(choose one with CUDA_VISIBLE_DEVICES; several GPUs need a launcher, e.g. accelerate launch)")
-    log = JsonlLog(out_dir / runs.LOG_FILE)
-    with warnings.catch_warnings():  # peft asks the model a property transformers 5 renamed: noise, not a fault
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        trainer = AnswerOnlySFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_ex]),
-            eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in eval_ex]),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[log, *watch.callbacks()],
-        )
+    log = JsonlLog(p.out_dir / runs.LOG_FILE)
+    for callback in (log, *p.watch.callbacks()):
+        trainer.add_callback(callback)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and trainer.accelerator.distributed_type.value != "FSDP":
         if trainer.accelerator.is_main_process:
             print(f"the accelerate config asks for FSDP, but accelerate shards models on GPUs only: these "
-                  f"{world} processes train data-parallel ({trainer.accelerator.distributed_type.value}), each with "
+                  f"{p.world} processes train data-parallel ({trainer.accelerator.distributed_type.value}), each with "
                   "the whole model")
+    s, cfg = p.settings, p.cfg
     # what makes two runs the same run: resuming across a change would mix them. What is evaluated is not in it (the
     # eval loss's questions, train.eval_questions, change no training step): a resume keeps the log of the steps before
     # it, whose eval losses were on the questions of their time
     run_key = {
-        "mode": mode, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
-        "seed": seed, "world_size": world,
+        "mode": p.mode, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(p.model),
+        "precision": p.precision, "seed": p.seed, "world_size": p.world,
         "optimizer": {"examples_per_step": s["per_device_train_batch_size"] * s["gradient_accumulation_steps"],
                       **{k: s[k] for k in OPTIMIZER_PATH if k in s}},
         "inputs": {"data": _sha256(data.split_path(cfg, "train")), "prompt": prompt_digest(),
-                   "template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+                   "template": hashlib.sha256(str(p.tokenizer.chat_template).encode()).hexdigest(),
                    "tokens": token_digest(trainer.train_dataset)},
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
-    trainer.args.project, trainer.args.run_name = watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
-    return Run(mode, out_dir, s, precision, cfg.base_model, tokenizer, trainer.model, trainer, lengths, log, run_key, padding,
-               {"train": train_ex, "eval": eval_ex}, command, watch=watch, micro=micro,
-               flops_per_token=model_flops_per_token(trainer, mode, lengths["train"]))
+    trainer.args.project, trainer.args.run_name = p.watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
+    return Run(p.mode, p.out_dir, s, p.precision, cfg.base_model, p.tokenizer, trainer.model, trainer, p.lengths, log,
+               run_key, p.padding, p.examples, p.launch, watch=p.watch, micro=p.micro,
+               flops_per_token=model_flops_per_token(trainer, p.mode, p.lengths["train"]))
+
+
+def prepare(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Run:
+    """The run that 02's and 03's cells build step by step, built in one call (:func:`main` and the launched
+    processes use it): :func:`parts`, :func:`sft_config`, peft's config for LoRA (:func:`lora_config`), the
+    ``AnswerOnlySFTTrainer`` and :func:`adopt`."""
+    p = parts(cfg, mode, out_dir)
+    trainer = AnswerOnlySFTTrainer(model=p.model, args=sft_config(p), train_dataset=p.dataset("train"),
+                                   eval_dataset=p.dataset("eval"), processing_class=p.tokenizer,
+                                   peft_config=lora_config(p.settings) if mode == "lora" else None)
+    return adopt(p, trainer)
 
 
 def label_view(run: Run, index: int = 0, split: str = "train") -> list[tuple[str, bool]]:
@@ -1054,7 +1106,7 @@ def _measurements(run: Run, result, wall: float, memory: dict, resumed_from: str
         "examples": {k: len(v) for k, v in run.lengths.items()},
         "tokens_per_example": {k: {"mean": statistics.fmean(v), "max": max(v)} for k, v in run.lengths.items()},
         "optimizer_steps": state.global_step, "steps_this_session": steps_run, "resumed_from": resumed_from,
-        "epochs": state.epoch * int(run.settings["num_train_epochs"]), "wall_seconds": wall,
+        "epochs": state.epoch * int(run.settings["epochs"]), "wall_seconds": wall,
         "median_step_seconds": step_s,
         "steps": {"seconds": [round(t, 4) for t in run.log.step_seconds],  # each optimizer step this session, and the
                   "tokens": run.log.step_tokens},                          # tokens seen by its end (every process's)
