@@ -5,11 +5,12 @@ import statistics
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from helpers import Crash, at_root, crash_at
-from medqa_zh import config, dashboards, data, grpo, models, prompts, runs, train
+from medqa_zh import answers, config, dashboards, data, grpo, models, prompts, runs, train
 
 pytestmark = pytest.mark.timeout(1200)  # a hang fails with its stack; at least 5x the longest such test measured with both cores busy
 
@@ -265,3 +266,32 @@ def test_grpo_curves_reach_the_dashboard_as_they_are_logged(start, smoke):
     assert len(logged) == 2 and [s for s, _ in shown] == [s for s, _ in logged]
     assert [v for _, v in shown] == pytest.approx([v for _, v in logged])
     assert dashboards.read_tensorboard(run.out_dir / runs.TENSORBOARD_DIR, "train/frac_reward_zero_std")
+
+
+def test_a_grpo_trainer_built_from_the_parts_with_a_reward_written_outside_is_prepares(start, smoke, monkeypatch):
+    """04b's cell builds GRPOConfig, the LoRA, the reward (its own function, in grpo.Reward) and grpo.Trainer from
+    grpo.parts: the config equals grpo.prepare's, the reward the trainer calls is the cell's function, and
+    grpo.train_run trains that very trainer."""
+    cfg = smoke(**{"grpo.max_steps": 1})
+    scored = []
+
+    def correct(text: str, gold: str, letters: str = "ABCDE") -> float:
+        scored.append(text)
+        return float(answers.extract_letter(text, letters) == gold)
+
+    p = grpo.parts(cfg, out_dir=cfg.out / "models" / "grpo-parts")
+    args = grpo.grpo_config(p)
+    reward = grpo.Reward(correct)
+    trainer = grpo.Trainer(model=p.model, reward=reward, args=args, peft_config=train.lora_config(p.settings),
+                           train_dataset=Dataset.from_list(p.rows), processing_class=p.tokenizer)
+    run = grpo.adopt(p, trainer, reward)
+    prepared = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-parts")
+    assert prepared.trainer.args.to_dict() == trainer.args.to_dict() and prepared.run_key == run.run_key
+    trained = []
+    original = grpo.Trainer.train
+    monkeypatch.setattr(grpo.Trainer, "train", lambda self, *a, **kw: trained.append(self) or original(self, *a, **kw))
+    grpo.train_run(run, resume=False)
+    assert trained == [trainer]
+    n = p.settings["per_device_train_batch_size"] * p.settings["gradient_accumulation_steps"]
+    assert len(scored) == n and reward.calls[0]["rewards"] == [grpo.correct(t, g) for t, g in
+                                                               zip(reward.first["texts"], reward.calls[0]["gold"], strict=True)]

@@ -172,12 +172,18 @@ def test_02_lora_sft_held_out_loss_falls(series):
     assert (project / "outputs" / "smoke" / "figures" / "02_loss_curve.png").stat().st_size > 1000
     text = "\n".join(_outputs_text(nb, i) for i in range(len(nb["cells"])))
     assert "5 of them in the loss: '答案：" in text  # the label mask, shown
-    # the LoraConfig and SFTConfig built in a cell from the profile, then asserted to be what the trainer got
-    shown = _outputs_text(nb, _code_cell(nb, "lora = LoraConfig("))
-    assert "LoraConfig: r = 8, lora_alpha = 16 (the update scaled by alpha/r = 2)" in shown and "completion_only_loss" in shown
-    checked = _outputs_text(nb, _code_cell(nb, "assert train.lora_config(s) == lora"))
-    assert ("the trainer got exactly these: LoraConfig (adapting down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
-            "v_proj) and 20 SFTConfig fields") in checked
+    # the first training row as the trainer receives it, then LoraConfig, SFTConfig (OneDeviceConfig) and the trainer
+    # built in one cell from those parts; the cell asserts the launched processes build the same, and the train cell
+    # that the library trains this very trainer (papermill stops at a failed assert)
+    row = _outputs_text(nb, _code_cell(nb, 'p = train.parts(cfg, "lora")'))
+    assert '"prompt": [' in row and '"role": "assistant"' in row and '"content": "答案：' in row
+    built = _code_cell(nb, "trainer = train.AnswerOnlySFTTrainer(")
+    source = "".join(nb["cells"][built]["source"])
+    assert "lora = LoraConfig(" in source and "args = train.OneDeviceConfig(" in source
+    assert "assert args == train.sft_config(p) and lora == train.lora_config(s)" in source
+    assert re.search(r"trainable: [\d,]+ of [\d,]+ parameters \(\d+\.\d+%\); a step: 1 micro-batch\(es\) of 8 examples",
+                     _outputs_text(nb, built))
+    assert "assert run.trainer is trainer" in "".join(nb["cells"][_code_cell(nb, "metrics = train.train(run)")]["source"])
     # the learning curve: the base, then every checkpoint the run kept (smoke: every 20 of 60 steps), on validation
     with open(project / "outputs" / "smoke" / "tables" / "02_learning_curve.csv", encoding="utf-8") as f:
         curve = list(csv.DictReader(f))
@@ -205,6 +211,10 @@ def test_03_full_sft_reports_its_cost_next_to_lora(series):
     for measured in ("median step (s)", "tokens/s", "peak memory (GiB)"):
         assert float(rows[measured]["full (03)"]) > 0 and float(rows[measured]["LoRA (02)"]) > 0
     assert (project / "outputs" / "smoke" / "models" / "full" / "model.safetensors").is_file()
+    # what full SFT changes against LoRA, shown setting by setting before the trainer is built from it
+    changed = _outputs_text(nb, _code_cell(nb, 'p = train.parts(cfg, "full")'))
+    assert "learning_rate" in changed and "lora" in changed
+    assert "assert run.trainer is trainer" in "".join(nb["cells"][_code_cell(nb, "metrics = train.train(run)")]["source"])
 
 
 def test_04_merged_model_equals_base_plus_adapter(series):
@@ -342,7 +352,12 @@ def test_04b_grpo_trains_from_the_merged_model_and_shows_its_technique(series):
     assert ("the reward of four hand-made answers to a question whose gold letter is B: right 1, wrong 0, "
             "two letters 0, none 0") in said
     assert re.search(r"three draws of \S+: the gold text stays under the gold letter \([A-E] -> [A-E] -> [A-E]\)", said)
-    assert re.search(r"the trainer's GRPOConfig has the profile's 10 grpo settings; a fresh LoRA \(r = 8\)", said)
+    # the reward, GRPOConfig, the LoRA and grpo.Trainer built in cells (asserted equal to grpo.prepare's), and trained
+    assert re.search(r"the first row, as the trainer receives it: \{\"id\": .*\"gold\": \"[A-E]\"", said)
+    assert re.search(r"a fresh LoRA \(r = 8\) on \S+merged: [\d,]+ of [\d,]+ parameters trained", said)
+    built = "".join(nb["cells"][_code_cell(nb, "trainer = grpo.Trainer(")]["source"])
+    assert "args = GRPOConfig(" in built and "reward = grpo.Reward(correct)" in built
+    assert "assert run.trainer is trainer" in "".join(nb["cells"][_code_cell(nb, "grpo.train_run(run)")]["source"])
     spread = re.search(r"(\d+) of 8 training prompts have a reward spread under the start model", said)
     with open(out / "tables" / "04b_spread.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -502,6 +517,17 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
     assert baselines[0] == "chance" and baselines[1].startswith("always ") and len(baselines) == 2
     assert (out / "tables" / "10_results.md").read_text(encoding="utf-8").count("\n") == len(rows) + 2
     rows = {key: r for key, r in rows.items() if key[1] != "baseline"}
+    # one function (report.holm_families, with the profile's pre-registered comparisons) decides every family: a
+    # comparison 06 or 08 shows carries the family 10 gives it, primary or exploratory
+    shown = 0
+    for table in ("06_debiased.csv", "08_rag_debiased.csv"):
+        with open(out / "tables" / table, encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                for suffix in ("vs_base", "vs_start", "vs_no_rag"):
+                    if r[f"family_{suffix}"]:
+                        assert r[f"family_{suffix}"] == rows[r["model"], r["evaluation"]][f"family_{suffix}"], (table, r)
+                        shown += r[f"family_{suffix}"] == "primary"
+    assert shown >= 2  # merged vs base (06) and merged+rag bm25 vs merged (08), debiased: smoke's pre-registration
     models = ("base", "lora", "full", "merged", "grpo")
     expected = {(m, e) for m in models for e in ("letter", "generate")}
     expected |= {(m, e) for m in ("base", "merged") for e in ("api", "api+rag bm25", "api+rag dense", "api+rag hybrid")}

@@ -90,7 +90,14 @@ def test_the_index_opens_with_10s_verdict_in_words_rendered_from_its_markdown(tm
     assert body.index("</section>") < body.index("<table")  # the results table after it
     # rendered from markdown: bold and code as HTML, the list as a list; raw HTML escaped, never run
     assert "<strong>merged vs base</strong>" in section and "<code>eval.primary_reading</code>" in section
-    assert section.count("<li>") == 1 and "**" not in section and "`" not in section
+    assert section.count("<li>") == 3 and "**" not in section and "`" not in section  # in words, in Chinese, in full
+    # the first sentence under the heading is the finding, in plain words (issue 52), not the method
+    first = section.split("</h2>", 1)[1]
+    assert first.startswith("<ul>\n<li><strong>Fine-tuning (merged against the base model)</strong>: a gain (+75.0 "
+                            "points, 95% CI "), first[:200]
+    assert "replicated).</li>" in first.split("</li>")[0] + "</li>"
+    assert "<strong>微调（merged 对比基座模型）</strong>：提高（+75.0 个百分点" in section
+    assert section.index("The numbers and the method") > section.index("微调")
     assert "&lt;script&gt;" in section and "<script>" not in page
     # the same words as the notebook's verdict, sentence by sentence
     shown = html.unescape(re.sub(r"<[^>]+>", "", section))
@@ -472,6 +479,22 @@ def _verdict_case(eval_flags, replication_flags=None, validation=None):
                                 ("merged", "letter"): _rows(replication_flags, "r")}, None)
     checks = report.primary_checks(comparisons, sets)
     return checks, report.verdict(table, checks, comparisons, "letter", validation, "data.splits.replication is null")
+
+
+def test_the_verdict_opens_with_one_plain_sentence_per_comparison_in_english_and_chinese():
+    first = lambda text: text.splitlines()[0]  # noqa: E731
+    checks, text = _verdict_case([1] * 30 + [0] * 10, replication_flags=[1] * 20)
+    e = checks[checks["set"] == "eval"].iloc[0]  # the interval the sentence must give: the eval split's
+    ci = f"95% CI {100 * e['diff_low']:+.1f} to {100 * e['diff_high']:+.1f}"
+    assert first(text) == f"- **Fine-tuning (merged against the base model)**: a gain (+75.0 points, {ci}; replicated)."
+    _, text = _verdict_case([1] * 30 + [0] * 10, replication_flags=[0] * 20)
+    assert first(text).endswith(f"a gain on eval, unconfirmed (+75.0 points, {ci}; not replicated).")
+    _, text = _verdict_case([1] * 2 + [0] * 38)  # no difference, and no replication set
+    assert first(text).startswith("- **Fine-tuning (merged against the base model)**: no change shown (+5.0 points, 95% CI ")
+    assert first(text).endswith("; no replication set).")
+    zh = text.split("**中文**", 1)[1].strip().splitlines()[0]
+    assert zh.startswith("- **微调（merged 对比基座模型）**：未显示差异（+5.0 个百分点，95% 区间 ") and zh.endswith("；无复现集）。")
+    assert text.index("**The numbers and the method.**") > text.index("**中文**")
 
 
 def test_the_verdict_says_replicated_only_when_the_independent_set_agrees():

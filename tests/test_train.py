@@ -867,3 +867,25 @@ def test_the_loss_covers_what_the_switches_say(smoke, completion, loss_on):
 def test_a_bad_switch_names_the_setting_and_its_choices(smoke, key, value):
     with pytest.raises(ValueError, match=f"train.{key}"):
         train.settings(smoke(**{f"train.{key}": value}), "lora")
+
+
+def test_a_trainer_built_from_the_parts_is_prepares_and_the_one_train_trains(smoke, monkeypatch):
+    """02's cell builds its trainer from train.parts (SFTConfig, LoraConfig, AnswerOnlySFTTrainer), as prepare does
+    for the launched processes: the same config and adapter; and train.train trains exactly that trainer object."""
+    cfg = smoke(**{"train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2})
+    p = train.parts(cfg, "lora", out_dir=cfg.out / "models" / "from-parts")
+    args, lora = train.sft_config(p), train.lora_config(p.settings)
+    trainer = train.AnswerOnlySFTTrainer(model=p.model, args=args, peft_config=lora, processing_class=p.tokenizer,
+                                         train_dataset=p.dataset("train"), eval_dataset=p.dataset("eval"))
+    run = train.adopt(p, trainer)
+    prepared = train.prepare(cfg, "lora", out_dir=cfg.out / "models" / "from-parts")
+    assert prepared.trainer.args.to_dict() == trainer.args.to_dict()
+    assert prepared.model.peft_config["default"] == trainer.model.peft_config["default"]
+    assert prepared.run_key == run.run_key
+    trained = []
+    original = train.AnswerOnlySFTTrainer.train
+    monkeypatch.setattr(train.AnswerOnlySFTTrainer, "train",
+                        lambda self, *a, **kw: trained.append(self) or original(self, *a, **kw))
+    metrics = train.train(run, resume=False)
+    assert trained == [trainer] and metrics["optimizer_steps"] == 2
+    assert [type(c) for c in trainer.callback_handler.callbacks].count(train.JsonlLog) == 1  # adopt's log, once

@@ -42,6 +42,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 from . import answers, dashboards, data, files, models, prompts, runs, train
 
+# trl and peft ask the model for properties transformers 5 renamed while the trainer is built (04b builds it in a
+# cell): noise about the libraries' versions, not about this run
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+
 ARMS = ("answer", "reasoning")
 NAME = "grpo"  # the model it writes: models.folder(cfg, NAME)
 START = "merged"  # the model it starts from
@@ -64,20 +68,21 @@ def completion_text(completion) -> str:
 
 
 class Reward:
-    """trl's reward function (:func:`correct` over a batch of completions), keeping what it saw: each call's step,
+    """trl's reward function (``score``, :func:`correct` unless told, over a batch of completions), keeping what it saw: each call's step,
     gold letters, chosen letters and rewards (``calls``), and the first call's prompts and texts (``first``), which
     04b's advantage check reads."""
 
     __name__ = "correct"  # the name trl logs its mean under: rewards/correct/mean
 
-    def __init__(self):
+    def __init__(self, score=correct):
+        self.score = score  # one completion's reward: score(text, gold, letters) (04b passes the one its cell writes)
         self.calls: list[dict] = []
         self.first: dict | None = None
 
     def __call__(self, prompts, completions, gold, letters, trainer_state=None, **kwargs) -> list[float]:
         texts = [completion_text(c) for c in completions]
         chosen = [answers.extract_letter(t, ls) for t, ls in zip(texts, letters, strict=True)]
-        rewards = [correct(t, g, ls) for t, g, ls in zip(texts, gold, letters, strict=True)]
+        rewards = [float(self.score(t, g, ls)) for t, g, ls in zip(texts, gold, letters, strict=True)]
         step = trainer_state.global_step if trainer_state is not None else None
         self.calls.append({"step": step, "gold": list(gold), "chosen": chosen, "rewards": rewards})
         if self.first is None:
@@ -198,10 +203,29 @@ class Run(train.Run):
     reward: Reward | None = None
 
 
-def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None) -> Run:
-    """The start model (04's merged SFT model, in the dtype it was saved in) with a fresh LoRA, the prompts from the
-    train split (``grpo.max_steps`` steps of fresh draws, each step's prompts over all processes; or ``rows``, in the
-    form of :func:`prompt_rows`), and trl's ``GRPOTrainer`` with the profile's ``grpo`` settings."""
+@dataclass
+class Parts:
+    """What the GRPO trainer is built from (:func:`parts`): the ``grpo`` settings, the start model (04's merged SFT
+    model, in the dtype it was saved in) and its tokenizer, and the prompt rows in the order they are drawn. 04b builds
+    its trainer from these in a cell; :func:`prepare` builds the same from them."""
+
+    cfg: object
+    settings: dict
+    precision: str
+    device: str
+    out_dir: Path
+    seed: int
+    start: str  # the start model's folder
+    rows: list  # the dataset's rows (prompt_rows): prompt, gold letter, option letters
+    tokenizer: object
+    model: object
+    watch: dashboards.Watch
+    use_vllm: bool  # the reasoning arm on a GPU where vLLM is installed: it samples, colocated
+
+
+def parts(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None) -> Parts:
+    """The start model with its tokenizer, and the prompts from the train split (``grpo.max_steps`` steps of fresh
+    draws, each step's prompts over all processes; or ``rows``, in the form of :func:`prompt_rows`)."""
     s = settings(cfg)
     start = models.available(cfg).get(START)
     if start is None:
@@ -223,55 +247,84 @@ def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = No
     # in the dtype it was saved in (auto): the policy starts as that model exactly, and save() stores that dtype;
     # with train.precision bf16 / fp16 the trainer's forward passes compute under autocast (accelerate's)
     model = models.load_model(start, "auto", setting=START)
-    watch = dashboards.watch(cfg, out_dir)
     use_vllm = s["arm"] == "reasoning" and device == "cuda" and importlib.util.find_spec("vllm") is not None
-    args = GRPOConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        max_steps=s["max_steps"],
-        per_device_train_batch_size=s["per_device_train_batch_size"],
-        gradient_accumulation_steps=s["gradient_accumulation_steps"],
-        num_generations=s["num_generations"],
-        max_completion_length=s["max_completion_length"],
-        temperature=float(s["temperature"]),
-        learning_rate=float(s["learning_rate"]),
-        beta=float(s["beta"]),
-        loss_type=s["loss_type"],
-        scale_rewards=s["scale_rewards"],
+    return Parts(cfg, s, precision, device, out_dir, seed, start, rows, tokenizer, model, dashboards.watch(cfg, out_dir),
+                 use_vllm)
+
+
+def bookkeeping(p: Parts) -> dict:
+    """The GRPOConfig fields that say where a run writes and how it reads its rows, not how it learns."""
+    return dict(
+        output_dir=str(p.out_dir / "checkpoints"),
         shuffle_dataset=False,  # the rows are already the draws, each pass in its own seeded order
-        **{train.checkpointing_field(): bool(s["activation_checkpointing"])},
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=device == "cpu",
-        use_vllm=use_vllm,
+        use_cpu=p.device == "cpu",
+        use_vllm=p.use_vllm,
         vllm_mode="colocate",
-        logging_steps=s["logging_steps"],
+        logging_steps=p.settings["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=s["save_steps"],
-        seed=seed,
-        data_seed=seed,
-        report_to=watch.others,
+        save_steps=p.settings["save_steps"],
+        data_seed=p.seed,
+        report_to=p.watch.others,
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    reward = Reward()
-    log = train.JsonlLog(out_dir / runs.LOG_FILE)
-    with quiet():
-        trainer = Trainer(model=model, reward=reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=train.lora_config(s), callbacks=[log, *watch.callbacks()])
+
+
+def grpo_config(p: Parts) -> GRPOConfig:
+    """The run's GRPOConfig from the ``grpo`` settings: what 04b's cell writes out field by field, and what
+    :func:`prepare` builds."""
+    s = p.settings
+    return GRPOConfig(
+        max_steps=s["max_steps"],
+        learning_rate=float(s["learning_rate"]),
+        num_generations=s["num_generations"],
+        per_device_train_batch_size=s["per_device_train_batch_size"],
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],
+        max_completion_length=s["max_completion_length"],
+        temperature=float(s["temperature"]),
+        beta=float(s["beta"]),
+        loss_type=s["loss_type"],
+        scale_rewards=s["scale_rewards"],
+        bf16=p.precision == "bf16",
+        fp16=p.precision == "fp16",
+        **{train.checkpointing_field(): bool(s["activation_checkpointing"])},
+        seed=p.seed,
+        **bookkeeping(p),
+    )
+
+
+def adopt(p: Parts, trainer: Trainer, reward: Reward) -> Run:
+    """The library's part around a trainer built from ``p``: the callbacks that write ``train_log.jsonl`` and feed the
+    dashboards, and the run key :func:`train_run` compares to resume. The trainer is the one :func:`train_run` trains."""
+    s = p.settings
+    log = train.JsonlLog(p.out_dir / runs.LOG_FILE)
+    for callback in (log, *p.watch.callbacks()):
+        trainer.add_callback(callback)
     run_key = {
-        "mode": NAME, "base_model": cfg.base_model, "base_fingerprint": models.fingerprint(model), "precision": precision,
-        "seed": seed, "world_size": train.world_size(),
+        "mode": NAME, "base_model": p.cfg.base_model, "base_fingerprint": models.fingerprint(p.model),
+        "precision": p.precision, "seed": p.seed, "world_size": train.world_size(),
         "optimizer": {k: s[k] for k in ("max_steps", "arm", "num_generations", "max_completion_length", "temperature",
                                         "learning_rate", "beta", "loss_type", "scale_rewards", "lora")}
         | {"examples_per_step": s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]},
-        "inputs": {"data": _digest(rows), "start": models.answers_fingerprint(cfg, START), "prompt": train.prompt_digest(),
-                   "template": _digest(tokenizer.chat_template)},
+        "inputs": {"data": _digest(p.rows), "start": models.answers_fingerprint(p.cfg, START),
+                   "prompt": train.prompt_digest(), "template": _digest(p.tokenizer.chat_template)},
     }
     run_key = json.loads(json.dumps(run_key, default=str))
     trainer.args.run_name = dashboards.run_name(run_key)
-    return Run(NAME, out_dir, s, precision, start, tokenizer, trainer.model, trainer, {}, log, run_key, watch=watch,
-               reward=reward)
+    return Run(NAME, p.out_dir, s, p.precision, p.start, p.tokenizer, trainer.model, trainer, {}, log, run_key,
+               watch=p.watch, reward=reward)
+
+
+def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None) -> Run:
+    """The run that 04b's cells build step by step, in one call: :func:`parts`, :func:`grpo_config`, a fresh LoRA
+    (``grpo.lora``: :func:`train.lora_config`), the reward (:class:`Reward`), the :class:`Trainer` and :func:`adopt`."""
+    p = parts(cfg, out_dir, rows)
+    reward = Reward()
+    with quiet():
+        trainer = Trainer(model=p.model, reward=reward, args=grpo_config(p), train_dataset=Dataset.from_list(p.rows),
+                          processing_class=p.tokenizer, peft_config=train.lora_config(p.settings))
+    return adopt(p, trainer, reward)
 
 
 def _digest(value) -> str:

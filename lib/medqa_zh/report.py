@@ -610,6 +610,40 @@ def _shows(d, p, alpha) -> int:
 FINE_TUNED = ("lora", "merged")  # the models 02's learning curve (validation) speaks of
 
 
+def _what(c: Comparison) -> tuple[str, str]:
+    """What a pre-registered comparison asks, in plain words: (English, Chinese)."""
+    if "+rag" in c.evaluation and c.suffix == "vs_no_rag":
+        retriever = c.evaluation.partition("+rag ")[2]
+        return f"Passages ({retriever}) for {c.model}", f"检索段落（{retriever}）对 {c.model}"
+    if c.suffix == "vs_start":
+        return f"GRPO after SFT ({c.model} against {c.other[0]})", f"SFT 之后的 GRPO（{c.model} 对比 {c.other[0]}）"
+    return f"Fine-tuning ({c.model} against the base model)", f"微调（{c.model} 对比基座模型）"
+
+
+def _plain(c: Comparison, measured: tuple | None) -> tuple[str, str]:
+    """One pre-registered comparison in one plain sentence, English and Chinese: what changed, how much, how sure.
+    ``measured``: (difference, low, high, shown, doubted, replicated, shown on replication or None) or None."""
+    en, zh = _what(c)
+    if measured is None:
+        return f"- **{en}**: not measured in this run.", f"- **{zh}**：本次未测。"
+    d, low, high, shown, doubted, replicated, there = measured
+    way, way_zh = ("gain", "提高") if shown > 0 else ("loss", "下降")
+    finding, finding_zh = (("no change shown", "未显示差异") if shown == 0 else
+                           (f"a {way} on eval, unconfirmed", f"评测集上{way_zh}，未确认") if doubted else
+                           (f"a {way}", way_zh))
+    if there is None:
+        again, again_zh = "no replication set", "无复现集"
+    elif shown:
+        again, again_zh = ("replicated", "已复现") if replicated else ("not replicated", "未复现")
+    else:
+        again, again_zh = (("none on the replication set either", "复现集上也无差异") if there == 0 else
+                           (f"the replication set shows a {'gain' if there > 0 else 'loss'}",
+                            f"复现集上{'提高' if there > 0 else '下降'}"))
+    numbers = f"{100 * d:+.1f} points, 95% CI {100 * low:+.1f} to {100 * high:+.1f}"
+    numbers_zh = f"{100 * d:+.1f} 个百分点，95% 区间 {100 * low:+.1f} 至 {100 * high:+.1f}"
+    return f"- **{en}**: {finding} ({numbers}; {again}).", f"- **{zh}**：{finding_zh}（{numbers_zh}；{again_zh}）。"
+
+
 def verdict(table, checks, comparisons, reading: str, validation: dict | None = None,
             replication_note: str | None = None, alpha: float = 0.05) -> str:
     """10's verdict, in words, on the pre-registered comparisons only (markdown). For each: the difference in
@@ -622,19 +656,22 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
     when validation, the replication set or the two halves do not agree with it."""
     family = len({(c.model, c.evaluation, c.suffix) for c in comparisons})
     others = int(sum((table[f"family_{s}"] == EXPLORATORY_FAMILY).sum() for s in SUFFIXES))
-    lines = [f"**Pre-registered** (`eval.primary_reading`: **{reading}**; `eval.primary_comparisons`). Significant "
+    plain: list[tuple[str, str]] = []  # one sentence per comparison, English and Chinese: the verdict's first lines
+    lines = [f"**The numbers and the method.** **Pre-registered** (`eval.primary_reading`: **{reading}**; "
+             f"`eval.primary_comparisons`). Significant "
              f"means a Holm-adjusted p below {alpha}, adjusted among the {family} pre-registered comparisons alone "
              "(the primary family, fixed before the run: one not measured counts as p = 1, and nothing else the "
              f"report shows changes it); the table's other {others} paired differences are exploratory, adjusted as "
              "a family of their own. The 95% intervals are unadjusted, one comparison at a time."]
     if not comparisons:
-        return lines[0] + "\n\nNo comparison is pre-registered (`eval.primary_comparisons` is empty)."
+        return "No comparison is pre-registered (`eval.primary_comparisons` is empty).\n\n" + lines[0]
     rows = table.set_index(["model", "evaluation"])
     for c in comparisons:
         if (c.model, c.evaluation) not in rows.index or rows.loc[(c.model, c.evaluation), f"p_{c.suffix}"] != \
                 rows.loc[(c.model, c.evaluation), f"p_{c.suffix}"]:
             lines.append(f"- **{c.name}** ({c.evaluation} against {c.other[0]} / {c.other[1]}): not measured in this "
                          "run (a notebook or setting that produces both readings is off), so nothing is concluded.")
+            plain.append(_plain(c, None))
             continue
         r = rows.loc[(c.model, c.evaluation)]
         d, low, high = (r[f"diff_{c.suffix}{end}"] for end in ("", "_low", "_high"))
@@ -650,7 +687,7 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
                 for _, h in halves.iterrows()))
             if shown and any(h["diff"] * shown <= 0 for _, h in halves.iterrows()):
                 doubts.append("one half of the eval split does not point the same way")
-        replicated = False
+        replicated, there = False, None
         again = mine[mine["set"] == "replication"]
         if len(again):
             g = again.iloc[0]
@@ -688,7 +725,9 @@ def verdict(table, checks, comparisons, reading: str, validation: dict | None = 
             head = (f"a significant {'gain' if shown > 0 else 'loss'}"
                     + (", replicated on an independent set" if replicated else ", not yet replicated on an independent set"))
         lines.append(f"- **{c.name}** ({c.evaluation}): {head}. " + "; ".join(words) + ".")
-    return "\n".join(lines)
+        plain.append(_plain(c, (d, low, high, shown, bool(doubts), replicated, there)))
+    # a finding first, in words; then the same in Chinese; then the numbers and the method
+    return "\n".join([*(en for en, _ in plain), "", "**中文**", "", *(zh for _, zh in plain), "", *lines])
 
 
 def quantization_table(reference: dict, quantized: dict, name: str = "merged"):
