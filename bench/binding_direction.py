@@ -72,13 +72,16 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     tok = tiny.build_tokenizer(0)
     assert all(len(tok(" " + v, add_special_tokens=False)["input_ids"]) == 1 for v in tiny._ORGANS + tiny._TESTS)
+    warmup = min(100, a.steps)
+
+    def rate(step: int) -> float:  # linear warm-up, then cosine decay
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / a.steps))
+
     runs = {}
     for name, reverse in (("forward (letter -> text)", False), ("reverse (text -> letter)", True)):
         model = tiny.build_model(tok, 0, hidden_size=a.hidden, layers=a.layers)
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.0)
-        warmup = min(100, a.steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / a.steps)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
         runs[name] = (model, optimizer, schedule, random.Random(f"train-{name}"),
                       sequences(tok, random.Random(f"held-{name}"), 256, reverse), reverse)
     print(f"{a.layers} layers x {a.hidden}, {sum(p.numel() for p in model.parameters()):,} parameters; batch {a.batch}, "

@@ -219,3 +219,16 @@ def test_an_explicit_dtype_is_taken_as_given_and_bf16_on_a_cpu_without_it_says_i
         assert capsys.readouterr().out == said
     cpu_bf16(True)
     assert models.dtype_line("bfloat16", "cpu") == "model.dtype bfloat16 (as set)"  # native: nothing to warn of
+
+
+@pytest.mark.parametrize("profile, backend", [("smoke", "transformers"), ("cpu", "transformers")])
+def test_the_serve_command_a_person_types_is_the_profiles_server(profile, backend):
+    """05 prints it (issue 52): python -m medqa_zh.serve's own parser reads it back as the profile's server."""
+    from medqa_zh import serve
+
+    cfg = config.load(profile)
+    cmd = serve.typed_command(cfg, "outputs/x/models/merged", served_name="merged")
+    assert cmd[:3] == ["python", "-m", "medqa_zh.serve"]
+    a = serve.parser().parse_args(cmd[3:])
+    assert (a.model_dir, a.profile, a.backend, a.dtype, a.port, a.served_model_name) == (
+        "outputs/x/models/merged", profile, backend, str(cfg["model.dtype"]), 8000, "merged")

@@ -86,11 +86,12 @@ def test_the_readme_gives_medqa_s_layout_and_source():
     assert "[jind11/MedQA](https://github.com/jind11/MedQA)" in readme and "data_clean" in readme
 
 
-# Each notebook's English markdown, in characters (the 中文摘要 cell left out), when issue 52 began: a cell that shows
-# code replaces prose that described it, so no notebook's prose may grow past this. Lower it when a notebook shrinks.
-PROSE_BUDGET = {"01_data": 5149, "02_lora_sft": 7345, "03_full_sft": 1881, "04_merge": 7272, "04b_grpo": 5845,
-                "05_serve": 2827, "06_eval_direct": 8723, "07_eval_api": 2763, "08_eval_rag": 6182,
-                "09_chat_demo": 2812, "10_report": 7176}
+# Each notebook's English markdown, in characters (the 中文摘要 cell left out), as issue 52 left it (never more than when
+# it began): a cell that shows code replaces prose that described it, so no notebook's prose may grow. Lower it when
+# a notebook shrinks.
+PROSE_BUDGET = {"01_data": 5138, "02_lora_sft": 5105, "03_full_sft": 1872, "04_merge": 7272, "04b_grpo": 5845,
+                "05_serve": 2807, "06_eval_direct": 8723, "07_eval_api": 2763, "08_eval_rag": 6070,
+                "09_chat_demo": 2812, "10_report": 6413}
 
 
 def prose_characters(path: Path) -> int:

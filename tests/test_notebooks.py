@@ -386,16 +386,16 @@ def test_05_serves_a_model_and_answers_plain_and_streamed(series):
     assert len(rows) == 8 and all(float(r["first_token_s"]) > 0 and float(r["total_s"]) > 0 for r in rows)
     assert all(r["pred"] in "ABCDE" and r["pred"] for r in rows)  # the trained smoke model answers in the format
     streaming = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "stream=True" in "".join(c["source"]))
-    assert "same as the plain answer: True" in _outputs_text(nb, streaming)
+    assert "assert streamed == answer" in "".join(nb["cells"][streaming]["source"])  # asserted, not only printed
+    assert "the plain answer exactly" in _outputs_text(nb, streaming)
     assert list((out / "logs").glob("serve-merged-*.log"))
-    # the server's command line, printed after the cell asserted it is the argv its process started with: a shell line
-    # for the server that answered (its port), and the first line of that server's log
-    line = _outputs_text(nb, _code_cell(nb, "shlex.join(server.command)")).strip()
-    port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", _outputs_text(nb, _code_cell(nb, "serve.from_profile("))).group(1)
+    # the command a person types for this server: python -m medqa_zh.serve with the profile's backend and dtype (on
+    # smoke no vLLM line), printed after the cell asserted the server's command is the argv its process started with
+    line = _outputs_text(nb, _code_cell(nb, "serve.typed_command(")).strip()
     argv = shlex.split(line)
-    assert argv[1:3] == ["-c", "import sys, medqa_zh.serve_child as s; s.main(sys.argv[1])"]  # smoke: transformers
-    assert json.loads(argv[3])["port"] == int(port) and json.loads(argv[3])["served_name"] == "merged"
-    assert any(log.read_text(encoding="utf-8").splitlines()[0] == f"$ {line}" for log in (out / "logs").glob("serve-*.log"))
+    assert argv[:4] == ["python", "-m", "medqa_zh.serve", str(out / "models" / "merged")], argv
+    assert argv[4:] == ["--profile", "smoke", "--backend", "transformers", "--dtype", "float32", "--port", "8000",
+                        "--served-model-name", "merged"], argv
     assert not server_processes()  # the notebook stopped its server
 
 
@@ -581,6 +581,8 @@ def test_10_collects_every_evaluation_into_one_table_with_figures(series):
                        f"comparisons among themselves, the {len(exploratory)} exploratory differences on their own",
               "accuracy [95% CI]")]
     assert where == sorted(where) and len(set(where)) == 3, where
+    assert where[0] < _code_cell(nb, "report.manifest_summary(cfg)")  # the verdict before the run's manifest (issue 52)
+    assert verdict.startswith("- **Fine-tuning (merged against the base model)**: ")  # a finding first, in words
     assert f"adjusted among the {len(primary)} pre-registered comparisons alone" in verdict
     assert f"the table's other {len(exploratory)} paired differences are exploratory" in verdict
     assert "[unadjusted 95% CI" in verdict and "[95% CI" not in verdict  # the intervals beside adjusted decisions
@@ -644,7 +646,10 @@ def test_index_and_report_render_in_a_real_browser(series):
         assert order[:4] == ["h1", "smoke", "verdict", "h2"], order
         verdict = page.locator("#verdict").inner_text()
         assert "merged vs base" in verdict and "adjusted p = " in verdict and "**" not in verdict  # rendered markdown
-        assert page.locator("#verdict li").count() == 3  # one item per pre-registered comparison
+        # three items per pre-registered comparison: in plain words, in Chinese, with its numbers; a finding first
+        assert page.locator("#verdict li").count() == 9
+        assert re.match(r"Fine-tuning \(merged against the base model\): (no change shown|a gain|a loss)",
+                        page.locator("#verdict li").first.inner_text())
         assert page.locator("#verdict").bounding_box()["y"] < page.locator("table.results").bounding_box()["y"]
         links = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
         assert sum(link.endswith(".html") for link in links) == len(SERIES)  # every notebook's report

@@ -461,7 +461,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> None:
+def typed_command(cfg, model_dir, served_name: str | None = None, port: int = 8000) -> list[str]:
+    """The command a person types in a terminal to start the server :func:`from_profile` starts for ``cfg``:
+    ``python -m medqa_zh.serve`` (:func:`main`) with the model, the profile and its backend and dtype."""
+    cmd = ["python", "-m", "medqa_zh.serve", str(model_dir), "--profile", Path(cfg.source).stem,
+           "--backend", pick_backend(cfg["serve.backend"]), "--dtype", str(cfg["model.dtype"]), "--port", str(port)]
+    return cmd + (["--served-model-name", served_name] if served_name else [])
+
+
+def vllm_command(server: Server) -> list[str] | None:
+    """vLLM's own ``vllm serve …`` line for a vLLM server (what it runs, as a person types it); None for another."""
+    return ["vllm", *server.command[3:]] if server.command[1:3] == ["-m", VLLM_CLI] else None
+
+
+def parser() -> argparse.ArgumentParser:
+    """``python -m medqa_zh.serve``'s arguments."""
     p = argparse.ArgumentParser(prog="python -m medqa_zh.serve", description=(
         "Serve a model dir over an OpenAI-compatible API until Ctrl-C (vLLM on a GPU; on a CPU, transformers or "
         "llama.cpp)."))
@@ -497,6 +511,11 @@ def main(argv=None) -> None:
                    help="how long to wait for /health (default: the profile's serve.startup_timeout)")
     p.add_argument("--profile", default=None, help="where the defaults above come from: profiles/<profile>.yaml "
                    "(default: $MEDQA_PROFILE or smoke)")
+    return p
+
+
+def main(argv=None) -> None:
+    p = parser()
     a = p.parse_args(argv)
     from . import config  # the defaults' one home: the profile's serve section (profiles/base.yaml)
 
