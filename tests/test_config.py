@@ -83,6 +83,10 @@ def test_a_renamed_setting_is_an_error_naming_the_new_one(project):
                                        r"profiles/base.yaml; " + new):
         config.load("old")
     assert config.load("smoke", overrides={"train.activation_checkpointing": True})["train.activation_checkpointing"]
+    # issue 52: the names SFTConfig gives another meaning
+    for old, new in (("train.num_train_epochs", "train.epochs"), ("train.packing", "train.padding_free")):
+        with pytest.raises(KeyError, match=rf"no setting '{old}'; it was renamed: write '{new}'"):
+            config.load("smoke", overrides={old: 1})
 
 
 def test_unknown_profile_lists_the_known_ones(project):

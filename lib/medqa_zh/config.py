@@ -163,6 +163,10 @@ BASE_PROFILE = "base"  # profiles/base.yaml: every setting; the other profiles c
 RENAMED = {
     "train.gradient_checkpointing": ("train.activation_checkpointing",
                                      "SFTConfig's name since transformers 5, which removes the old one in v6"),
+    "train.num_train_epochs": ("train.epochs", "SFTConfig's num_train_epochs is always 1 here: one pass over the "
+                               "stream the project lays the epochs out in"),
+    "train.packing": ("train.padding_free", "what SFTConfig calls it: trl's packing reorders examples, and the "
+                      "project's never did"),
 }
 
 
