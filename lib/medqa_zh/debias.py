@@ -239,11 +239,11 @@ def pride_results(rows: list[dict], prior: dict) -> list[dict]:
 
 
 def compare_debiasing(rotations: list[dict], prior: dict) -> dict:
-    """On the questions scored under every rotation: the full cyclic debiased accuracy, PriDe's
+    """On the questions scored under every rotation: the debiased accuracy (every rotation averaged), PriDe's
     single-pass accuracy (rotation 0 with ``prior``), and how often the two pick the same option."""
     full, single = results(rotations, "debiased"), pride_results(rotations, prior)
     same = sum(a["pred"] == b["pred"] for a, b in zip(full, single, strict=True))
-    return {"n": len(rotations), "cyclic": evaluate.accuracy(full)["accuracy"],
+    return {"n": len(rotations), "debiased": evaluate.accuracy(full)["accuracy"],
             "pride": evaluate.accuracy(single)["accuracy"], "same_choice": same / len(rotations) if rotations else math.nan}
 
 
