@@ -76,6 +76,23 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(smoke_
     assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*/rng_state*.pth")) == \
         ["rng_state_0.pth", "rng_state_1.pth"]  # one per process: a resume restores each one's randomness
     two_first, two_log = _first_step(folder), runs.read_log(folder)
+    # the launched processes built their trainer from the builders 02's and 03's cells call (train.parts,
+    # train.sft_config, train.lora_config): what they trained with is what the cells build for the same run here
+    saved = torch.load(sorted((folder / "checkpoints").glob("checkpoint-*"))[-1] / "training_args.bin", weights_only=False)
+    with at_root(smoke_root):
+        overrides = dict(item.split("=") for item in (*STEPS, "train.launch.num_processes=2"))
+        p = train.parts(config.load("smoke", {k: yaml.safe_load(v) for k, v in overrides.items()}), mode, out_dir=folder)
+    cell = train.sft_config(p)
+    fields = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "max_steps",
+              "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "completion_only_loss",
+              "max_length", "padding_free", "packing", "bf16", "fp16", "seed", "output_dir", "eval_steps", "save_steps",
+              "logging_steps")
+    assert {f: getattr(saved, f) for f in fields} == {f: getattr(cell, f) for f in fields}
+    if mode == "lora":
+        adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        lora = train.lora_config(p.settings)
+        assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (lora.r, lora.lora_alpha, lora.lora_dropout)
+    del p
 
     _ok(_train(smoke_root, mode, *STEPS, "train.gradient_accumulation_steps=2"))
     one = runs.read_run(folder)

@@ -77,16 +77,21 @@ class Watch:
         """What goes to the trainer's own ``report_to``: the names this module does not place."""
         return [name for name in self.names if name not in OURS] or "none"
 
-    def callbacks(self) -> list:
-        """The trainer callbacks for TensorBoard (writing into the run's folder) and trackio (at the optimizer
-        step); each raises, naming the extra to install, when its package is missing. A name the trainer does
-        not know is refused here, with the ones it knows."""
+    def check(self) -> "Watch":
+        """Refuse a name the trainer does not know, with the ones it knows: before a model is loaded."""
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
         unknown = [name for name in self.names if name not in INTEGRATION_TO_CALLBACK]
         if unknown:
             raise ValueError(f"train.report_to: {', '.join(unknown)} is not a tool the trainer reports to; choose none "
                              f"or any of {', '.join(INTEGRATION_TO_CALLBACK)}")
+        return self
+
+    def callbacks(self) -> list:
+        """The trainer callbacks for TensorBoard (writing into the run's folder) and trackio (at the optimizer
+        step); each raises, naming the extra to install, when its package is missing. A name the trainer does
+        not know is refused (:meth:`check`)."""
+        self.check()
         made = []
         if "tensorboard" in self.names:
             from transformers.integrations import TensorBoardCallback

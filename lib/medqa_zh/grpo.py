@@ -231,9 +231,10 @@ def parts(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None
     if start is None:
         raise FileNotFoundError(f"GRPO starts from the merged SFT model, and {models.folder(cfg, START)} has none: "
                                 "run notebooks 02 and 04 first")
+    out_dir = Path(out_dir) if out_dir else models.folder(cfg, NAME)
+    watch = dashboards.watch(cfg, out_dir).check()  # a train.report_to typo stops here, before any model loads
     device = models.best_device(cfg["model.device"])
     precision = models.training_precision(cfg["train.precision"], device)
-    out_dir = Path(out_dir) if out_dir else models.folder(cfg, NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     questions = data.load_split(cfg, "train")[: s["questions"]]
@@ -248,8 +249,7 @@ def parts(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None
     # with train.precision bf16 / fp16 the trainer's forward passes compute under autocast (accelerate's)
     model = models.load_model(start, "auto", setting=START)
     use_vllm = s["arm"] == "reasoning" and device == "cuda" and importlib.util.find_spec("vllm") is not None
-    return Parts(cfg, s, precision, device, out_dir, seed, start, rows, tokenizer, model, dashboards.watch(cfg, out_dir),
-                 use_vllm)
+    return Parts(cfg, s, precision, device, out_dir, seed, start, rows, tokenizer, model, watch, use_vllm)
 
 
 def bookkeeping(p: Parts) -> dict:

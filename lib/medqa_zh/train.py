@@ -795,6 +795,8 @@ def parts(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Parts:
     built on the CPU for a look at the data and parameters only; :func:`train` starts the launched processes."""
     datasets.disable_progress_bars()  # tokenizing takes seconds; the training bar is the one to watch
     s = settings(cfg, mode)
+    out_dir = Path(out_dir) if out_dir else models.folder(cfg, mode)
+    watch = dashboards.watch(cfg, out_dir).check()  # a train.report_to typo stops here, before any model loads
     device = models.best_device(cfg["model.device"])
     launched = to_launch(s)
     command = launch_command(cfg, mode) if launched else None
@@ -803,7 +805,6 @@ def parts(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Parts:
     world = processes(s) if launched else world_size()
     precision = models.training_precision(s["precision"], device)
     check_attention(s["attn_implementation"], models.best_device(cfg["model.device"]))
-    out_dir = Path(out_dir) if out_dir else models.folder(cfg, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
 
@@ -834,7 +835,7 @@ def parts(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Parts:
     micro = plan_micro_batches(s, lengths["train"], model, precision, mode, device, share)
     padding["this run's micro-batches"] = micro["padding_share"]
     return Parts(cfg, mode, s, precision, device, out_dir, seed, world, tokenizer, model,
-                 {"train": train_ex, "eval": eval_ex}, lengths, padding, micro, dashboards.watch(cfg, out_dir), command)
+                 {"train": train_ex, "eval": eval_ex}, lengths, padding, micro, watch, command)
 
 
 def bookkeeping(p: Parts) -> dict:
