@@ -1209,4 +1209,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's main, not this __main__ copy's: the checkpoints then pickle OneDeviceConfig as
+    # medqa_zh.train.OneDeviceConfig (training_args.bin), which loads anywhere, not as __main__.OneDeviceConfig
+    from medqa_zh import train as _module
+
+    _module.main()
