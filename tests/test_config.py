@@ -236,3 +236,7 @@ def test_the_serve_command_a_person_types_is_the_profiles_server(profile, backen
     a = serve.parser().parse_args(cmd[3:])
     assert (a.model_dir, a.profile, a.backend, a.dtype, a.port, a.served_model_name) == (
         "outputs/x/models/merged", profile, backend, str(cfg["model.dtype"]), 8000, "merged")
+    # llama.cpp serves the model's GGUF (04's export), as serve.from_profile does
+    cfg = config.load(profile, {"serve.backend": "llamacpp"})
+    a = serve.parser().parse_args(serve.typed_command(cfg, "outputs/x/models/merged", served_name="merged")[3:])
+    assert a.backend == "llamacpp" and a.model_dir.endswith(f"merged-{cfg['gguf.serve']}.gguf"), a.model_dir

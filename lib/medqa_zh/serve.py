@@ -463,9 +463,15 @@ def _interrupt(signum, frame):
 
 def typed_command(cfg, model_dir, served_name: str | None = None, port: int = 8000) -> list[str]:
     """The command a person types in a terminal to start the server :func:`from_profile` starts for ``cfg``:
-    ``python -m medqa_zh.serve`` (:func:`main`) with the model, the profile and its backend and dtype."""
+    ``python -m medqa_zh.serve`` (:func:`main`) with the model (for llamacpp its GGUF, as :func:`from_profile`
+    serves it), the profile and its backend and dtype."""
+    backend = pick_backend(cfg["serve.backend"])
+    if backend == "llamacpp" and not str(model_dir).endswith(".gguf"):
+        from . import export
+
+        model_dir = export.gguf_path(export.folder(cfg), served_name or Path(str(model_dir)).name, cfg["gguf.serve"])
     cmd = ["python", "-m", "medqa_zh.serve", str(model_dir), "--profile", Path(cfg.source).stem,
-           "--backend", pick_backend(cfg["serve.backend"]), "--dtype", str(cfg["model.dtype"]), "--port", str(port)]
+           "--backend", backend, "--dtype", str(cfg["model.dtype"]), "--port", str(port)]
     return cmd + (["--served-model-name", served_name] if served_name else [])
 
 
