@@ -176,7 +176,7 @@ def main() -> None:
     print(f"  every rotation (cyclic, shared prefix): {cyclic:.2f}x")
     print(f"  PriDe, prior from {a.calibration} calibration questions + one pass each: {pride:.2f}x "
           f"(the calibration: {per_rotated / per_letter:.2f} passes per calibration question)")
-    print(f"  on these {compared['n']} questions: cyclic {compared['cyclic']:.3f}, PriDe {compared['pride']:.3f}, "
+    print(f"  on these {compared['n']} questions: debiased {compared['debiased']:.3f}, PriDe {compared['pride']:.3f}, "
           f"same option {compared['same_choice']:.1%}")
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
