@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from trl import SFTConfig, SFTTrainer
 
 from helpers import Crash, at_root, crash_at
 from medqa_zh import config, data, merge, models, prompts, runs, tiny, train
@@ -889,3 +890,11 @@ def test_a_trainer_built_from_the_parts_is_prepares_and_the_one_train_trains(smo
     metrics = train.train(run, resume=False)
     assert trained == [trainer] and metrics["optimizer_steps"] == 2
     assert [type(c) for c in trainer.callback_handler.callbacks].count(train.JsonlLog) == 1  # adopt's log, once
+    # adopt takes a trainer built with trl's own classes too (SFTConfig has no visible_gpus): the notebook's cells
+    # with the project's classes swapped for trl's still run through the library's bookkeeping
+    plain = SFTTrainer(model=train.parts(cfg, "lora", out_dir=cfg.out / "models" / "trl").model,
+                       args=SFTConfig(output_dir=str(cfg.out / "models" / "trl"), max_steps=1, use_cpu=True,
+                                      report_to="none"),
+                       peft_config=lora, processing_class=p.tokenizer, train_dataset=p.dataset("train"),
+                       eval_dataset=p.dataset("eval"))
+    assert train.adopt(p, plain).trainer is plain

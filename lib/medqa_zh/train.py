@@ -889,8 +889,9 @@ def sft_config(p: Parts) -> OneDeviceConfig:
 def adopt(p: Parts, trainer: AnswerOnlySFTTrainer) -> Run:
     """The library's part around a trainer built from ``p``: the callbacks that write ``train_log.jsonl`` and feed
     the dashboards, and the run key :func:`train` compares to resume. The trainer is the one :func:`train` trains."""
-    if trainer.args.visible_gpus > 1:
-        print(f"{trainer.args.visible_gpus} GPUs visible: this single-process run trains on {trainer.args.device} only "
+    visible = getattr(trainer.args, "visible_gpus", 1)  # OneDeviceConfig's; trl's own SFTConfig has none
+    if visible > 1:
+        print(f"{visible} GPUs visible: this single-process run trains on {trainer.args.device} only "
               "(choose one with CUDA_VISIBLE_DEVICES; several GPUs need a launcher, e.g. accelerate launch)")
     log = JsonlLog(p.out_dir / runs.LOG_FILE)
     for callback in (log, *p.watch.callbacks()):
