@@ -1,5 +1,6 @@
 """GRPO (notebook 04b) on the tiny smoke model: the reward, the shuffled draws, the advantages, and a planted task
 that only reinforcement learning can teach."""
+import json
 import shutil
 import statistics
 
@@ -39,6 +40,7 @@ def test_the_reward_is_one_only_for_exactly_the_gold_letter(text, reward):
 
 def test_the_reward_function_reads_trls_conversational_completions_and_keeps_what_it_saw():
     reward = grpo.Reward()
+    assert reward.__name__ == "reward_correct"  # trl logs rewards/reward_correct/mean
     completions = [[{"role": "assistant", "content": t}] for t in ("答案：A", "答案：B", "A和B", "")]
     got = reward(prompts=[[]] * 4, completions=completions, gold=["A"] * 4, letters=["ABCDE"] * 4)
     assert got == [1.0, 0.0, 0.0, 0.0]
@@ -269,22 +271,25 @@ def test_grpo_curves_reach_the_dashboard_as_they_are_logged(start, smoke):
 
 
 def test_a_grpo_trainer_built_from_the_parts_with_a_reward_written_outside_is_prepares(start, smoke, monkeypatch):
-    """04b's cell builds GRPOConfig, the LoRA, the reward (its own function, in grpo.Reward) and grpo.Trainer from
-    grpo.parts: the config equals grpo.prepare's, the reward the trainer calls is the cell's function, and
-    grpo.train_run trains that very trainer."""
+    """04b's cell builds GRPOConfig, the LoRA, the reward (its own trl reward function) and grpo.Trainer from
+    grpo.parts: the config equals grpo.prepare's, the reward the trainer calls is the cell's function (kept in a
+    grpo.Reward), grpo.train_run trains that very trainer, and the parts it was built from are in inputs/."""
     cfg = smoke(**{"grpo.max_steps": 1})
     scored = []
 
-    def correct(text: str, gold: str, letters: str = "ABCDE") -> float:
-        scored.append(text)
-        return float(answers.extract_letter(text, letters) == gold)
+    def reward_correct(completions, gold, letters, **kwargs) -> list[float]:  # trl's reward function, as 04b writes it
+        texts = [c[0]["content"] for c in completions]
+        scored.extend(texts)
+        return [float(answers.extract_letter(t, ls) == g) for t, g, ls in zip(texts, gold, letters, strict=True)]
 
     p = grpo.parts(cfg, out_dir=cfg.out / "models" / "grpo-parts")
     args = grpo.grpo_config(p)
-    reward = grpo.Reward(correct)
-    trainer = grpo.Trainer(model=p.model, reward=reward, args=args, peft_config=train.lora_config(p.settings),
-                           train_dataset=Dataset.from_list(p.rows), processing_class=p.tokenizer)
-    run = grpo.adopt(p, trainer, reward)
+    trainer = grpo.Trainer(model=p.model, reward_funcs=[reward_correct], args=args,
+                           peft_config=train.lora_config(p.settings), train_dataset=Dataset.from_list(p.rows),
+                           processing_class=p.tokenizer)
+    run = grpo.adopt(p, trainer)
+    reward = trainer.reward
+    assert reward.fn is reward_correct and run.reward is reward
     prepared = grpo.prepare(cfg, out_dir=cfg.out / "models" / "grpo-parts")
     assert prepared.trainer.args.to_dict() == trainer.args.to_dict() and prepared.run_key == run.run_key
     trained = []
@@ -293,5 +298,8 @@ def test_a_grpo_trainer_built_from_the_parts_with_a_reward_written_outside_is_pr
     grpo.train_run(run, resume=False)
     assert trained == [trainer]
     n = p.settings["per_device_train_batch_size"] * p.settings["gradient_accumulation_steps"]
+    inputs = run.out_dir / runs.INPUTS
+    assert [json.loads(line) for line in (inputs / "rows.jsonl").read_text(encoding="utf-8").splitlines()] == p.rows
+    assert json.loads((inputs / "parts.json").read_text(encoding="utf-8"))["bookkeeping"] == grpo.bookkeeping(p)
     assert len(scored) == n and reward.calls[0]["rewards"] == [grpo.correct(t, g) for t, g in
                                                                zip(reward.first["texts"], reward.calls[0]["gold"], strict=True)]

@@ -15,6 +15,20 @@ def test_ruff_finds_nothing():
     assert out.returncode == 0, f"ruff check {' '.join(checked)}:\n{out.stdout}{out.stderr}"
 
 
+def test_ruff_finds_nothing_in_the_technique_script(tmp_path):
+    """The technique cells of 02, 03, 04b and 08 with their before and after pieces, as the one script
+    tests/technique.py makes of them: no undefined name, no unused import."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import technique
+
+    path = tmp_path / "technique_script.py"
+    path.write_text(technique.script("/nowhere"), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated", "--line-length", "120",
+                          "--select", "F,B,E7,E9", "--output-format", "concise", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, f"ruff check of the exported script:\n{out.stdout}{out.stderr}"
+
+
 def test_the_architecture_notes_and_the_package_docstring_name_every_module():
     import medqa_zh
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import technique
 from helpers import REPO, processes_of, server_processes, without_llama_cpp
 from medqa_zh import config, evaluate, export, merge, planted, prompts, rag, report, runs, steps, tiny
 
@@ -180,9 +181,12 @@ def test_02_lora_sft_held_out_loss_falls(series):
     built = _code_cell(nb, "trainer = train.AnswerOnlySFTTrainer(")
     source = "".join(nb["cells"][built]["source"])
     assert "lora = LoraConfig(" in source and "args = train.OneDeviceConfig(" in source
-    assert "assert args == train.sft_config(p) and lora == train.lora_config(s)" in source
+    assert "technique" in nb["cells"][built]["metadata"]["tags"]  # exported by tests/technique.py
+    adopted = _code_cell(nb, "run = train.adopt(p, trainer)")
+    assert adopted == built + 1 and _code_cell(nb, "args = train.OneDeviceConfig(") == built - 2
+    assert _code_cell(nb, "assert args == train.sft_config(p) and lora == train.lora_config(s)") == built - 1
     assert re.search(r"trainable: [\d,]+ of [\d,]+ parameters \(\d+\.\d+%\); a step: 1 micro-batch\(es\) of 8 examples",
-                     _outputs_text(nb, built))
+                     _outputs_text(nb, adopted))
     assert "assert run.trainer is trainer" in "".join(nb["cells"][_code_cell(nb, "metrics = train.train(run)")]["source"])
     # the learning curve: the base, then every checkpoint the run kept (smoke: every 20 of 60 steps), on validation
     with open(project / "outputs" / "smoke" / "tables" / "02_learning_curve.csv", encoding="utf-8") as f:
@@ -349,14 +353,15 @@ def test_04b_grpo_trains_from_the_merged_model_and_shows_its_technique(series):
     project, nb = series("04b_grpo")
     out = project / "outputs" / "smoke"
     said = _said(nb)
-    assert ("the reward of four hand-made answers to a question whose gold letter is B: right 1, wrong 0, "
-            "two letters 0, none 0") in said
+    assert ("the reward of hand-made answers to a question whose gold letter is B: right 1, wrong 0, two letters 0, "
+            "none 0, full-width 1, weak marker 1, a lone letter 1, English 1") in said
     assert re.search(r"three draws of \S+: the gold text stays under the gold letter \([A-E] -> [A-E] -> [A-E]\)", said)
     # the reward, GRPOConfig, the LoRA and grpo.Trainer built in cells (asserted equal to grpo.prepare's), and trained
     assert re.search(r"the first row, as the trainer receives it: \{\"id\": .*\"gold\": \"[A-E]\"", said)
     assert re.search(r"a fresh LoRA \(r = 8\) on \S+merged: [\d,]+ of [\d,]+ parameters trained", said)
-    built = "".join(nb["cells"][_code_cell(nb, "trainer = grpo.Trainer(")]["source"])
-    assert "args = GRPOConfig(" in built and "reward = grpo.Reward(correct)" in built
+    built = nb["cells"][_code_cell(nb, "trainer = grpo.Trainer(")]
+    assert "args = GRPOConfig(" in "".join(built["source"]) and "reward_funcs=[reward_correct]" in "".join(built["source"])
+    assert "technique" in built["metadata"]["tags"]
     assert "assert run.trainer is trainer" in "".join(nb["cells"][_code_cell(nb, "grpo.train_run(run)")]["source"])
     spread = re.search(r"(\d+) of 8 training prompts have a reward spread under the start model", said)
     with open(out / "tables" / "04b_spread.csv", encoding="utf-8") as f:
@@ -759,6 +764,34 @@ def test_steps_turned_off_after_a_run_leave_none_of_its_results(series, tmp_path
     assert "an earlier run's answers: this profile turns the evaluation off (eval.rotations is false" in said["10"]
     assert sorted(p.name for p in (out / "figures").glob("10_*.png")) == [
         "10_accuracy.png", "10_letters.png", "10_loss_curves.png", "10_retrieval_quality.png", "10_sections.png"]
+
+
+def test_the_technique_cells_are_the_fields_code_alone():
+    """The cells tagged technique in 02, 03, 04b and 08 name no medqa_zh module (and not the profile, cfg) once the
+    project's classes are swapped for trl's; the script they make imports the field's libraries and Python's only."""
+    for notebook in technique.NOTEBOOKS:
+        assert technique.cells(notebook), f"{notebook}: no cell tagged technique"
+        assert technique.library_names(notebook) == [], notebook
+    source = technique.script("/nowhere")
+    assert technique.imports(source) <= technique.FIELD | set(sys.stdlib_module_names), technique.imports(source)
+    for ours in technique.SWAPS:
+        assert ours not in source
+
+
+def test_the_technique_cells_alone_rebuild_the_series_results(series, tmp_path):
+    """The acceptance of the trainer in the cell: 02's, 03's, 04b's and 08's technique cells, exported into one script
+    with trl's classes in place of the project's and medqa_zh unimportable, read the series' files and get the
+    series' results: the first logged losses, the rewards, the top-k passages (tests/technique/*.after.py)."""
+    project, _ = series("08_eval_rag")
+    path = tmp_path / "technique_script.py"
+    path.write_text(technique.script(project / "outputs" / "smoke", root=project), encoding="utf-8")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", technique.RUNNER, str(path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, f"{path}:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    said = {line.split(":")[0]: line for line in proc.stdout.splitlines() if ":" in line}
+    assert {"02", "03", "04b", "08"} <= set(said), proc.stdout
+    print(f"\nthe technique script, in {time.perf_counter() - t0:.0f} s:\n" + "\n".join(said[k] for k in ("02", "03", "04b", "08")))
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -890,6 +890,13 @@ def test_a_trainer_built_from_the_parts_is_prepares_and_the_one_train_trains(smo
     metrics = train.train(run, resume=False)
     assert trained == [trainer] and metrics["optimizer_steps"] == 2
     assert [type(c) for c in trainer.callback_handler.callbacks].count(train.JsonlLog) == 1  # adopt's log, once
+    # what the trainer was built from, for a script without medqa_zh (tests/technique.py): the rows in training order
+    inputs = run.out_dir / runs.INPUTS
+    for role in ("train", "eval"):
+        rows = [json.loads(line) for line in (inputs / f"{role}.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert rows == p.dataset(role).to_list()
+    record = json.loads((inputs / "parts.json").read_text(encoding="utf-8"))
+    assert record["bookkeeping"] == train.bookkeeping(p) and record["micro"] == p.micro and record["seed"] == p.seed
     # adopt takes a trainer built with trl's own classes too (SFTConfig has no visible_gpus): the notebook's cells
     # with the project's classes swapped for trl's still run through the library's bookkeeping
     plain = SFTTrainer(model=train.parts(cfg, "lora", out_dir=cfg.out / "models" / "trl").model,

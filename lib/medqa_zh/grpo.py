@@ -67,26 +67,33 @@ def completion_text(completion) -> str:
     return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
 
 
+def reward_correct(completions, gold, letters, **kwargs) -> list[float]:
+    """trl's reward function of :func:`correct`: one reward per completion of a batch (``gold`` and ``letters`` are the
+    dataset's columns, :func:`prompt_rows`)."""
+    return [correct(completion_text(c), g, ls) for c, g, ls in zip(completions, gold, letters, strict=True)]
+
+
 class Reward:
-    """trl's reward function (``score``, :func:`correct` unless told, over a batch of completions), keeping what it saw: each call's step,
+    """A trl reward function (``fn``, :func:`reward_correct` unless told) that keeps what it saw: each call's step,
     gold letters, chosen letters and rewards (``calls``), and the first call's prompts and texts (``first``), which
-    04b's advantage check reads."""
+    04b's advantage check reads. :class:`Trainer` wraps the reward function it is given in one."""
 
-    __name__ = "correct"  # the name trl logs its mean under: rewards/correct/mean
-
-    def __init__(self, score=correct):
-        self.score = score  # one completion's reward: score(text, gold, letters) (04b passes the one its cell writes)
+    def __init__(self, fn=reward_correct):
+        self.fn = fn  # 04b passes the one its cell writes
+        self.__name__ = fn.__name__  # the name trl logs its mean under: rewards/<name>/mean
         self.calls: list[dict] = []
         self.first: dict | None = None
 
     def __call__(self, prompts, completions, gold, letters, trainer_state=None, **kwargs) -> list[float]:
         texts = [completion_text(c) for c in completions]
         chosen = [answers.extract_letter(t, ls) for t, ls in zip(texts, letters, strict=True)]
-        rewards = [float(self.score(t, g, ls)) for t, g, ls in zip(texts, gold, letters, strict=True)]
+        rewards = [float(r) for r in self.fn(prompts=prompts, completions=completions, gold=gold, letters=letters,
+                                             trainer_state=trainer_state, **kwargs)]
         step = trainer_state.global_step if trainer_state is not None else None
         self.calls.append({"step": step, "gold": list(gold), "chosen": chosen, "rewards": rewards})
         if self.first is None:
-            self.first = {"prompts": prompts, "texts": texts, "rewards": rewards}
+            self.first = {"prompts": prompts, "texts": texts, "gold": list(gold), "letters": list(letters),
+                          "rewards": rewards}
         return rewards
 
     def letters(self, calls: list[dict]) -> Counter:
@@ -170,10 +177,14 @@ class Trainer(GRPOTrainer):
     done, it and the reward's first call are written to ``checkpoints/first_step.json`` (:func:`first_step`), which a
     resumed run keeps."""
 
-    def __init__(self, *args, reward: Reward, **kwargs):
-        super().__init__(*args, reward_funcs=[reward], **kwargs)
+    def __init__(self, *args, reward_funcs, **kwargs):
+        funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+        if len(funcs) != 1 or not callable(funcs[0]):
+            raise ValueError(f"grpo.Trainer trains on one reward function (a callable, as trl takes it); got {funcs!r}")
+        self.reward = funcs[0] if isinstance(funcs[0], Reward) else Reward(funcs[0])  # what it saw, kept
+        super().__init__(*args, reward_funcs=[self.reward], **kwargs)
         self.seen: list[dict] = []
-        self.add_callback(_FirstStep(self, reward))
+        self.add_callback(_FirstStep(self, self.reward))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.state.global_step == 0 and model.training:
@@ -253,9 +264,11 @@ def parts(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None
 
 
 def bookkeeping(p: Parts) -> dict:
-    """The GRPOConfig fields that say where a run writes and how it reads its rows, not how it learns."""
+    """The GRPOConfig fields that say where a run writes and how it runs, not what it learns (activation
+    checkpointing among them, named as this transformers names it)."""
     return dict(
         output_dir=str(p.out_dir / "checkpoints"),
+        **{train.checkpointing_field(): bool(p.settings["activation_checkpointing"])},
         shuffle_dataset=False,  # the rows are already the draws, each pass in its own seeded order
         use_cpu=p.device == "cpu",
         use_vllm=p.use_vllm,
@@ -288,15 +301,15 @@ def grpo_config(p: Parts) -> GRPOConfig:
         scale_rewards=s["scale_rewards"],
         bf16=p.precision == "bf16",
         fp16=p.precision == "fp16",
-        **{train.checkpointing_field(): bool(s["activation_checkpointing"])},
         seed=p.seed,
         **bookkeeping(p),
     )
 
 
-def adopt(p: Parts, trainer: Trainer, reward: Reward) -> Run:
+def adopt(p: Parts, trainer: Trainer) -> Run:
     """The library's part around a trainer built from ``p``: the callbacks that write ``train_log.jsonl`` and feed the
-    dashboards, and the run key :func:`train_run` compares to resume. The trainer is the one :func:`train_run` trains."""
+    dashboards, the run key :func:`train_run` compares to resume, and the parts the trainer was built from
+    (``train.write_inputs``). The trainer is the one :func:`train_run` trains."""
     s = p.settings
     log = train.JsonlLog(p.out_dir / runs.LOG_FILE)
     for callback in (log, *p.watch.callbacks()):
@@ -311,20 +324,24 @@ def adopt(p: Parts, trainer: Trainer, reward: Reward) -> Run:
                    "prompt": train.prompt_digest(), "template": _digest(p.tokenizer.chat_template)},
     }
     run_key = json.loads(json.dumps(run_key, default=str))
+    if trainer.accelerator.is_main_process:
+        train.write_inputs(p.out_dir, {"model": p.start, "settings": s, "precision": p.precision, "seed": p.seed,
+                                       "bookkeeping": bookkeeping(p)}, {"rows": p.rows})
     trainer.args.run_name = dashboards.run_name(run_key)
     return Run(NAME, p.out_dir, s, p.precision, p.start, p.tokenizer, trainer.model, trainer, {}, log, run_key,
-               watch=p.watch, reward=reward)
+               watch=p.watch, reward=trainer.reward)
 
 
 def prepare(cfg, out_dir: str | Path | None = None, rows: list[dict] | None = None) -> Run:
     """The run that 04b's cells build step by step, in one call: :func:`parts`, :func:`grpo_config`, a fresh LoRA
-    (``grpo.lora``: :func:`train.lora_config`), the reward (:class:`Reward`), the :class:`Trainer` and :func:`adopt`."""
+    (``grpo.lora``: :func:`train.lora_config`), the reward (:func:`reward_correct`), the :class:`Trainer` and
+    :func:`adopt`."""
     p = parts(cfg, out_dir, rows)
-    reward = Reward()
     with quiet():
-        trainer = Trainer(model=p.model, reward=reward, args=grpo_config(p), train_dataset=Dataset.from_list(p.rows),
-                          processing_class=p.tokenizer, peft_config=train.lora_config(p.settings))
-    return adopt(p, trainer, reward)
+        trainer = Trainer(model=p.model, reward_funcs=[reward_correct], args=grpo_config(p),
+                          train_dataset=Dataset.from_list(p.rows), processing_class=p.tokenizer,
+                          peft_config=train.lora_config(p.settings))
+    return adopt(p, trainer)
 
 
 def _digest(value) -> str:
@@ -353,25 +370,31 @@ def generation_config(trainer: GRPOTrainer) -> GenerationConfig:
 def sample(trainer: GRPOTrainer, rows: list[dict], seed: int = 0, model=None) -> list[dict]:
     """Each row's prompt sampled as the trainer samples a group: ``grpo.num_generations`` times, with the trainer's
     :func:`generation_config`, cut after the first end-of-turn token as trl cuts it; scored with :func:`correct`. One
-    dict per completion (``id``, ``gold``, ``tokens``: the completion's token ids, ``text``, ``chosen`` letter or
-    None, ``reward``). ``model``: another model to sample (default: the trainer's). 04b runs it under the start model
+    dict per completion (``id``, ``gold``, ``letters``, ``tokens``: the completion's token ids, ``text``, ``chosen``
+    letter or None, ``reward``). ``model``: another model to sample (default: the trainer's). 04b runs it under the start model
     before training (which prompts have a reward spread) and under the trained model after (the letters each
-    chooses)."""
+    chooses). Seeded with ``seed`` without touching the trainer's random stream: its training samples what it would
+    have sampled without this call."""
     tokenizer, config, eos = trainer.processing_class, generation_config(trainer), trainer.eos_token_ids
     model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    torch.manual_seed(seed)
-    out = []
     model.eval()
+    with torch.random.fork_rng():  # seeded here, and the trainer's own random stream left as it was
+        torch.manual_seed(seed)
+        return _sample(model, tokenizer, config, eos, rows, trainer.num_generations)
+
+
+def _sample(model, tokenizer, config, eos, rows, num_generations) -> list[dict]:
+    out = []
     for row in rows:
         ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
-        ids = {k: v.repeat(trainer.num_generations, 1).to(model.device) for k, v in ids.items()}  # a group, as trl
+        ids = {k: v.repeat(num_generations, 1).to(model.device) for k, v in ids.items()}  # a group, as trl
         with torch.no_grad():
             new = model.generate(**ids, generation_config=config)[:, ids["input_ids"].shape[1]:].tolist()
         for tokens in new:
             end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
             text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-            out.append({"id": row["id"], "gold": row["gold"], "tokens": tokens[:end], "text": text,
+            out.append({"id": row["id"], "gold": row["gold"], "letters": row["letters"], "tokens": tokens[:end], "text": text,
                         "chosen": answers.extract_letter(text, row["letters"]),
                         "reward": correct(text, row["gold"], row["letters"])})
     return out

@@ -22,6 +22,7 @@ import pandas as pd
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # train.report_to tensorboard: the event files, beside the run's other files (dashboards)
+INPUTS = "inputs"  # what a run's trainer was built from: parts.json and its rows in training order (.jsonl)
 SETTINGS_FILE = "run_settings.json"  # in checkpoints/: the run key of the run that wrote them
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

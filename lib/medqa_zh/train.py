@@ -839,12 +839,14 @@ def parts(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Parts:
 
 
 def bookkeeping(p: Parts) -> dict:
-    """The SFTConfig fields that say where a run writes and how it reads its stream, not how it learns: the
-    checkpoints' folder, the order (the stream's own: already shuffled per epoch, seeded, sorted within each step),
-    when to evaluate, log and save, the dashboards, the device."""
+    """The SFTConfig fields that say where a run writes and how it runs, not what it learns: the checkpoints'
+    folder, the order (the stream's own: already shuffled per epoch, seeded, sorted within each step), when to
+    evaluate, log and save, the dashboards, the device, activation checkpointing (memory for time: the same
+    gradients; :func:`checkpointing_field` names it as this transformers does)."""
     s = p.settings
     return dict(
         output_dir=str(p.out_dir / "checkpoints"),
+        **{checkpointing_field(): bool(s["activation_checkpointing"])},
         per_device_eval_batch_size=s["eval_batch_size"] or p.micro["examples"],
         train_sampling_strategy="sequential",
         eval_strategy="steps", eval_steps=s["eval_steps"],
@@ -880,15 +882,27 @@ def sft_config(p: Parts) -> OneDeviceConfig:
         packing=False,  # trl's packing reorders examples across steps: the stream's order is the project's
         bf16=p.precision == "bf16",
         fp16=p.precision == "fp16",
-        **{checkpointing_field(): bool(s["activation_checkpointing"])},
         seed=p.seed,
         **bookkeeping(p),
     )
 
 
+def write_inputs(out_dir: Path, record: dict, rows: dict[str, list]) -> Path:
+    """What a run's trainer was built from, in ``out_dir/inputs/`` (``runs.INPUTS``): ``parts.json`` (``record``: the
+    model's folder and dtype, the settings, the config fields the library adds) and one ``<name>.jsonl`` of ``rows`` per
+    name, in training order. A script that imports no medqa_zh rebuilds the trainer from them
+    (``tests/technique.py``)."""
+    folder = Path(out_dir) / runs.INPUTS
+    for name, items in rows.items():
+        files.write_text(folder / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+    files.write_text(folder / "parts.json", json.dumps(record, indent=1, ensure_ascii=False, default=str))
+    return folder
+
+
 def adopt(p: Parts, trainer: AnswerOnlySFTTrainer) -> Run:
     """The library's part around a trainer built from ``p``: the callbacks that write ``train_log.jsonl`` and feed
-    the dashboards, and the run key :func:`train` compares to resume. The trainer is the one :func:`train` trains."""
+    the dashboards, the run key :func:`train` compares to resume, and the parts the trainer was built from
+    (:func:`write_inputs`). The trainer is the one :func:`train` trains."""
     visible = getattr(trainer.args, "visible_gpus", 1)  # OneDeviceConfig's; trl's own SFTConfig has none
     if visible > 1:
         print(f"{visible} GPUs visible: this single-process run trains on {trainer.args.device} only "
@@ -915,6 +929,11 @@ def adopt(p: Parts, trainer: AnswerOnlySFTTrainer) -> Run:
                    "tokens": token_digest(trainer.train_dataset)},
     }
     run_key = json.loads(json.dumps(run_key, default=str))  # as it reads back from disk
+    if trainer.accelerator.is_main_process:
+        write_inputs(p.out_dir, {"model": p.model.name_or_path, "dtype": str(p.model.dtype).removeprefix("torch."),
+                                 "attn_implementation": s["attn_implementation"], "settings": s, "precision": p.precision,
+                                 "seed": p.seed, "micro": p.micro, "bookkeeping": bookkeeping(p)},
+                     {role: [{k: e[k] for k in ("prompt", "completion")} for e in p.examples[role]] for role in p.examples})
     trainer.args.project, trainer.args.run_name = p.watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
     return Run(p.mode, p.out_dir, s, p.precision, cfg.base_model, p.tokenizer, trainer.model, trainer, p.lengths, log,
                run_key, p.padding, p.examples, p.launch, watch=p.watch, micro=p.micro,
