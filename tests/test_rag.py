@@ -176,6 +176,23 @@ def test_hybrid_fuses_the_top_fusion_depth_of_each_list_bm25_first_on_a_tie():
     assert retrieval.rank(["q"], "hybrid", depth + 1)[0][:2] == [999, 0]  # k beyond the depth: k of each list
 
 
+def test_the_top_k_table_holds_each_built_retrievers_top_k_by_passage_id(small_corpus):
+    from types import SimpleNamespace as NS
+
+    questions = [NS(id=f"q{i}", question=q, options={"A": "，"}) for i, q in enumerate(QUERIES)]  # no option terms
+    bm25 = rag.BM25.build(small_corpus, "bigram", progress=False)
+    table = rag.top_k_table(rag.Retrieval(small_corpus, bm25, _Ranking([3, 1, 0])), questions, 2)
+    assert list(table.columns) == ["question", "retriever", "rank", "passage", "score"]
+    assert len(table) == 2 * 2 * len(QUERIES) and table["rank"].tolist() == [1, 2] * 2 * len(QUERIES)
+    best = table[(table["retriever"] == "bm25") & (table["rank"] == 1)]
+    assert best["passage"].tolist() == [f"内科学:{line}:0" for line in (1, 2, 3, 5, 8, 4)]  # as BM25 finds them
+    assert best["score"].tolist() == [hits[0][1] for hits in bm25.search(QUERIES, 1)]
+    dense = table[table["retriever"] == "dense"]
+    assert dense["question"].tolist() == [q.id for q in questions for _ in (1, 2)]
+    assert set(dense["passage"]) == {"内科学:4:0", "内科学:2:0"}
+    assert rag.top_k_table(rag.Retrieval(small_corpus, None, None), questions, 2).empty  # nothing built
+
+
 # --------------------------------------------------------------------------- retrieval quality
 
 

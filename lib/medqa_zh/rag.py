@@ -579,3 +579,21 @@ class Retrieval:
         ranked = self.rank([query_text(q.question, q.options) for q in questions], method, k)
         return {q.id: fit_context([self.corpus.passages[i] for i in r], count_tokens, budget)
                 for q, r in zip(questions, ranked, strict=True)}
+
+
+TOP_K_TABLE = "08_top_k.csv"  # top_k_table, as 08 writes it (tests/technique's script compares its own top k with it)
+
+
+def top_k_table(retrieval: Retrieval, questions, k: int):
+    """Each question's top ``k`` passages by BM25 and by dense retrieval (those ``retrieval`` built), best first,
+    for the query :func:`query_text` makes: ``question`` (its id), ``retriever``, ``rank`` (from 1), ``passage``
+    (its id) and ``score``."""
+    queries = [query_text(q.question, q.options) for q in questions]
+    rows = []
+    for name, index in (("bm25", retrieval.bm25), ("dense", retrieval.dense)):
+        if index is None:
+            continue
+        for q, hits in zip(questions, index.search(queries, k), strict=True):
+            rows += [{"question": q.id, "retriever": name, "rank": rank, "passage": retrieval.corpus.passages[i].id,
+                      "score": score} for rank, (i, score) in enumerate(hits, start=1)]
+    return pd.DataFrame(rows, columns=["question", "retriever", "rank", "passage", "score"])
