@@ -371,9 +371,9 @@ def sample(trainer: GRPOTrainer, rows: list[dict], seed: int = 0, model=None) ->
     """Each row's prompt sampled as the trainer samples a group: ``grpo.num_generations`` times, with the trainer's
     :func:`generation_config`, cut after the first end-of-turn token as trl cuts it; scored with :func:`correct`. One
     dict per completion (``id``, ``gold``, ``letters``, ``tokens``: the completion's token ids, ``text``, ``chosen``
-    letter or None, ``reward``). ``model``: another model to sample (default: the trainer's). 04b runs it under the start model
-    before training (which prompts have a reward spread) and under the trained model after (the letters each
-    chooses). Seeded with ``seed`` without touching the trainer's random stream: its training samples what it would
+    letter or None, ``reward``). ``model``: another model to sample (default: the trainer's). 04b runs it under the
+    start model before training (which prompts have a reward spread) and under the trained model after (the letters
+    each chooses). Seeded with ``seed`` without touching the trainer's random stream: its training samples what it would
     have sampled without this call."""
     tokenizer, config, eos = trainer.processing_class, generation_config(trainer), trainer.eos_token_ids
     model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model_wrapped)
@@ -394,8 +394,8 @@ def _sample(model, tokenizer, config, eos, rows, num_generations) -> list[dict]:
         for tokens in new:
             end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
             text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-            out.append({"id": row["id"], "gold": row["gold"], "letters": row["letters"], "tokens": tokens[:end], "text": text,
-                        "chosen": answers.extract_letter(text, row["letters"]),
+            out.append({"id": row["id"], "gold": row["gold"], "letters": row["letters"], "tokens": tokens[:end],
+                        "text": text, "chosen": answers.extract_letter(text, row["letters"]),
                         "reward": correct(text, row["gold"], row["letters"])})
     return out
 
