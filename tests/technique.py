@@ -110,8 +110,7 @@ def script(out: str | Path, notebooks=NOTEBOOKS, root: Path = REPO) -> str:
 RUNNER = "import runpy, sys; sys.modules['medqa_zh'] = None; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 # what the script may import: the field's libraries and Python's own
-FIELD = {"torch", "transformers", "trl", "peft", "datasets", "bm25s", "jieba", "sentence_transformers", "numpy",
-         "pandas"}
+FIELD = {"torch", "transformers", "trl", "peft", "datasets", "bm25s", "jieba", "sentence_transformers", "numpy"}
 
 
 def imports(source: str) -> set[str]:

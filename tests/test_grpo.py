@@ -180,7 +180,9 @@ def test_the_sampler_draws_the_tokens_trl_draws(start, smoke, monkeypatch):
         trainer.train()
     assert len(drawn) == 3 and all(len(ids) == 8 for _, ids, _ in drawn)
     for row, ids, texts in drawn:
+        state = torch.get_rng_state()
         samples = grpo.sample(trainer, [row], seed=0)
+        assert torch.equal(torch.get_rng_state(), state)  # seeded aside: the trainer's random stream is left alone
         assert [s["tokens"] for s in samples] == ids and [s["text"] for s in samples] == texts
         assert len({tuple(t) for t in ids}) > 1  # the draws differ within the group
     trls = trainer.generation_config.to_dict()

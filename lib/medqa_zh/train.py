@@ -781,9 +781,13 @@ class Parts:
     watch: dashboards.Watch
     launch: list | None  # the command that trains in train.launch.num_processes processes (None: here)
 
+    def rows(self, role: str = "train") -> list[dict]:
+        """The examples of ``role`` as trl's trainer takes them: prompt/completion rows, in training order."""
+        return [{k: e[k] for k in ("prompt", "completion")} for e in self.examples[role]]
+
     def dataset(self, role: str = "train") -> Dataset:
-        """The examples of ``role`` as trl's trainer takes them: a Dataset of prompt/completion rows."""
-        return Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in self.examples[role]])
+        """:meth:`rows` as a Dataset."""
+        return Dataset.from_list(self.rows(role))
 
 
 def parts(cfg, mode: str = "lora", out_dir: str | Path | None = None) -> Parts:
@@ -933,7 +937,7 @@ def adopt(p: Parts, trainer: AnswerOnlySFTTrainer) -> Run:
         write_inputs(p.out_dir, {"model": p.model.name_or_path, "dtype": str(p.model.dtype).removeprefix("torch."),
                                  "attn_implementation": s["attn_implementation"], "settings": s, "precision": p.precision,
                                  "seed": p.seed, "micro": p.micro, "bookkeeping": bookkeeping(p)},
-                     {role: [{k: e[k] for k in ("prompt", "completion")} for e in p.examples[role]] for role in p.examples})
+                     {role: p.rows(role) for role in p.examples})
     trainer.args.project, trainer.args.run_name = p.watch.project, dashboards.run_name(run_key)  # trackio's, wandb's, ...
     return Run(p.mode, p.out_dir, s, p.precision, cfg.base_model, p.tokenizer, trainer.model, trainer, p.lengths, log,
                run_key, p.padding, p.examples, p.launch, watch=p.watch, micro=p.micro,
